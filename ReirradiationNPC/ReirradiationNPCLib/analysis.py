@@ -1,0 +1,250 @@
+"""Cumulative EQD2 analysis on one evaluation grid: α/β map, recovery, course and cumulative maps, metrics,
+constraints. Pure arrays in, arrays and a results tree out (no file access here).
+
+Rules (see docs/science.md):
+- Each course is converted to EQD2 voxel by voxel with its own fraction count and the voxel's dose per fraction.
+- Voxel α/β map: each organ's α/β on its voxels, the smallest where organ structures overlap, the protocol
+  default elsewhere. Body structures (role ``body``) and unmatched structures do not take part.
+- Cumulative EQD2 = Σ (1 − r) · EQD2_course; r is the protocol's recovery credit for that prior course's interval,
+  only on the organs the protocol names (r = 0 for the current course and elsewhere); where organ structures with
+  different credit overlap, the smallest credit.
+- Per-structure metrics use the organ's own α/β and own credit on all its voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import dvh
+from .eqd2 import eqd2, recovery_weighted_sum
+from .geometry import Grid
+from .protocol import Organ, Protocol, parse_metric
+from .results import ConstraintResult, StructureResult
+
+log = logging.getLogger(__name__)
+
+MODEL_ASSUMPTIONS = [
+    "Linear-quadratic model; EQD2 = D (d + a/b) / (2 + a/b) with d = D / n, each voxel's own dose per fraction.",
+    "Full repair between fractions is assumed (no incomplete-repair correction for twice-daily fractions; "
+    "give hyperfractionated fractions >= 6 h apart). No repopulation or time factor.",
+    "Recovery credit discounts the prior course: cumulative = sum over courses of (1 - r) EQD2 (convention A); "
+    "tolerances are not raised. r = 0 unless the protocol's recovery model gives credit for that organ.",
+    "Per-organ metrics use the organ's own alpha/beta and recovery credit on all its voxels.",
+    "Displayed maps: where organ structures overlap, the smallest alpha/beta and the smallest credit apply. "
+    "A smaller alpha/beta is the conservative choice only above 2 Gy per fraction; below 2 Gy per fraction "
+    "(e.g. 65 Gy in 54 fractions) it gives a lower EQD2.",
+    "Dose metrics are voxel-based on the evaluation grid (structures resampled onto it).",
+    "The product supports a decision; the treating clinician decides.",
+]
+
+
+@dataclass
+class CourseData:
+    name: str
+    dose: np.ndarray              # physical Gy on the evaluation grid, float32
+    fractions: int
+    interval_months: float | None
+    is_current: bool
+    registration: str = "identity"
+    dose_file: str = ""
+    coverage: np.ndarray | None = None  # bool map: voxels covered by this course's own dose grid (None = all)
+
+
+@dataclass
+class StructureData:
+    name: str
+    mask: np.ndarray                        # bool, cropped to ``box``
+    box: tuple[slice, slice, slice]         # k, j, i slices on the evaluation grid
+    organ: Organ | None
+
+    def full_mask(self, shape) -> np.ndarray:
+        m = np.zeros(shape, dtype=bool)
+        m[self.box] = self.mask
+        return m
+
+
+@dataclass
+class Analysis:
+    grid: Grid
+    alpha_beta: np.ndarray                    # Gy, float32
+    course_eqd2: dict[str, np.ndarray]        # before recovery credit
+    credit: dict[str, np.ndarray | float]     # prior course -> r map (or scalar 0)
+    cumulative: np.ndarray                    # Gy EQD2, credit applied
+    structures: list[StructureResult]
+    constraints: list[ConstraintResult]
+    unmatched: list[str]
+    course_assumptions: list[dict]
+    warnings: list[str] = field(default_factory=list)
+
+
+def alpha_beta_map(shape, structures: list[StructureData], default: float) -> np.ndarray:
+    ab = np.full(shape, np.inf, dtype=np.float32)
+    for s in structures:
+        if s.organ is None or s.organ.role == "body":
+            continue
+        sub = ab[s.box]
+        np.minimum(sub, np.float32(s.organ.alpha_beta), out=sub, where=s.mask)
+    ab[np.isinf(ab)] = np.float32(default)
+    return ab
+
+
+def credit_map(shape, structures: list[StructureData], protocol: Protocol, interval_months: float
+               ) -> np.ndarray | float:
+    """Recovery credit r per voxel for one prior course (0 where no organ credit applies)."""
+    organ_structs = [s for s in structures if s.organ is not None and s.organ.role != "body"]
+    credits = [protocol.recovery.credit(s.organ.key, interval_months) for s in organ_structs]
+    if not any(c > 0 for c in credits):
+        return 0.0
+    r = np.full(shape, np.inf, dtype=np.float32)
+    for s, c in zip(organ_structs, credits):
+        sub = r[s.box]
+        np.minimum(sub, np.float32(c), out=sub, where=s.mask)
+    r[np.isinf(r)] = 0.0
+    return r
+
+
+def metric_names_for(organ: Organ | None, extra: list[str] = ()) -> list[str]:
+    names = list(dvh.DEFAULT_METRICS) + list(extra)
+    if organ is not None:
+        names += [c.metric.name for c in organ.constraints]
+    return list(dict.fromkeys(names))
+
+
+def compute(grid: Grid, courses: list[CourseData], structures: list[StructureData], protocol: Protocol,
+            progress: Callable[[str], None] | None = None) -> Analysis:
+    """Run the cumulative EQD2 analysis. ``courses`` oldest first, the last one current."""
+    say = progress or (lambda msg: None)
+    warnings: list[str] = []
+    shape = grid.shape
+    voxel_cc = grid.voxel_volume_cc
+
+    say("alpha/beta map")
+    ab = alpha_beta_map(shape, structures, protocol.default_alpha_beta)
+
+    say("course EQD2 maps")
+    course_eqd2 = {c.name: eqd2(c.dose, c.fractions, ab) for c in courses}
+
+    say("recovery credit and cumulative EQD2")
+    credit: dict[str, np.ndarray | float] = {}
+    weights = []
+    for c in courses:
+        if c.is_current:
+            weights.append(1.0)
+            continue
+        r = credit_map(shape, structures, protocol, c.interval_months)
+        credit[c.name] = r
+        weights.append(1.0 - r if isinstance(r, np.ndarray) else 1.0 - r)
+    cumulative = recovery_weighted_sum([course_eqd2[c.name] for c in courses], weights)
+
+    say("structure metrics")
+    struct_results: list[StructureResult] = []
+    samples_by_structure: dict[str, dict[str, np.ndarray]] = {}
+    for s in structures:
+        organ = s.organ
+        organ_ab = organ.alpha_beta if organ else protocol.default_alpha_beta
+        names = metric_names_for(organ)
+        n_vox = int(s.mask.sum())
+        per_course_phys = {c.name: c.dose[s.box][s.mask] for c in courses}
+        res_metrics: dict[str, dict] = {}
+        phys_metrics: dict[str, dict] = {}
+        cum = np.zeros(n_vox, dtype=np.float64)
+        credits_used = {}
+        outside = {}
+        for c in courses:
+            phys = per_course_phys[c.name].astype(np.float64)
+            e = eqd2(phys, c.fractions, organ_ab)
+            r = 0.0 if c.is_current else protocol.recovery.credit(organ.key if organ else None, c.interval_months)
+            if not c.is_current:
+                credits_used[c.name] = r
+            cum += (1.0 - r) * e
+            if n_vox:
+                res_metrics[c.name] = dvh.metrics(e, voxel_cc, names)
+                phys_metrics[c.name] = dvh.metrics(phys, voxel_cc, names)
+            if c.coverage is not None and n_vox:
+                frac_out = 1.0 - float(c.coverage[s.box][s.mask].mean())
+                if frac_out > 0:
+                    outside[c.name] = frac_out
+                if frac_out > 0 and (organ is None or organ.role != "body"):
+                    warnings.append(f"{s.name}: {100 * frac_out:.1f}% of its volume lies outside the dose grid of "
+                                    f"course {c.name!r}; that course's dose there is read as 0 Gy")
+        if n_vox:
+            res_metrics["cumulative"] = dvh.metrics(cum, voxel_cc, names)
+        else:
+            warnings.append(f"{s.name}: no voxel on the evaluation grid; not evaluated")
+        samples_by_structure[s.name] = {"cumulative": cum}
+        struct_results.append(StructureResult(
+            name=s.name, organ=organ.key if organ else None, role=organ.role if organ else None,
+            alpha_beta=organ_ab, volume_cc=n_vox * voxel_cc, metrics=res_metrics, metrics_physical=phys_metrics,
+            recovery_credit=credits_used, outside_dose_grid_fraction=outside))
+
+    say("constraints")
+    constraints = evaluate_constraints(protocol, structures, struct_results, courses[-1].name)
+
+    unmatched = [s.name for s in structures if s.organ is None]
+    for name in unmatched:
+        warnings.append(f"structure {name!r} matches no organ alias of the protocol: reported with the default "
+                        f"alpha/beta {protocol.default_alpha_beta:g} Gy and no limits")
+
+    course_assumptions = []
+    for c in courses:
+        rec = {}
+        if not c.is_current:
+            for okey in protocol.recovery.organs:
+                rec[okey] = protocol.recovery.credit(okey, c.interval_months)
+        dmax = float(c.dose.max()) if c.dose.size else 0.0
+        course_assumptions.append({
+            "name": c.name, "fractions": c.fractions, "interval_months": c.interval_months,
+            "is_current": c.is_current, "registration": c.registration, "dose_file": c.dose_file,
+            "max_dose_gy": dmax, "max_dose_per_fraction_gy": dmax / c.fractions, "recovery_applied": rec})
+
+    return Analysis(grid=grid, alpha_beta=ab, course_eqd2=course_eqd2, credit=credit, cumulative=cumulative,
+                    structures=struct_results, constraints=constraints, unmatched=unmatched,
+                    course_assumptions=course_assumptions, warnings=warnings)
+
+
+def evaluate_constraints(protocol: Protocol, structures: list[StructureData], results: list[StructureResult],
+                         current_course: str) -> list[ConstraintResult]:
+    by_organ: dict[str, list[StructureResult]] = {}
+    for r in results:
+        if r.organ:
+            by_organ.setdefault(r.organ, []).append(r)
+    out = []
+    for organ in protocol.organs.values():
+        for con in organ.constraints:
+            matched = by_organ.get(organ.key, [])
+            base = dict(organ=organ.key, metric=con.metric.name, scope=con.scope, limit=con.limit, unit=con.unit,
+                        source=con.source, verified=con.verified, priority=con.priority,
+                        alpha_beta=organ.alpha_beta, note=con.note)
+            if not matched:
+                out.append(ConstraintResult(structure=None, value=None, status="not_evaluated",
+                                            **{**base, "note": (con.note + " " if con.note else "")
+                                               + "structure absent"}))
+                continue
+            for r in matched:
+                key = "cumulative" if con.scope == "cumulative" else current_course
+                value = r.metrics.get(key, {}).get(con.metric.name)
+                if value is not None and con.unit == "%":
+                    value = 100.0 * value / r.volume_cc if r.volume_cc > 0 else None
+                credit = r.recovery_credit if con.scope == "cumulative" else {}
+                if value is None:
+                    status, margin = "not_evaluated", None
+                    why = "metric undefined for this structure (e.g. volume smaller than the metric's volume)"
+                    note = (con.note + " " if con.note else "") + why
+                elif con.limit is None:
+                    status, margin, note = "no_limit", None, con.note
+                else:
+                    margin = con.limit - value
+                    status = "pass" if value <= con.limit else "fail"
+                    note = con.note
+                out.append(ConstraintResult(structure=r.name, value=value, status=status, margin=margin,
+                                            recovery_credit=credit, **{**base, "note": note}))
+    return out
+
+
+def check_metric_names(names: list[str]) -> None:
+    for n in names:
+        parse_metric(n)

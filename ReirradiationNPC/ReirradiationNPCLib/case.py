@@ -1,0 +1,150 @@
+"""Case files (YAML or JSON): which images, doses, structures and courses make up one analysis.
+
+Paths are relative to the case file. Every field a dose depends on (fractions, intervals) is explicit:
+nothing is defaulted silently. See ``docs/case-file.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import InputError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REGISTRATION_METHODS = ("identity",)
+
+
+@dataclass
+class CourseSpec:
+    name: str
+    dose: Path
+    fractions: int
+    interval_months: float | None     # end of this course -> start of the current one; None for the current
+    image: Path | None = None
+    registration: dict = field(default_factory=lambda: {"method": "identity"})
+    is_current: bool = False
+
+
+@dataclass
+class CaseSpec:
+    path: Path
+    reference_image: Path | None
+    reference_structures: Path
+    grid: str                          # dose | image
+    protocol: str
+    courses: list[CourseSpec]
+    patient: dict = field(default_factory=dict)
+
+    @property
+    def current(self) -> CourseSpec:
+        return self.courses[-1]
+
+    @property
+    def priors(self) -> list[CourseSpec]:
+        return self.courses[:-1]
+
+
+def load_case(path: Path) -> CaseSpec:
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise InputError("case file not found", source=src)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot parse: {first}", source=src) from None
+    return parse_case(data, path)
+
+
+def _fail(src: str, key: str, msg: str):
+    raise InputError(msg, source=src, field=key)
+
+
+def _keys(obj, key: str, src: str, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(obj, dict):
+        _fail(src, key or "(top level)", f"must be a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(map(str, obj)) - allowed)
+    if unknown:
+        _fail(src, f"{key}.{unknown[0]}" if key else unknown[0], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for r in sorted(required):
+        if obj.get(r) is None:
+            _fail(src, f"{key}.{r}" if key else r, "missing")
+    return obj
+
+
+def _path(base: Path, value, src: str, key: str) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        _fail(src, key, f"must be a file path, got {value!r}")
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def parse_case(data, path: Path) -> CaseSpec:
+    src = str(path)
+    base = path.parent
+    top = _keys(data, "", src, {"reference", "grid", "protocol", "courses", "patient"},
+                {"reference", "protocol", "courses"})
+    ref = _keys(top["reference"], "reference", src, {"image", "structures"}, {"structures"})
+    grid = top.get("grid", "dose")
+    if grid not in ("dose", "image"):
+        _fail(src, "grid", f"must be 'dose' or 'image', got {grid!r}")
+    if grid == "image" and ref.get("image") is None:
+        _fail(src, "reference.image", "missing (needed because grid: image)")
+    if not isinstance(top["protocol"], str):
+        _fail(src, "protocol", "must be a shipped protocol name or a file path")
+    protocol = top["protocol"]
+    courses_raw = top["courses"]
+    if not isinstance(courses_raw, list) or not courses_raw:
+        _fail(src, "courses", "must be a non-empty list (oldest first; the last is the current course)")
+    courses = []
+    for i, c in enumerate(courses_raw):
+        k = f"courses[{i}]"
+        c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration"},
+                  {"name", "dose"})
+        name = c["name"]
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            _fail(src, f"{k}.name", f"must be letters, digits, '_', '-' or '.', got {name!r}")
+        if name in ("cumulative",) or name in [x.name for x in courses]:
+            _fail(src, f"{k}.name", f"{name!r} is reserved or used twice")
+        if "fractions" not in c or c["fractions"] is None:
+            _fail(src, f"{k}.fractions", "missing (the number of fractions of every course must be given)")
+        n = c["fractions"]
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) or n < 1:
+            _fail(src, f"{k}.fractions", f"must be a whole number >= 1, got {n!r}")
+        is_current = i == len(courses_raw) - 1
+        interval = c.get("interval_months")
+        if is_current:
+            if interval is not None:
+                _fail(src, f"{k}.interval_months", "the current (last) course takes no interval")
+        else:
+            if interval is None:
+                _fail(src, f"{k}.interval_months",
+                      "missing (months from the end of this prior course to the start of the current one)")
+            if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not math.isfinite(interval) \
+                    or interval < 0:
+                _fail(src, f"{k}.interval_months", f"must be a number of months >= 0, got {interval!r}")
+            interval = float(interval)
+        reg = c.get("registration", {"method": "identity"})
+        reg = _keys(reg, f"{k}.registration", src, {"method"}, {"method"})
+        if reg["method"] not in REGISTRATION_METHODS:
+            _fail(src, f"{k}.registration.method",
+                  f"unsupported method {reg['method']!r} (this version supports: {', '.join(REGISTRATION_METHODS)})")
+        courses.append(CourseSpec(name=name, dose=_path(base, c["dose"], src, f"{k}.dose"), fractions=int(n),
+                                  interval_months=interval,
+                                  image=_path(base, c["image"], src, f"{k}.image") if c.get("image") else None,
+                                  registration=dict(reg), is_current=is_current))
+    patient = top.get("patient") or {}
+    if not isinstance(patient, dict):
+        _fail(src, "patient", "must be a mapping (e.g. {id: ..., name: ...})")
+    return CaseSpec(path=path,
+                    reference_image=_path(base, ref["image"], src, "reference.image") if ref.get("image") else None,
+                    reference_structures=_path(base, ref["structures"], src, "reference.structures"),
+                    grid=grid, protocol=protocol, courses=courses, patient={str(k): str(v) for k, v in patient.items()})

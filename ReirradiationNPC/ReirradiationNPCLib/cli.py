@@ -1,0 +1,179 @@
+"""The ``reirradiation-npc`` command line. Exit codes: 0 success, 2 bad input, 1 internal error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import SOFTWARE_NAME, __version__
+from .errors import InputError
+
+log = logging.getLogger("reirradiation_npc")
+
+
+class _Progress:
+    """Step list with timings on an interactive terminal (stderr); log lines otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        if self.enabled and self.tty:
+            click.echo(f"  [{now - self.t0:6.1f} s] {step}", err=True)
+        log.info("%s (%.2f s since start)", step, now - self.t0)
+        self.last = now
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _guard(fn, verbose: bool):
+    try:
+        return fn()
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if verbose:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for details)", err=True)
+        sys.exit(1)
+
+
+def format_constraints(results) -> str:
+    rows = [("status", "organ", "structure", "metric", "scope", "value", "limit", "margin", "verified", "source")]
+    for c in results.constraints:
+        def f(v, unit=""):
+            return "-" if v is None else f"{v:.2f}{unit}"
+        rows.append((c.status.upper() if c.status == "fail" else c.status, c.organ, c.structure or "-",
+                     c.metric, c.scope, f(c.value, " " + c.unit), f(c.limit, " " + c.unit), f(c.margin),
+                     "yes" if c.verified else "NO", (c.source[:48] + "...") if len(c.source) > 51 else c.source))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_summary(results, out_dir: Path) -> None:
+    click.echo(f"{SOFTWARE_NAME} {__version__} - protocol: {results.protocol['name']} "
+               f"(version {results.protocol['version']})")
+    for c in results.assumptions["courses"]:
+        rec = ", ".join(f"{k} {100 * v:g}%" for k, v in c["recovery_applied"].items() if v > 0) or "none"
+        when = "current course" if c["is_current"] else f"{c['interval_months']:g} months before, recovery credit: {rec}"
+        click.echo(f"  course {c['name']}: {c['fractions']} fractions, {when}")
+    click.echo("")
+    click.echo(format_constraints(results))
+    click.echo("")
+    if results.unmatched_structures:
+        click.echo(f"unmatched structures (no protocol alias): {', '.join(results.unmatched_structures)}")
+    for w in results.warnings:
+        click.echo(f"warning: {w}")
+    click.echo(f"verdict: {results.summary['verdict']}")
+    click.echo(f"outputs: {out_dir}")
+    click.echo("This tool supports a decision; the treating clinician decides.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="reirradiation-npc")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks for internal errors.")
+@click.pass_context
+def main(ctx, quiet, verbose):
+    """Cumulative EQD2 for re-irradiation of recurrent nasopharyngeal carcinoma."""
+    _setup_logging(quiet, verbose)
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
+
+
+@main.command()
+@click.argument("case", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs in a non-empty output directory.")
+@click.pass_context
+def run(ctx, case, output, overwrite):
+    """Run the analysis described by the CASE file (YAML or JSON)."""
+    from .pipeline import run_case
+    prog = _Progress(not ctx.obj["quiet"])
+    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog), ctx.obj["verbose"])
+    print_summary(results, output)
+
+
+@main.command()
+@click.option("--output", "-o", default=Path("reirradiation-npc-demo"), show_default=True,
+              type=click.Path(path_type=Path), help="Folder for the synthetic case (case/) and results (results/).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo in that folder.")
+@click.pass_context
+def demo(ctx, output, overwrite):
+    """Generate the synthetic NPC case and run it (no data needed)."""
+    from .io import ensure_writable_dir
+    from .pipeline import run_case
+    from .synthetic import generate
+
+    prog = _Progress(not ctx.obj["quiet"])
+
+    def go():
+        ensure_writable_dir(output, overwrite)
+        prog("generating the synthetic NPC case")
+        case_path = generate(output / "case")
+        return run_case(case_path, output / "results", overwrite=True, progress=prog)
+
+    results = _guard(go, ctx.obj["verbose"])
+    click.echo("SYNTHETIC DEMO - not a patient, not for clinical use.")
+    print_summary(results, output / "results")
+
+
+@main.group()
+def protocol():
+    """Inspect protocol files."""
+
+
+@protocol.command("show")
+@click.argument("name_or_path", required=False)
+@click.pass_context
+def protocol_show(ctx, name_or_path):
+    """Show a protocol (shipped name or file path); without argument, list the shipped protocols."""
+    from .protocol import load_protocol, shipped_protocols
+
+    def go():
+        if not name_or_path:
+            click.echo("shipped protocols:")
+            for n in shipped_protocols():
+                p = load_protocol(n)
+                click.echo(f"  {n}: {p.name} (version {p.version})")
+            return
+        p = load_protocol(name_or_path, base=Path.cwd())
+        click.echo(f"{p.name} - version {p.version}{' - SYNTHETIC' if p.synthetic else ''}")
+        click.echo(f"file: {p.path}")
+        if p.description:
+            click.echo(p.description)
+        click.echo(f"default alpha/beta: {p.default_alpha_beta:g} Gy ({p.default_alpha_beta_source})")
+        click.echo(f"recovery: {p.recovery.describe()}" + (f" - source: {p.recovery.source}" if p.recovery.source else ""))
+        click.echo("")
+        rows = [("organ", "role", "a/b Gy", "metric", "scope", "limit", "verified", "source")]
+        for o in p.organs.values():
+            if not o.constraints:
+                rows.append((o.key, o.role, f"{o.alpha_beta:g}", "-", "-", "-", "-", "-"))
+            for c in o.constraints:
+                lim = "no limit" if c.limit is None else f"{c.limit:g} {c.unit}"
+                rows.append((o.key, o.role, f"{o.alpha_beta:g}", c.metric.name, c.scope, lim,
+                             "yes" if c.verified else "NO", c.source))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1])
+
+    _guard(go, ctx.obj["verbose"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

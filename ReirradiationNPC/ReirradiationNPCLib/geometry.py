@@ -1,0 +1,168 @@
+"""Geometry that travels with arrays.
+
+Arrays are indexed ``[k, j, i]`` (z, y, x), as SimpleITK's ``GetArrayFromImage`` returns them. Physical
+coordinates are LPS millimetres (DICOM / ITK convention). ``Grid`` holds size (i, j, k), origin (mm),
+spacing (mm) and the 3x3 direction matrix (columns are the i, j, k axes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Grid:
+    size: tuple[int, int, int]            # voxels along i, j, k (x, y, z)
+    origin: tuple[float, float, float]    # mm, centre of voxel (0, 0, 0)
+    spacing: tuple[float, float, float]   # mm
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # row-major 3x3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """numpy shape (k, j, i)."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def voxel_volume_cc(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def index_to_physical(self, ijk: np.ndarray) -> np.ndarray:
+        """(N, 3) continuous indices (i, j, k) -> (N, 3) LPS mm."""
+        ijk = np.asarray(ijk, dtype=float)
+        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ self.direction_matrix.T
+
+    def physical_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """(N, 3) LPS mm -> (N, 3) continuous indices (i, j, k)."""
+        xyz = np.asarray(xyz, dtype=float) - np.asarray(self.origin)
+        return (xyz @ self.direction_matrix) / np.asarray(self.spacing)
+
+    def bounds_mm(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned physical bounding box of the voxel centres."""
+        corners = np.array([[a, b, c] for a in (0, self.size[0] - 1)
+                            for b in (0, self.size[1] - 1) for c in (0, self.size[2] - 1)], dtype=float)
+        pts = self.index_to_physical(corners)
+        return pts.min(axis=0), pts.max(axis=0)
+
+    def same_as(self, other: "Grid", tol_mm: float = 1e-3) -> bool:
+        return (self.size == other.size
+                and np.allclose(self.origin, other.origin, atol=tol_mm)
+                and np.allclose(self.spacing, other.spacing, atol=tol_mm)
+                and np.allclose(self.direction, other.direction, atol=1e-6))
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "origin_mm": list(self.origin), "spacing_mm": list(self.spacing),
+                "direction": list(self.direction)}
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(int(s) for s in image.GetSize()[:3]), tuple(float(o) for o in image.GetOrigin()[:3]),
+                   tuple(float(s) for s in image.GetSpacing()[:3]),
+                   tuple(float(d) for d in image.GetDirection()[:9]))
+
+    def reference_image(self) -> sitk.Image:
+        img = sitk.Image([int(s) for s in self.size], sitk.sitkUInt8)
+        self.apply_to(img)
+        return img
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    def subgrid(self, lo: tuple[int, int, int], hi: tuple[int, int, int]) -> "Grid":
+        """Grid of the index box [lo, hi) given as (i, j, k)."""
+        origin = self.index_to_physical(np.asarray([lo], dtype=float))[0]
+        size = tuple(int(h - l) for l, h in zip(lo, hi))
+        return Grid(size, tuple(float(v) for v in origin), self.spacing, self.direction)
+
+
+@dataclass
+class Volume:
+    """A 3D array (indexed k, j, i) with its grid. Doses are in Gy."""
+
+    array: np.ndarray
+    grid: Grid
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.array.shape != self.grid.shape:
+            raise ValueError(f"array shape {self.array.shape} does not match grid shape {self.grid.shape}")
+
+    def to_sitk(self) -> sitk.Image:
+        img = sitk.GetImageFromArray(self.array)
+        return self.grid.apply_to(img)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, name: str = "", dtype=None) -> "Volume":
+        arr = sitk.GetArrayFromImage(image)
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+        return cls(arr, Grid.of_image(image), name)
+
+
+def resample_linear(volume: Volume, target: Grid, transform: sitk.Transform | None = None,
+                    default: float = 0.0, dtype=np.float32) -> np.ndarray:
+    """Linear interpolation of ``volume`` onto ``target`` (array k, j, i).
+
+    ``transform`` maps points of ``target`` into ``volume``'s space (ITK convention). Points outside
+    ``volume`` get ``default``. Identical grids are returned as a copy without interpolation.
+    """
+    if transform is None and volume.grid.same_as(target, tol_mm=1e-4):
+        return volume.array.astype(dtype, copy=True)
+    img = volume.to_sitk()
+    if img.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    out = sitk.Resample(img, target.reference_image(), transform or sitk.Transform(), sitk.sitkLinear,
+                        float(default), img.GetPixelID())
+    return sitk.GetArrayFromImage(out).astype(dtype, copy=False)
+
+
+def coverage_fraction(source: Grid, target: Grid, mask: np.ndarray,
+                      transform: sitk.Transform | None = None) -> float:
+    """Fraction of ``mask`` voxels (on ``target``) whose centres fall outside ``source``'s voxel-centre box."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return 0.0
+    pts = target.index_to_physical(idx[:, ::-1].astype(float))
+    if transform is not None:
+        pts = np.array([transform.TransformPoint(tuple(p)) for p in pts])
+    cont = source.physical_to_index(pts)
+    tol = 1e-3
+    inside = np.all((cont >= -tol) & (cont <= np.asarray(source.size) - 1 + tol), axis=1)
+    return float(1.0 - inside.mean())
+
+
+def grids_overlap(a: Grid, b: Grid) -> bool:
+    alo, ahi = a.bounds_mm()
+    blo, bhi = b.bounds_mm()
+    return bool(np.all(alo <= bhi) and np.all(blo <= ahi))
+
+
+def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice, slice] | None:
+    """Index box (k, j, i slices) of the non-zero voxels of ``mask``, padded by ``pad`` voxels."""
+    if not mask.any():
+        return None
+    sl = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(mask.any(axis=other))
+        lo = max(int(nz[0]) - pad, 0)
+        hi = min(int(nz[-1]) + 1 + pad, mask.shape[axis])
+        sl.append(slice(lo, hi))
+    return tuple(sl)
+
+
+def check_finite_geometry(grid: Grid, source: str) -> None:
+    if any(s <= 0 or not np.isfinite(s) for s in grid.spacing):
+        raise InputError(f"voxel spacing must be positive, got {grid.spacing}", source=source, field="spacing")

@@ -1,0 +1,183 @@
+"""From a case file to the output folder: load, resample, analyse, write (atomically)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import SOFTWARE_NAME, __version__
+from .analysis import MODEL_ASSUMPTIONS, Analysis, CourseData, StructureData, compute
+from .case import CaseSpec, load_case
+from .errors import InputError
+from .geometry import Grid, Volume, grids_overlap, resample_linear
+from .io import ensure_writable_dir, read_dose, read_image, read_structures, write_volume
+from .masks import coverage_map, structure_on_grid
+from .protocol import Protocol, load_protocol
+from .results import Results
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    case: CaseSpec
+    protocol: Protocol
+    grid: Grid
+    courses: list[CourseData]
+    structures: list[StructureData]
+    reference_image: Volume | None
+    warnings: list[str]
+
+
+def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
+    """Load every input named by the case and bring it onto the evaluation grid."""
+    say = progress or (lambda m: None)
+    warnings: list[str] = []
+    say("loading protocol")
+    protocol = load_protocol(case.protocol, base=case.path.parent)
+
+    ref_img = None
+    if case.reference_image is not None:
+        say("loading reference image")
+        ref_img = read_image(case.reference_image, "reference.image")
+
+    say("loading doses")
+    doses = [read_dose(c.dose, f"courses[{i}].dose") for i, c in enumerate(case.courses)]
+    grid = doses[-1].grid if case.grid == "dose" else ref_img.grid
+
+    courses = []
+    for i, (c, dose) in enumerate(zip(case.courses, doses)):
+        if not grids_overlap(dose.grid, grid):
+            raise InputError("dose grid does not overlap the evaluation grid "
+                             f"({'current dose' if case.grid == 'dose' else 'reference image'})",
+                             source=str(c.dose), field=f"courses[{i}].dose")
+        say(f"resampling dose of {c.name}")
+        arr = resample_linear(dose, grid)
+        cov = coverage_map(dose.grid, grid)
+        courses.append(CourseData(name=c.name, dose=arr, fractions=c.fractions, interval_months=c.interval_months,
+                                  is_current=c.is_current, registration=c.registration["method"],
+                                  dose_file=str(c.dose), coverage=cov))
+
+    say("loading structures")
+    raw = read_structures(case.reference_structures, "reference.structures")
+    structures = []
+    for s in raw:
+        organ = protocol.match(s.name)
+        on = structure_on_grid(s, grid)
+        if on is None:
+            warnings.append(f"structure {s.name!r} has no voxel on the evaluation grid (outside it or empty)")
+            mask, box = np.zeros((0, 0, 0), bool), (slice(0, 0),) * 3
+        else:
+            mask, box = on
+            own_cc = float(s.mask.sum()) * s.grid.voxel_volume_cc
+            eval_cc = float(mask.sum()) * grid.voxel_volume_cc
+            is_body = organ is not None and organ.role == "body"
+            if own_cc > 0 and not is_body and _clipped(box, grid) and eval_cc < 0.97 * own_cc:
+                warnings.append(f"structure {s.name!r}: about {100 * (1 - eval_cc / own_cc):.0f}% of its volume "
+                                "lies outside the evaluation grid and is not evaluated (use grid: image or a "
+                                "larger dose grid)")
+        structures.append(StructureData(s.name, mask, box, organ))
+    return Prepared(case, protocol, grid, courses, structures, ref_img, warnings)
+
+
+def _clipped(box, grid: Grid) -> bool:
+    return any(b.start == 0 or b.stop == n for b, n in zip(box, grid.shape))
+
+
+def build_results(prep: Prepared, analysis: Analysis) -> Results:
+    p = prep.protocol
+    statuses = [c.status for c in analysis.constraints]
+    n_fail = statuses.count("fail")
+    unverified_used = sum(1 for c in analysis.constraints
+                          if c.status in ("pass", "fail") and not c.verified)
+    counts = {s: statuses.count(s) for s in ("pass", "fail", "no_limit", "not_evaluated")}
+    if n_fail:
+        verdict = f"{n_fail} limit(s) exceeded"
+    elif counts["pass"]:
+        verdict = "all evaluated limits met"
+    else:
+        verdict = "no limit could be evaluated"
+    verdict += f"; {unverified_used} unverified limit(s) used"
+    if p.synthetic:
+        verdict += "; SYNTHETIC demo protocol, not for clinical use"
+    alpha_beta = {o.key: {"alpha_beta_gy": o.alpha_beta, "source": o.alpha_beta_source}
+                  for o in p.organs.values()}
+    return Results(
+        software={"name": SOFTWARE_NAME, "version": __version__},
+        protocol=p.summary() | {"description": p.description},
+        case={"file": str(prep.case.path), "patient": prep.case.patient,
+              "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "grid": prep.case.grid},
+        evaluation_grid=prep.grid.to_dict(),
+        assumptions={
+            "courses": analysis.course_assumptions,
+            "alpha_beta": {"default_gy": p.default_alpha_beta, "default_source": p.default_alpha_beta_source,
+                           "per_organ": alpha_beta,
+                           "map_rule": "organ alpha/beta on its voxels; smallest where organ structures overlap; "
+                                       "protocol default elsewhere"},
+            "recovery": {"model": p.recovery.model, "description": p.recovery.describe(),
+                         "source": p.recovery.source, "convention": "prior course discounted: sum (1 - r) EQD2"},
+            "model": MODEL_ASSUMPTIONS,
+        },
+        structures=analysis.structures,
+        constraints=analysis.constraints,
+        unmatched_structures=analysis.unmatched,
+        summary={"verdict": verdict, "counts": counts, "unverified_limits_used": unverified_used},
+        warnings=prep.warnings + analysis.warnings,
+    )
+
+
+def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
+                  progress: Progress | None = None) -> dict[str, str]:
+    """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last."""
+    say = progress or (lambda m: None)
+    out_dir = Path(out_dir)
+    ensure_writable_dir(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        say("writing volumes")
+        g = prep.grid
+        files = {}
+        def vol(name, arr, desc):
+            write_volume(Volume(arr.astype(np.float32, copy=False), g, name), stage / name, description=desc,
+                         units="Gy" if "alpha_beta" not in name else "Gy (alpha/beta)")
+            files[name] = desc
+        vol("cumulative_eqd2.nrrd", analysis.cumulative,
+            "Cumulative EQD2 (Gy), recovery credit applied, voxel alpha/beta map")
+        for c in prep.courses:
+            vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
+                f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit")
+        vol("alpha_beta.nrrd", analysis.alpha_beta, "Voxel alpha/beta map (Gy) used for the EQD2 maps")
+        results.outputs = files
+        (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
+        for name in list(files) + ["results.json"]:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return files
+
+
+def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None
+             ) -> Results:
+    out_dir = Path(out_dir)
+    ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
+    if overwrite and (out_dir / "results.json").exists():
+        (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
+    case = load_case(Path(case_path))
+    prep = prepare(case, progress)
+    analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
+    results = build_results(prep, analysis)
+    write_outputs(prep, analysis, results, out_dir, overwrite, progress)
+    return results

@@ -1,0 +1,325 @@
+"""Protocol files: organs, aliases, alpha/beta, recovery model and dose limits.
+
+Protocols are data (YAML, JSON accepted) under ``Resources/Protocols/``; this module loads and validates
+them in one place. Every limit carries its ``source`` and a ``verified`` flag. See ``docs/protocol-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import InputError
+
+ROLES = ("oar", "target", "body")
+SCOPES = ("cumulative", "current")
+_METRIC_RE = re.compile(r"^(?:(Dmax|Dmean|Dmin)|D(\d+(?:\.\d+)?)(cc|%)|V(\d+(?:\.\d+)?)Gy)$")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A dose-volume metric. ``kind`` is one of max, mean, min, dcc, dpct, vgy."""
+
+    name: str
+    kind: str
+    param: float | None = None
+
+    @property
+    def is_volume(self) -> bool:
+        return self.kind == "vgy"
+
+    @property
+    def is_point(self) -> bool:
+        """Point-type (near-maximum) metrics: Dmax and D<x>cc with x <= 0.1 cc."""
+        return self.kind == "max" or (self.kind == "dcc" and (self.param or 0) <= 0.1)
+
+
+def parse_metric(text: str) -> Metric:
+    """Parse ``Dmax``, ``Dmean``, ``Dmin``, ``D<x>cc``, ``D<x>%`` or ``V<x>Gy``; raise ValueError otherwise."""
+    m = _METRIC_RE.match(str(text).strip())
+    if not m:
+        raise ValueError(f"unknown metric {text!r} (use Dmax, Dmean, Dmin, D<x>cc, D<x>%, V<x>Gy)")
+    if m.group(1):
+        return Metric(m.group(1), {"Dmax": "max", "Dmean": "mean", "Dmin": "min"}[m.group(1)])
+    if m.group(2):
+        x = float(m.group(2))
+        if m.group(3) == "%" and not 0 <= x <= 100:
+            raise ValueError(f"metric {text!r}: percentage must be within 0-100")
+        return Metric(str(text).strip(), "dcc" if m.group(3) == "cc" else "dpct", x)
+    return Metric(str(text).strip(), "vgy", float(m.group(4)))
+
+
+@dataclass(frozen=True)
+class Constraint:
+    metric: Metric
+    scope: str                      # cumulative | current
+    limit: float | None             # Gy for D metrics; cc or % for V metrics; None = no limit yet
+    unit: str                       # Gy | cc | %
+    source: str
+    verified: bool
+    priority: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Organ:
+    key: str
+    role: str
+    aliases: tuple[str, ...]
+    alpha_beta: float
+    alpha_beta_source: str
+    constraints: tuple[Constraint, ...]
+
+
+@dataclass(frozen=True)
+class RecoveryModel:
+    model: str                                   # none | step
+    table: tuple[tuple[float, float], ...] = ()  # (min_months, credit fraction), ascending
+    organs: tuple[str, ...] = ()
+    source: str = ""
+
+    def credit(self, organ_key: str | None, interval_months: float) -> float:
+        """Recovery credit r in [0, 1) for a prior course ended ``interval_months`` before the current one."""
+        if self.model == "none" or organ_key is None or organ_key not in self.organs:
+            return 0.0
+        r = 0.0
+        for min_months, fraction in self.table:
+            if interval_months >= min_months:
+                r = fraction
+        return r
+
+    def describe(self) -> str:
+        if self.model == "none":
+            return "no recovery credit (prior courses counted in full)"
+        steps = ", ".join(f">= {m:g} months: {100 * f:g}%" for m, f in self.table)
+        return f"step table ({steps}) applied to {', '.join(self.organs)} only"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    version: str
+    path: str
+    default_alpha_beta: float
+    default_alpha_beta_source: str
+    recovery: RecoveryModel
+    organs: dict[str, Organ]
+    synthetic: bool = False
+    description: str = ""
+    warn_tolerance_percent: float = 5.0
+
+    def match(self, structure_name: str) -> Organ | None:
+        """Organ whose alias (case-insensitive, surrounding blanks ignored) equals the structure name."""
+        key = structure_name.strip().casefold()
+        for organ in self.organs.values():
+            if key in (a.strip().casefold() for a in organ.aliases):
+                return organ
+        return None
+
+    def summary(self) -> dict:
+        return {"name": self.name, "version": self.version, "file": self.path, "synthetic": self.synthetic,
+                "default_alpha_beta": self.default_alpha_beta, "recovery": self.recovery.describe()}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def protocols_dir() -> Path:
+    """The shipped ``Resources/Protocols`` folder (installed package or source tree)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "Resources" / "Protocols", here.parents[1] / "Resources" / "Protocols"):
+        if cand.is_dir():
+            return cand
+    raise InputError("cannot find the shipped Resources/Protocols folder (broken installation)")
+
+
+def shipped_protocols() -> list[str]:
+    d = protocols_dir()
+    return sorted(p.stem for p in d.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+
+
+def resolve_protocol(name_or_path: str, base: Path | None = None) -> Path:
+    """A shipped protocol name (``npc-reirradiation``) or a path (relative to ``base``)."""
+    text = str(name_or_path)
+    cand = Path(text) if base is None or Path(text).is_absolute() else base / text
+    if cand.suffix.lower() in (".yaml", ".yml", ".json") or cand.exists():
+        if not cand.is_file():
+            raise InputError(f"protocol file not found: {cand}", field="protocol")
+        return cand
+    d = protocols_dir()
+    for ext in (".yaml", ".yml", ".json"):
+        if (d / f"{text}{ext}").is_file():
+            return d / f"{text}{ext}"
+    raise InputError(f"unknown protocol {text!r}; shipped protocols: {', '.join(shipped_protocols())}",
+                     field="protocol")
+
+
+def load_protocol(name_or_path: str, base: Path | None = None) -> Protocol:
+    path = resolve_protocol(name_or_path, base)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot parse: {first}", source=str(path)) from None
+    return parse_protocol(data, str(path))
+
+
+class _V:
+    """Validation helper: errors name the file and the key path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, msg: str):
+        raise InputError(msg, source=self.source, field=key)
+
+    def mapping(self, obj, key: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(key, f"must be a mapping, got {type(obj).__name__}")
+        unknown = sorted(set(map(str, obj)) - allowed)
+        if unknown:
+            self.fail(f"{key}.{unknown[0]}" if key else unknown[0],
+                      f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        for r in sorted(required):
+            if r not in obj or obj[r] is None:
+                self.fail(f"{key}.{r}" if key else r, "missing")
+        return obj
+
+    def number(self, obj, key: str, positive: bool = False, minimum: float | None = None,
+               maximum: float | None = None) -> float:
+        if isinstance(obj, bool) or not isinstance(obj, (int, float)) or not math.isfinite(obj):
+            self.fail(key, f"must be a number, got {obj!r}")
+        if positive and obj <= 0:
+            self.fail(key, f"must be > 0, got {obj!r}")
+        if minimum is not None and obj < minimum:
+            self.fail(key, f"must be >= {minimum:g}, got {obj!r}")
+        if maximum is not None and obj > maximum:
+            self.fail(key, f"must be <= {maximum:g}, got {obj!r}")
+        return float(obj)
+
+    def string(self, obj, key: str) -> str:
+        if not isinstance(obj, (str, int, float)) or isinstance(obj, bool) or str(obj).strip() == "":
+            self.fail(key, f"must be a non-empty text, got {obj!r}")
+        return str(obj)
+
+    def boolean(self, obj, key: str) -> bool:
+        if not isinstance(obj, bool):
+            self.fail(key, f"must be true or false, got {obj!r}")
+        return obj
+
+
+def parse_protocol(data, source: str) -> Protocol:
+    v = _V(source)
+    top = v.mapping(data, "", {"name", "version", "description", "synthetic", "alpha_beta", "recovery",
+                               "organs", "warn_tolerance_percent", "references"},
+                    {"name", "version", "alpha_beta", "recovery", "organs"})
+    ab = v.mapping(top["alpha_beta"], "alpha_beta", {"default", "source"}, {"default"})
+    default_ab = v.number(ab["default"], "alpha_beta.default", positive=True)
+    organs_raw = top["organs"]
+    if not isinstance(organs_raw, dict) or not organs_raw:
+        v.fail("organs", "must be a non-empty mapping of organ keys")
+
+    organs: dict[str, Organ] = {}
+    seen_alias: dict[str, str] = {}
+    for okey, oraw in organs_raw.items():
+        okey = str(okey)
+        k = f"organs.{okey}"
+        o = v.mapping(oraw, k, {"role", "aliases", "alpha_beta", "alpha_beta_source", "constraints", "note"},
+                      {"aliases", "alpha_beta"})
+        role = o.get("role", "oar")
+        if role not in ROLES:
+            v.fail(f"{k}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        aliases = o["aliases"]
+        if not isinstance(aliases, list) or not aliases:
+            v.fail(f"{k}.aliases", "must be a non-empty list of structure names")
+        aliases = [v.string(a, f"{k}.aliases") for a in aliases]
+        for a in aliases + [okey]:
+            cf = a.strip().casefold()
+            if cf in seen_alias and seen_alias[cf] != okey:
+                v.fail(f"{k}.aliases", f"alias {a!r} is also an alias of organ {seen_alias[cf]!r}")
+            seen_alias[cf] = okey
+        alpha_beta = v.number(o["alpha_beta"], f"{k}.alpha_beta", positive=True)
+        constraints = []
+        for i, craw in enumerate(o.get("constraints") or []):
+            constraints.append(_parse_constraint(v, craw, f"{k}.constraints[{i}]"))
+        organs[okey] = Organ(okey, role, tuple(dict.fromkeys(aliases + [okey])), alpha_beta,
+                             str(o.get("alpha_beta_source", "")), tuple(constraints))
+
+    rec = v.mapping(top["recovery"], "recovery", {"model", "table", "organs", "source"}, {"model"})
+    model = rec["model"]
+    if model == "none":
+        if rec.get("table") or rec.get("organs"):
+            v.fail("recovery", "model 'none' takes no table or organs")
+        recovery = RecoveryModel("none", source=str(rec.get("source", "")))
+    elif model == "step":
+        table_raw = rec.get("table")
+        if not isinstance(table_raw, list) or not table_raw:
+            v.fail("recovery.table", "model 'step' needs a non-empty table of {min_months, fraction}")
+        table = []
+        for i, row in enumerate(table_raw):
+            rk = f"recovery.table[{i}]"
+            row = v.mapping(row, rk, {"min_months", "fraction"}, {"min_months", "fraction"})
+            mm = v.number(row["min_months"], f"{rk}.min_months", minimum=0)
+            fr = v.number(row["fraction"], f"{rk}.fraction", minimum=0)
+            if fr >= 1:
+                v.fail(f"{rk}.fraction", f"must be < 1 (a credit of 1 would forget the prior course), got {fr!r}")
+            if table and mm <= table[-1][0]:
+                v.fail(f"{rk}.min_months", "rows must be in increasing min_months order")
+            table.append((mm, fr))
+        rorgans = rec.get("organs")
+        if not isinstance(rorgans, list) or not rorgans:
+            v.fail("recovery.organs", "model 'step' needs the list of organs it applies to")
+        for o in rorgans:
+            if str(o) not in organs:
+                v.fail("recovery.organs", f"unknown organ {o!r} (not under organs:)")
+        recovery = RecoveryModel("step", tuple(table), tuple(str(o) for o in rorgans), str(rec.get("source", "")))
+    else:
+        v.fail("recovery.model", f"must be 'none' or 'step', got {model!r}")
+
+    tol = top.get("warn_tolerance_percent", 5.0)
+    tol = v.number(tol, "warn_tolerance_percent", minimum=0, maximum=50)
+    return Protocol(name=v.string(top["name"], "name"), version=v.string(top["version"], "version"),
+                    path=source, default_alpha_beta=default_ab,
+                    default_alpha_beta_source=str(ab.get("source", "")), recovery=recovery, organs=organs,
+                    synthetic=v.boolean(top.get("synthetic", False), "synthetic"),
+                    description=str(top.get("description", "")), warn_tolerance_percent=tol)
+
+
+def _parse_constraint(v: _V, raw, key: str) -> Constraint:
+    c = v.mapping(raw, key, {"metric", "limit_gy", "limit_cc", "limit_percent", "scope", "source", "verified",
+                             "priority", "note"}, {"metric", "scope", "source", "verified"})
+    try:
+        metric = parse_metric(c["metric"])
+    except ValueError as exc:
+        v.fail(f"{key}.metric", str(exc))
+    scope = c["scope"]
+    if scope not in SCOPES:
+        v.fail(f"{key}.scope", f"must be one of {', '.join(SCOPES)}, got {scope!r}")
+    given = [k for k in ("limit_gy", "limit_cc", "limit_percent") if k in c]
+    if len(given) > 1:
+        v.fail(key, f"give one limit, not {' and '.join(given)}")
+    if metric.is_volume:
+        if "limit_gy" in c:
+            v.fail(f"{key}.limit_gy", f"{metric.name} is a volume metric: use limit_cc or limit_percent")
+        lk = given[0] if given else "limit_cc"
+        unit = "cc" if lk == "limit_cc" else "%"
+    else:
+        if given and given[0] != "limit_gy":
+            v.fail(f"{key}.{given[0]}", f"{metric.name} is a dose metric: use limit_gy")
+        lk, unit = "limit_gy", "Gy"
+    limit = c.get(lk)
+    if limit is not None:
+        limit = v.number(limit, f"{key}.{lk}", minimum=0, maximum=100 if unit == "%" else None)
+    verified = v.boolean(c["verified"], f"{key}.verified")
+    if limit is None and verified:
+        v.fail(f"{key}.verified", "a row without a limit cannot be verified")
+    priority = c.get("priority")
+    if priority is not None:
+        priority = int(v.number(priority, f"{key}.priority", minimum=1))
+    return Constraint(metric, scope, limit, unit, v.string(c["source"], f"{key}.source"), verified, priority,
+                      str(c.get("note", "")))

@@ -1,0 +1,82 @@
+"""The results tree: one dataclass tree, serialised to results.json and read by every consumer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ConstraintResult:
+    organ: str
+    structure: str | None
+    metric: str
+    scope: str                  # cumulative | current
+    value: float | None         # Gy (D metrics, EQD2) or cc / % (V metrics)
+    limit: float | None
+    unit: str                   # Gy | cc | %
+    status: str                 # pass | fail | no_limit | not_evaluated
+    source: str
+    verified: bool
+    priority: int | None = None
+    margin: float | None = None  # limit - value (positive = room left), same unit
+    alpha_beta: float | None = None
+    recovery_credit: dict[str, float] = field(default_factory=dict)  # prior course -> credit used
+    note: str = ""
+
+
+@dataclass
+class StructureResult:
+    name: str
+    organ: str | None
+    role: str | None
+    alpha_beta: float           # α/β (Gy) used for this structure's EQD2 metrics
+    volume_cc: float
+    metrics: dict[str, dict[str, float | None]]           # "cumulative" | course name -> metric -> value
+    metrics_physical: dict[str, dict[str, float | None]]  # course name -> metric -> value (physical Gy)
+    recovery_credit: dict[str, float] = field(default_factory=dict)
+    outside_dose_grid_fraction: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CourseAssumption:
+    name: str
+    fractions: int
+    interval_months: float | None
+    is_current: bool
+    registration: str
+    dose_file: str
+    max_dose_gy: float
+    max_dose_per_fraction_gy: float
+    recovery_applied: dict[str, float]  # organ -> credit r (prior courses only)
+
+
+@dataclass
+class Results:
+    software: dict
+    protocol: dict
+    case: dict
+    evaluation_grid: dict
+    assumptions: dict
+    structures: list[StructureResult]
+    constraints: list[ConstraintResult]
+    unmatched_structures: list[str]
+    summary: dict
+    warnings: list[str]
+    outputs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf become None; floats rounded to 6 decimals (µGy), enough for any clinical use."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else round(obj, 6)
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return _clean(obj.item())
+    return obj

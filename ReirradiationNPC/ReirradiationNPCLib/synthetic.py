@@ -1,0 +1,214 @@
+"""A deterministic synthetic NPC re-irradiation case (a head-and-neck phantom, two courses).
+
+Everything is analytic shapes in LPS millimetres (x: patient left, y: posterior, z: superior), so tests can
+reason about it. Nothing large is committed: the case is generated in seconds.
+
+- Current planning CT (HU) with External, Brainstem, SpinalCord, OpticChiasm, OpticNrv_L/R, Lobe_Temporal_L/R,
+  A_Carotid_L/R, Cochlea_L/R, Parotid_L/R and a recurrent GTVp at the skull base.
+- Prior course: 70 Gy in 33 fractions to the nasopharynx and upper neck, with a realistic fall-off, on a 3 mm
+  grid in the current CT's frame (already registered: ``registration: identity``).
+- Current course: 65 Gy in 54 twice-daily fractions to the recurrence plus margin, on a 2.5 mm grid.
+- The prior course's CT, rendered with a known rigid offset from the current CT (``KNOWN_PRIOR_OFFSET``), for
+  registration work.
+
+SYNTHETIC DATA: not a patient, not for clinical use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from .geometry import Grid, Volume
+from .io import write_volume
+from .protocol import protocols_dir
+
+SEED = 20211
+PRIOR_FRACTIONS = 33
+PRIOR_DOSE_GY = 70.0
+CURRENT_FRACTIONS = 54
+CURRENT_DOSE_GY = 65.0
+INTERVAL_MONTHS = 30
+#: rigid offset of the prior CT: a point p of the current CT's frame lies at R p + t in the prior CT's frame.
+KNOWN_PRIOR_OFFSET = {"rotation_deg_about_z": 2.0, "translation_mm": (6.0, -4.0, 7.5)}
+
+CT_GRID = Grid((160, 160, 100), (-119.25, -119.25, -150.0), (1.5, 1.5, 2.5))
+CURRENT_DOSE_GRID = Grid((66, 70, 90), (-81.0, -86.0, -148.75), (2.5, 2.5, 2.5))
+PRIOR_DOSE_GRID = Grid((60, 56, 72), (-88.5, -81.0, -148.5), (3.0, 3.0, 3.0))
+
+
+@dataclass(frozen=True)
+class Ellipsoid:
+    c: tuple[float, float, float]
+    r: tuple[float, float, float]
+
+    def level(self, x, y, z):
+        """Normalised radius: < 1 inside."""
+        return np.sqrt(((x - self.c[0]) / self.r[0]) ** 2 + ((y - self.c[1]) / self.r[1]) ** 2
+                       + ((z - self.c[2]) / self.r[2]) ** 2)
+
+    def approx_distance(self, x, y, z):
+        """Approximate signed distance (mm), exact on the surface normal for a sphere."""
+        return (self.level(x, y, z) - 1.0) * min(self.r)
+
+    def inside(self, x, y, z):
+        return self.level(x, y, z) <= 1.0
+
+
+@dataclass(frozen=True)
+class Cylinder:
+    """A capsule-free segment cylinder from p0 to p1 with radius r."""
+    p0: tuple[float, float, float]
+    p1: tuple[float, float, float]
+    r: float
+
+    def inside(self, x, y, z):
+        p0 = np.asarray(self.p0)
+        d = np.asarray(self.p1) - p0
+        L2 = float(d @ d)
+        t = ((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / L2
+        px, py, pz = p0[0] + t * d[0], p0[1] + t * d[1], p0[2] + t * d[2]
+        dist2 = (x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2
+        return (t >= 0) & (t <= 1) & (dist2 <= self.r ** 2)
+
+
+GTV = Ellipsoid((6.0, -2.0, 16.0), (14.0, 12.0, 13.0))
+STRUCTURES = {
+    "Brainstem": Ellipsoid((0.0, 30.0, 30.0), (13.0, 12.0, 25.0)),
+    "SpinalCord": Cylinder((0.0, 36.0, -150.0), (0.0, 36.0, 5.0), 5.0),
+    "OpticChiasm": Ellipsoid((0.0, -12.0, 46.0), (7.0, 4.0, 2.5)),
+    "OpticNrv_L": Cylinder((6.0, -14.0, 46.0), (17.0, -50.0, 44.0), 2.5),
+    "OpticNrv_R": Cylinder((-6.0, -14.0, 46.0), (-17.0, -50.0, 44.0), 2.5),
+    "Lobe_Temporal_L": Ellipsoid((44.0, 5.0, 36.0), (17.0, 33.0, 20.0)),
+    "Lobe_Temporal_R": Ellipsoid((-44.0, 5.0, 36.0), (17.0, 33.0, 20.0)),
+    "A_Carotid_L": Cylinder((22.0, 8.0, -90.0), (20.0, 4.0, 30.0), 3.5),
+    "A_Carotid_R": Cylinder((-22.0, 8.0, -90.0), (-20.0, 4.0, 30.0), 3.5),
+    "Cochlea_L": Ellipsoid((37.0, 24.0, 20.0), (3.2, 3.2, 3.2)),
+    "Cochlea_R": Ellipsoid((-37.0, 24.0, 20.0), (3.2, 3.2, 3.2)),
+    "Parotid_L": Ellipsoid((48.0, 15.0, -20.0), (14.0, 18.0, 22.0)),
+    "Parotid_R": Ellipsoid((-48.0, 15.0, -20.0), (14.0, 18.0, 22.0)),
+    "GTVp": GTV,
+}
+HEAD = Ellipsoid((0.0, 2.0, 28.0), (76.0, 92.0, 82.0))
+NECK = (0.0, 8.0, 58.0, 64.0)  # centre x, y and semi-axes of the neck's elliptic cylinder (z < 10)
+AIRWAY = Ellipsoid((0.0, -24.0, -5.0), (9.0, 18.0, 16.0))
+VERTEBRA = Cylinder((0.0, 38.0, -150.0), (0.0, 38.0, 0.0), 15.0)
+CANAL = Cylinder((0.0, 36.0, -150.0), (0.0, 36.0, 6.0), 7.5)
+
+# Prior course targets (nasopharynx + skull base, bilateral upper neck) and the current course target.
+PRIOR_TARGETS = [Ellipsoid((0.0, -2.0, 12.0), (34.0, 24.0, 32.0)),
+                 Ellipsoid((30.0, 12.0, -40.0), (22.0, 22.0, 42.0)),
+                 Ellipsoid((-30.0, 12.0, -40.0), (22.0, 22.0, 42.0))]
+CURRENT_TARGET = Ellipsoid(GTV.c, tuple(a + 7.0 for a in GTV.r))  # recurrence + margin (the treated volume)
+
+
+def _coords(grid: Grid, transform=None):
+    """Physical coordinates (mm) of every voxel centre, each shaped (k, j, i)."""
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in grid.shape), indexing="ij")
+    pts = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
+    xyz = grid.index_to_physical(pts)
+    if transform is not None:
+        xyz = transform(xyz)
+    return tuple(xyz[:, a].reshape(grid.shape) for a in range(3))
+
+
+def _erfc_arr(x):
+    # Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7), vectorised
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    r = poly * np.exp(-z * z)
+    return np.where(x >= 0, r, 2.0 - r)
+
+
+def _dose(x, y, z, targets, prescription, sigma_mm, bath_fraction, bath_mm):
+    dist = np.min([t.approx_distance(x, y, z) for t in targets], axis=0)
+    core = 0.5 * _erfc_arr(dist / (sigma_mm * math.sqrt(2.0)))
+    bath = bath_fraction * np.exp(-np.maximum(dist, 0.0) / bath_mm)
+    return (prescription * np.maximum(core, bath)).astype(np.float32)
+
+
+def _body(x, y, z):
+    head = HEAD.inside(x, y, z) & (z > -10.0)
+    neck = ((((x - NECK[0]) / NECK[2]) ** 2 + ((y - NECK[1]) / NECK[3]) ** 2) <= 1.0) & (z <= 10.0)
+    return head | neck
+
+
+def phantom_ct(grid: Grid, transform=None, seed: int = SEED) -> np.ndarray:
+    x, y, z = _coords(grid, transform)
+    rng = np.random.default_rng(seed)
+    ct = np.full(grid.shape, -1000.0, dtype=np.float32)
+    body = _body(x, y, z)
+    ct[body] = 40.0
+    brain = (HEAD.level(x, y, z) <= 0.92) & (z > 12.0)
+    skull = (HEAD.level(x, y, z) <= 1.0) & ~brain & (z > 12.0)
+    ct[skull & body] = 900.0
+    ct[brain] = 32.0
+    ct[(VERTEBRA.inside(x, y, z)) & ~CANAL.inside(x, y, z)] = 650.0
+    ct[AIRWAY.inside(x, y, z)] = -1000.0
+    ct += rng.normal(0.0, 8.0, size=grid.shape).astype(np.float32) * body
+    return ct
+
+
+def prior_frame_transform():
+    """Map current-CT points to prior-CT points (the known offset)."""
+    a = math.radians(KNOWN_PRIOR_OFFSET["rotation_deg_about_z"])
+    R = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    t = np.asarray(KNOWN_PRIOR_OFFSET["translation_mm"])
+    return R, t
+
+
+def generate(out_dir: Path) -> Path:
+    """Write the synthetic case into ``out_dir`` and return the path of its case file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = CT_GRID
+    write_volume(Volume(phantom_ct(g).astype(np.int16), g), out_dir / "ct.nrrd",
+                 description="SYNTHETIC current planning CT (HU)")
+    # prior CT: voxel at prior-frame point q shows the anatomy at current-frame point R^T (q - t)
+    R, t = prior_frame_transform()
+    write_volume(Volume(phantom_ct(g, transform=lambda q: (q - t) @ R, seed=SEED + 1).astype(np.int16), g),
+                 out_dir / "ct_prior.nrrd", description="SYNTHETIC prior-course CT (HU), known rigid offset")
+    masks = out_dir / "structures"
+    masks.mkdir(exist_ok=True)
+    x, y, z = _coords(g)
+    write_volume(Volume(_body(x, y, z).astype(np.uint8), g), masks / "External.nrrd")
+    for name, shape in STRUCTURES.items():
+        write_volume(Volume(shape.inside(x, y, z).astype(np.uint8), g), masks / f"{name}.nrrd")
+    del x, y, z
+    px, py, pz = _coords(PRIOR_DOSE_GRID)
+    prior = _dose(px, py, pz, PRIOR_TARGETS, PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
+    prior *= _body(px, py, pz)
+    write_volume(Volume(prior, PRIOR_DOSE_GRID), out_dir / "dose_course1.nrrd", units="Gy",
+                 description="SYNTHETIC prior course physical dose (Gy), 70 Gy / 33 fx, in the current CT frame")
+    cx, cy, cz = _coords(CURRENT_DOSE_GRID)
+    cur = _dose(cx, cy, cz, [CURRENT_TARGET], CURRENT_DOSE_GY, sigma_mm=3.5, bath_fraction=0.45, bath_mm=14.0)
+    cur *= _body(cx, cy, cz)
+    write_volume(Volume(cur, CURRENT_DOSE_GRID), out_dir / "dose_course2.nrrd", units="Gy",
+                 description="SYNTHETIC current course physical dose (Gy), 65 Gy / 54 fx twice daily")
+    shutil.copyfile(protocols_dir() / "synthetic-demo.yaml", out_dir / "synthetic-demo.yaml")
+    case = {
+        "patient": {"id": "SYNTHETIC-NPC-001", "name": "Synthetic^Phantom"},
+        "reference": {"image": "ct.nrrd", "structures": "structures"},
+        "grid": "dose",
+        "protocol": "synthetic-demo.yaml",
+        "courses": [
+            {"name": "course1", "dose": "dose_course1.nrrd", "fractions": PRIOR_FRACTIONS,
+             "interval_months": INTERVAL_MONTHS, "registration": {"method": "identity"}},
+            {"name": "course2", "dose": "dose_course2.nrrd", "fractions": CURRENT_FRACTIONS},
+        ],
+    }
+    case_path = out_dir / "case.yaml"
+    case_path.write_text("# SYNTHETIC NPC re-irradiation case generated by reirradiation-npc (not a patient)\n"
+                         + yaml.safe_dump(case, sort_keys=False), encoding="utf-8")
+    (out_dir / "known_prior_offset.json").write_text(json.dumps(
+        {"description": "current-CT point p lies at R p + t in the prior CT (LPS mm)",
+         **KNOWN_PRIOR_OFFSET}, indent=2), encoding="utf-8")
+    return case_path
