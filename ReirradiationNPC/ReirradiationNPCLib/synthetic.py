@@ -165,6 +165,15 @@ def prior_frame_transform():
     return R, t
 
 
+def prior_to_current_sitk_transform() -> sitk.Transform:
+    """The known offset as an ITK transform mapping current-CT points to prior-CT points (resampling direction)."""
+    R, t = prior_frame_transform()
+    tr = sitk.AffineTransform(3)
+    tr.SetMatrix(tuple(R.ravel()))
+    tr.SetTranslation(tuple(float(v) for v in t))
+    return tr
+
+
 def generate(out_dir: Path) -> Path:
     """Write the synthetic case into ``out_dir`` and return the path of its case file."""
     out_dir = Path(out_dir)
@@ -188,6 +197,14 @@ def generate(out_dir: Path) -> Path:
     prior *= _body(px, py, pz)
     write_volume(Volume(prior, PRIOR_DOSE_GRID), out_dir / "dose_course1.nrrd", units="Gy",
                  description="SYNTHETIC prior course physical dose (Gy), 70 Gy / 33 fx, in the current CT frame")
+    # the same prior dose as the planning system of the first course saw it: in the prior CT's frame
+    R, t = prior_frame_transform()
+    qx, qy, qz = _coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
+    prior_native = _dose(qx, qy, qz, PRIOR_TARGETS, PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
+    prior_native *= _body(qx, qy, qz)
+    write_volume(Volume(prior_native, PRIOR_DOSE_GRID), out_dir / "dose_course1_prior_frame.nrrd", units="Gy",
+                 description="SYNTHETIC prior course physical dose (Gy) in the prior CT's frame (needs registration)")
+    del qx, qy, qz
     cx, cy, cz = _coords(CURRENT_DOSE_GRID)
     cur = _dose(cx, cy, cz, [CURRENT_TARGET], CURRENT_DOSE_GY, sigma_mm=3.5, bath_fraction=0.45, bath_mm=14.0)
     cur *= _body(cx, cy, cz)
