@@ -61,6 +61,12 @@ def _float_out(dose: ArrayLike, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _input_kept(d: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """``d`` itself, or a copy when ``res`` (the output) shares its memory: the formulas read ``d`` after
+    the first write into ``res``, so an in-place call (``out=dose``) needs the input kept (one temporary)."""
+    return d.copy() if np.may_share_memory(d, res) else d
+
+
 def eqd2(dose: ArrayLike, fractions: float, alpha_beta: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
     """EQD2 (Gy) of a physical dose ``dose`` (Gy) given in ``fractions`` equal fractions.
 
@@ -71,6 +77,7 @@ def eqd2(dose: ArrayLike, fractions: float, alpha_beta: ArrayLike, out: np.ndarr
     ab = _check_alpha_beta(alpha_beta)
     d = np.asarray(dose)
     res = _float_out(d, out)
+    d = _input_kept(d, res)
     np.multiply(d, 1.0 / n, out=res)  # dose per fraction, voxel by voxel
     res += ab
     res *= d
@@ -87,6 +94,7 @@ def bed(dose: ArrayLike, fractions: float, alpha_beta: ArrayLike, out: np.ndarra
     ab = _check_alpha_beta(alpha_beta)
     d = np.asarray(dose)
     res = _float_out(d, out)
+    d = _input_kept(d, res)
     np.multiply(d, 1.0 / n, out=res)
     if isinstance(ab, float):
         res *= 1.0 / ab
