@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import dvh
+from .dvh_curves import DVHCurve, cumulative_dvh
 from .eqd2 import eqd2, recovery_weighted_sum
 from .geometry import Grid
 from .protocol import Organ, Protocol, parse_metric
@@ -79,6 +80,8 @@ class Analysis:
     unmatched: list[str]
     course_assumptions: list[dict]
     warnings: list[str] = field(default_factory=list)
+    #: structure name -> "cumulative" | course name -> display DVH curve (organ's own α/β; report plots only)
+    dvh_curves: dict[str, dict[str, DVHCurve]] = field(default_factory=dict)
 
 
 def alpha_beta_map(shape, structures: list[StructureData], default: float) -> np.ndarray:
@@ -143,6 +146,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
     say("structure metrics")
     struct_results: list[StructureResult] = []
     samples_by_structure: dict[str, dict[str, np.ndarray]] = {}
+    dvh_curves: dict[str, dict[str, DVHCurve]] = {}
     for s in structures:
         organ = s.organ
         organ_ab = organ.alpha_beta if organ else protocol.default_alpha_beta
@@ -154,6 +158,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         cum = np.zeros(n_vox, dtype=np.float64)
         credits_used = {}
         outside = {}
+        curves: dict[str, DVHCurve] = {}
         for c in courses:
             phys = per_course_phys[c.name].astype(np.float64)
             e = eqd2(phys, c.fractions, organ_ab)
@@ -164,6 +169,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
             if n_vox:
                 res_metrics[c.name] = dvh.metrics(e, voxel_cc, names)
                 phys_metrics[c.name] = dvh.metrics(phys, voxel_cc, names)
+                curves[c.name] = cumulative_dvh(e, voxel_cc)
             if c.coverage is not None and n_vox:
                 frac_out = 1.0 - float(c.coverage[s.box][s.mask].mean())
                 if frac_out > 0:
@@ -173,6 +179,8 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
                                     f"course {c.name!r}; that course's dose there is read as 0 Gy")
         if n_vox:
             res_metrics["cumulative"] = dvh.metrics(cum, voxel_cc, names)
+            curves["cumulative"] = cumulative_dvh(cum, voxel_cc)
+            dvh_curves[s.name] = curves
         else:
             warnings.append(f"{s.name}: no voxel on the evaluation grid; not evaluated")
         samples_by_structure[s.name] = {"cumulative": cum}
@@ -203,7 +211,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
 
     return Analysis(grid=grid, alpha_beta=ab, course_eqd2=course_eqd2, credit=credit, cumulative=cumulative,
                     structures=struct_results, constraints=constraints, unmatched=unmatched,
-                    course_assumptions=course_assumptions, warnings=warnings)
+                    course_assumptions=course_assumptions, warnings=warnings, dvh_curves=dvh_curves)
 
 
 def evaluate_constraints(protocol: Protocol, structures: list[StructureData], results: list[StructureResult],
