@@ -1,14 +1,23 @@
 """Dose-volume metrics from dose samples and the volume each sample stands for.
 
 A structure is described by samples: a dose (Gy) and a volume (cc) per sample. Voxel-based metrics use one
-sample per voxel (volume = voxel volume); sub-voxel sampling uses more samples with smaller volumes. The
-definitions (clinical facts section 10):
+sample per voxel (volume = voxel volume); sub-voxel sampling (``sampling.py``) uses many samples with smaller
+volumes. Definitions (clinical facts section 10), units explicit:
 
-- ``Dmax`` / ``Dmin``: largest / smallest sampled dose; ``Dmean``: volume-weighted mean.
-- ``D<x>cc``: the minimum dose received by the hottest ``x`` cc (samples sorted by decreasing dose; the dose of
-  the first sample at which the accumulated volume reaches ``x``). Undefined (None) if ``x`` exceeds the volume.
-- ``D<x>%``: as ``D<x>cc`` with ``x`` percent of the structure volume.
-- ``V<x>Gy``: volume (cc) receiving at least ``x`` Gy.
+- ``Dmax`` / ``Dmin`` (Gy): largest / smallest sampled dose; ``Dmean`` (Gy): volume-weighted mean.
+- ``D<x>cc`` (Gy): the minimum dose received by the hottest ``x`` cc. Undefined (None) if ``x`` exceeds the
+  structure volume.
+- ``D<x>%`` (Gy): as ``D<x>cc`` with ``x`` percent of the structure volume.
+- ``V<x>Gy`` (cc): volume receiving at least ``x`` Gy; ``V<x>Gy%`` the same in percent of the structure volume.
+
+Continuous-dose convention. Samples stand for small volumes over which the dose varies; treating each sample as a
+step biases D<x>cc and V<x>Gy by up to half a sample layer (for a 0.1 cc organ in a gradient, several percent).
+So the cumulative DVH is the piecewise-linear curve through the points (dose level, volume with a higher dose +
+half the volume at that level), one point per distinct sampled dose: each sample's volume is taken as spread
+evenly around its dose (the mid-point plotting position). D<x>cc and V<x>Gy are read off that curve by linear
+interpolation; below the first point the curve is flat at Dmax, beyond the last point flat at Dmin. For a
+structure in a linear dose gradient this makes D<x>cc exact for a prism-shaped slab of samples and reduces the
+error elsewhere from O(h) to O(h^2) in the sample spacing h.
 """
 
 from __future__ import annotations
@@ -20,35 +29,86 @@ from .protocol import Metric, parse_metric
 DEFAULT_METRICS = ("Dmax", "Dmean", "Dmin", "D0.03cc")
 
 
+def parse(name: str) -> Metric:
+    """A metric name: the protocol's names (``parse_metric``) plus ``V<x>Gy%`` (volume in percent)."""
+    text = str(name).strip()
+    if text.endswith("Gy%"):
+        base = parse_metric(text[:-1])
+        return Metric(text, "vpct", base.param)
+    return parse_metric(text)
+
+
 class SortedSamples:
     """Samples sorted once by decreasing dose, for any number of metrics."""
 
     def __init__(self, doses: np.ndarray, volumes_cc: np.ndarray | float):
         doses = np.asarray(doses, dtype=np.float64).ravel()
         vols = np.broadcast_to(np.asarray(volumes_cc, dtype=np.float64), doses.shape)
+        if doses.size and not np.isfinite(doses).all():
+            raise ValueError("dose samples contain NaN or infinite values")
         order = np.argsort(-doses, kind="stable")
-        self.doses = doses[order]
-        self.cumvol = np.cumsum(vols[order])
-        self.total_cc = float(self.cumvol[-1]) if self.cumvol.size else 0.0
+        d = doses[order]
+        v = vols[order]
+        self.n = int(d.size)
+        self.total_cc = float(v.sum()) if d.size else 0.0
         self._mean = float(np.dot(doses, vols) / self.total_cc) if self.total_cc > 0 else float("nan")
+        if d.size:
+            # distinct dose levels (descending) and the volume at each
+            start = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+            self.levels = d[start]
+            w = np.add.reduceat(v, start)
+            cum = np.cumsum(w)
+            self.level_cum = cum - 0.5 * w          # curve points: volume above + half the level (cc)
+            self.level_above = cum                  # volume at >= level (cc)
+        else:
+            self.levels = self.level_cum = self.level_above = np.zeros(0)
+
+    @property
+    def dmax(self) -> float | None:
+        return float(self.levels[0]) if self.n else None
+
+    @property
+    def dmin(self) -> float | None:
+        return float(self.levels[-1]) if self.n else None
 
     def dose_at_volume(self, x_cc: float) -> float | None:
-        if self.total_cc <= 0 or x_cc > self.total_cc * (1 + 1e-9):
+        """D<x>cc (Gy): minimum dose of the hottest ``x_cc`` cc; None when ``x_cc`` exceeds the volume."""
+        if self.total_cc <= 0 or x_cc < 0 or x_cc > self.total_cc * (1 + 1e-9):
             return None
-        i = int(np.searchsorted(self.cumvol, x_cc * (1 - 1e-12), side="left"))
-        return float(self.doses[min(i, self.doses.size - 1)])
+        # curve volume increases while dose decreases: interpolate dose against volume
+        return float(np.interp(x_cc, self.level_cum, self.levels))
 
     def volume_at_dose(self, x_gy: float) -> float:
-        n = int(np.searchsorted(-self.doses, -x_gy, side="right"))  # doses >= x_gy
-        return float(self.cumvol[n - 1]) if n > 0 else 0.0
+        """V<x>Gy (cc): volume receiving at least ``x_gy`` Gy (total volume at or below Dmin, 0 above Dmax)."""
+        if self.n == 0:
+            return 0.0
+        if x_gy <= self.levels[-1]:
+            return self.total_cc
+        if x_gy > self.levels[0]:
+            return 0.0
+        return float(np.interp(x_gy, self.levels[::-1], self.level_cum[::-1]))
+
+    def cumulative_dvh(self, bin_width_gy: float = 0.1, max_dose_gy: float | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative DVH: doses 0, w, 2w, ... (Gy) up to just past Dmax and the volume (cc) at >= each dose."""
+        if bin_width_gy <= 0:
+            raise ValueError("bin width must be > 0 Gy")
+        top = max_dose_gy if max_dose_gy is not None else (self.dmax or 0.0)
+        edges = np.arange(0.0, top + bin_width_gy, bin_width_gy)
+        if self.n == 0:
+            return edges, np.zeros_like(edges)
+        vol = np.interp(edges, self.levels[::-1], self.level_cum[::-1])
+        vol[edges <= self.levels[-1]] = self.total_cc
+        vol[edges > self.levels[0]] = 0.0
+        return edges, vol
 
     def metric(self, m: Metric) -> float | None:
-        if self.doses.size == 0:
+        if self.n == 0:
             return None
         if m.kind == "max":
-            return float(self.doses[0])
+            return self.dmax
         if m.kind == "min":
-            return float(self.doses[-1])
+            return self.dmin
         if m.kind == "mean":
             return self._mean
         if m.kind == "dcc":
@@ -57,10 +117,12 @@ class SortedSamples:
             return self.dose_at_volume(self.total_cc * m.param / 100.0)
         if m.kind == "vgy":
             return self.volume_at_dose(m.param)
+        if m.kind == "vpct":
+            return 100.0 * self.volume_at_dose(m.param) / self.total_cc if self.total_cc > 0 else None
         raise ValueError(m.kind)
 
 
 def metrics(doses: np.ndarray, volumes_cc: np.ndarray | float, names: list[str]) -> dict[str, float | None]:
-    """Metric name -> value (Gy for D metrics, cc for V metrics)."""
+    """Metric name -> value (Gy for D metrics, cc for V<x>Gy, percent for V<x>Gy%)."""
     s = SortedSamples(doses, volumes_cc)
-    return {n: s.metric(parse_metric(n)) for n in names}
+    return {n: s.metric(parse(n)) for n in names}

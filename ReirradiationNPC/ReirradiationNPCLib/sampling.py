@@ -1,0 +1,250 @@
+"""Sub-voxel sampling of a structure for dose metrics.
+
+A structure mask lives on its own grid (often finer than the dose, and covering only part of it). To make
+dose-volume metrics of small organs (chiasm, cochlea: 0.05-0.6 cc, a handful of 2.5 mm dose voxels) converge, the
+structure is described by many sample points, each standing for an equal volume:
+
+1. The mask's bounding box (on the mask's own grid, padded by one empty voxel) is subdivided: each mask voxel is
+   split into ``f_i x f_j x f_k`` sub-voxels (integer factors per axis, chosen automatically, see
+   :func:`choose_factors`).
+2. The mask is linearly interpolated at every sub-voxel centre; a sub-voxel belongs to the structure when the
+   interpolated occupancy is >= 0.5. With factor 1 this is the mask itself; with larger factors the staircase of
+   the mask is smoothed at edges and corners (flat faces stay on the voxel faces), a better estimate of the
+   contoured shape than the staircase.
+3. The dose is interpolated trilinearly at each sample's physical position (vectorised numpy, any dose grid and
+   orientation; only the dose voxels around the samples are read).
+
+Everything happens inside the structure's bounding box; nothing is allocated on the full dose grid.
+Units: positions in LPS mm, volumes in cc (cm^3), doses in Gy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Grid, bounding_box
+
+log = logging.getLogger(__name__)
+
+#: Aim for at least this many samples inside a structure (small organs get sub-voxel sampling).
+TARGET_SAMPLES = 20_000
+#: Largest sub-division factor per axis.
+MAX_FACTOR = 12
+#: Upper bound on the number of sub-voxels evaluated in a structure's bounding box (memory and time cap).
+MAX_BOX_SAMPLES = 4_000_000
+#: Sub-voxel edges are not made finer than this (mm): below it, dose interpolation gains nothing.
+MIN_SAMPLE_SPACING_MM = 0.1
+
+OCCUPANCY_RULE = "mask linearly interpolated at sub-voxel centres; inside when >= 0.5"
+
+
+def choose_factors(spacing_mm, n_voxels: int, box_voxels: int, target: int = TARGET_SAMPLES,
+                   max_factor: int = MAX_FACTOR, max_box: int = MAX_BOX_SAMPLES) -> tuple[int, int, int]:
+    """Sub-division factors (i, j, k) of the mask voxels so that the structure gets about ``target`` samples.
+
+    The sample edge aimed at is ``h = (V / target)^(1/3)`` (mm, ``V`` the mask volume), so samples are near
+    isotropic; each factor is ``ceil(spacing / h)`` clipped to ``[1, max_factor]`` and to sample edges of at least
+    ``MIN_SAMPLE_SPACING_MM``. Large structures keep factor 1 (their own mask voxels). The number of sub-voxels in
+    the bounding box is kept under ``max_box`` by lowering the largest factor first.
+    """
+    sp = np.asarray(spacing_mm, dtype=float)
+    if n_voxels <= 0:
+        return (1, 1, 1)
+    vol_mm3 = n_voxels * float(np.prod(sp))
+    h = max((vol_mm3 / target) ** (1.0 / 3.0), MIN_SAMPLE_SPACING_MM)
+    f = np.clip(np.ceil(sp / h - 1e-9), 1, max_factor).astype(int)
+    f = np.minimum(f, np.maximum(np.floor(sp / MIN_SAMPLE_SPACING_MM), 1).astype(int))
+    while int(np.prod(f)) * box_voxels > max_box and f.max() > 1:
+        f[int(np.argmax(f))] -= 1
+    return tuple(int(v) for v in f)
+
+
+@dataclass
+class StructureSamples:
+    """Sample points of one structure: each stands for ``sample_volume_cc`` of the structure."""
+
+    points_mm: np.ndarray            # (N, 3) LPS mm, float64
+    sample_volume_cc: float          # cc per sample (all samples equal)
+    info: dict = field(default_factory=dict)  # the sampling used (recorded in results)
+    _index_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.points_mm.shape[0])
+
+    @property
+    def volume_cc(self) -> float:
+        return self.n * self.sample_volume_cc
+
+    def _index_on(self, grid: Grid) -> np.ndarray:
+        key = (grid.size, grid.origin, grid.spacing, grid.direction)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            idx = grid.physical_to_index(self.points_mm)
+            self._index_cache = {key: idx}  # keep one grid (the usual case: every dose on one grid)
+        return idx
+
+    def dose(self, array: np.ndarray, grid: Grid, outside: float = 0.0) -> np.ndarray:
+        """Dose (Gy, float64) at each sample: trilinear interpolation of ``array`` (indexed k, j, i) on ``grid``.
+
+        Samples beyond the grid's extent (more than half a voxel past the outermost voxel centres) get
+        ``outside``; within that half voxel the edge value is extended.
+        """
+        return interpolate_linear(array, grid, self._index_on(grid), outside)
+
+    def outside_fraction(self, grid: Grid) -> float:
+        """Fraction of the samples beyond ``grid``'s extent (voxel centres +- half a voxel)."""
+        if self.n == 0:
+            return 0.0
+        return float(1.0 - _inside_extent(self._index_on(grid), grid).mean())
+
+    def fraction_in(self, mask: np.ndarray, grid: Grid) -> float:
+        """Fraction of samples whose nearest voxel of ``grid`` is set in the bool ``mask`` (0 outside the grid)."""
+        if self.n == 0:
+            return 0.0
+        idx = self._index_on(grid)
+        inside = _inside_extent(idx, grid)
+        size = np.asarray(grid.size)
+        near = np.clip(np.rint(idx), 0, size - 1).astype(np.intp)
+        hit = mask[near[:, 2], near[:, 1], near[:, 0]] & inside
+        return float(hit.mean())
+
+
+def _inside_extent(idx: np.ndarray, grid: Grid) -> np.ndarray:
+    size = np.asarray(grid.size, dtype=float)
+    tol = 1e-6
+    return np.all((idx >= -0.5 - tol) & (idx <= size - 0.5 + tol), axis=1)
+
+
+def interpolate_linear(array: np.ndarray, grid: Grid, idx: np.ndarray, outside: float = 0.0) -> np.ndarray:
+    """Trilinear interpolation of ``array`` (k, j, i) at continuous indices ``idx`` ((N, 3) as i, j, k)."""
+    n = idx.shape[0]
+    out = np.full(n, float(outside), dtype=np.float64)
+    if n == 0:
+        return out
+    size = np.asarray(grid.size)
+    inside = _inside_extent(idx, grid)
+    if not inside.any():
+        return out
+    c = np.clip(idx[inside], 0, size - 1)
+    i0 = np.minimum(np.floor(c).astype(np.intp), size - 1)
+    t = c - i0
+    i1 = np.minimum(i0 + 1, size - 1)
+    lo = i0.min(axis=0)
+    hi = i1.max(axis=0) + 1
+    sub = np.ascontiguousarray(array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]).ravel()
+    nj, ni = int(hi[1] - lo[1]), int(hi[0] - lo[0])
+    a0 = i0 - lo
+    a1 = i1 - lo
+    ti, tj, tk = t[:, 0], t[:, 1], t[:, 2]
+    val = np.zeros(c.shape[0], dtype=np.float64)
+    for ck, wk in ((a0[:, 2], 1.0 - tk), (a1[:, 2], tk)):
+        for cj, wj in ((a0[:, 1], 1.0 - tj), (a1[:, 1], tj)):
+            base = (ck * nj + cj) * ni
+            val += (wk * wj) * ((1.0 - ti) * sub[base + a0[:, 0]] + ti * sub[base + a1[:, 0]])
+    out[inside] = val
+    return out
+
+
+def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int] | None = None,
+                     target: int = TARGET_SAMPLES, occupancy: str = "linear") -> StructureSamples:
+    """Sub-voxel samples of the bool ``mask`` (indexed k, j, i) on its own ``grid``.
+
+    ``factors`` (i, j, k) forces the sub-division; by default :func:`choose_factors` picks it.
+    ``occupancy``: ``"linear"`` (default) takes the sub-voxels where the linearly interpolated mask is >= 0.5,
+    which rounds the mask's staircase; a mask voxel that would keep no sub-voxel at all (an isolated voxel or a
+    one-voxel-thin part) keeps all of its sub-voxels, so no part of the contoured structure goes unsampled.
+    ``"nearest"`` takes every sub-voxel of every mask voxel (the staircase).
+
+    The structure volume is the mask's own volume (voxel count x voxel volume, an unbiased estimate for a mask
+    made from voxel centres); each sample stands for an equal share of it. Smoothing only moves where the
+    samples sit, so the shape follows the contour more closely while the volume stays that of the mask.
+    """
+    if occupancy not in ("linear", "nearest"):
+        raise ValueError(f"occupancy must be 'linear' or 'nearest', got {occupancy!r}")
+    mask = np.asarray(mask)
+    box = bounding_box(mask)
+    sp = np.asarray(grid.spacing, dtype=float)
+    if box is None:
+        info = {"method": "empty mask", "mask_spacing_mm": sp.tolist(), "samples": 0, "mask_volume_cc": 0.0,
+                "volume_cc": 0.0}
+        return StructureSamples(np.zeros((0, 3)), 0.0, info)
+    crop = np.asarray(mask[box], dtype=bool)
+    n_vox = int(np.count_nonzero(crop))
+    mask_cc = n_vox * grid.voxel_volume_cc
+    box_ijk = np.array([crop.shape[2], crop.shape[1], crop.shape[0]])
+    if factors is None:
+        factors = choose_factors(sp, n_vox, int(np.prod(box_ijk)), target)
+    f = np.asarray(factors, dtype=int)
+    fk, fj, fi = int(f[2]), int(f[1]), int(f[0])
+    lo_ijk = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+    n_orphans = 0
+    if np.all(f == 1):
+        inside = crop
+    elif occupancy == "nearest":
+        inside = _upsample(crop, fk, fj, fi)
+    else:
+        # zero-padded crop as an image on the mask's grid, linearly resampled onto the sub-voxel centres
+        img = sitk.GetImageFromArray(np.pad(crop.astype(np.float32), 1))
+        img.SetSpacing(tuple(float(s) for s in sp))
+        img.SetDirection(grid.direction)
+        img.SetOrigin(tuple(float(v) for v in grid.index_to_physical((lo_ijk - 1.0)[None])[0]))
+        first = lo_ijk - 0.5 + 0.5 / f  # continuous mask index of the first sub-voxel centre
+        ref = sitk.Image([int(v) for v in box_ijk * f], sitk.sitkUInt8)
+        ref.SetSpacing(tuple(float(s) for s in sp / f))
+        ref.SetDirection(grid.direction)
+        ref.SetOrigin(tuple(float(v) for v in grid.index_to_physical(first[None])[0]))
+        occ_img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        inside = sitk.GetArrayFromImage(occ_img) >= 0.5
+        del occ_img
+        K, J, I = crop.shape
+        has = inside.reshape(K, fk, J, fj, I, fi).any(axis=(1, 3, 5))
+        orphans = crop & ~has
+        n_orphans = int(np.count_nonzero(orphans))
+        if n_orphans:
+            inside |= _upsample(orphans, fk, fj, fi)
+    kji = np.nonzero(inside)
+    del inside
+    cont = (np.stack([kji[2], kji[1], kji[0]], axis=1).astype(np.float64) + 0.5) / f - 0.5 + lo_ijk
+    points = grid.index_to_physical(cont)
+    n = int(points.shape[0])
+    sample_cc = mask_cc / n if n else 0.0
+    smoothed = occupancy == "linear" and bool(np.any(f > 1))
+    info = {
+        "method": "sub-voxel" if np.any(f > 1) else "mask voxels",
+        "subdivision_ijk": f.tolist(),
+        "sub_voxels_per_mask_voxel": int(np.prod(f)),
+        "sample_spacing_mm": (sp / f).tolist(),
+        "mask_spacing_mm": sp.tolist(),
+        "samples": n,
+        "mask_volume_cc": mask_cc,
+        "volume_cc": mask_cc,
+        "occupancy": (OCCUPANCY_RULE + f"; {n_orphans} isolated or one-voxel-thin mask voxel(s) sampled whole"
+                      if smoothed else "every sub-voxel of every mask voxel"),
+        "dose_interpolation": "trilinear at sample centres",
+    }
+    log.debug("sampled structure: %s", info)
+    return StructureSamples(points, sample_cc, info)
+
+
+def _upsample(a: np.ndarray, fk: int, fj: int, fi: int) -> np.ndarray:
+    return np.repeat(np.repeat(np.repeat(a, fk, axis=0), fj, axis=1), fi, axis=2)
+
+
+def describe_for_dose(samples: StructureSamples, dose_grid: Grid) -> dict:
+    """The sampling record with the samples per dose voxel on ``dose_grid`` added."""
+    info = dict(samples.info)
+    if samples.sample_volume_cc > 0:
+        info["samples_per_dose_voxel"] = dose_grid.voxel_volume_cc / samples.sample_volume_cc
+    info["dose_grid_spacing_mm"] = list(dose_grid.spacing)
+    return info
+
+
+def factors_summary(info: dict) -> str:
+    f = info.get("subdivision_ijk", [1, 1, 1])
+    return f"{math.prod(f)} samples per mask voxel ({'x'.join(str(v) for v in f)})"
