@@ -160,6 +160,9 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
                 f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit")
         vol("alpha_beta.nrrd", analysis.alpha_beta, "Voxel alpha/beta map (Gy) used for the EQD2 maps")
+        say("writing report")
+        from .report import write_report  # matplotlib is imported only when a report is written
+        files.update(write_report(results, stage, analysis=analysis, prepared=prep))
         results.outputs = files
         (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
         for name in list(files) + ["results.json"]:

@@ -1,0 +1,481 @@
+"""``report.html``: one self-contained page a physicist can read, print and attach to the plan.
+
+The report renders the results tree (``Results.to_dict()``, exactly what ``results.json`` holds) and never
+recomputes a number: every value printed comes from that dictionary. Figures (DVH curves, slices, 3D view) are
+drawn from the analysis arrays and embedded as base64 PNG; without arrays (e.g. from a ``results.json`` alone)
+the report is still written, with a placeholder where a figure would be.
+
+Sections added by other parts of the engine (registration QA, target coverage, ESTRO-EORTC type, remaining dose)
+are shown when present in the results tree and left out otherwise.
+
+``report.pdf`` is written as well when WeasyPrint (optional extra ``pdf``) is importable and works on this
+machine (it needs the Pango system library); otherwise the print stylesheet makes the HTML print cleanly.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = ("This report supports a clinical decision; it does not make one. The treating clinician decides, "
+              "weighing the expected benefit of re-irradiation against its risks for the individual patient "
+              "(Ng WT et al., Int J Radiat Oncol Biol Phys 2021;110:682-695). Check every input (doses, fractions, "
+              "intervals, registration, structures, protocol) before relying on any number.")
+
+SEP = " \u00b7 "
+STATUS_LABEL = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "no_limit": "no limit",
+                "not_evaluated": "not evaluated"}
+
+#: optional sections: (anchor, heading, candidate keys of the results tree, in order of preference)
+OPTIONAL_SECTIONS = {
+    "registration": ("Registration QA", ("registration", "registration_qa", "registrations")),
+    "targets": ("Target coverage", ("targets", "target_coverage", "coverage")),
+    "reirradiation_type": ("ESTRO\u2013EORTC re-irradiation type",
+                           ("reirradiation_type", "estro_eortc_type", "estro_eortc", "estro_eortc_classification")),
+    "remaining": ("Remaining dose", ("remaining_dose", "remaining", "budget", "dose_budget")),
+}
+
+
+def _e(v) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def fmt(v, digits: int = 2) -> str:
+    """The one number format of the report (also used by the tests to compare with results.json)."""
+    if v is None:
+        return "\u2013"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "\u2013"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _results_dict(results) -> dict:
+    if isinstance(results, dict):
+        return results
+    return results.to_dict()
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def _img(png: bytes | None, alt: str, caption: str, placeholder: str) -> str:
+    if not png:
+        return f'<div class="placeholder">{_e(placeholder)}</div>'
+    b64 = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+            f'<figcaption>{caption}</figcaption></figure>')
+
+
+def make_figures(res: dict, analysis=None, prepared=None) -> dict[str, bytes | None]:
+    """PNG bytes of each figure (None when it cannot be drawn). Failures are logged, never fatal: the
+    numbers of the report do not depend on its pictures."""
+    figs: dict[str, bytes | None] = {"dvh": None, "slices": None, "view3d": None, "focus": None}
+    if analysis is None or prepared is None:
+        return figs
+    try:
+        from . import report_figures as rf
+    except ImportError as exc:  # matplotlib missing
+        log.warning("report figures skipped: %s", exc)
+        return figs
+    structures = prepared.structures
+    names = [s.name for s in structures if s.organ is not None and s.organ.role != "body"]
+    colors = rf.structure_colors(names)
+    try:
+        figs["dvh"] = rf.dvh_figure(res, getattr(analysis, "dvh_curves", {}) or {}, colors)
+    except Exception:  # noqa: BLE001 - a figure must not stop the report
+        log.exception("DVH figure failed")
+    try:
+        focus = rf.choose_focus(res, structures, analysis.cumulative, analysis.course_eqd2)
+        if focus is not None:
+            figs["focus"] = focus
+            figs["slices"] = rf.slices_figure(prepared.grid, analysis.cumulative, analysis.course_eqd2, structures,
+                                              focus, prepared.reference_image, colors)
+    except Exception:  # noqa: BLE001
+        log.exception("slice figure failed")
+    try:
+        figs["view3d"] = render_3d(res, analysis, prepared, colors)
+    except Exception:  # noqa: BLE001
+        log.exception("3D view failed")
+    return figs
+
+
+def render_3d(res: dict, analysis, prepared, colors: dict[str, str]) -> bytes | None:
+    """The 3D view: the offscreen VTK renderer of the Slicer part when it is installed and works, otherwise
+    the matplotlib voxel-surface view."""
+    from . import report_figures as rf
+    viol = rf.violation_masks(res, prepared.structures, analysis.cumulative, analysis.course_eqd2)
+    extra = []
+    for name, m, box, col in _margin_surfaces(analysis):
+        extra.append((name, m, box, col))
+    try:
+        from . import render_offscreen  # type: ignore[attr-defined]  # provided by the Slicer/VTK part, if any
+        png = render_offscreen.render_violation_view(prepared.grid, prepared.structures, viol, colors,
+                                                     extra_surfaces=extra)
+        if png:
+            return png
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - fall back to matplotlib
+        log.info("offscreen VTK rendering unavailable; matplotlib 3D view used", exc_info=True)
+    return rf.view3d_figure(prepared.grid, prepared.structures, viol, colors, extra_surfaces=extra)
+
+
+def _margin_surfaces(analysis) -> list:
+    """Margin volumes (CTV/PTV) the analysis may carry, as (name, crop mask, box, colour)."""
+    out = []
+    margins = getattr(analysis, "margins", None)
+    if not margins:
+        return out
+    items = margins.items() if isinstance(margins, dict) else []
+    cols = ["#ffd700", "#00bfff", "#7cfc00"]
+    for n, (name, m) in enumerate(items):
+        mask, box = getattr(m, "mask", None), getattr(m, "box", None)
+        if mask is None and isinstance(m, tuple) and len(m) == 2:
+            mask, box = m
+        if mask is not None and box is not None:
+            out.append((str(name), mask, box, cols[n % len(cols)]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _generic(obj, depth: int = 0) -> str:
+    """Any JSON value as nested definition tables (for result sections this report has no layout for)."""
+    if isinstance(obj, dict):
+        if not obj:
+            return "<em>none</em>"
+        rows = "".join(f"<tr><th>{_e(k)}</th><td>{_generic(v, depth + 1)}</td></tr>" for k, v in obj.items())
+        return f'<table class="kv">{rows}</table>'
+    if isinstance(obj, list):
+        if not obj:
+            return "<em>none</em>"
+        if all(isinstance(x, dict) for x in obj):
+            keys = list(dict.fromkeys(k for x in obj for k in x))
+            rows = [[_generic(x.get(k), depth + 1) for k in keys] for x in obj]
+            return _table([_e(k) for k in keys], rows, "generic")
+        return "<ul>" + "".join(f"<li>{_generic(x, depth + 1)}</li>" for x in obj) + "</ul>"
+    if isinstance(obj, float):
+        return _e(fmt(obj))
+    return _e(fmt(obj))
+
+
+def _verdict(res: dict) -> str:
+    summ = res.get("summary", {})
+    counts = dict(summ.get("counts", {}))
+    cons = res.get("constraints", [])
+    for st in ("fail", "warn", "not_evaluated", "no_limit", "pass"):
+        if st not in counts:  # counting rows of the results, not recomputing a dose
+            counts[st] = sum(1 for c in cons if c.get("status") == st)
+    unver = summ.get("unverified_limits_used")
+    if unver is None:
+        unver = sum(1 for c in cons if c.get("status") in ("pass", "fail", "warn") and not c.get("verified"))
+    n_fail, n_warn = counts["fail"], counts["warn"]
+    if n_fail:
+        head, cls = f"{n_fail} FAILURE{'S' if n_fail != 1 else ''}", "v-fail"
+    elif n_warn:
+        head, cls = f"{n_warn} WARNING{'S' if n_warn != 1 else ''} (no failure)", "v-warn"
+    elif counts["pass"]:
+        head, cls = "ALL EVALUATED LIMITS MET", "v-pass"
+    else:
+        head, cls = "NO LIMIT COULD BE EVALUATED", "v-warn"
+    parts = [f"{n_fail} failure(s)", f"{n_warn} warning(s)", f"{unver} unverified limit(s) used",
+             f"{counts['pass']} passed", f"{counts['not_evaluated']} not evaluated", f"{counts['no_limit']} without limit"]
+    line = (f'<div id="verdict" class="verdict {cls}"><span class="vhead">{_e(head)}</span> '
+            f'<span class="vparts">{_e(SEP.join(parts))}</span>')
+    if summ.get("verdict"):
+        line += f'<div class="vtext">Engine verdict: {_e(summ["verdict"])}</div>'
+    if res.get("protocol", {}).get("synthetic"):
+        line += '<div class="vtext synthetic">SYNTHETIC protocol: not for clinical use.</div>'
+    return line + "</div>"
+
+
+def _identification(res: dict) -> str:
+    case = res.get("case", {})
+    pat = case.get("patient") or {}
+    rows = []
+    for k, v in pat.items():
+        rows.append([f"patient {_e(k)}", _e(v)])
+    if not pat:
+        rows.append(["patient", "<em>not given in the case file</em>"])
+    rows += [["case file", _e(case.get("file"))], ["report date", _e(case.get("date"))],
+             ["evaluation grid", _e(_grid_text(res.get("evaluation_grid", {}), case.get("grid")))],
+             ["software", _e(f"{res.get('software', {}).get('name', '')} {res.get('software', {}).get('version', '')}")]]
+    return '<table class="kv ident">' + "".join(f"<tr><th>{a}</th><td>{b}</td></tr>" for a, b in rows) + "</table>"
+
+
+def _grid_text(g: dict, which) -> str:
+    if not g:
+        return ""
+    size = "\u00d7".join(str(s) for s in g.get("size", []))
+    sp = "\u00d7".join(fmt(s) for s in g.get("spacing_mm", []))
+    return f"{which or ''} grid, {size} voxels of {sp} mm"
+
+
+def _courses(res: dict) -> str:
+    a = res.get("assumptions", {})
+    rows = []
+    for c in a.get("courses", []):
+        rec = ", ".join(f"{_e(k)}: {fmt(100 * v, 0)}%" for k, v in (c.get("recovery_applied") or {}).items())
+        if c.get("is_current"):
+            rec, interval = "\u2013 (current course: never credited)", "current"
+        else:
+            rec = rec or "none"
+            interval = f"{fmt(c.get('interval_months'), 1)} months"
+        rows.append([_e(c.get("name")), _e(fmt(c.get("fractions"))), interval, rec, _e(c.get("registration")),
+                     _e(fmt(c.get("max_dose_gy"))), _e(fmt(c.get("max_dose_per_fraction_gy"), 3)),
+                     f'<span class="path">{_e(c.get("dose_file"))}</span>'])
+    out = _table(["course", "fractions", "interval to current course", "recovery credit applied", "registration",
+                  "max physical dose (Gy)", "max dose per fraction (Gy)", "dose file"], rows)
+    rec = a.get("recovery", {})
+    out += (f'<p><b>Recovery model:</b> {_e(rec.get("description"))}. <b>Convention:</b> {_e(rec.get("convention"))}.'
+            + (f' <b>Source:</b> {_e(rec.get("source"))}.' if rec.get("source") else "") + "</p>")
+    ab = a.get("alpha_beta", {})
+    rows = [[_e(k), _e(fmt(v.get("alpha_beta_gy"), 1)), _e(v.get("source"))]
+            for k, v in (ab.get("per_organ") or {}).items()]
+    rows.append(["<em>default (elsewhere)</em>", _e(fmt(ab.get("default_gy"), 1)), _e(ab.get("default_source"))])
+    out += "<h3>\u03b1/\u03b2 per organ</h3>" + _table(["organ", "\u03b1/\u03b2 (Gy)", "source"], rows, "narrow")
+    if ab.get("map_rule"):
+        out += f'<p class="note">Voxel \u03b1/\u03b2 map: {_e(ab["map_rule"])}.</p>'
+    return out
+
+
+def _protocol(res: dict) -> str:
+    p = res.get("protocol", {})
+    rows = [["name", _e(p.get("name"))], ["version", _e(p.get("version"))], ["file", _e(p.get("file"))],
+            ["synthetic", "YES \u2013 not for clinical use" if p.get("synthetic") else "no"],
+            ["default \u03b1/\u03b2 (Gy)", _e(fmt(p.get("default_alpha_beta"), 1))],
+            ["recovery", _e(p.get("recovery"))]]
+    if p.get("description"):
+        rows.append(["description", _e(p.get("description"))])
+    srcs = sorted({c.get("source") for c in res.get("constraints", []) if c.get("source")})
+    if srcs:
+        rows.append(["sources of the limits", "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in srcs) + "</ul>"])
+    return '<table class="kv">' + "".join(f"<tr><th>{a}</th><td>{b}</td></tr>" for a, b in rows) + "</table>"
+
+
+def _constraints(res: dict) -> str:
+    rows = []
+    for n, c in enumerate(res.get("constraints", [])):
+        st = c.get("status", "")
+        unit = c.get("unit", "")
+        val = "\u2013" if c.get("value") is None else f"{fmt(c['value'])} {unit}"
+        lim = "no limit" if c.get("limit") is None else f"{fmt(c['limit'])} {unit}"
+        mar = "\u2013" if c.get("margin") is None else f"{fmt(c['margin'])} {unit}"
+        cred = ", ".join(f"{k} {fmt(100 * v, 0)}%" for k, v in (c.get("recovery_credit") or {}).items() if v)
+        ver = '<span class="ok">yes</span>' if c.get("verified") else '<span class="unver">NO</span>'
+        rows.append(
+            f'<tr class="st-{_e(st)}" data-row="{n}" data-structure="{_e(c.get("structure"))}" '
+            f'data-metric="{_e(c.get("metric"))}" data-scope="{_e(c.get("scope"))}" '
+            f'data-value="{_e(json.dumps(c.get("value")))}">'
+            f'<td class="status">{_e(STATUS_LABEL.get(st, st))}</td><td>{_e(c.get("organ"))}</td>'
+            f'<td>{_e(c.get("structure") or "absent")}</td><td>{_e(c.get("metric"))}</td><td>{_e(c.get("scope"))}</td>'
+            f'<td class="num value">{_e(val)}</td><td class="num">{_e(lim)}</td><td class="num">{_e(mar)}</td>'
+            f'<td class="num">{_e(fmt(c.get("alpha_beta"), 1))}</td><td>{_e(cred or "none")}</td>'
+            f'<td>{ver}</td><td class="src">{_e(c.get("source"))}'
+            + (f'<div class="note">{_e(c.get("note"))}</div>' if c.get("note") else "") + "</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ["status", "organ", "structure", "metric", "scope", "value", "limit",
+                                              "margin (limit \u2212 value)", "\u03b1/\u03b2 (Gy)",
+                                              "recovery credit", "verified", "source"])
+    legend = ('<p class="note">Doses are EQD2 in Gy (cumulative: all courses, recovery credit applied; current: the '
+              'current course alone). Volumes in cc or %. A negative margin means the limit is exceeded. '
+              '<b>verified NO</b>: the limit has not been checked against its source; treat it as provisional.</p>')
+    return (f'<table class="constraints"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            + legend)
+
+
+def _structures(res: dict) -> str:
+    courses = [c["name"] for c in res.get("assumptions", {}).get("courses", [])]
+    rows = []
+    for s in res.get("structures", []):
+        m = s.get("metrics", {})
+        cum = m.get("cumulative", {})
+        cells = [_e(s.get("name")), _e(s.get("organ") or "unmatched"), _e(fmt(s.get("alpha_beta"), 1)),
+                 _e(fmt(s.get("volume_cc"))), _e(fmt(cum.get("Dmax"))), _e(fmt(cum.get("D0.03cc"))),
+                 _e(fmt(cum.get("Dmean")))]
+        for c in courses:
+            cm = m.get(c, {})
+            cells += [_e(fmt(cm.get("D0.03cc"))), _e(fmt(cm.get("Dmean")))]
+        rows.append(cells)
+    heads = ["structure", "organ", "\u03b1/\u03b2 (Gy)", "volume (cc)", "cum. Dmax", "cum. D0.03cc", "cum. Dmean"]
+    for c in courses:
+        heads += [f"{_e(c)} D0.03cc", f"{_e(c)} Dmean"]
+    return (_table(heads, rows, "structs") +
+            '<p class="note">EQD2 in Gy with each structure\u2019s own \u03b1/\u03b2; course columns without '
+            'recovery credit, cumulative columns with it. All values as in results.json.</p>')
+
+
+def _optional(res: dict, key: str) -> str | None:
+    heading, cands = OPTIONAL_SECTIONS[key]
+    for k in cands:
+        if res.get(k) not in (None, {}, []):
+            return f'<section id="{key}"><h2>{_e(heading)}</h2>{_generic(res[k])}</section>'
+    return None
+
+
+def _assumptions(res: dict) -> str:
+    items = res.get("assumptions", {}).get("model", [])
+    return '<ul class="assumptions">' + "".join(f"<li>{_e(x)}</li>" for x in items) + "</ul>"
+
+
+def _warnings(res: dict) -> str:
+    out = ""
+    if res.get("unmatched_structures"):
+        out += ("<p><b>Structures matching no organ of the protocol</b> (reported, never guessed): "
+                + _e(", ".join(res["unmatched_structures"])) + "</p>")
+    if res.get("warnings"):
+        out += '<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in res["warnings"]) + "</ul>"
+    return out or "<p>None.</p>"
+
+
+CSS = """
+body{font-family:"DejaVu Sans",Arial,Helvetica,sans-serif;font-size:10.5pt;color:#111;margin:18px auto;max-width:1250px;
+ line-height:1.35}
+h1{font-size:17pt;margin:0 0 4px 0} h2{font-size:13pt;border-bottom:2px solid #333;margin:22px 0 8px 0;padding-bottom:2px}
+h3{font-size:11pt;margin:12px 0 4px 0}
+table{border-collapse:collapse;margin:4px 0 8px 0;font-size:9pt} th,td{border:1px solid #bbb;padding:3px 6px;vertical-align:top}
+thead th{background:#e8e8e8;text-align:left} table.kv th{background:#f3f3f3;text-align:left;white-space:nowrap;width:1%}
+td.num{text-align:right;white-space:nowrap} td.src{font-size:8pt;max-width:320px} .path{font-size:8pt;word-break:break-all}
+tr.st-pass td.status{background:#cdeccd;color:#0b5d0b;font-weight:bold}
+tr.st-fail td{background:#fde0e0} tr.st-fail td.status{background:#d62728;color:#fff;font-weight:bold}
+tr.st-warn td{background:#fff4d6} tr.st-warn td.status{background:#f0a500;color:#000;font-weight:bold}
+tr.st-no_limit td.status{background:#e4e4e4;color:#444} tr.st-not_evaluated td.status{background:#e9e1f5;color:#4b2a7b}
+.unver{color:#b00000;font-weight:bold} .ok{color:#0b5d0b}
+.verdict{border:3px solid #333;padding:8px 12px;margin:10px 0;font-size:12pt}
+.v-fail{border-color:#d62728;background:#fde0e0} .v-warn{border-color:#f0a500;background:#fff4d6}
+.v-pass{border-color:#2a7a2a;background:#dff2df} .vhead{font-weight:bold;font-size:14pt;margin-right:10px}
+.vtext{font-size:9.5pt;margin-top:3px} .synthetic{color:#b00000;font-weight:bold}
+.note{font-size:8.5pt;color:#444} figure{margin:6px 0} figure img{max-width:100%;height:auto;border:1px solid #ccc}
+figcaption{font-size:8.5pt;color:#333;margin-top:2px}
+.placeholder{border:2px dashed #999;padding:24px;color:#555;text-align:center;background:#fafafa}
+.disclaimer{border:2px solid #333;padding:8px 12px;background:#f6f6f6;font-weight:bold;margin-top:16px}
+.banner{background:#b00000;color:#fff;padding:4px 10px;font-weight:bold;margin-bottom:6px}
+header .sub{color:#444;font-size:9.5pt}
+@page{size:A4 landscape;margin:12mm}
+@media print{
+ body{max-width:none;margin:0;font-size:9pt}
+ *{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+ h2{break-after:avoid;page-break-after:avoid}
+ tr,figure,.verdict,.disclaimer{break-inside:avoid;page-break-inside:avoid}
+ thead{display:table-header-group}
+ section.figure{break-before:page;page-break-before:always}
+ a{color:inherit;text-decoration:none}
+}
+"""
+
+
+def render_html(results, figures: dict | None = None) -> str:
+    """The report page for a results tree (a ``Results`` or the ``results.json`` dictionary)."""
+    res = _results_dict(results)
+    figs = figures or {}
+    sw = res.get("software", {})
+    prot = res.get("protocol", {})
+    pat = res.get("case", {}).get("patient") or {}
+    who = pat.get("id") or pat.get("name") or Path(str(res.get("case", {}).get("file", "case"))).parent.name
+    title = f"Re-irradiation cumulative dose report \u2013 {who}"
+    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+             f'<meta name="generator" content="{_e(sw.get("name"))} {_e(sw.get("version"))}">'
+             f"<style>{CSS}</style></head><body>"]
+    if prot.get("synthetic"):
+        parts.append('<div class="banner">SYNTHETIC DEMONSTRATION \u2013 not a patient, not for clinical use</div>')
+    parts.append(f'<header><h1>{_e(title)}</h1><div class="sub">{_e(sw.get("name"))} {_e(sw.get("version"))} \u00b7 '
+                 f'generated {_e(res.get("case", {}).get("date"))} \u00b7 a decision aid: the treating clinician '
+                 f'decides</div></header>')
+    parts.append(f'<section id="identification"><h2>Patient and case</h2>{_identification(res)}</section>')
+    parts.append(f'<section id="summary"><h2>Verdict</h2>{_verdict(res)}</section>')
+    parts.append(f'<section id="courses"><h2>Courses, recovery and \u03b1/\u03b2</h2>{_courses(res)}</section>')
+    parts.append(f'<section id="protocol"><h2>Protocol</h2>{_protocol(res)}</section>')
+    opt = _optional(res, "registration")
+    if opt:
+        parts.append(opt)
+    parts.append(f'<section id="constraints"><h2>Constraints</h2>{_constraints(res)}</section>')
+    for key in ("targets", "reirradiation_type", "remaining"):
+        opt = _optional(res, key)
+        if opt:
+            parts.append(opt)
+    parts.append(f'<section id="structures"><h2>Structure metrics</h2>{_structures(res)}</section>')
+    parts.append(f'<section id="warnings"><h2>Warnings</h2>{_warnings(res)}</section>')
+
+    parts.append('<section id="dvh" class="figure"><h2>Dose-volume histograms (EQD2)</h2>' + _img(
+        figs.get("dvh"), "DVH per organ",
+        "Cumulative DVH of each organ structure with limits: solid coloured line = cumulative EQD2 (recovery credit "
+        "applied, the structure's own \u03b1/\u03b2); grey dashed/dotted = each course's EQD2 without credit. "
+        "Vertical lines: dose limits (solid = cumulative scope, dashed = current course; red = failed, green = "
+        "met); triangles: volume limits. Curves are for reading shapes; the numbers are in the tables above.",
+        "DVH plots not available (no dose arrays were passed to the report, or matplotlib is not installed).")
+        + "</section>")
+    focus = figs.get("focus")
+    if focus is not None:
+        c = focus.constraint
+        k, j, i = focus.index
+        what = "worst violation" if focus.failing else "no limit failed; the constraint closest to its limit"
+        cap = (f"Orthogonal slices through voxel (k, j, i) = ({k}, {j}, {i}) of the evaluation grid, the hottest voxel "
+               f"of {_e(focus.structure)} in the {'cumulative EQD2' if focus.map_name == 'cumulative' else 'EQD2 of ' + _e(focus.map_name)} map "
+               f"({what}: {_e(c.get('organ'))} {_e(c.get('metric'))} {_e(c.get('scope'))} = "
+               f"{_e(fmt(c.get('value')))} {_e(c.get('unit'))}, limit {_e(fmt(c.get('limit')))} {_e(c.get('unit'))}). "
+               f"Colour wash: EQD2 map (voxel \u03b1/\u03b2 map: smallest \u03b1/\u03b2 where organs overlap), "
+               f"not drawn below 5 Gy. Red hatched: voxels of {_e(focus.structure)} at or above "
+               f"{_e(fmt(focus.threshold_gy))} Gy in that map.")
+    else:
+        cap = ""
+    parts.append('<section id="slices" class="figure"><h2>Slices through the worst violation</h2>' + _img(
+        figs.get("slices"), "Orthogonal slices", cap,
+        "Slices not available (no evaluated limit with a structure on the grid, or no arrays / matplotlib).")
+        + "</section>")
+    parts.append('<section id="view3d" class="figure"><h2>3D view</h2>' + _img(
+        figs.get("view3d"), "3D view of organs, targets and violations",
+        "Organs at risk (translucent), targets and margins (orange/yellow) and the voxels above a failed limit "
+        "(red), seen from anterior-left; surfaces are voxel faces of the evaluation grid. Offscreen rendering.",
+        "3D view not available (no arrays passed to the report, or no renderer).") + "</section>")
+    parts.append(f'<section id="assumptions"><h2>Model assumptions</h2>{_assumptions(res)}</section>')
+    parts.append(f'<section id="disclaimer"><div class="disclaimer">{_e(DISCLAIMER)}</div></section>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_pdf(html_text: str, path: Path) -> bool:
+    """``report.pdf`` via WeasyPrint if it is installed and its system libraries load; False otherwise."""
+    try:
+        import weasyprint  # noqa: PLC0415 - optional
+    except Exception as exc:  # noqa: BLE001 - ImportError or OSError (missing Pango)
+        log.info("report.pdf not written: WeasyPrint unavailable (%s); print report.html instead", exc)
+        return False
+    try:
+        weasyprint.HTML(string=html_text).write_pdf(str(path))
+        return True
+    except Exception:  # noqa: BLE001
+        log.warning("report.pdf could not be written; print report.html instead", exc_info=True)
+        return False
+
+
+def write_report(results, out_dir: Path, analysis=None, prepared=None, pdf: bool = True) -> dict[str, str]:
+    """Write ``report.html`` (and ``report.pdf`` when possible) into ``out_dir``; return {file: description}.
+
+    ``results``: the ``Results`` tree (or the ``results.json`` dictionary). ``analysis`` / ``prepared``: the
+    :class:`analysis.Analysis` and :class:`pipeline.Prepared` whose arrays the figures are drawn from (optional).
+    """
+    out_dir = Path(out_dir)
+    res = _results_dict(results)
+    figs = make_figures(res, analysis, prepared)
+    text = render_html(res, figs)
+    (out_dir / "report.html").write_text(text, encoding="utf-8")
+    files = {"report.html": "Self-contained report (HTML, images embedded; prints cleanly)"}
+    if pdf and write_pdf(text, out_dir / "report.pdf"):
+        files["report.pdf"] = "The same report as PDF"
+    return files

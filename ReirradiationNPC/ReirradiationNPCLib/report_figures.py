@@ -1,0 +1,408 @@
+"""Figures of the report (matplotlib, Agg backend, PNG bytes): DVH curves, orthogonal slices, a 3D view.
+
+Figures are drawn from the output arrays (EQD2 maps on the evaluation grid, structure crops, display DVH
+curves); every number printed in the report comes from the results tree, never from here. Display choices
+(colour scale, thresholds for drawing) are stated in each figure's caption by :mod:`report`.
+
+Image orientation (identity direction cosines, LPS): axial slices are shown with the patient's left on the
+viewer's right and anterior up (radiological convention); coronal and sagittal with superior up.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geometry import Grid, Volume, resample_linear
+from .protocol import parse_metric
+
+log = logging.getLogger(__name__)
+
+#: Cumulative EQD2 below this (Gy) is left uncoloured in the slice colour wash (display only).
+WASH_FLOOR_GY = 5.0
+_PALETTE = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+            "#aec7e8", "#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#9edae5", "#dbdb8d", "#393b79",
+            "#637939", "#8c6d31", "#843c39", "#7b4173"]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+@dataclass
+class Focus:
+    """The constraint the slices are centred on and the voxel (k, j, i) they pass through."""
+
+    constraint: dict
+    structure: str
+    index: tuple[int, int, int]
+    threshold_gy: float | None      # map value above which the structure's voxels are drawn as a violation
+    map_name: str                   # "cumulative" or a course name
+    failing: bool
+
+
+def _threshold_gy(con: dict) -> float | None:
+    """Dose level (Gy) that makes a voxel of the structure part of the violation region, for drawing."""
+    try:
+        m = parse_metric(con["metric"])
+    except ValueError:
+        return None
+    if m.kind == "vgy":
+        return m.param
+    return con.get("limit")
+
+
+def _map_for(con: dict, cumulative: np.ndarray, course_eqd2: dict, current: str) -> tuple[str, np.ndarray]:
+    if con.get("scope") == "current" and current in course_eqd2:
+        return current, course_eqd2[current]
+    return "cumulative", cumulative
+
+
+def choose_focus(results: dict, structures, cumulative: np.ndarray, course_eqd2: dict) -> Focus | None:
+    """The worst violation (largest excess over the limit, relative to the limit); if none fails, the
+    evaluated constraint closest to its limit. Ranking only: the numbers shown come from the results."""
+    by_name = {s.name: s for s in structures}
+    courses = results.get("assumptions", {}).get("courses", [])
+    current = courses[-1]["name"] if courses else ""
+    cands = []
+    for con in results.get("constraints", []):
+        if con.get("value") is None or con.get("limit") is None or con.get("structure") not in by_name:
+            continue
+        if con.get("margin") is None:
+            continue
+        s = by_name[con["structure"]]
+        if s.mask.size == 0 or not s.mask.any():
+            continue
+        rel = -con["margin"] / con["limit"] if con["limit"] else -con["margin"]
+        cands.append((con.get("status") == "fail", rel, con, s))
+    if not cands:
+        return None
+    failing, _, con, s = max(cands, key=lambda c: (c[0], c[1]))
+    name, arr = _map_for(con, cumulative, course_eqd2, current)
+    crop = np.where(s.mask, arr[s.box], -np.inf)
+    kji = np.unravel_index(int(np.argmax(crop)), crop.shape)
+    index = tuple(int(b.start + v) for b, v in zip(s.box, kji))
+    return Focus(con, s.name, index, _threshold_gy(con), name, failing)
+
+
+def _slab_grid(grid: Grid, axis: int, idx: int) -> Grid:
+    """One-voxel-thick sub-grid of ``grid`` at numpy ``axis`` (0 k, 1 j, 2 i) position ``idx``."""
+    lo = [0, 0, 0]
+    hi = list(grid.size)
+    ax_ijk = 2 - axis
+    lo[ax_ijk], hi[ax_ijk] = idx, idx + 1
+    return grid.subgrid(tuple(lo), tuple(hi))
+
+
+def _slice_of_crop(s, shape, axis: int, idx: int) -> np.ndarray | None:
+    b = s.box
+    if not (b[axis].start <= idx < b[axis].stop):
+        return None
+    out_shape = tuple(n for a, n in enumerate(shape) if a != axis)
+    out = np.zeros(out_shape, dtype=bool)
+    sel = [slice(None)] * 3
+    sel[axis] = idx - b[axis].start
+    part = s.mask[tuple(sel)]
+    if not part.any():
+        return None
+    other = [b[a] for a in range(3) if a != axis]
+    out[other[0], other[1]] = part
+    return out
+
+
+def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structures, focus: Focus,
+                  reference_image: Volume | None, structure_colors: dict[str, str]) -> bytes:
+    """Axial, coronal and sagittal slices through ``focus.index``: CT (if given), EQD2 colour wash,
+    contours of every organ and target, and the violating voxels of the focus structure hatched in red."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    arr = cumulative if focus.map_name == "cumulative" else course_eqd2[focus.map_name]
+    vmax = float(np.nanmax(arr)) if arr.size else 1.0
+    sp = grid.spacing  # i, j, k
+    k, j, i = focus.index
+    views = [("axial", 0, k, (sp[0], sp[1]), "x (mm) \u2192 patient left", "y (mm) \u2192 posterior"),
+             ("coronal", 1, j, (sp[0], sp[2]), "x (mm) \u2192 patient left", "z (mm) \u2192 superior"),
+             ("sagittal", 2, i, (sp[1], sp[2]), "y (mm) \u2192 posterior", "z (mm) \u2192 superior")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
+    focus_s = next(s for s in structures if s.name == focus.structure)
+    handles = {}
+    im = None
+    for ax, (title, axis, idx, (su, sv), xl, yl) in zip(axes, views):
+        sel = [slice(None)] * 3
+        sel[axis] = idx
+        wash = arr[tuple(sel)].astype(np.float32)
+        if axis != 0:
+            wash = wash  # rows = k (inferior->superior), drawn with origin lower
+        nv, nu = wash.shape
+        # physical extent of the slice plane (identity direction assumed for labels)
+        ou = grid.origin[0] if axis in (0, 1) else grid.origin[1]
+        ov = grid.origin[1] if axis == 0 else grid.origin[2]
+        extent = (ou - su / 2, ou + (nu - 0.5) * su, ov - sv / 2, ov + (nv - 0.5) * sv)
+        origin = "upper" if axis == 0 else "lower"
+        if axis == 0:
+            extent = (extent[0], extent[1], extent[3], extent[2])
+        if reference_image is not None:
+            ct = resample_linear(reference_image, _slab_grid(grid, axis, idx), default=-1000.0)
+            ct2d = np.squeeze(ct, axis=axis)
+            ax.imshow(ct2d, cmap="gray", vmin=-160, vmax=240, extent=extent, origin=origin,
+                      interpolation="bilinear")
+        else:
+            ax.set_facecolor("black")
+        masked = np.ma.masked_less(wash, WASH_FLOOR_GY)
+        im = ax.imshow(masked, cmap="turbo", vmin=0, vmax=vmax, alpha=0.45, extent=extent, origin=origin,
+                       interpolation="nearest")
+        # contours on the same extent: contour() takes x/y coordinates of sample centres
+        us = ou + np.arange(nu) * su
+        vs = ov + np.arange(nv) * sv
+        for s in structures:
+            if s.organ is None or s.organ.role == "body":
+                continue
+            m2 = _slice_of_crop(s, arr.shape, axis, idx)
+            if m2 is None:
+                continue
+            col = structure_colors.get(s.name, "white")
+            lw = 2.2 if s.name == focus.structure else 1.0
+            ax.contour(us, vs, m2.astype(np.float32), levels=[0.5], colors=[col], linewidths=lw)
+            handles.setdefault(s.name, Line2D([0], [0], color=col, lw=lw))
+        if focus.threshold_gy is not None:
+            m2 = _slice_of_crop(focus_s, arr.shape, axis, idx)
+            if m2 is not None:
+                viol = m2 & (wash >= focus.threshold_gy)
+                if viol.any():
+                    red = ListedColormap(["#ff0000"])
+                    ax.imshow(np.ma.masked_where(~viol, viol.astype(np.float32)), cmap=red, alpha=0.55,
+                              extent=extent, origin=origin, interpolation="nearest")
+                    ax.contourf(us, vs, viol.astype(np.float32), levels=[0.5, 1.5], colors="none",
+                                hatches=["////"])
+                    handles.setdefault("__viol__", Patch(facecolor="#ff0000", alpha=0.55, hatch="////",
+                                                         label="violation"))
+        cu, cv = {0: (i, j), 1: (i, k), 2: (j, k)}[axis]
+        ax.axhline(ov + cv * sv, color="white", lw=0.5, ls=":")
+        ax.axvline(ou + cu * su, color="white", lw=0.5, ls=":")
+        ax.set_title(f"{title} (slice {idx})", fontsize=10)
+        ax.set_xlabel(xl, fontsize=8)
+        ax.set_ylabel(yl, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_aspect("equal")
+    cbar = fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01)
+    cbar.set_label(("cumulative EQD2" if focus.map_name == "cumulative" else f"EQD2 of {focus.map_name}")
+                   + " (Gy)", fontsize=9)
+    labels = [("voxels of " + focus.structure + f" \u2265 {focus.threshold_gy:g} Gy") if n == "__viol__" else n
+              for n in handles]
+    fig.legend(list(handles.values()), labels, loc="lower center", ncol=min(6, max(1, len(handles))),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.45, -0.06))
+    return _png(fig)
+
+
+def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) -> bytes | None:
+    """Small multiples: one panel per organ structure with constraints (and targets), cumulative EQD2
+    (solid, recovery credit applied) and each course's EQD2 (dashed, no credit), limits drawn."""
+    plt = _plt()
+    cons_by_struct: dict[str, list[dict]] = {}
+    for c in results.get("constraints", []):
+        if c.get("structure"):
+            cons_by_struct.setdefault(c["structure"], []).append(c)
+    structs = [s for s in results.get("structures", []) if s["name"] in curves
+               and (s["name"] in cons_by_struct or s.get("role") == "target")]
+    if not structs:
+        return None
+    courses = [c["name"] for c in results.get("assumptions", {}).get("courses", [])]
+    ncol = 4
+    nrow = (len(structs) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 2.9 * nrow), squeeze=False)
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    for ax, s in zip(axes.ravel(), structs):
+        cv = curves[s["name"]]
+        col = structure_colors.get(s["name"], "black")
+        xmax = 1.0
+        for n, course in enumerate(courses):
+            if course in cv:
+                c = cv[course]
+                ax.plot(c.dose_gy, c.volume_percent, ls=styles[n % len(styles)], color="0.45", lw=1.0,
+                        label=f"{course} (EQD2, no credit)")
+                xmax = max(xmax, float(c.dose_gy[-1]))
+        if "cumulative" in cv:
+            c = cv["cumulative"]
+            ax.plot(c.dose_gy, c.volume_percent, color=col, lw=2.0, label="cumulative EQD2")
+            xmax = max(xmax, float(c.dose_gy[-1]))
+        for con in cons_by_struct.get(s["name"], []):
+            lim = con.get("limit")
+            if lim is None:
+                continue
+            try:
+                m = parse_metric(con["metric"])
+            except ValueError:
+                continue
+            colr = "#c00000" if con.get("status") == "fail" else "#2a7a2a"
+            ls = "-" if con.get("scope") == "cumulative" else "--"
+            tag = f"{con['metric']} \u2264 {lim:g} {con['unit']} ({con['scope']})"
+            if m.kind == "vgy":
+                vol = s.get("volume_cc") or 0
+                y = lim if con["unit"] == "%" else (100.0 * lim / vol if vol else None)
+                if y is not None:
+                    ax.plot([m.param], [y], marker="v", color=colr, ms=8, ls="none", label=tag)
+                    ax.axvline(m.param, color=colr, lw=0.6, ls=":")
+            else:
+                ax.axvline(lim, color=colr, lw=1.2, ls=ls, label=tag)
+                xmax = max(xmax, lim * 1.05)
+        ax.set_xlim(0, xmax * 1.02)
+        ax.set_ylim(0, 102)
+        ax.set_title(f"{s['name']} ({s.get('organ') or 'unmatched'}, \u03b1/\u03b2 {s['alpha_beta']:g} Gy)",
+                     fontsize=9)
+        ax.set_xlabel("EQD2 (Gy)", fontsize=8)
+        ax.set_ylabel("volume (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper right")
+    for ax in axes.ravel()[len(structs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig, dpi=90)
+
+
+# ------------------------------------------------------------------------------------------ 3D view
+
+_FACE_OFFSETS = {}
+
+
+def _face_corners(axis: int, sign: int) -> np.ndarray:
+    """(4, 3) corner offsets in (k, j, i) voxel units of the face of a voxel on ``axis`` side ``sign``."""
+    key = (axis, sign)
+    if key not in _FACE_OFFSETS:
+        others = [a for a in range(3) if a != axis]
+        corners = []
+        for du, dv in ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)):
+            c = [0.0, 0.0, 0.0]
+            c[axis] = 0.5 * sign
+            c[others[0]], c[others[1]] = du, dv
+            corners.append(c)
+        _FACE_OFFSETS[key] = np.asarray(corners)
+    return _FACE_OFFSETS[key]
+
+
+def boundary_faces(mask: np.ndarray, box, grid: Grid, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Exposed voxel faces of a cropped mask: vertices (F, 4, 3) in LPS mm and normals (F, 3) in index axes
+    (k, j, i) order. ``step`` > 1 subsamples the mask (display only)."""
+    m = mask[::step, ::step, ::step]
+    p = np.pad(m, 1)
+    verts, normals = [], []
+    for axis in range(3):
+        for sign in (-1, 1):
+            nb = np.roll(p, -sign, axis=axis)
+            exposed = (p & ~nb)[1:-1, 1:-1, 1:-1]
+            idx = np.argwhere(exposed).astype(np.float64)
+            if idx.size == 0:
+                continue
+            kji = idx[:, None, :] + _face_corners(axis, sign)[None, :, :]
+            kji = kji * step + np.array([b.start for b in box], dtype=np.float64) + (step - 1) / 2.0
+            ijk = kji[..., ::-1].reshape(-1, 3)
+            verts.append(grid.index_to_physical(ijk).reshape(-1, 4, 3))
+            n = np.zeros(3)
+            n[axis] = sign
+            normals.append(np.repeat(n[None], len(idx), axis=0))
+    if not verts:
+        return np.zeros((0, 4, 3)), np.zeros((0, 3))
+    return np.concatenate(verts), np.concatenate(normals)
+
+
+def view3d_figure(grid: Grid, structures, violation_masks: list[tuple[str, np.ndarray, tuple]],
+                  structure_colors: dict[str, str], extra_surfaces: list[tuple[str, np.ndarray, tuple, str]] = (),
+                  max_faces: int = 60000) -> bytes:
+    """A simple 3D view (matplotlib, offscreen): organs translucent, targets and margins, violation
+    voxels opaque red. Surfaces are voxel faces (no smoothing), lit by a fixed light."""
+    plt = _plt()
+    from matplotlib.colors import to_rgba
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    from matplotlib.patches import Patch
+
+    light = np.array([0.35, -0.6, 0.7])  # (k, j, i) index-axis weights: from superior, anterior, right
+    light /= np.linalg.norm(light)
+    layers = []
+    for s in structures:
+        if s.organ is None or s.organ.role == "body" or s.mask.size == 0:
+            continue
+        alpha = 0.35 if s.organ.role == "target" else 0.16
+        col = "#ff8c00" if s.organ.role == "target" else structure_colors.get(s.name, "#4477aa")
+        layers.append((s.name, s.mask, s.box, col, alpha))
+    for name, m, box, col in extra_surfaces:
+        layers.append((name, m, box, col, 0.22))
+    for name, m, box in violation_masks:
+        layers.append((name, m, box, "#e00000", 0.95))
+    total = sum(int(m.sum()) for _, m, _, _, _ in layers)
+    step = 1
+    while total / step ** 2 > max_faces * 0.6 and step < 8:  # faces scale ~ with surface, i.e. 1/step^2
+        step += 1
+    fig = plt.figure(figsize=(8.5, 7.0))
+    ax = fig.add_subplot(111, projection="3d")
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    legend = []
+    for name, m, box, col, alpha in layers:
+        v, n = boundary_faces(m, box, grid, step=step)
+        if len(v) == 0:
+            continue
+        shade = 0.55 + 0.45 * np.clip(n @ light, 0, None)
+        rgba = np.tile(np.asarray(to_rgba(col, alpha)), (len(v), 1))
+        rgba[:, :3] *= shade[:, None]
+        pc = Poly3DCollection(v, facecolors=rgba, edgecolors="none", linewidths=0)
+        ax.add_collection3d(pc)
+        lo = np.minimum(lo, v.reshape(-1, 3).min(axis=0))
+        hi = np.maximum(hi, v.reshape(-1, 3).max(axis=0))
+        if not name.startswith("violation"):
+            legend.append(Patch(facecolor=col, alpha=min(1.0, alpha * 2.5), label=name))
+    if violation_masks:
+        legend.append(Patch(facecolor="#e00000", label="violation (voxels above a failed limit)"))
+    if np.all(np.isfinite(lo)):
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(hi[1], lo[1])  # anterior (small y) towards the viewer
+        ax.set_zlim(lo[2], hi[2])
+        ax.set_box_aspect(tuple(np.maximum(hi - lo, 1.0)))
+    ax.view_init(elev=18, azim=-62)
+    ax.set_xlabel("x (mm, left)", fontsize=8)
+    ax.set_ylabel("y (mm, posterior)", fontsize=8)
+    ax.set_zlabel("z (mm, superior)", fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return _png(fig, dpi=100)
+
+
+def structure_colors(names: list[str]) -> dict[str, str]:
+    return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(names)}
+
+
+def violation_masks(results: dict, structures, cumulative: np.ndarray, course_eqd2: dict
+                    ) -> list[tuple[str, np.ndarray, tuple]]:
+    """For each failed constraint: the structure's voxels whose map value reaches the violation threshold
+    (limit for dose metrics, x for V<x>Gy), as (label, crop mask, box). Drawing only."""
+    by_name = {s.name: s for s in structures}
+    courses = results.get("assumptions", {}).get("courses", [])
+    current = courses[-1]["name"] if courses else ""
+    out = []
+    for con in results.get("constraints", []):
+        if con.get("status") != "fail" or con.get("structure") not in by_name:
+            continue
+        thr = _threshold_gy(con)
+        s = by_name[con["structure"]]
+        if thr is None or s.mask.size == 0:
+            continue
+        _, arr = _map_for(con, cumulative, course_eqd2, current)
+        m = s.mask & (arr[s.box] >= thr)
+        if m.any():
+            out.append((f"violation {s.name} {con['metric']}", m, s.box))
+    return out
