@@ -29,6 +29,7 @@ class CourseSpec:
     image: Path | None = None
     registration: dict = field(default_factory=lambda: {"method": "identity"})
     is_current: bool = False
+    plan: Path | None = None           # RTPLAN of this course (fractions read from it; RTDOSE link checked)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class CaseSpec:
     protocol: str
     courses: list[CourseSpec]
     patient: dict = field(default_factory=dict)
+    allow_different_patients: bool = False   # DICOM inputs of different PatientID/name accepted when True
 
     @property
     def current(self) -> CourseSpec:
@@ -90,7 +92,7 @@ def _path(base: Path, value, src: str, key: str) -> Path:
 def parse_case(data, path: Path) -> CaseSpec:
     src = str(path)
     base = path.parent
-    top = _keys(data, "", src, {"reference", "grid", "protocol", "courses", "patient"},
+    top = _keys(data, "", src, {"reference", "grid", "protocol", "courses", "patient", "allow_different_patients"},
                 {"reference", "protocol", "courses"})
     ref = _keys(top["reference"], "reference", src, {"image", "structures"}, {"structures"})
     grid = top.get("grid", "dose")
@@ -107,18 +109,25 @@ def parse_case(data, path: Path) -> CaseSpec:
     courses = []
     for i, c in enumerate(courses_raw):
         k = f"courses[{i}]"
-        c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration"},
+        c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan"},
                   {"name", "dose"})
         name = c["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
             _fail(src, f"{k}.name", f"must be letters, digits, '_', '-' or '.', got {name!r}")
         if name in ("cumulative",) or name in [x.name for x in courses]:
             _fail(src, f"{k}.name", f"{name!r} is reserved or used twice")
-        if "fractions" not in c or c["fractions"] is None:
-            _fail(src, f"{k}.fractions", "missing (the number of fractions of every course must be given)")
-        n = c["fractions"]
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) or n < 1:
+        plan = _path(base, c["plan"], src, f"{k}.plan") if c.get("plan") is not None else None
+        if ("fractions" not in c or c["fractions"] is None) and plan is None:
+            _fail(src, f"{k}.fractions", "missing (the number of fractions of every course must be given, "
+                                         "or plan: an RTPLAN to read it from)")
+        n = c.get("fractions")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n)
+                              or n != int(n) or n < 1):
             _fail(src, f"{k}.fractions", f"must be a whole number >= 1, got {n!r}")
+        if plan is not None:  # fractions from the RTPLAN; refused when the case file disagrees
+            from .dicom_rt import fractions_from_plan, read_rtplan
+            n = fractions_from_plan(read_rtplan(plan, f"{k}.plan"), None if n is None else int(n), src,
+                                    f"{k}.fractions")
         is_current = i == len(courses_raw) - 1
         interval = c.get("interval_months")
         if is_current:
@@ -140,11 +149,14 @@ def parse_case(data, path: Path) -> CaseSpec:
         courses.append(CourseSpec(name=name, dose=_path(base, c["dose"], src, f"{k}.dose"), fractions=int(n),
                                   interval_months=interval,
                                   image=_path(base, c["image"], src, f"{k}.image") if c.get("image") else None,
-                                  registration=dict(reg), is_current=is_current))
+                                  registration=dict(reg), is_current=is_current, plan=plan))
     patient = top.get("patient") or {}
     if not isinstance(patient, dict):
         _fail(src, "patient", "must be a mapping (e.g. {id: ..., name: ...})")
-    return CaseSpec(path=path,
+    allow = top.get("allow_different_patients", False)
+    if not isinstance(allow, bool):
+        _fail(src, "allow_different_patients", f"must be true or false, got {allow!r}")
+    return CaseSpec(path=path, allow_different_patients=allow,
                     reference_image=_path(base, ref["image"], src, "reference.image") if ref.get("image") else None,
                     reference_structures=_path(base, ref["structures"], src, "reference.structures"),
                     grid=grid, protocol=protocol, courses=courses, patient={str(k): str(v) for k, v in patient.items()})

@@ -1,0 +1,788 @@
+"""Reading DICOM RT: CT series, RTDOSE, RTPLAN and RTSTRUCT into the engine's types (Volume, Structure).
+
+Units and conventions
+- Physical coordinates are DICOM patient coordinates (LPS, mm); arrays are indexed (k, j, i).
+- CT: HU = stored value x RescaleSlope + RescaleIntercept; slices sorted by their position along the slice normal
+  (cross product of the ImageOrientationPatient row and column directions); spacing must be uniform.
+- RTDOSE: dose (Gy) = stored value x DoseGridScaling. DoseUnits RELATIVE is refused (no reference dose).
+  DoseSummationType FRACTION is the dose of one fraction: it is multiplied by the course's fractions and the
+  volume's ``meta["notes"]`` says so. BEAM / CONTROL_POINT / ... (a part of a plan) are refused.
+  GridFrameOffsetVector: relative to the first frame when its first value is 0, otherwise absolute z positions
+  (DICOM allows that only for ImageOrientationPatient 1\\0\\0\\0\\1\\0). Unevenly spaced frames are refused.
+- RTPLAN: fractions = FractionGroupSequence[].NumberOfFractionsPlanned.
+- RTSTRUCT: see :func:`rasterise_rtstruct` for how closed planar contours become voxels.
+
+Every problem the user can fix raises :class:`InputError` naming the file and the DICOM attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+try:  # pydicom is an engine dependency; keep the import error readable if it is missing
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+except ImportError as _exc:  # pragma: no cover
+    raise ImportError("pydicom>=2.4 is required for DICOM input and output (pip install pydicom)") from _exc
+
+from .errors import InputError
+from .geometry import Grid, Volume
+from .io import MAX_PLAUSIBLE_DOSE_GY, Structure, read_dose, read_image, read_structures
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
+RT_ION_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.8"
+SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
+DEFORMABLE_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
+
+#: Dose summation types that are a whole course's dose (FRACTION is handled by multiplication).
+WHOLE_COURSE_SUMMATION = ("PLAN", "MULTI_PLAN")
+#: Tolerances (mm) for "the same" positions and spacings.
+POSITION_TOL_MM = 0.01
+#: Identity attributes copied from an image into everything derived from it.
+PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+              "ReferringPhysicianName", "StudyDescription")
+
+
+# ----------------------------------------------------------------------------------------------- basics
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` is a file with the DICOM Part 10 preamble ('DICM' at byte 128)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size < 132:
+            return False
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dataset(path: Path, what: str, *, header_only: bool = False):
+    """``pydicom.dcmread`` with every failure turned into a one-line :class:`InputError`."""
+    path = Path(path)
+    src = str(path)
+    if not path.exists():
+        raise InputError("file not found", source=src, field=what)
+    if path.is_dir():
+        raise InputError("is a folder, expected a DICOM file", source=src, field=what)
+    try:
+        ds = pydicom.dcmread(src, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        raise InputError("not a DICOM file (no 'DICM' header)", source=src, field=what) from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt/truncated input
+        raise InputError(f"corrupt or truncated DICOM file ({type(exc).__name__}: {_first_line(exc)})",
+                         source=src, field=what) from None
+    return ds
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip()
+    return s.splitlines()[0][:160] if s else type(exc).__name__
+
+
+def attr(ds, keyword: str, src: str, *, required: bool = True, default=None):
+    """The value of ``keyword`` (pydicom keyword); missing/empty -> InputError (or ``default``)."""
+    try:
+        value = getattr(ds, keyword, None)
+    except Exception as exc:  # noqa: BLE001 - a malformed value (e.g. bad DS string) raises on access
+        raise InputError(f"malformed value ({_first_line(exc)})", source=src, field=keyword) from None
+    if value is None or (isinstance(value, (str, bytes, list)) and len(value) == 0) or \
+            (hasattr(value, "__len__") and not isinstance(value, (str, bytes)) and len(value) == 0):
+        if required:
+            raise InputError("missing or empty", source=src, field=keyword)
+        return default
+    return value
+
+
+def floats(ds, keyword: str, src: str, n: int | None = None) -> np.ndarray:
+    """A numeric (multi-)value as float64, checked for length and finiteness."""
+    value = attr(ds, keyword, src)
+    try:
+        arr = np.asarray([float(v) for v in (value if _is_multi(value) else [value])], dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"not numeric ({_first_line(exc)})", source=src, field=keyword) from None
+    if n is not None and arr.size != n:
+        raise InputError(f"expected {n} values, got {arr.size}", source=src, field=keyword)
+    if not np.isfinite(arr).all():
+        raise InputError("holds a non-finite number", source=src, field=keyword)
+    return arr
+
+
+def _is_multi(value) -> bool:
+    return hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+
+
+def identity_of(ds) -> dict:
+    """Patient, study, series and frame-of-reference identifiers of a dataset (strings, '' when absent)."""
+    out = {}
+    for k in PATIENT_KEYS + STUDY_KEYS + ("SeriesInstanceUID", "SeriesDescription", "SeriesNumber",
+                                          "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+                                          "Manufacturer"):
+        try:
+            v = getattr(ds, k, "")
+        except Exception:  # noqa: BLE001
+            v = ""
+        out[k] = "" if v is None else str(v)
+    return out
+
+
+def _require_modality(ds, src: str, expected: str) -> None:
+    mod = str(attr(ds, "Modality", src)).upper()
+    if mod != expected:
+        raise InputError(f"Modality is {mod}, expected {expected}", source=src, field="Modality")
+
+
+def _orientation(ds, src: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop = floats(ds, "ImageOrientationPatient", src, 6)
+    r, c = iop[:3], iop[3:]
+    if abs(np.linalg.norm(r) - 1) > 1e-3 or abs(np.linalg.norm(c) - 1) > 1e-3 or abs(r @ c) > 1e-3:
+        raise InputError("row and column directions are not orthonormal", source=src,
+                         field="ImageOrientationPatient")
+    r, c = r / np.linalg.norm(r), c / np.linalg.norm(c)
+    return r, c, np.cross(r, c)
+
+
+def _grid(origin, r, c, n, spacing_i, spacing_j, spacing_k, size) -> Grid:
+    d = np.stack([r, c, n], axis=1)  # columns are the i, j, k axes
+    return Grid(tuple(int(s) for s in size), tuple(float(v) for v in origin),
+                (float(spacing_i), float(spacing_j), float(spacing_k)), tuple(float(v) for v in d.ravel()))
+
+
+def _pixel_spacing(ds, src: str) -> tuple[float, float]:
+    """(spacing along i = between columns, spacing along j = between rows), mm."""
+    ps = floats(ds, "PixelSpacing", src, 2)
+    if np.any(ps <= 0):
+        raise InputError(f"must be positive, got {ps.tolist()}", source=src, field="PixelSpacing")
+    return float(ps[1]), float(ps[0])
+
+
+def _pixel_array(ds, src: str) -> np.ndarray:
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - missing/truncated/compressed-without-decoder
+        raise InputError(f"pixel data cannot be read ({_first_line(exc)})", source=src, field="PixelData") from None
+
+
+# ------------------------------------------------------------------------------------------------ CT
+
+def dicom_files(folder: Path) -> list[Path]:
+    """All DICOM Part 10 files under ``folder`` (recursively), sorted by path."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_dicom_file(p))
+
+
+def read_ct_series(folder: Path, what: str = "image", series_uid: str | None = None) -> Volume:
+    """A CT series folder as a Volume in HU (int16 when the rescale keeps integers, else float32).
+
+    The folder (searched recursively) must hold one CT series, or ``series_uid`` picks one. ``meta["dicom"]``
+    holds the patient/study/series/frame identifiers and ``meta["dicom"]["SOPInstanceUIDs"]`` the slices in
+    k order (used to write RTSTRUCT/RTDOSE that refer to this CT).
+    """
+    folder = Path(folder)
+    src = str(folder)
+    if not folder.exists():
+        raise InputError("folder not found", source=src, field=what)
+    if not folder.is_dir():
+        raise InputError("expected a folder holding one DICOM CT series", source=src, field=what)
+    headers = []
+    for f in dicom_files(folder):
+        ds = read_dataset(f, what, header_only=True)
+        if str(getattr(ds, "Modality", "")).upper() == "CT" and \
+                str(getattr(ds, "SOPClassUID", "")) in (CT_IMAGE_STORAGE, ""):
+            headers.append((f, ds))
+    if not headers:
+        raise InputError("no DICOM CT image found in this folder", source=src, field=what)
+    series: dict[str, list] = {}
+    for f, ds in headers:
+        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((f, ds))
+    if series_uid is not None:
+        if series_uid not in series:
+            raise InputError(f"no CT series with SeriesInstanceUID {series_uid} (found: {', '.join(series)})",
+                             source=src, field=what)
+        chosen = series[series_uid]
+        log.info("%s: using CT series %s (%d slices) of %d series", src, series_uid, len(chosen), len(series))
+    elif len(series) > 1:
+        desc = "; ".join(f"{uid} ({len(v)} slices, {getattr(v[0][1], 'SeriesDescription', '') or 'no description'})"
+                         for uid, v in series.items())
+        raise InputError(f"holds {len(series)} CT series ({desc}); give a folder holding one series or its "
+                         "SeriesInstanceUID", source=src, field=what)
+    else:
+        chosen = next(iter(series.values()))
+    return _assemble_ct(chosen, src, what)
+
+
+def _assemble_ct(items: list, src: str, what: str) -> Volume:
+    f0, ds0 = items[0]
+    r, c, n = _orientation(ds0, str(f0))
+    rows, cols = int(attr(ds0, "Rows", str(f0))), int(attr(ds0, "Columns", str(f0)))
+    sp_i, sp_j = _pixel_spacing(ds0, str(f0))
+    pos = []
+    for f, ds in items:
+        fs = str(f)
+        rr, cc, _ = _orientation(ds, fs)
+        if np.abs(rr - r).max() > 1e-4 or np.abs(cc - c).max() > 1e-4:
+            raise InputError("slices of the series have different orientations", source=fs,
+                             field="ImageOrientationPatient")
+        if (int(attr(ds, "Rows", fs)), int(attr(ds, "Columns", fs))) != (rows, cols):
+            raise InputError("slices of the series have different sizes", source=fs, field="Rows")
+        if not np.allclose(_pixel_spacing(ds, fs), (sp_i, sp_j), atol=1e-4):
+            raise InputError("slices of the series have different pixel spacings", source=fs, field="PixelSpacing")
+        pos.append(floats(ds, "ImagePositionPatient", fs, 3))
+    pos = np.asarray(pos)
+    along = pos @ n
+    order = np.argsort(along, kind="stable")
+    items = [items[o] for o in order]
+    pos, along = pos[order], along[order]
+    if len(items) > 1:
+        d = np.diff(along)
+        if np.any(d < POSITION_TOL_MM):
+            k = int(np.argmin(d))
+            raise InputError(f"two slices at the same position ({along[k]:.3f} mm along the slice normal)",
+                             source=str(items[k + 1][0]), field="ImagePositionPatient")
+        med = float(np.median(d))
+        if np.abs(d - med).max() > max(POSITION_TOL_MM, 1e-3 * med):
+            raise InputError(f"slices are unevenly spaced ({d.min():.3f} to {d.max():.3f} mm): missing slices or a "
+                             "variable-thickness series; export an evenly spaced series", source=src,
+                             field="ImagePositionPatient")
+        dz = float((along[-1] - along[0]) / (len(items) - 1))
+        # positions must lie on one line along the normal (no gantry tilt / shear)
+        off = (pos - pos[0]) - np.outer(along - along[0], n)
+        if np.abs(off).max() > 0.05:
+            raise InputError("slice positions are not along the slice normal (gantry tilt or sheared series); "
+                             "resample the series in the planning system", source=src, field="ImagePositionPatient")
+    else:
+        dz = float(getattr(ds0, "SliceThickness", 0) or 0)
+        if dz <= 0:
+            raise InputError("a single slice with no SliceThickness is not a 3D image", source=src, field=what)
+    grid = _grid(pos[0], r, c, n, sp_i, sp_j, dz, (cols, rows, len(items)))
+    slices = []
+    int_ok = True
+    slopes = []
+    for f, _ in items:
+        ds = read_dataset(f, what)
+        fs = str(f)
+        try:
+            a = np.asarray(ds.pixel_array)
+        except Exception:  # noqa: BLE001 - e.g. a compressed transfer syntax pydicom cannot decode here
+            a = _pixels_via_sitk(f)
+        if a.shape != (rows, cols):
+            raise InputError(f"pixel data has shape {a.shape}, expected ({rows}, {cols})", source=fs,
+                             field="PixelData")
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        if not (math.isfinite(slope) and math.isfinite(inter)):
+            raise InputError("non-finite rescale", source=fs, field="RescaleSlope")
+        int_ok &= slope == int(slope) and inter == int(inter)
+        slopes.append((slope, inter))
+        slices.append(a)
+    arr = np.stack(slices)
+    del slices
+    s = np.asarray(slopes)
+    if int_ok:
+        hu = arr.astype(np.int32) * s[:, 0, None, None].astype(np.int32) + s[:, 1, None, None].astype(np.int32)
+        if hu.min() >= -32768 and hu.max() <= 32767:
+            hu = hu.astype(np.int16)
+        else:
+            hu = hu.astype(np.float32)
+    else:
+        hu = (arr.astype(np.float32) * s[:, 0, None, None].astype(np.float32)
+              + s[:, 1, None, None].astype(np.float32))
+    ident = identity_of(items[0][1])
+    ident["SOPInstanceUIDs"] = [str(getattr(ds, "SOPInstanceUID", "")) for _, ds in items]
+    ident["SOPClassUID"] = str(getattr(items[0][1], "SOPClassUID", CT_IMAGE_STORAGE) or CT_IMAGE_STORAGE)
+    vol = Volume(hu, grid, name=Path(src).name, meta={"path": src, "dicom": ident, "format": "dicom-ct"})
+    return vol
+
+
+def _pixels_via_sitk(path: Path) -> np.ndarray:
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError("pixel data cannot be decoded (unsupported compression?)", source=str(path),
+                         field="PixelData") from None
+    a = sitk.GetArrayFromImage(img)
+    # SimpleITK applies the rescale; undo it so the caller applies it once
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    return np.rint((a.reshape(a.shape[-2:]) - inter) / slope)
+
+
+# --------------------------------------------------------------------------------------------- RTPLAN
+
+@dataclass
+class PlanInfo:
+    path: str
+    sop_instance_uid: str
+    label: str
+    fraction_groups: list[int]          # NumberOfFractionsPlanned of each fraction group
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def fractions(self) -> int | None:
+        """The fraction count when the plan has exactly one fraction group, else None (ambiguous)."""
+        return self.fraction_groups[0] if len(self.fraction_groups) == 1 else None
+
+
+def read_rtplan(path: Path, what: str = "plan") -> PlanInfo:
+    ds = read_dataset(path, what, header_only=True)
+    src = str(path)
+    _require_modality(ds, src, "RTPLAN")
+    groups = attr(ds, "FractionGroupSequence", src)
+    counts = []
+    for g in groups:
+        n = attr(g, "NumberOfFractionsPlanned", src)
+        try:
+            n = int(n)
+        except (TypeError, ValueError):
+            raise InputError(f"not a whole number: {n!r}", source=src, field="NumberOfFractionsPlanned") from None
+        if n < 1:
+            raise InputError(f"must be >= 1, got {n}", source=src, field="NumberOfFractionsPlanned")
+        counts.append(n)
+    return PlanInfo(src, str(attr(ds, "SOPInstanceUID", src)), str(getattr(ds, "RTPlanLabel", "") or ""),
+                    counts, identity_of(ds))
+
+
+def fractions_from_plan(plan: PlanInfo, given: int | None, src: str, key: str) -> int:
+    """Resolve a course's fractions from its plan and/or the case file; disagreement is refused."""
+    if given is None:
+        if plan.fractions is None:
+            raise InputError(f"the plan has {len(plan.fraction_groups)} fraction groups "
+                             f"({', '.join(map(str, plan.fraction_groups))} fractions): give fractions: explicitly",
+                             source=src, field=key)
+        return plan.fractions
+    ok = given in plan.fraction_groups or (len(plan.fraction_groups) > 1 and given == sum(plan.fraction_groups))
+    if not ok:
+        raise InputError(f"fractions: {given} disagrees with the plan's NumberOfFractionsPlanned "
+                         f"({', '.join(map(str, plan.fraction_groups))}) in {plan.path}", source=src, field=key)
+    return given
+
+
+# --------------------------------------------------------------------------------------------- RTDOSE
+
+def _dose_geometry(ds, src: str, frames: int) -> tuple[Grid, bool]:
+    """Grid of an RTDOSE and whether its frames must be reversed to make the k spacing positive."""
+    r, c, n = _orientation(ds, src)
+    ipp = floats(ds, "ImagePositionPatient", src, 3)
+    sp_i, sp_j = _pixel_spacing(ds, src)
+    rows, cols = int(attr(ds, "Rows", src)), int(attr(ds, "Columns", src))
+    if frames == 1 and getattr(ds, "GridFrameOffsetVector", None) in (None, ""):
+        dz = float(getattr(ds, "SliceThickness", 0) or 0)
+        if dz <= 0:
+            raise InputError("a single-frame dose with no GridFrameOffsetVector or SliceThickness is not a 3D "
+                             "dose", source=src, field="GridFrameOffsetVector")
+        return _grid(ipp, r, c, n, sp_i, sp_j, dz, (cols, rows, 1)), False
+    gfov = floats(ds, "GridFrameOffsetVector", src)
+    if gfov.size != frames:
+        raise InputError(f"has {gfov.size} values for {frames} frames", source=src, field="GridFrameOffsetVector")
+    if abs(gfov[0]) > 1e-6:
+        # absolute: the z coordinates of the planes; defined by DICOM only for a standard axial orientation
+        if not np.allclose(np.concatenate([r, c]), [1, 0, 0, 0, 1, 0], atol=1e-4):
+            raise InputError("first value is not 0 (absolute offsets), which DICOM defines only for "
+                             "ImageOrientationPatient 1\\0\\0\\0\\1\\0", source=src, field="GridFrameOffsetVector")
+        if abs(gfov[0] - ipp[2]) > POSITION_TOL_MM:
+            raise InputError(f"first value {gfov[0]:g} is neither 0 (relative offsets) nor the z of "
+                             f"ImagePositionPatient ({ipp[2]:g}, absolute offsets)", source=src,
+                             field="GridFrameOffsetVector")
+        rel = gfov - gfov[0]
+    else:
+        rel = gfov
+    if frames == 1:
+        dz = float(getattr(ds, "SliceThickness", 0) or 0) or 1.0
+        return _grid(ipp, r, c, n, sp_i, sp_j, dz, (cols, rows, 1)), False
+    d = np.diff(rel)
+    if np.any(np.abs(d) < POSITION_TOL_MM) or not (np.all(d > 0) or np.all(d < 0)):
+        raise InputError("frame offsets are not strictly increasing or decreasing", source=src,
+                         field="GridFrameOffsetVector")
+    med = float(np.median(d))
+    if np.abs(d - med).max() > max(POSITION_TOL_MM, 1e-3 * abs(med)):
+        raise InputError(f"dose frames are unevenly spaced ({np.abs(d).min():g} to {np.abs(d).max():g} mm); "
+                         "re-export the dose on an evenly spaced grid", source=src, field="GridFrameOffsetVector")
+    dz = float((rel[-1] - rel[0]) / (frames - 1))
+    if dz > 0:
+        return _grid(ipp + rel[0] * n, r, c, n, sp_i, sp_j, dz, (cols, rows, frames)), False
+    return _grid(ipp + rel[-1] * n, r, c, n, sp_i, sp_j, -dz, (cols, rows, frames)), True
+
+
+def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None, plan: PlanInfo | None = None,
+                accept_effective: bool = False) -> Volume:
+    """An RTDOSE as a Volume of total physical dose in Gy (float32).
+
+    ``fractions`` is needed only when DoseSummationType is FRACTION (dose of one fraction). ``plan``: when
+    given and the RTDOSE names its plan (ReferencedRTPlanSequence), the plan's SOPInstanceUID must be among them.
+    ``accept_effective`` lets DoseType EFFECTIVE through (used to re-read this program's own EQD2 output).
+    """
+    src = str(path)
+    ds = read_dataset(path, what)
+    _require_modality(ds, src, "RTDOSE")
+    units = str(attr(ds, "DoseUnits", src)).strip().upper()
+    if units == "RELATIVE":
+        raise InputError("DoseUnits RELATIVE cannot be converted to Gy without the reference dose; export the dose "
+                         "in GY", source=src, field="DoseUnits")
+    if units != "GY":
+        raise InputError(f"DoseUnits {units!r} is not GY", source=src, field="DoseUnits")
+    dtype = str(attr(ds, "DoseType", src)).strip().upper()
+    if dtype == "ERROR":
+        raise InputError("DoseType ERROR (a dose difference) is not a dose", source=src, field="DoseType")
+    if dtype == "EFFECTIVE" and not accept_effective:
+        raise InputError("DoseType EFFECTIVE (biologically weighted, e.g. an EQD2 or RBE-weighted dose): the "
+                         "physical dose of the course is required", source=src, field="DoseType")
+    if dtype not in ("PHYSICAL", "EFFECTIVE"):
+        raise InputError(f"unknown DoseType {dtype!r}", source=src, field="DoseType")
+    summation = str(attr(ds, "DoseSummationType", src)).strip().upper()
+    if summation not in WHOLE_COURSE_SUMMATION + ("FRACTION",):
+        raise InputError(f"DoseSummationType {summation} is a part of a course, not its dose (PLAN, MULTI_PLAN or "
+                         "FRACTION needed)", source=src, field="DoseSummationType")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    grid, flip = _dose_geometry(ds, src, frames)
+    scaling = float(floats(ds, "DoseGridScaling", src, 1)[0])
+    if scaling <= 0:
+        raise InputError(f"must be positive, got {scaling:g}", source=src, field="DoseGridScaling")
+    raw = _pixel_array(ds, src)
+    if raw.ndim == 2:
+        raw = raw[None]
+    if raw.shape != grid.shape:
+        raise InputError(f"pixel data has shape {raw.shape}, expected (frames, rows, columns) = {grid.shape}",
+                         source=src, field="PixelData")
+    if raw.dtype.kind not in "ui":
+        raise InputError(f"pixel data type {raw.dtype} is not an integer type", source=src, field="PixelData")
+    dose = (raw.astype(np.float64) * scaling).astype(np.float32)
+    del raw
+    if flip:
+        dose = np.ascontiguousarray(dose[::-1])
+    notes = []
+    if summation == "FRACTION":
+        if fractions is None:
+            raise InputError("DoseSummationType FRACTION is the dose of one fraction; the number of fractions "
+                             "(fractions: or plan:) is needed", source=src, field="DoseSummationType")
+        dose *= np.float32(fractions)
+        notes.append(f"{Path(src).name}: DoseSummationType FRACTION (dose per fraction) multiplied by {fractions} "
+                     "fractions")
+    lo, hi = float(dose.min()), float(dose.max())
+    if lo < 0:
+        raise InputError(f"dose contains negative values (minimum {lo:.4g} Gy)", source=src, field="PixelData")
+    if hi > MAX_PLAUSIBLE_DOSE_GY:
+        raise InputError(f"maximum dose {hi:.5g} Gy exceeds {MAX_PLAUSIBLE_DOSE_GY:g} Gy: wrong DoseGridScaling "
+                         "or DoseUnits?", source=src, field="DoseGridScaling")
+    refs = [str(getattr(item, "ReferencedSOPInstanceUID", "")) for item in
+            (getattr(ds, "ReferencedRTPlanSequence", None) or [])]
+    if plan is not None:
+        if refs and plan.sop_instance_uid not in refs:
+            raise InputError(f"ReferencedRTPlanSequence names plan(s) {', '.join(refs)}, not the given plan "
+                             f"{plan.sop_instance_uid} ({plan.path})", source=src, field="ReferencedRTPlanSequence")
+        if not refs:
+            notes.append(f"{Path(src).name}: names no plan (ReferencedRTPlanSequence); its link to "
+                         f"{Path(plan.path).name} is not checked")
+        _same_patient(identity_of(ds), src, plan.identity, plan.path)
+    ident = identity_of(ds)
+    ident.update(DoseSummationType=summation, DoseType=dtype, ReferencedRTPlanUIDs=refs)
+    vol = Volume(dose, grid, name=Path(src).stem,
+                 meta={"path": src, "dicom": ident, "notes": notes, "format": "dicom-rtdose",
+                       "fractions_multiplied": fractions if summation == "FRACTION" else None})
+    log.info("%s: RTDOSE %s/%s, max %.3f Gy, grid %s", src, summation, dtype, hi, grid.size)
+    return vol
+
+
+# ------------------------------------------------------------------------------------------- identity
+
+def _norm_name(name: str) -> str:
+    return "^".join(p.strip().upper() for p in str(name).split("^")).rstrip("^")
+
+
+def _same_patient(a: dict, a_src: str, b: dict, b_src: str) -> None:
+    ida, idb = a.get("PatientID", ""), b.get("PatientID", "")
+    if ida and idb and ida.strip() != idb.strip():
+        raise InputError(f"PatientID {ida!r} differs from {idb!r} in {b_src} (set allow_different_patients: true "
+                         "in the case file only if this is intended)", source=a_src, field="PatientID")
+    na, nb = _norm_name(a.get("PatientName", "")), _norm_name(b.get("PatientName", ""))
+    if na and nb and na != nb:
+        raise InputError(f"PatientName {a.get('PatientName')!r} differs from {b.get('PatientName')!r} in {b_src} "
+                         "(set allow_different_patients: true in the case file only if this is intended)",
+                         source=a_src, field="PatientName")
+
+
+def check_same_patient(items: list[tuple[str, dict]], case_patient: dict | None = None,
+                       case_src: str = "") -> None:
+    """All DICOM inputs ((file, identity) pairs) belong to one patient, and to the case's ``patient.id``."""
+    items = [(s, i) for s, i in items if i]
+    for s, i in items[1:]:
+        _same_patient(i, s, items[0][1], items[0][0])
+    if items and case_patient and case_patient.get("id"):
+        pid = items[0][1].get("PatientID", "")
+        if pid and pid.strip() != str(case_patient["id"]).strip():
+            raise InputError(f"patient.id {case_patient['id']!r} differs from PatientID {pid!r} of {items[0][0]}",
+                             source=case_src, field="patient.id")
+
+
+# -------------------------------------------------------------------------------------------- RTSTRUCT
+
+@dataclass
+class _Roi:
+    number: int
+    name: str
+    color: tuple[float, float, float] | None
+    frame_uid: str
+    contours: list[np.ndarray] = field(default_factory=list)   # each (N, 3) LPS mm, closed planar
+
+
+def read_rtstruct_contours(path: Path, what: str = "structures") -> tuple[list[_Roi], dict, list[str]]:
+    """ROIs with their closed planar contours (LPS mm), the file's identity, and warnings."""
+    src = str(path)
+    ds = read_dataset(path, what, header_only=True)
+    _require_modality(ds, src, "RTSTRUCT")
+    warnings: list[str] = []
+    ident = identity_of(ds)
+    frame = ""
+    for item in getattr(ds, "ReferencedFrameOfReferenceSequence", None) or []:
+        frame = str(getattr(item, "FrameOfReferenceUID", "") or "")
+        if frame:
+            break
+    ident["FrameOfReferenceUID"] = frame
+    rois: dict[int, _Roi] = {}
+    for item in attr(ds, "StructureSetROISequence", src):
+        num = int(attr(item, "ROINumber", src))
+        name = str(attr(item, "ROIName", src)).strip()
+        rois[num] = _Roi(num, name, None, str(getattr(item, "ReferencedFrameOfReferenceUID", "") or frame))
+    for item in getattr(ds, "ROIContourSequence", None) or []:
+        num = int(attr(item, "ReferencedROINumber", src))
+        roi = rois.get(num)
+        if roi is None:
+            raise InputError(f"ROIContourSequence refers to ROI number {num}, absent from StructureSetROISequence",
+                             source=src, field="ReferencedROINumber")
+        col = getattr(item, "ROIDisplayColor", None)
+        if col is not None and len(col) == 3:
+            try:
+                roi.color = tuple(min(max(float(v) / 255.0, 0.0), 1.0) for v in col)
+            except (TypeError, ValueError):
+                roi.color = None
+        skipped: dict[str, int] = {}
+        for ci, cont in enumerate(getattr(item, "ContourSequence", None) or []):
+            kind = str(getattr(cont, "ContourGeometricType", "") or "").upper()
+            if kind != "CLOSED_PLANAR":
+                skipped[kind or "(no type)"] = skipped.get(kind or "(no type)", 0) + 1
+                continue
+            pts = floats(cont, "ContourData", src)
+            if pts.size % 3 or pts.size < 9:
+                if pts.size % 3:
+                    raise InputError(f"ROI {roi.name!r}: ContourData holds {pts.size} numbers (not x, y, z triples)",
+                                     source=src, field="ContourData")
+                skipped["fewer than 3 points"] = skipped.get("fewer than 3 points", 0) + 1
+                continue
+            roi.contours.append(pts.reshape(-1, 3))
+        for kind, count in skipped.items():
+            warnings.append(f"{Path(src).name}: ROI {roi.name!r}: {count} {kind} contour(s) skipped (only closed "
+                            "planar contours define a volume)")
+    out = []
+    for roi in rois.values():
+        if not roi.contours:
+            warnings.append(f"{Path(src).name}: ROI {roi.name!r} has no closed planar contour; skipped")
+            continue
+        out.append(roi)
+    names = [r.name for r in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"ROI name {dup[0]!r} appears more than once", source=src, field="ROIName")
+    return out, ident, warnings
+
+
+def _supersampling(grid: Grid) -> int:
+    """In-plane sub-samples per voxel edge: sub-sample spacing <= 0.5 mm, between 2 and 5."""
+    return int(min(5, max(2, math.ceil(max(grid.spacing[0], grid.spacing[1]) / 0.5))))
+
+
+def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: float, dy: float,
+                 nrows: int) -> np.ndarray:
+    """Even-odd rule fill of the polygons ``polys`` ((N, 2) arrays of x, y) sampled at x0 + c dx, y0 + r dy.
+
+    Returns bool (nrows, ncols). A sample is inside when an odd number of polygon edges cross its row to its
+    left (so holes and islands on one plane follow the even-odd rule). Vectorised over edges and rows.
+    """
+    a = np.concatenate(polys)
+    b = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
+    xa, ya, xb, yb = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    ylo, yhi = np.minimum(ya, yb), np.maximum(ya, yb)
+    r_lo = np.clip(np.ceil((ylo - y0) / dy), 0, nrows).astype(np.int64)   # rows with ylo <= y < yhi
+    r_hi = np.clip(np.ceil((yhi - y0) / dy), 0, nrows).astype(np.int64)
+    cnt = r_hi - r_lo
+    keep = cnt > 0
+    if not keep.any():
+        return np.zeros((nrows, ncols), dtype=bool)
+    xa, ya, xb, yb, r_lo, cnt = xa[keep], ya[keep], xb[keep], yb[keep], r_lo[keep], cnt[keep]
+    e = np.repeat(np.arange(cnt.size), cnt)
+    start = np.cumsum(cnt) - cnt
+    r = r_lo[e] + (np.arange(e.size) - start[e])
+    y = y0 + r * dy
+    x = xa[e] + (y - ya[e]) * (xb[e] - xa[e]) / (yb[e] - ya[e])
+    col = np.clip(np.floor((x - x0) / dx).astype(np.int64) + 1, 0, ncols)
+    toggles = np.bincount(r * (ncols + 1) + col, minlength=nrows * (ncols + 1)).reshape(nrows, ncols + 1)
+    parity = np.bitwise_xor.accumulate((toggles[:, :ncols] & 1).astype(np.uint8), axis=1)
+    return parity.astype(bool)
+
+
+def rasterise_contours(contours: list[np.ndarray], lattice: Grid, slab_mm: float, *, name: str = "",
+                       src: str = "") -> tuple[np.ndarray, tuple[int, int, int]] | None:
+    """Closed planar contours ((N, 3) LPS mm) as a bool mask on ``lattice``'s voxel lattice.
+
+    Returns (mask indexed k, j, i; lattice index (i, j, k) of mask[0, 0, 0]) -- the index may be negative or
+    beyond the lattice size: the mask covers the whole structure, not only the part inside ``lattice``.
+
+    Method (documented in docs/dicom.md):
+    - contours are taken into the lattice's continuous index space; each must lie in one slice plane of the
+      lattice orientation (otherwise InputError);
+    - on each contour plane the in-plane coverage of every voxel is the fraction of n x n sub-samples inside
+      the polygons by the even-odd rule (holes, islands);
+    - each contour plane stands for a slab of thickness ``slab_mm`` (the structure set's plane spacing) centred
+      on it; a voxel's coverage is the sum over contour planes of (length of its k extent inside the slab /
+      voxel k size) x in-plane coverage. So contour planes between lattice planes are shared between the
+      neighbouring lattice planes, and lattice planes finer than the contours take the nearest contour;
+    - a voxel belongs to the structure when its coverage is >= 0.5.
+    """
+    dz = lattice.spacing[2]
+    planes: list[tuple[float, list[np.ndarray]]] = []
+    allxy = []
+    per = []
+    for cont in contours:
+        idx = lattice.physical_to_index(cont)
+        kspan = (idx[:, 2].max() - idx[:, 2].min()) * dz
+        if kspan > 0.05:
+            raise InputError(f"ROI {name!r}: a contour is not parallel to the slices of the evaluation grid "
+                             f"(spans {kspan:.2f} mm across them)", source=src, field="ContourData")
+        per.append((float(idx[:, 2].mean()), idx[:, :2]))
+        allxy.append(idx[:, :2])
+    per.sort(key=lambda t: t[0])
+    for kc, xy in per:
+        if planes and abs(kc - planes[-1][0]) * dz <= POSITION_TOL_MM:
+            planes[-1][1].append(xy)
+        else:
+            planes.append((kc, [xy]))
+    allxy = np.concatenate(allxy)
+    i0, j0 = (int(v) for v in np.floor(allxy.min(axis=0) + 0.5))
+    i1, j1 = (int(v) for v in np.floor(allxy.max(axis=0) + 0.5))
+    ni, nj = i1 - i0 + 1, j1 - j0 + 1
+    n = _supersampling(lattice)
+    h = 0.5 * slab_mm / dz                                 # slab half thickness in k units
+    k0 = int(math.floor(planes[0][0] - h + 0.5))
+    k1 = int(math.ceil(planes[-1][0] + h - 0.5))
+    frac = np.zeros((k1 - k0 + 1, nj, ni), dtype=np.float32)
+    sub0_i = i0 - 0.5 + 0.5 / n
+    sub0_j = j0 - 0.5 + 0.5 / n
+    for kc, polys in planes:
+        inside = evenodd_fill(polys, sub0_i, 1.0 / n, ni * n, sub0_j, 1.0 / n, nj * n)
+        cov = inside.reshape(nj, n, ni, n).mean(axis=(1, 3), dtype=np.float32)
+        for K in range(int(math.floor(kc - h + 0.5)), int(math.ceil(kc + h - 0.5)) + 1):
+            w = min(K + 0.5, kc + h) - max(K - 0.5, kc - h)
+            if w > 1e-9:
+                frac[K - k0] += np.float32(w) * cov
+    mask = frac >= 0.5 - 1e-6
+    if not mask.any():
+        return None
+    return mask, (i0, j0, k0)
+
+
+def plane_spacing_mm(rois: list[_Roi], normal: np.ndarray, default: float) -> float:
+    """Spacing (mm) of the contour planes of a structure set: the median gap between distinct plane positions."""
+    pos = np.unique(np.round(np.concatenate([c[:, :] @ normal for r in rois for c in r.contours]) / 0.01) * 0.01)
+    if pos.size < 2:
+        return float(default)
+    gaps = np.diff(pos)
+    gaps = gaps[gaps > 0.05]
+    return float(np.median(gaps)) if gaps.size else float(default)
+
+
+def read_rtstruct(path: Path, lattice: Grid, what: str = "structures", *, expected_frame_uid: str | None = None,
+                  warnings: list[str] | None = None) -> list[Structure]:
+    """Closed planar contours of an RTSTRUCT rasterised onto ``lattice`` (see :func:`rasterise_contours`).
+
+    Each Structure's grid is a box of ``lattice``'s voxel lattice covering the whole structure (it may reach
+    beyond ``lattice``; callers crop). ``expected_frame_uid``: the reference CT's FrameOfReferenceUID; a
+    structure set in another frame is refused. Skipped contours/ROIs are appended to ``warnings``.
+    """
+    src = str(path)
+    rois, ident, warns = read_rtstruct_contours(path, what)
+    for w in warns:
+        log.warning("%s", w)
+    if warnings is not None:
+        warnings.extend(warns)
+    if expected_frame_uid:
+        for roi in rois:
+            if roi.frame_uid and roi.frame_uid != expected_frame_uid:
+                raise InputError(f"ROI {roi.name!r} is in frame of reference {roi.frame_uid}, not the reference "
+                                 f"image's {expected_frame_uid}", source=src, field="ReferencedFrameOfReferenceUID")
+    if not rois:
+        raise InputError("no ROI with closed planar contours", source=src, field="ROIContourSequence")
+    normal = lattice.direction_matrix[:, 2]
+    slab = plane_spacing_mm(rois, normal, lattice.spacing[2])
+    out = []
+    for roi in rois:
+        res = rasterise_contours(roi.contours, lattice, slab, name=roi.name, src=src)
+        if res is None:
+            msg = f"{Path(src).name}: ROI {roi.name!r} covers no voxel centre of the evaluation grid (too small?)"
+            log.warning("%s", msg)
+            if warnings is not None:
+                warnings.append(msg)
+            mask, lo = np.zeros((1, 1, 1), bool), (0, 0, 0)
+        else:
+            mask, lo = res
+        k, j, i = mask.shape
+        grid = lattice.subgrid(lo, (lo[0] + i, lo[1] + j, lo[2] + k))
+        out.append(Structure(roi.name, mask, grid, src, roi.color))
+    log.info("%s: %d ROI(s) rasterised (contour plane spacing %.3f mm)", src, len(out), slab)
+    return out
+
+
+def rtstruct_identity(path: Path, what: str = "structures") -> dict:
+    ds = read_dataset(path, what, header_only=True)
+    ident = identity_of(ds)
+    for item in getattr(ds, "ReferencedFrameOfReferenceSequence", None) or []:
+        ident["FrameOfReferenceUID"] = str(getattr(item, "FrameOfReferenceUID", "") or "")
+        break
+    return ident
+
+
+# ------------------------------------------------------------------------------- dispatch by file type
+
+def load_image_any(path: Path, what: str = "image", series_uid: str | None = None) -> Volume:
+    """A DICOM CT series folder, or an image file (NRRD, NIfTI, ...)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_ct_series(path, what, series_uid)
+    if is_dicom_file(path):
+        raise InputError("a single DICOM file: give the folder holding the CT series", source=str(path), field=what)
+    return read_image(path, what)
+
+
+def load_dose_any(path: Path, what: str = "dose", *, fractions: int | None = None,
+                  plan: PlanInfo | None = None) -> Volume:
+    """An RTDOSE file or a dose image (NRRD, NIfTI, ...), physical Gy."""
+    path = Path(path)
+    if is_dicom_file(path):
+        return read_rtdose(path, what, fractions=fractions, plan=plan)
+    if plan is not None:
+        raise InputError("plan: is given but the dose is not an RTDOSE (the plan/dose link cannot be checked)",
+                         source=str(path), field=what)
+    return read_dose(path, what)
+
+
+def load_structures_any(path: Path, what: str = "structures", *, lattice: Grid | None = None,
+                        expected_frame_uid: str | None = None, warnings: list[str] | None = None
+                        ) -> list[Structure]:
+    """An RTSTRUCT file (rasterised onto ``lattice``), a folder of masks or a Slicer .seg.nrrd."""
+    path = Path(path)
+    if is_dicom_file(path):
+        if lattice is None:
+            raise ValueError("an RTSTRUCT needs a lattice to be rasterised onto")
+        return read_rtstruct(path, lattice, what, expected_frame_uid=expected_frame_uid, warnings=warnings)
+    return read_structures(path, what)
