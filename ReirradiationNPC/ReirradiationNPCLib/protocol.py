@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .eqd2 import eqd2
 from .errors import InputError
 
 ROLES = ("oar", "target", "body")
@@ -101,6 +102,62 @@ class RecoveryModel:
 
 
 @dataclass(frozen=True)
+class MarginRecipe:
+    """Guideline target margins (mm). See docs/science.md, "Target margins"."""
+
+    gtv: tuple[str, ...]                 # structure names (case-insensitive) united into the GTV
+    ctv_mm: float                        # GTV -> CTV isotropic margin (mm)
+    ptv_mm: float                        # CTV -> PTV isotropic margin (mm)
+    air_hu: float | None                 # CTV voxels with CT number below this (HU) are removed; None = no air crop
+    crop_to: str | None                  # body structure (name or alias) the CTV and PTV are cropped to
+    avoid_organs: tuple[str, ...]        # organ keys the CTV is kept away from
+    avoid_distance_mm: float             # CTV voxels closer than this (mm) to an avoided organ are removed
+    source: str
+    verified: bool
+
+
+@dataclass(frozen=True)
+class Prescription:
+    """Target prescription as an EQD2 range (Gy) at the target alpha/beta, with optional coverage criteria."""
+
+    scope: str                           # which EQD2 the range applies to: current | cumulative
+    alpha_beta: float                    # Gy
+    eqd2_min_gy: float
+    eqd2_max_gy: float
+    dose_gy: float | None                # optional physical prescription of the current course (Gy)
+    fractions: int | None
+    v95_min_percent: float | None        # V95% (of reference EQD2) >= this % of the target volume
+    d95_min_percent: float | None        # D95% >= this % of the reference EQD2
+    d98_min_percent: float | None        # near-minimum D98% >= this % of the reference EQD2
+    d2_max_percent: float | None         # near-maximum D2% <= this % of the reference EQD2
+    source: str
+    verified: bool
+
+    @property
+    def reference_eqd2_gy(self) -> float:
+        """EQD2 (Gy) coverage is judged against: the nominal EQD2 of dose_gy/fractions, else the range minimum."""
+        if self.dose_gy is not None and self.fractions is not None:
+            return float(eqd2(self.dose_gy, self.fractions, self.alpha_beta))
+        return self.eqd2_min_gy
+
+    @property
+    def reference_rule(self) -> str:
+        if self.dose_gy is not None and self.fractions is not None:
+            return (f"nominal EQD2 of {self.dose_gy:g} Gy in {self.fractions} fractions at alpha/beta "
+                    f"{self.alpha_beta:g} Gy")
+        return "minimum of the prescribed EQD2 range"
+
+
+@dataclass(frozen=True)
+class ReirradiationTypeRule:
+    """ESTRO-EORTC type: Type 1 when the current PTV overlaps prior physical dose >= threshold_gy."""
+
+    threshold_gy: float
+    source: str
+    verified: bool
+
+
+@dataclass(frozen=True)
 class Protocol:
     name: str
     version: str
@@ -112,6 +169,9 @@ class Protocol:
     synthetic: bool = False
     description: str = ""
     warn_tolerance_percent: float = 5.0
+    margins: MarginRecipe | None = None
+    prescription: Prescription | None = None
+    reirradiation_type: ReirradiationTypeRule | None = None
 
     def match(self, structure_name: str) -> Organ | None:
         """Organ whose alias (case-insensitive, surrounding blanks ignored) equals the structure name."""
@@ -216,7 +276,8 @@ class _V:
 def parse_protocol(data, source: str) -> Protocol:
     v = _V(source)
     top = v.mapping(data, "", {"name", "version", "description", "synthetic", "alpha_beta", "recovery",
-                               "organs", "warn_tolerance_percent", "references"},
+                               "organs", "warn_tolerance_percent", "references", "margins", "prescription",
+                               "reirradiation_type"},
                     {"name", "version", "alpha_beta", "recovery", "organs"})
     ab = v.mapping(top["alpha_beta"], "alpha_beta", {"default", "source"}, {"default"})
     default_ab = v.number(ab["default"], "alpha_beta.default", positive=True)
@@ -287,7 +348,91 @@ def parse_protocol(data, source: str) -> Protocol:
                     path=source, default_alpha_beta=default_ab,
                     default_alpha_beta_source=str(ab.get("source", "")), recovery=recovery, organs=organs,
                     synthetic=v.boolean(top.get("synthetic", False), "synthetic"),
-                    description=str(top.get("description", "")), warn_tolerance_percent=tol)
+                    description=str(top.get("description", "")), warn_tolerance_percent=tol,
+                    margins=_parse_margins(v, top["margins"], organs) if top.get("margins") is not None else None,
+                    prescription=(_parse_prescription(v, top["prescription"])
+                                  if top.get("prescription") is not None else None),
+                    reirradiation_type=(_parse_reirradiation_type(v, top["reirradiation_type"])
+                                        if top.get("reirradiation_type") is not None else None))
+
+
+def _parse_margins(v: _V, raw, organs: dict[str, Organ]) -> MarginRecipe:
+    k = "margins"
+    m = v.mapping(raw, k, {"gtv", "ctv_mm", "ptv_mm", "air_hu", "crop_to", "avoid", "source", "verified", "note"},
+                  {"gtv", "ctv_mm", "ptv_mm", "source", "verified"})
+    gtv = m["gtv"]
+    if isinstance(gtv, str):
+        gtv = [gtv]
+    if not isinstance(gtv, list) or not gtv:
+        v.fail(f"{k}.gtv", "must be a non-empty list of GTV structure names")
+    gtv = tuple(v.string(g, f"{k}.gtv") for g in gtv)
+    ctv = v.number(m["ctv_mm"], f"{k}.ctv_mm", minimum=0, maximum=50)
+    ptv = v.number(m["ptv_mm"], f"{k}.ptv_mm", minimum=0, maximum=50)
+    air = m.get("air_hu")
+    air = None if air is None else v.number(air, f"{k}.air_hu", minimum=-1100, maximum=500)
+    crop = m.get("crop_to")
+    crop = None if crop is None else v.string(crop, f"{k}.crop_to")
+    avoid_organs: tuple[str, ...] = ()
+    avoid_mm = 0.0
+    if m.get("avoid") is not None:
+        a = v.mapping(m["avoid"], f"{k}.avoid", {"organs", "distance_mm"}, {"organs", "distance_mm"})
+        if not isinstance(a["organs"], list) or not a["organs"]:
+            v.fail(f"{k}.avoid.organs", "must be a non-empty list of organ keys")
+        for o in a["organs"]:
+            if str(o) not in organs:
+                v.fail(f"{k}.avoid.organs", f"unknown organ {o!r} (not under organs:)")
+        avoid_organs = tuple(str(o) for o in a["organs"])
+        avoid_mm = v.number(a["distance_mm"], f"{k}.avoid.distance_mm", minimum=0, maximum=50)
+    return MarginRecipe(gtv, ctv, ptv, air, crop, avoid_organs, avoid_mm, v.string(m["source"], f"{k}.source"),
+                        v.boolean(m["verified"], f"{k}.verified"))
+
+
+def _parse_prescription(v: _V, raw) -> Prescription:
+    k = "prescription"
+    p = v.mapping(raw, k, {"scope", "alpha_beta", "eqd2_gy", "dose_gy", "fractions", "coverage", "source",
+                           "verified", "note"}, {"scope", "alpha_beta", "eqd2_gy", "source", "verified"})
+    if p["scope"] not in SCOPES:
+        v.fail(f"{k}.scope", f"must be one of {', '.join(SCOPES)}, got {p['scope']!r}")
+    ab = v.number(p["alpha_beta"], f"{k}.alpha_beta", positive=True)
+    rng = v.mapping(p["eqd2_gy"], f"{k}.eqd2_gy", {"min", "max"}, {"min", "max"})
+    lo = v.number(rng["min"], f"{k}.eqd2_gy.min", positive=True)
+    hi = v.number(rng["max"], f"{k}.eqd2_gy.max", positive=True)
+    if hi < lo:
+        v.fail(f"{k}.eqd2_gy", f"max ({hi:g}) is below min ({lo:g})")
+    dose = p.get("dose_gy")
+    n = p.get("fractions")
+    if (dose is None) != (n is None):
+        v.fail(f"{k}.dose_gy" if dose is None else f"{k}.fractions", "give dose_gy and fractions together")
+    if dose is not None:
+        dose = v.number(dose, f"{k}.dose_gy", positive=True)
+        nf = v.number(n, f"{k}.fractions", minimum=1)
+        if nf != int(nf):
+            v.fail(f"{k}.fractions", f"must be a whole number, got {n!r}")
+        n = int(nf)
+    cov = {}
+    if p.get("coverage") is not None:
+        c = v.mapping(p["coverage"], f"{k}.coverage",
+                      {"v95_min_percent", "d95_min_percent", "d98_min_percent", "d2_max_percent"})
+        for key in ("v95_min_percent", "d95_min_percent", "d98_min_percent"):
+            if c.get(key) is not None:
+                cov[key] = v.number(c[key], f"{k}.coverage.{key}", minimum=0, maximum=100)
+        if c.get("d2_max_percent") is not None:
+            cov["d2_max_percent"] = v.number(c["d2_max_percent"], f"{k}.coverage.d2_max_percent", minimum=100,
+                                             maximum=200)
+    out = Prescription(p["scope"], ab, lo, hi, dose, n, cov.get("v95_min_percent"), cov.get("d95_min_percent"),
+                       cov.get("d98_min_percent"), cov.get("d2_max_percent"), v.string(p["source"], f"{k}.source"),
+                       v.boolean(p["verified"], f"{k}.verified"))
+    if dose is not None and not lo - 1e-9 <= out.reference_eqd2_gy <= hi + 1e-9:
+        v.fail(f"{k}.dose_gy", f"{dose:g} Gy in {n} fractions is {out.reference_eqd2_gy:.2f} Gy EQD2 (alpha/beta "
+                               f"{ab:g}), outside the prescribed range {lo:g}-{hi:g} Gy")
+    return out
+
+
+def _parse_reirradiation_type(v: _V, raw) -> ReirradiationTypeRule:
+    k = "reirradiation_type"
+    r = v.mapping(raw, k, {"threshold_gy", "source", "verified", "note"}, {"threshold_gy", "source", "verified"})
+    return ReirradiationTypeRule(v.number(r["threshold_gy"], f"{k}.threshold_gy", positive=True),
+                                 v.string(r["source"], f"{k}.source"), v.boolean(r["verified"], f"{k}.verified"))
 
 
 def _parse_constraint(v: _V, raw, key: str) -> Constraint:
