@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
+        self.tty = _interactive()
         self.t0 = self.last = time.perf_counter()
 
     def __call__(self, step: str) -> None:
@@ -29,6 +30,17 @@ class _Progress:
             click.echo(f"  [{now - self.t0:6.1f} s] {step}", err=True)
         log.info("%s (%.2f s since start)", step, now - self.t0)
         self.last = now
+
+    def finish(self) -> None:
+        now = time.perf_counter()
+        if self.enabled and self.tty:
+            click.echo(f"  [{now - self.t0:6.1f} s] done", err=True)
+        log.info("done in %.2f s", now - self.t0)
+
+
+def _interactive() -> bool:
+    """Progress lines only on an interactive terminal: never in logs, pipes or CI (``CI`` set)."""
+    return sys.stderr.isatty() and not os.environ.get("CI") and os.environ.get("TERM") != "dumb"
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -106,6 +118,7 @@ def run(ctx, case, output, overwrite):
     from .pipeline import run_case
     prog = _Progress(not ctx.obj["quiet"])
     results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog), ctx.obj["verbose"])
+    prog.finish()
     print_summary(results, output)
 
 
@@ -129,6 +142,7 @@ def demo(ctx, output, overwrite):
         return run_case(case_path, output / "results", overwrite=True, progress=prog)
 
     results = _guard(go, ctx.obj["verbose"])
+    prog.finish()
     click.echo("SYNTHETIC DEMO - not a patient, not for clinical use.")
     print_summary(results, output / "results")
 

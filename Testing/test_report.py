@@ -1,0 +1,168 @@
+"""report.html: written by `run`, self-contained, the same numbers as results.json; progress and --quiet."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ReirradiationNPCLib import cli
+from ReirradiationNPCLib.dvh_curves import cumulative_dvh
+from ReirradiationNPCLib.report import DISCLAIMER, render_html
+
+
+def _runner() -> CliRunner:
+    try:
+        return CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_out(synthetic_case, tmp_path_factory, monkeypatch_module):
+    """One `run` of the synthetic case with progress forced on (as on a terminal)."""
+    monkeypatch_module.setattr(cli, "_interactive", lambda: True)
+    out = tmp_path_factory.mktemp("report") / "out"
+    res = _runner().invoke(cli.main, ["run", str(synthetic_case), "--output", str(out)])
+    assert res.exit_code == 0, (res.output, res.stderr, res.exception)
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _report(out: Path) -> str:
+    return (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_written_and_self_contained(run_out):
+    out, _ = run_out
+    text = _report(out)
+    assert text.startswith("<!DOCTYPE html>")
+    refs = re.findall(r'\b(?:src|href)\s*=\s*["\']([^"\']*)["\']', text, flags=re.I)
+    assert refs, "the report embeds its figures"
+    assert all(r.startswith("data:image/png;base64,") or r.startswith("#") for r in refs), refs
+    assert not re.search(r"<link\b|<script\b|@import|url\(", text, flags=re.I)
+    # the three figures (DVH, slices, 3D) are embedded, not placeholders
+    assert text.count("data:image/png;base64,") == 3
+    results = json.loads((out / "results.json").read_text())
+    assert "report.html" in results["outputs"]
+
+
+def test_verdict_line_counts_from_results(run_out):
+    out, _ = run_out
+    text = _report(out)
+    results = json.loads((out / "results.json").read_text())
+    n_fail = sum(1 for c in results["constraints"] if c["status"] == "fail")
+    assert n_fail == 3  # the synthetic demo protocol: brainstem, left temporal lobe V40Gy, left carotid
+    m = re.search(r'<div id="verdict"[^>]*>(.*?)</div>', text, flags=re.S)
+    assert m
+    verdict = html.unescape(re.sub(r"<[^>]+>", " ", m.group(1)))
+    assert "3 FAILURES" in verdict
+    assert f"{results['summary']['unverified_limits_used']} unverified limit(s) used" in verdict
+    # the order of the sections is the one of the brief
+    order = ["identification", "summary", "courses", "protocol", "constraints", "dvh", "slices", "view3d",
+             "assumptions", "disclaimer"]
+    pos = [text.index(f'<section id="{s}"') for s in order]
+    assert pos == sorted(pos)
+
+
+def test_every_constraint_row_matches_results_json(run_out):
+    out, _ = run_out
+    text = _report(out)
+    results = json.loads((out / "results.json").read_text())
+    rows = re.findall(r'<tr class="st-([a-z_]+)" data-row="(\d+)"[^>]*>(.*?)</tr>', text, flags=re.S)
+    assert len(rows) == len(results["constraints"]) > 10
+    for status, n, body in rows:
+        c = results["constraints"][int(n)]
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", td)) for td in re.findall(r"<td[^>]*>(.*?)</td>", body, re.S)]
+        assert status == c["status"]
+        assert cells[1] == c["organ"] and cells[3] == c["metric"] and cells[4] == c["scope"]
+        expect_value = "\u2013" if c["value"] is None else f"{c['value']:.2f} {c['unit']}"
+        expect_limit = "no limit" if c["limit"] is None else f"{c['limit']:.2f} {c['unit']}"
+        assert cells[5] == expect_value
+        assert cells[6] == expect_limit
+        if c["margin"] is not None:
+            assert cells[7] == f"{c['margin']:.2f} {c['unit']}"
+        assert cells[10] == ("yes" if c["verified"] else "NO")
+        assert cells[11].startswith(c["source"])
+    # a hand-checkable row: the cord's cumulative limit is Nieder's 67.75 Gy EQD2, verified
+    cord = [r for r in results["constraints"] if r["organ"] == "spinal_cord" and r["scope"] == "cumulative"][0]
+    assert cord["limit"] == 67.75 and cord["verified"] is True
+    assert "67.75 Gy" in text
+
+
+def test_disclaimer_and_assumptions(run_out):
+    out, _ = run_out
+    text = _report(out)
+    results = json.loads((out / "results.json").read_text())
+    assert html.escape(DISCLAIMER, quote=True) in text
+    assert "clinician decides" in text
+    assumptions = results["assumptions"]["model"]
+    assert assumptions
+    for a in assumptions:
+        assert html.escape(a, quote=True) in text
+    # courses: fractions and the recovery credit actually applied (33 fx, 30 months -> 50% on the cord)
+    assert "<td>33</td>" in text and "<td>54</td>" in text
+    assert "spinal_cord: 50%" in text
+
+
+def test_progress_on_a_terminal_and_quiet(run_out, tmp_path, monkeypatch):
+    _, res = run_out
+    steps = [ln for ln in res.stderr.splitlines() if re.match(r"\s+\[\s*\d+\.\d s\] ", ln)]
+    assert any("writing report" in s for s in steps) and steps[-1].endswith("done")
+    # --quiet: no step lines even on a terminal; a fast failing case shows it (progress starts before the error)
+    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    case = tmp_path / "case.yaml"
+    case.write_text("reference: {structures: nowhere}\nprotocol: npc-reirradiation\n"
+                    "courses:\n  - {name: c1, dose: missing.nrrd, fractions: 30}\n")
+    loud = _runner().invoke(cli.main, ["run", str(case), "--output", str(tmp_path / "o1")])
+    quiet = _runner().invoke(cli.main, ["--quiet", "run", str(case), "--output", str(tmp_path / "o2")])
+    assert loud.exit_code == quiet.exit_code == 2
+    assert "loading protocol" in loud.stderr
+    assert "loading" not in quiet.stderr and quiet.stderr.strip().startswith("error:")
+    # not a terminal (logs, CI): quiet without --quiet
+    monkeypatch.setattr(cli, "_interactive", lambda: False)
+    piped = _runner().invoke(cli.main, ["run", str(case), "--output", str(tmp_path / "o3")])
+    assert "loading protocol" not in piped.stderr
+
+
+def test_report_from_results_alone_degrades_gracefully():
+    """No arrays: placeholders instead of figures; unknown optional sections shown when present."""
+    res = {
+        "software": {"name": "ReirradiationNPC", "version": "0"},
+        "protocol": {"name": "P", "version": "1", "synthetic": False},
+        "case": {"file": "/x/case.yaml", "patient": {"id": "ID<1>"}, "date": "2026-01-01"},
+        "assumptions": {"courses": [], "model": ["LQ model."]},
+        "constraints": [{"organ": "brainstem", "structure": "BS", "metric": "Dmax", "scope": "cumulative",
+                         "value": 49.994, "limit": 54.0, "unit": "Gy", "status": "pass", "margin": 4.006,
+                         "source": "S", "verified": True}],
+        "summary": {"counts": {"pass": 1, "fail": 0}, "unverified_limits_used": 0},
+        "registration": {"course1": {"method": "rigid", "tre_mm": 1.25}},
+    }
+    text = render_html(res)
+    assert "ALL EVALUATED LIMITS MET" in text
+    assert "ID&lt;1&gt;" in text and "ID<1>" not in text  # escaped
+    assert '<section id="registration">' in text and "1.25" in text
+    assert '<section id="targets">' not in text  # absent -> not shown
+    assert text.count('class="placeholder"') == 3
+    assert ">49.99 Gy<" in text and ">4.01 Gy<" in text
+
+
+def test_display_dvh_curve_hand_values():
+    # 4 samples of 0.5 cc at 0.05, 1.0, 1.0 and 2.55 Gy: V(>=0) = 2 cc, V(>=0.1) = 1.5, V(>=1.1) = 0.5,
+    # V(>=2.5) = 0.5, V(>=2.6) = 0
+    c = cumulative_dvh(np.array([0.05, 1.0, 1.0, 2.55]), 0.5, bin_gy=0.1)
+    at = {round(d, 6): v for d, v in zip(c.dose_gy, c.volume_cc)}
+    assert at[0.0] == 2.0 and at[0.1] == 1.5 and at[1.0] == 1.5 and at[1.1] == 0.5
+    assert at[2.5] == 0.5 and at[2.6] == 0.0
+    assert c.total_cc == 2.0 and c.volume_percent[0] == 100.0
