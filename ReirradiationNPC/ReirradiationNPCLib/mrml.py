@@ -1,0 +1,634 @@
+"""The MRML adapter: Slicer nodes -> engine inputs, engine results -> Slicer nodes.
+
+Works in 3D Slicer (with SlicerRT) and headless on the PyPI ``slicer-core`` (see :mod:`.mrml_headless`). No Qt, no
+dialogs: errors are :class:`errors.InputError`, progress goes through a callback.
+
+Coordinates: Slicer nodes live in RAS millimetres, the engine in LPS millimetres (DICOM / ITK). Converting one to
+the other negates the first two axes: p_LPS = F p_RAS with F = diag(-1, -1, 1). Arrays stay indexed (k, j, i).
+Transforms: a node under a transform node has local coordinates; the transform's "to parent" maps them to world.
+To read a course dose at the evaluation grid's points, the engine needs the map reference-local -> dose-local
+(ITK resampling convention), i.e. Slicer's ``GetTransformBetweenNodes(reference parent, dose parent)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from . import overlays as ov
+from .analysis import Analysis, CourseData, StructureData, compute
+from .case import CaseSpec, CourseSpec
+from .errors import InputError
+from .geometry import Grid, Volume, grids_overlap, resample_linear
+from .io import Structure
+from .masks import structure_on_grid
+from .pipeline import Prepared, build_results
+from .protocol import Protocol, load_protocol, parse_metric
+from .results import Results
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+F3 = np.diag([-1.0, -1.0, 1.0])
+F4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: SlicerRT marks dose volumes with this attribute (value "1"); its isodose and DVH modules look for it.
+DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"
+#: SlicerRT reads the dose unit from these attributes of the volume's parent (study) item.
+DOSE_UNIT_NAME_ATTRIBUTE = "DicomRtImport.DoseUnitName"
+DOSE_UNIT_VALUE_ATTRIBUTE = "DicomRtImport.DoseUnitValue"
+#: Our own attributes, so that nodes can be found again (and a saved scene keeps what they are).
+ROLE_ATTRIBUTE = "ReirradiationNPC.Role"
+COURSE_ATTRIBUTE = "ReirradiationNPC.Course"
+DOSE_COLOR_TABLE_NAME = "ReirradiationNPC EQD2 dose"
+MARGIN_OPACITY = 0.35
+PALETTE = [(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.58, 0.40, 0.74), (0.55, 0.34, 0.29),
+           (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81), (0.68, 0.78, 0.91),
+           (1.0, 0.73, 0.47), (0.60, 0.87, 0.54), (0.77, 0.69, 0.84), (0.77, 0.61, 0.58)]
+
+
+def _scene(scene=None):
+    scene = scene or slicer.mrmlScene
+    if scene is None:
+        raise RuntimeError("no MRML scene: run inside Slicer or call mrml_headless.start() first")
+    return scene
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+def _matrix_to_numpy(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def grid_from_ijk_to_ras(ijk_to_ras: np.ndarray, dims: tuple[int, int, int], extent_start=(0, 0, 0)) -> Grid:
+    """Engine grid (LPS) of an image whose voxel (i, j, k) lies at ``ijk_to_ras @ (i, j, k, 1)`` (RAS mm)."""
+    a = np.asarray(ijk_to_ras, dtype=float)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise InputError(f"image has a degenerate IJK-to-RAS matrix (spacing {spacing.tolist()})", field="geometry")
+    direction_ras = a[:3, :3] / spacing
+    origin_ras = a[:3, :3] @ np.asarray(extent_start, dtype=float) + a[:3, 3]
+    direction = F3 @ direction_ras
+    origin = F3 @ origin_ras
+    return Grid(tuple(int(d) for d in dims), tuple(float(v) for v in origin), tuple(float(s) for s in spacing),
+                tuple(float(v) for v in direction.ravel()))
+
+
+def ijk_to_ras_from_grid(grid: Grid) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of an engine grid."""
+    m = np.eye(4)
+    m[:3, :3] = F3 @ grid.direction_matrix @ np.diag(grid.spacing)
+    m[:3, 3] = F3 @ np.asarray(grid.origin)
+    return m
+
+
+def volume_from_node(node, dtype=np.float32) -> Volume:
+    """A scalar volume node as an engine Volume (LPS geometry, array k, j, i). Ignores any parent transform."""
+    if node is None or node.GetImageData() is None:
+        raise InputError("volume has no image data", source=node.GetName() if node else "(none)", field="volume")
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    img = node.GetImageData()
+    if img.GetNumberOfScalarComponents() != 1:
+        raise InputError("expected a scalar volume", source=node.GetName(), field="volume")
+    dims = img.GetDimensions()
+    arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(dims[::-1])
+    arr = arr.astype(dtype, copy=True) if dtype is not None else arr.copy()
+    vol = Volume(arr, grid_from_ijk_to_ras(_matrix_to_numpy(m), dims))
+    vol.name = node.GetName()
+    vol.meta["node_id"] = node.GetID()
+    return vol
+
+
+def _image_data(array: np.ndarray) -> vtk.vtkImageData:
+    arr = np.ascontiguousarray(array)
+    img = vtk.vtkImageData()
+    img.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
+    vtk_arr = numpy_support.numpy_to_vtk(arr.ravel(), deep=True)
+    img.GetPointData().SetScalars(vtk_arr)
+    return img
+
+
+def add_volume_node(volume: Volume, name: str, scene=None, cls: str = "vtkMRMLScalarVolumeNode"):
+    """A new volume node holding ``volume`` (geometry converted LPS -> RAS)."""
+    scene = _scene(scene)
+    node = scene.AddNewNodeByClass(cls, name)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras_from_grid(volume.grid)))
+    node.SetAndObserveImageData(_image_data(volume.array))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+def _parent_transform(node):
+    return node.GetParentTransformNode() if node is not None else None
+
+
+def resampling_transform(reference_node, moving_node, reference_grid: Grid) -> sitk.Transform | None:
+    """ITK transform mapping reference-local LPS points to ``moving_node``-local LPS points (None: identity).
+
+    Linear transforms become an exact affine transform; others are sampled at the voxel centres of
+    ``reference_grid`` into a displacement field.
+    """
+    src, dst = _parent_transform(reference_node), _parent_transform(moving_node)
+    if src is dst:
+        return None
+    m = vtk.vtkMatrix4x4()
+    if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(src, dst, m):
+        a = F4 @ _matrix_to_numpy(m) @ F4
+        if np.allclose(a, np.eye(4), atol=1e-9):
+            return None
+        t = sitk.AffineTransform(3)
+        t.SetMatrix(tuple(float(v) for v in a[:3, :3].ravel()))
+        t.SetTranslation(tuple(float(v) for v in a[:3, 3]))
+        return t
+    general = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(src, dst, general)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reference_grid.shape), indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
+    del i, j, k
+    pts_lps = reference_grid.index_to_physical(ijk)
+    pts = vtk.vtkPoints()
+    pts.SetData(numpy_support.numpy_to_vtk(pts_lps @ F3, deep=True))
+    out = vtk.vtkPoints()
+    general.TransformPoints(pts, out)
+    moved_lps = numpy_support.vtk_to_numpy(out.GetData()).astype(float) @ F3
+    disp = (moved_lps - pts_lps).reshape(reference_grid.shape + (3,))
+    field = sitk.GetImageFromArray(disp, isVector=True)
+    reference_grid.apply_to(field)
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def _coverage(source: Grid, target: Grid, transform: sitk.Transform | None) -> np.ndarray | None:
+    """Bool map on ``target``: voxels that fall inside ``source`` (None when all do)."""
+    ones = sitk.Image([int(s) for s in source.size], sitk.sitkUInt8) + 1
+    source.apply_to(ones)
+    out = sitk.Resample(ones, target.reference_image(), transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                        sitk.sitkUInt8)
+    cov = sitk.GetArrayViewFromImage(out) > 0
+    return None if cov.all() else cov.copy()
+
+
+# ---------------------------------------------------------------------------------------------- structures
+
+def structures_from_segmentation(segmentation_node) -> list[Structure]:
+    """Every segment as an engine Structure on its own binary-labelmap geometry (LPS)."""
+    if segmentation_node is None:
+        raise InputError("no segmentation selected", field="structures")
+    seg = segmentation_node.GetSegmentation()
+    if seg.GetNumberOfSegments() == 0:
+        raise InputError("segmentation has no segments", source=segmentation_node.GetName(), field="structures")
+    out = []
+    for idx in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(idx)
+        segment = seg.GetSegment(sid)
+        image = slicer.vtkOrientedImageData()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+                segmentation_node, sid, image):
+            raise InputError(f"segment {segment.GetName()!r} has no binary labelmap",
+                             source=segmentation_node.GetName(), field="structures")
+        ext = image.GetExtent()
+        dims = (ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1)
+        m = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(m)
+        if min(dims) <= 0 or image.GetPointData().GetScalars() is None:
+            mask = np.zeros((1, 1, 1), dtype=bool)
+            grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), (1, 1, 1))
+        else:
+            arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+            mask = arr > 0
+            grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), dims, extent_start=(ext[0], ext[2], ext[4]))
+        out.append(Structure(segment.GetName(), mask, grid, segmentation_node.GetName(),
+                             tuple(float(c) for c in segment.GetColor())))
+    return out
+
+
+def _oriented_image(mask: np.ndarray, grid: Grid):
+    image = slicer.vtkOrientedImageData()
+    image.ShallowCopy(_image_data(mask.astype(np.uint8)))
+    image.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras_from_grid(grid)))
+    return image
+
+
+def add_segment(segmentation_node, name: str, mask: np.ndarray, box: tuple[slice, slice, slice], grid: Grid,
+                color: tuple[float, float, float], opacity: float = 1.0, attributes: dict | None = None) -> str:
+    """Add a segment from a bool crop ``mask`` at ``box`` (k, j, i) of ``grid``; returns the segment ID."""
+    seg = segmentation_node.GetSegmentation()
+    sid = seg.AddEmptySegment("", name, list(color))
+    lo = tuple(b.start for b in box[::-1])
+    hi = tuple(b.stop for b in box[::-1])
+    image = _oriented_image(mask, grid.subgrid(lo, hi))
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation_node, sid):
+        raise RuntimeError(f"could not set the labelmap of segment {name!r}")
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetSegmentOpacity3D(sid, opacity)
+        display.SetSegmentOpacity2DFill(sid, min(opacity, 0.5))
+    for k, v in (attributes or {}).items():
+        seg.GetSegment(sid).SetTag(k, str(v))
+    return sid
+
+
+# -------------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class CourseInput:
+    """One course as Slicer holds it. ``interval_months`` is None for the current (last) course."""
+
+    name: str
+    dose_node: object
+    fractions: int
+    interval_months: float | None = None
+
+
+def _check_course_inputs(courses: list[CourseInput]) -> None:
+    if not courses:
+        raise InputError("add at least one course (the last one is the current course)", field="courses")
+    names = [c.name for c in courses]
+    for i, c in enumerate(courses):
+        key = f"courses[{i}]"
+        if not c.name or c.name in names[:i] or c.name == "cumulative":
+            raise InputError(f"course name {c.name!r} is empty, reserved or used twice", field=f"{key}.name")
+        if c.dose_node is None:
+            raise InputError("no dose volume selected", source=c.name, field=f"{key}.dose")
+        if isinstance(c.fractions, bool) or int(c.fractions) != c.fractions or c.fractions < 1:
+            raise InputError(f"fractions must be a whole number >= 1, got {c.fractions!r}", source=c.name,
+                             field=f"{key}.fractions")
+        current = i == len(courses) - 1
+        if not current and (c.interval_months is None or not np.isfinite(c.interval_months)
+                            or c.interval_months < 0):
+            raise InputError("interval (months from the end of this prior course to the current one) must be "
+                             f">= 0, got {c.interval_months!r}", source=c.name, field=f"{key}.interval_months")
+
+
+def _check_dose(vol: Volume, name: str, field_name: str) -> None:
+    if not np.isfinite(vol.array).all():
+        raise InputError("dose contains NaN or infinite voxels", source=name, field=field_name)
+    if vol.array.size and float(vol.array.min()) < 0:
+        raise InputError("dose contains negative values", source=name, field=field_name)
+    from .io import MAX_PLAUSIBLE_DOSE_GY
+    if vol.array.size and float(vol.array.max()) > MAX_PLAUSIBLE_DOSE_GY:
+        raise InputError(f"maximum dose {float(vol.array.max()):.5g} exceeds {MAX_PLAUSIBLE_DOSE_GY:g} Gy: "
+                         "is the dose in cGy? physical dose in Gy is required", source=name, field=field_name)
+
+
+def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: Protocol | str,
+                       progress: Progress | None = None) -> Prepared:
+    """Engine inputs from nodes. The evaluation grid is the current (last) course's dose grid.
+
+    Prior doses under a transform node are read through it (reference-local -> dose-local). The segmentation
+    must be in the same frame as the current dose (same parent transform).
+    """
+    say = progress or (lambda m: None)
+    _check_course_inputs(courses)
+    if isinstance(protocol, str):
+        protocol = load_protocol(protocol)
+    ref_node = courses[-1].dose_node
+    if _parent_transform(segmentation_node) is not _parent_transform(ref_node):
+        raise InputError("the segmentation and the current dose are under different transforms; put them in "
+                         "the same frame (or harden the transform)", source=segmentation_node.GetName(),
+                         field="structures")
+    say("reading dose volumes")
+    doses = []
+    for i, c in enumerate(courses):
+        vol = volume_from_node(c.dose_node)
+        _check_dose(vol, c.dose_node.GetName(), f"courses[{i}].dose")
+        doses.append(vol)
+    grid = doses[-1].grid
+    course_data, specs = [], []
+    for i, (c, dose) in enumerate(zip(courses, doses)):
+        is_current = i == len(courses) - 1
+        say(f"mapping dose of {c.name}")
+        t = None if is_current else resampling_transform(ref_node, c.dose_node, grid)
+        if t is None and not grids_overlap(dose.grid, grid):
+            raise InputError("dose grid does not overlap the current dose grid", source=c.dose_node.GetName(),
+                             field=f"courses[{i}].dose")
+        arr = resample_linear(dose, grid, transform=t)
+        cov = _coverage(dose.grid, grid, t)
+        if cov is not None and not cov.any():
+            raise InputError("after its transform, this dose does not overlap the current dose grid",
+                             source=c.dose_node.GetName(), field=f"courses[{i}].dose")
+        method = "identity" if t is None else f"transform node {_parent_transform(c.dose_node).GetName()}"
+        course_data.append(CourseData(name=c.name, dose=arr, fractions=int(c.fractions),
+                                      interval_months=None if is_current else float(c.interval_months),
+                                      is_current=is_current, registration=method, dose_file=c.dose_node.GetName(),
+                                      coverage=cov))
+        specs.append(CourseSpec(name=c.name, dose=Path(c.dose_node.GetName()), fractions=int(c.fractions),
+                                interval_months=None if is_current else float(c.interval_months),
+                                registration={"method": method}, is_current=is_current))
+    say("reading structures")
+    warnings = []
+    structures = []
+    for s in structures_from_segmentation(segmentation_node):
+        organ = protocol.match(s.name)
+        on = structure_on_grid(s, grid)
+        if on is None:
+            warnings.append(f"structure {s.name!r} has no voxel on the evaluation grid (outside it or empty)")
+            mask, box = np.zeros((0, 0, 0), bool), (slice(0, 0),) * 3
+        else:
+            mask, box = on
+        structures.append(StructureData(s.name, mask, box, organ))
+    scene_url = ref_node.GetScene().GetURL() if ref_node.GetScene() is not None else ""
+    case = CaseSpec(path=Path(scene_url or "MRML scene"), reference_image=None,
+                    reference_structures=Path(segmentation_node.GetName()), grid="dose",
+                    protocol=protocol.path, courses=specs)
+    return Prepared(case, protocol, grid, course_data, structures, None, warnings)
+
+
+def run_engine(prep: Prepared, progress: Progress | None = None) -> tuple[Analysis, Results]:
+    """analysis.compute and pipeline.build_results on prepared inputs (no file is written)."""
+    analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
+    return analysis, build_results(prep, analysis)
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+@dataclass
+class OutputNodes:
+    folder_item: int
+    course_eqd2: dict = field(default_factory=dict)   # course name -> volume node
+    cumulative: object = None
+    alpha_beta: object = None
+    overlays: object = None                           # segmentation node: targets, violations
+    constraints_table: object = None
+    dvh_table: object = None
+    dvh_chart: object = None
+    color_table: object = None
+    violations: list = field(default_factory=list)    # overlays.Overlay, same order as their segments
+    worst_violation_ras: tuple | None = None          # RAS mm of the hottest voxel of the worst violation
+
+
+def dose_color_table(scene=None):
+    """A continuous dose colour table (blue -> cyan -> green -> yellow -> red), created once per scene."""
+    scene = _scene(scene)
+    existing = scene.GetFirstNodeByName(DOSE_COLOR_TABLE_NAME)
+    if existing is not None:
+        return existing
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DOSE_COLOR_TABLE_NAME)
+    node.SetTypeToUser()
+    n = 256
+    node.SetNumberOfColors(n)
+    stops = np.array([[0.0, 0, 0, 1], [0.25, 0, 1, 1], [0.5, 0, 1, 0], [0.75, 1, 1, 0], [1.0, 1, 0, 0]])
+    x = np.linspace(0, 1, n)
+    rgb = np.stack([np.interp(x, stops[:, 0], stops[:, c]) for c in (1, 2, 3)], axis=1)
+    for i in range(n):
+        node.SetColor(i, f"{i}", *rgb[i], 1.0)
+    node.SetAttribute(ROLE_ATTRIBUTE, "dose_color_table")
+    node.SetSingletonTag(DOSE_COLOR_TABLE_NAME)
+    return node
+
+
+def _dose_display(node, color_table, top_gy: float, threshold_gy: float = 0.5) -> None:
+    """Colour wash: dose colours from 0 to ``top_gy``; voxels below ``threshold_gy`` transparent in slice views."""
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(color_table.GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, max(top_gy, 1.0))
+    display.SetThreshold(threshold_gy, max(top_gy, 1.0) * 10)
+    display.SetApplyThreshold(1)
+
+
+def _mark_dose(node, role: str, course: str | None = None) -> None:
+    node.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    if course:
+        node.SetAttribute(COURSE_ATTRIBUTE, course)
+
+
+def _set_parent(sh, node, folder: int) -> None:
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, folder)
+
+
+def _table_columns(table_node, columns: list[tuple[str, str, list]]) -> None:
+    """Fill a table node: (name, 'string' | 'double', values)."""
+    table = table_node.GetTable()
+    for name, kind, values in columns:
+        arr = vtk.vtkStringArray() if kind == "string" else vtk.vtkDoubleArray()
+        arr.SetName(name)
+        for v in values:
+            if kind == "string":
+                arr.InsertNextValue("" if v is None else str(v))
+            else:
+                arr.InsertNextValue(float("nan") if v is None else float(v))
+        table.AddColumn(arr)
+    table_node.Modified()
+
+
+CONSTRAINT_COLUMNS = ("Status", "Organ", "Structure", "Metric", "Scope", "Value", "Limit", "Unit", "Margin",
+                      "Verified", "Source", "Alpha/beta (Gy)", "Recovery credit")
+
+
+def constraints_table(results: Results, name: str, scene=None):
+    """One row per evaluated constraint, in the engine's order; values as the engine computed them."""
+    scene = _scene(scene)
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    rows = results.constraints
+    credit = [", ".join(f"{k} {100 * v:g}%" for k, v in c.recovery_credit.items()) for c in rows]
+    _table_columns(node, [
+        ("Status", "string", [c.status for c in rows]),
+        ("Organ", "string", [c.organ for c in rows]),
+        ("Structure", "string", [c.structure or "" for c in rows]),
+        ("Metric", "string", [c.metric for c in rows]),
+        ("Scope", "string", [c.scope for c in rows]),
+        ("Value", "double", [c.value for c in rows]),
+        ("Limit", "double", [c.limit for c in rows]),
+        ("Unit", "string", [c.unit for c in rows]),
+        ("Margin", "double", [c.margin for c in rows]),
+        ("Verified", "string", ["yes" if c.verified else "NO" for c in rows]),
+        ("Source", "string", [c.source for c in rows]),
+        ("Alpha/beta (Gy)", "double", [c.alpha_beta for c in rows]),
+        ("Recovery credit", "string", credit),
+    ])
+    node.SetUseColumnTitleAsColumnHeader(True) if hasattr(node, "SetUseColumnTitleAsColumnHeader") else None
+    node.SetAttribute(ROLE_ATTRIBUTE, "constraints")
+    node.SetAttribute("ReirradiationNPC.Verdict", results.summary["verdict"])
+    return node
+
+
+def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None, bin_gy: float = 0.5):
+    """Cumulative-EQD2 DVH per organ (organ α/β and credit) with a dashed vertical line at each Gy limit and a
+    marker at each volume limit. Returns (table node, limits table node, chart node)."""
+    scene = _scene(scene)
+    p = prep.protocol
+    shown = [s for s in prep.structures if s.organ is not None and s.organ.role != "body" and s.mask.any()]
+    samples = {s.name: ov.organ_eqd2(prep.courses, s, p, "cumulative")[s.mask] for s in shown}
+    top = max((float(v.max()) for v in samples.values() if v.size), default=1.0)
+    levels = np.arange(0.0, top + bin_gy, bin_gy)
+    cols = [("EQD2 (Gy)", "double", levels.tolist())]
+    for s in shown:
+        _, pct = ov.cumulative_dvh(samples[s.name], bin_gy, max_gy=top)
+        cols.append((s.name, "double", pct[: levels.size].tolist()))
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} DVH data")
+    _table_columns(table, cols)
+    table.SetAttribute(ROLE_ATTRIBUTE, "dvh_data")
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} DVH")
+    chart.SetTitle("Cumulative EQD2 DVH (organ alpha/beta, recovery credit applied)")
+    chart.SetXAxisTitle("Cumulative EQD2 (Gy)")
+    chart.SetYAxisTitle("Volume (%)")
+    chart.SetAttribute(ROLE_ATTRIBUTE, "dvh_chart")
+    colors = {}
+    for idx, s in enumerate(shown):
+        color = PALETTE[idx % len(PALETTE)]
+        colors[s.name] = color
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"DVH {s.name}")
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("EQD2 (Gy)")
+        series.SetYColumnName(s.name)
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        series.SetColor(*color)
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    limit_cols, limit_series = [], []
+    vol_by_name = {r.name: r.volume_cc for r in analysis.structures}
+    for c in analysis.constraints:
+        if c.structure not in colors or c.limit is None or c.scope != "cumulative":
+            continue
+        tag = f"{c.structure} {c.metric} limit"
+        kind = parse_metric(c.metric).kind
+        if kind in ("mean", "min"):
+            continue  # a mean or minimum dose limit is not a point of the DVH curve
+        if c.unit == "Gy":
+            xs, ys, line = [c.limit, c.limit], [0.0, 100.0], True
+        else:
+            pct = c.limit if c.unit == "%" else 100.0 * c.limit / vol_by_name[c.structure]
+            xs, ys, line = [parse_metric(c.metric).param] * 2, [pct, pct], False
+        limit_cols += [(f"{tag} x", "double", xs), (f"{tag} y", "double", ys)]
+        limit_series.append((tag, colors[c.structure], line))
+    limits = None
+    if limit_cols:
+        limits = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} DVH limits")
+        _table_columns(limits, limit_cols)
+        limits.SetAttribute(ROLE_ATTRIBUTE, "dvh_limits")
+        for tag, color, line in limit_series:
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", tag)
+            series.SetAndObserveTableNodeID(limits.GetID())
+            series.SetXColumnName(f"{tag} x")
+            series.SetYColumnName(f"{tag} y")
+            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+            if line:
+                series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+            else:
+                series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
+                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleDiamond)
+            series.SetColor(*color)
+            series.SetAttribute(ROLE_ATTRIBUTE, "dvh_limit")
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    return table, limits, chart
+
+
+def _target_overlays(prep: Prepared) -> list[tuple[str, np.ndarray, tuple, tuple]]:
+    """Target structures (protocol role 'target') as (name, crop, box, colour) for the overlay segmentation.
+
+    When the engine's margin module provides CTV/PTV, they are added by :func:`_margin_overlays` instead.
+    """
+    colors = {"GTV": (0.85, 0.10, 0.55), "CTV": (0.95, 0.75, 0.10), "PTV": (0.20, 0.55, 0.95)}
+    out = []
+    for s in prep.structures:
+        if s.organ is not None and s.organ.role == "target" and s.mask.any():
+            color = next((v for k, v in colors.items() if s.name.upper().startswith(k)), colors["GTV"])
+            out.append((s.name, s.mask, s.box, color))
+    return out
+
+
+def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, name: str, scene=None,
+                        progress: Progress | None = None) -> OutputNodes:
+    """Every result as nodes under one subject-hierarchy folder called ``name``."""
+    scene = _scene(scene)
+    say = progress or (lambda m: None)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+    sh.SetItemAttribute(folder, ROLE_ATTRIBUTE, "analysis")
+    sh.SetItemAttribute(folder, DOSE_UNIT_NAME_ATTRIBUTE, "GY")
+    sh.SetItemAttribute(folder, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+    out = OutputNodes(folder_item=folder)
+    ctab = dose_color_table(scene)
+    out.color_table = ctab
+    grid = prep.grid
+
+    say("creating EQD2 volumes")
+    top = float(analysis.cumulative.max()) if analysis.cumulative.size else 1.0
+    cum = add_volume_node(Volume(analysis.cumulative.astype(np.float32, copy=False), grid),
+                          f"{name} cumulative EQD2", scene)
+    _mark_dose(cum, "cumulative_eqd2")
+    _dose_display(cum, ctab, top)
+    out.cumulative = cum
+    _set_parent(sh, cum, folder)
+    for c in prep.courses:
+        node = add_volume_node(Volume(analysis.course_eqd2[c.name].astype(np.float32, copy=False), grid),
+                               f"{name} EQD2 {c.name}", scene)
+        _mark_dose(node, "course_eqd2", c.name)
+        node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
+        _dose_display(node, ctab, top)
+        out.course_eqd2[c.name] = node
+        _set_parent(sh, node, folder)
+    ab = add_volume_node(Volume(analysis.alpha_beta.astype(np.float32, copy=False), grid), f"{name} alpha-beta map",
+                         scene)
+    ab.SetAttribute(ROLE_ATTRIBUTE, "alpha_beta")
+    _set_parent(sh, ab, folder)
+    out.alpha_beta = ab
+
+    say("creating target and violation segments")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} targets and violations")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(cum)
+    seg.SetAttribute(ROLE_ATTRIBUTE, "overlays")
+    for tname, mask, box, color in _target_overlays(prep):
+        add_segment(seg, tname, mask, box, grid, color, MARGIN_OPACITY, {"ReirradiationNPC.Kind": "target"})
+    viol = ov.violation_overlays(prep.courses, prep.structures, prep.protocol, analysis.constraints)
+    for o in viol:
+        add_segment(seg, o.name, o.mask, o.box, grid, o.color, 1.0,
+                    {"ReirradiationNPC.Kind": o.kind, "ReirradiationNPC.ThresholdGy": f"{o.threshold_gy:.4f}"})
+    out.violations = viol
+    w = ov.worst(viol)
+    if w is not None:
+        ijk = np.array([[w.peak_index[2], w.peak_index[1], w.peak_index[0]]], dtype=float)
+        out.worst_violation_ras = tuple(float(v) for v in F3 @ grid.index_to_physical(ijk)[0])
+    if seg.GetSegmentation().GetNumberOfSegments():
+        seg.CreateClosedSurfaceRepresentation()
+    seg.GetDisplayNode().SetVisibility3D(True)
+    out.overlays = seg
+    _set_parent(sh, seg, folder)
+
+    say("creating constraint table and DVH chart")
+    out.constraints_table = constraints_table(results, f"{name} constraints", scene)
+    _set_parent(sh, out.constraints_table, folder)
+    table, limits, chart = dvh_chart(prep, analysis, name, scene)
+    out.dvh_table, out.dvh_chart = table, chart
+    for node in (table, limits, chart):
+        if node is not None:
+            _set_parent(sh, node, folder)
+    return out
+
+
+def find_output_nodes(folder_item: int, scene=None) -> dict[str, list]:
+    """Nodes under an analysis folder grouped by their ``ReirradiationNPC.Role`` attribute."""
+    scene = _scene(scene)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(folder_item, ids, True)
+    out: dict[str, list] = {}
+    for n in range(ids.GetNumberOfIds()):
+        node = sh.GetItemDataNode(ids.GetId(n))
+        if node is not None:
+            out.setdefault(node.GetAttribute(ROLE_ATTRIBUTE) or "", []).append(node)
+    return out

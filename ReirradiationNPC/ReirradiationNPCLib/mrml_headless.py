@@ -1,0 +1,105 @@
+"""A Slicer application without Qt, from the PyPI package ``slicer-core``: a MRML scene with the application,
+colour, volumes, segmentations, transforms and subject-hierarchy logics.
+
+Inside 3D Slicer this module is not used (Slicer provides ``slicer.mrmlScene`` and ``slicer.modules``). Outside it,
+:func:`start` builds the same plumbing so that :mod:`.mrml` and ``slicer.util`` work on a real scene, for tests and
+for ``reirradiation-npc run --scene``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+import types
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'reirradiation-npc[slicer]' (the PyPI package slicer-core 5.11.0.x)"
+
+
+def unavailable_reason() -> str | None:
+    """None when slicer-core can be imported here, otherwise a one-line reason."""
+    if importlib.util.find_spec("slicer") is None:
+        return f"the Python package slicer-core is not installed ({INSTALL_HINT})"
+    try:
+        import slicer  # noqa: F401
+        if not hasattr(slicer, "vtkMRMLScene"):
+            return "the 'slicer' package found here has no MRML classes (not slicer-core?)"
+    except Exception as exc:  # noqa: BLE001 - a broken binary install must become a readable reason
+        return f"slicer-core cannot be imported: {type(exc).__name__}: {exc}"
+    return None
+
+
+class _Module:
+    """Stand-in for ``slicer.modules.<name>`` (only ``logic()`` is needed by slicer.util)."""
+
+    def __init__(self, logic):
+        self._logic = logic
+
+    def logic(self):
+        return self._logic
+
+
+@dataclass
+class HeadlessSlicer:
+    scene: object
+    app_logic: object
+    logics: dict
+
+    def install(self) -> None:
+        """Make this scene the one ``slicer.util`` sees (``slicer.mrmlScene`` and ``slicer.modules``)."""
+        import slicer
+        slicer.mrmlScene = self.scene
+        slicer.modules = types.SimpleNamespace(**{k.lower(): _Module(v) for k, v in self.logics.items()})
+
+
+def start(install: bool = True) -> HeadlessSlicer:
+    """A fresh scene with the logics registered (as Slicer's core application does at start-up).
+
+    With ``install`` the scene becomes ``slicer.mrmlScene``; a scene made later replaces it.
+    """
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    import slicer
+    from vtkmodules.vtkCommonCore import vtkCollection
+
+    scene = slicer.vtkMRMLScene()
+    # reading a scene bundle (.mrb) asks the data I/O manager for a cache folder, as in Slicer's core application
+    cache = slicer.vtkCacheManager()
+    cache.SetRemoteCacheDirectory(tempfile.gettempdir())
+    scene.SetCacheManager(cache)
+    io_manager = slicer.vtkDataIOManager()
+    io_manager.SetCacheManager(cache)
+    scene.SetDataIOManager(io_manager)
+    crosshair = slicer.vtkMRMLCrosshairNode()
+    crosshair.SetCrosshairName("default")
+    scene.AddNode(crosshair)
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    app.SetSliceLogics(vtkCollection())
+    app.SetViewLogics(vtkCollection())
+    slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance().SetMRMLApplicationLogic(app)
+
+    logics = {}
+    # Terminologies are left out: slicer-core ships no terminology files, and nothing here needs them.
+    for name, cls in (("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+                      ("Transforms", slicer.vtkSlicerTransformLogic),
+                      ("Tables", slicer.vtkSlicerTablesLogic),
+                      ("Plots", slicer.vtkSlicerPlotsLogic)):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic(name, logic)
+        logics[name] = logic
+    logics["Colors"] = app.GetColorLogic()
+    hs = HeadlessSlicer(scene, app, logics)
+    if install:
+        hs.install()
+    return hs

@@ -1,0 +1,168 @@
+"""A Slicer scene bundle (``scene.mrb``) from a command-line run: the CT(s), the course doses as read, the
+structures, the EQD2 volumes, targets and violation segments, the constraint table and the DVH chart, with slice
+views set up for review (CT behind, cumulative EQD2 as a colour wash) and a layout with the DVH plot.
+
+Needs ``slicer-core`` (see :mod:`.mrml_headless`). The bundle is written to a temporary name then moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .analysis import Analysis
+from .errors import InputError
+from .io import read_dose, read_image, read_structures
+from .pipeline import Prepared
+from .results import Results
+
+log = logging.getLogger(__name__)
+
+
+def check_available() -> None:
+    """Raise InputError with an install hint when slicer-core is missing (call before any work)."""
+    from .mrml_headless import unavailable_reason
+    reason = unavailable_reason()
+    if reason:
+        raise InputError(f"--scene needs slicer-core: {reason}", field="--scene")
+
+
+def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict:
+    """The case's own inputs as nodes (each dose and image on its own grid), under a folder ``folder_name``."""
+    import slicer
+
+    from . import mrml
+    scene = scene or slicer.mrmlScene
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), folder_name)
+    nodes: dict = {"folder": folder, "doses": {}, "images": {}}
+    case = prep.case
+    if prep.reference_image is not None:
+        ct = mrml.add_volume_node(prep.reference_image, "CT (reference)", scene)
+        ct.SetAttribute(mrml.ROLE_ATTRIBUTE, "reference_image")
+        ct.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        ct.GetDisplayNode().AutoWindowLevelOff()
+        ct.GetDisplayNode().SetWindowLevel(400.0, 40.0)
+        nodes["images"]["reference"] = ct
+        mrml._set_parent(sh, ct, folder)
+    for i, c in enumerate(case.courses):
+        dose = read_dose(c.dose, f"courses[{i}].dose")
+        node = mrml.add_volume_node(dose, f"Dose {c.name} (physical)", scene)
+        mrml._mark_dose(node, "course_dose", c.name)
+        node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
+        mrml._dose_display(node, mrml.dose_color_table(scene), float(dose.array.max()))
+        nodes["doses"][c.name] = node
+        mrml._set_parent(sh, node, folder)
+        if c.image is not None:
+            img = mrml.add_volume_node(read_image(c.image, f"courses[{i}].image"), f"CT {c.name}", scene)
+            img.SetAttribute(mrml.ROLE_ATTRIBUTE, "course_image")
+            nodes["images"][c.name] = img
+            mrml._set_parent(sh, img, folder)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetAttribute(mrml.ROLE_ATTRIBUTE, "structures")
+    if "reference" in nodes["images"]:
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(nodes["images"]["reference"])
+    from .geometry import bounding_box
+    for idx, s in enumerate(read_structures(case.reference_structures, "reference.structures")):
+        box = bounding_box(s.mask)
+        if box is None:
+            continue
+        color = s.color or mrml.PALETTE[idx % len(mrml.PALETTE)]
+        organ = prep.protocol.match(s.name)
+        opacity = 0.15 if organ is not None and organ.role == "body" else 0.6
+        mrml.add_segment(seg, s.name, s.mask[box], box, s.grid, color, opacity)
+    seg.GetDisplayNode().SetVisibility3D(False)  # the overlays segmentation is the one shown in 3D
+    nodes["structures"] = seg
+    mrml._set_parent(sh, seg, folder)
+    return nodes
+
+
+def _review_layout(scene, background, foreground, chart) -> None:
+    """Slice views with the CT behind and the cumulative EQD2 as a half-transparent foreground; a layout with
+    the DVH plot. Slicer takes these singleton view nodes over when it opens the scene."""
+    import slicer
+    for tag in ("Red", "Yellow", "Green"):
+        comp = scene.GetSingletonNode(tag, "vtkMRMLSliceCompositeNode")
+        if comp is None:
+            comp = slicer.vtkMRMLSliceCompositeNode()
+            comp.SetSingletonTag(tag)
+            comp.SetLayoutName(tag)
+            scene.AddNode(comp)
+        if background is not None:
+            comp.SetBackgroundVolumeID(background.GetID())
+        if foreground is not None:
+            comp.SetForegroundVolumeID(foreground.GetID())
+            comp.SetForegroundOpacity(0.5)
+    if chart is not None:
+        view = scene.GetSingletonNode("PlotView1", "vtkMRMLPlotViewNode")
+        if view is None:
+            view = slicer.vtkMRMLPlotViewNode()
+            view.SetSingletonTag("PlotView1")
+            view.SetLayoutName("PlotView1")
+            scene.AddNode(view)
+        view.SetPlotChartNodeID(chart.GetID())
+    layout = scene.GetSingletonNode("vtkMRMLLayoutNode", "vtkMRMLLayoutNode")
+    if layout is None:
+        # the layout logic registers Slicer's standard layouts in a new layout node
+        layout_logic = slicer.vtkMRMLLayoutLogic()
+        layout_logic.SetMRMLScene(scene)
+        layout = layout_logic.GetLayoutNode()
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotView)
+
+
+def build_scene(prep: Prepared, analysis: Analysis, results: Results, name: str = "Reirradiation analysis",
+                scene=None, progress: Callable[[str], None] | None = None):
+    """Inputs and outputs as nodes in ``scene`` (default: slicer.mrmlScene). Returns (inputs, outputs)."""
+    import slicer
+
+    from . import mrml
+    scene = scene or slicer.mrmlScene
+    inputs = load_inputs(prep, scene=scene)
+    outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress)
+    background = inputs["images"].get("reference")
+    _review_layout(scene, background, outputs.cumulative, outputs.dvh_chart)
+    return inputs, outputs
+
+
+def write_bundle(scene, path: Path) -> Path:
+    """Write ``scene`` as a Slicer data bundle (.mrb) at ``path`` (written in a temporary folder, then moved).
+
+    VTK's messages while zipping go to the debug log, not to the terminal.
+    """
+    import vtk
+    path = Path(path).resolve()  # Slicer requires a full path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".scene-", dir=path.parent))
+    previous = vtk.vtkOutputWindow.GetInstance()
+    capture = vtk.vtkStringOutputWindow()
+    vtk.vtkOutputWindow.SetInstance(capture)
+    try:
+        tmp = tmp_dir / path.name
+        ok = scene.WriteToMRB(str(tmp))
+        vtk.vtkOutputWindow.SetInstance(previous)
+        log.debug("VTK while writing %s:\n%s", path, capture.GetOutput())
+        if not ok or not tmp.is_file():
+            raise RuntimeError(f"Slicer could not write the scene bundle {path}")
+        os.replace(tmp, path)
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def write_scene(prep: Prepared, analysis: Analysis, results: Results, path: Path,
+                progress: Callable[[str], None] | None = None) -> Path:
+    """Build a fresh headless scene for this analysis and write it to ``path`` (.mrb)."""
+    from .mrml_headless import start
+    say = progress or (lambda m: None)
+    say("building the Slicer scene")
+    app = start()
+    name = f"Reirradiation {prep.case.patient.get('id', '')}".strip()
+    build_scene(prep, analysis, results, name=name, scene=app.scene, progress=progress)
+    say("writing scene.mrb")
+    return write_bundle(app.scene, path)
