@@ -23,6 +23,7 @@ from . import dvh
 from .dvh_curves import DVHCurve, cumulative_dvh
 from .eqd2 import eqd2, recovery_weighted_sum
 from .geometry import Grid
+from .sampling import StructureSamples, describe_for_dose, sample_structure
 from .protocol import Organ, Protocol, parse_metric
 from .results import ConstraintResult, StructureResult
 
@@ -38,7 +39,10 @@ MODEL_ASSUMPTIONS = [
     "Displayed maps: where organ structures overlap, the smallest alpha/beta and the smallest credit apply. "
     "A smaller alpha/beta is the conservative choice only above 2 Gy per fraction; below 2 Gy per fraction "
     "(e.g. 65 Gy in 54 fractions) it gives a lower EQD2.",
-    "Dose metrics are voxel-based on the evaluation grid (structures resampled onto it).",
+    "Dose metrics use sub-voxel samples of each structure on its own mask grid (small organs supersampled, "
+    "mask boundary smoothed by linear interpolation, volume = the mask's volume) with the dose interpolated "
+    "trilinearly from the evaluation grid; D<x>cc and V<x>Gy are read off the continuous (mid-point) DVH curve. "
+    "The sampling used is recorded per structure.",
     "The product supports a decision; the treating clinician decides.",
 ]
 
@@ -61,6 +65,9 @@ class StructureData:
     mask: np.ndarray                        # bool, cropped to ``box``
     box: tuple[slice, slice, slice]         # k, j, i slices on the evaluation grid
     organ: Organ | None
+    #: the mask as read, on its own grid (cropped to its bounding box), for sub-voxel metrics; None = use ``mask``
+    source_mask: np.ndarray | None = None
+    source_grid: Grid | None = None
 
     def full_mask(self, shape) -> np.ndarray:
         m = np.zeros(shape, dtype=bool)
@@ -151,8 +158,9 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         organ = s.organ
         organ_ab = organ.alpha_beta if organ else protocol.default_alpha_beta
         names = metric_names_for(organ)
-        n_vox = int(s.mask.sum())
-        per_course_phys = {c.name: c.dose[s.box][s.mask] for c in courses}
+        samples = structure_samples(s, grid)
+        n_vox = samples.n if samples.n and samples.outside_fraction(grid) < 1.0 else 0
+        sample_cc = samples.sample_volume_cc
         res_metrics: dict[str, dict] = {}
         phys_metrics: dict[str, dict] = {}
         cum = np.zeros(n_vox, dtype=np.float64)
@@ -160,34 +168,35 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         outside = {}
         curves: dict[str, DVHCurve] = {}
         for c in courses:
-            phys = per_course_phys[c.name].astype(np.float64)
+            phys = samples.dose(c.dose, grid) if n_vox else np.zeros(0)
             e = eqd2(phys, c.fractions, organ_ab)
             r = 0.0 if c.is_current else protocol.recovery.credit(organ.key if organ else None, c.interval_months)
             if not c.is_current:
                 credits_used[c.name] = r
             cum += (1.0 - r) * e
             if n_vox:
-                res_metrics[c.name] = dvh.metrics(e, voxel_cc, names)
-                phys_metrics[c.name] = dvh.metrics(phys, voxel_cc, names)
-                curves[c.name] = cumulative_dvh(e, voxel_cc)
-            if c.coverage is not None and n_vox:
-                frac_out = 1.0 - float(c.coverage[s.box][s.mask].mean())
+                res_metrics[c.name] = dvh.metrics(e, sample_cc, names)
+                phys_metrics[c.name] = dvh.metrics(phys, sample_cc, names)
+                curves[c.name] = cumulative_dvh(e, sample_cc)
+                frac_out = (samples.outside_fraction(grid) if c.coverage is None
+                            else 1.0 - samples.fraction_in(c.coverage, grid))
                 if frac_out > 0:
                     outside[c.name] = frac_out
                 if frac_out > 0 and (organ is None or organ.role != "body"):
                     warnings.append(f"{s.name}: {100 * frac_out:.1f}% of its volume lies outside the dose grid of "
                                     f"course {c.name!r}; that course's dose there is read as 0 Gy")
         if n_vox:
-            res_metrics["cumulative"] = dvh.metrics(cum, voxel_cc, names)
-            curves["cumulative"] = cumulative_dvh(cum, voxel_cc)
+            res_metrics["cumulative"] = dvh.metrics(cum, sample_cc, names)
+            curves["cumulative"] = cumulative_dvh(cum, sample_cc)
             dvh_curves[s.name] = curves
         else:
             warnings.append(f"{s.name}: no voxel on the evaluation grid; not evaluated")
         samples_by_structure[s.name] = {"cumulative": cum}
         struct_results.append(StructureResult(
             name=s.name, organ=organ.key if organ else None, role=organ.role if organ else None,
-            alpha_beta=organ_ab, volume_cc=n_vox * voxel_cc, metrics=res_metrics, metrics_physical=phys_metrics,
-            recovery_credit=credits_used, outside_dose_grid_fraction=outside))
+            alpha_beta=organ_ab, volume_cc=samples.volume_cc, metrics=res_metrics, metrics_physical=phys_metrics,
+            recovery_credit=credits_used, outside_dose_grid_fraction=outside,
+            sampling=describe_for_dose(samples, grid)))
 
     say("constraints")
     constraints = evaluate_constraints(protocol, structures, struct_results, courses[-1].name)
@@ -212,6 +221,17 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
     return Analysis(grid=grid, alpha_beta=ab, course_eqd2=course_eqd2, credit=credit, cumulative=cumulative,
                     structures=struct_results, constraints=constraints, unmatched=unmatched,
                     course_assumptions=course_assumptions, warnings=warnings, dvh_curves=dvh_curves)
+
+
+def structure_samples(s: StructureData, grid: Grid) -> StructureSamples:
+    """Sub-voxel samples of a structure: from its own mask and grid when kept, else from its evaluation-grid crop."""
+    if s.source_mask is not None and s.source_grid is not None:
+        return sample_structure(s.source_mask, s.source_grid)
+    if s.mask.size == 0 or not s.mask.any():
+        return sample_structure(np.zeros((1, 1, 1), bool), grid)
+    lo = tuple(b.start for b in s.box[::-1])
+    hi = tuple(b.stop for b in s.box[::-1])
+    return sample_structure(s.mask, grid.subgrid(lo, hi))
 
 
 def evaluate_constraints(protocol: Protocol, structures: list[StructureData], results: list[StructureResult],

@@ -43,20 +43,27 @@ class SortedSamples:
 
     def __init__(self, doses: np.ndarray, volumes_cc: np.ndarray | float):
         doses = np.asarray(doses, dtype=np.float64).ravel()
-        vols = np.broadcast_to(np.asarray(volumes_cc, dtype=np.float64), doses.shape)
         if doses.size and not np.isfinite(doses).all():
             raise ValueError("dose samples contain NaN or infinite values")
-        order = np.argsort(-doses, kind="stable")
-        d = doses[order]
-        v = vols[order]
+        uniform = np.ndim(volumes_cc) == 0
+        if uniform:  # equal sample volumes (the usual case): a plain sort is enough
+            d = np.sort(doses)[::-1]
+            unit = float(volumes_cc)
+            self.total_cc = unit * d.size
+            self._mean = float(doses.mean()) if d.size and unit > 0 else float("nan")
+        else:
+            vols = np.broadcast_to(np.asarray(volumes_cc, dtype=np.float64), doses.shape)
+            order = np.argsort(-doses, kind="stable")
+            d = doses[order]
+            v = vols[order]
+            self.total_cc = float(v.sum()) if d.size else 0.0
+            self._mean = float(np.dot(doses, vols) / self.total_cc) if self.total_cc > 0 else float("nan")
         self.n = int(d.size)
-        self.total_cc = float(v.sum()) if d.size else 0.0
-        self._mean = float(np.dot(doses, vols) / self.total_cc) if self.total_cc > 0 else float("nan")
         if d.size:
             # distinct dose levels (descending) and the volume at each
             start = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
             self.levels = d[start]
-            w = np.add.reduceat(v, start)
+            w = (np.diff(np.r_[start, d.size]) * unit if uniform else np.add.reduceat(v, start))
             cum = np.cumsum(w)
             self.level_cum = cum - 0.5 * w          # curve points: volume above + half the level (cc)
             self.level_above = cum                  # volume at >= level (cc)
@@ -86,6 +93,8 @@ class SortedSamples:
             return self.total_cc
         if x_gy > self.levels[0]:
             return 0.0
+        if x_gy == self.levels[0]:
+            return float(self.level_above[0])  # all of the volume at the maximum dose (a plateau counts whole)
         return float(np.interp(x_gy, self.levels[::-1], self.level_cum[::-1]))
 
     def cumulative_dvh(self, bin_width_gy: float = 0.1, max_dose_gy: float | None = None

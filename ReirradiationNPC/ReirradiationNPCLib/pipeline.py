@@ -21,6 +21,8 @@ from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
 from .io import ensure_writable_dir, read_dose, read_image, read_structures, write_volume
 from .masks import coverage_map, structure_on_grid
+from .dicom_rt import check_case_inputs, load_dose_any, load_image_any, load_structures_any, read_rtplan
+from .sampling import crop_to_structure
 from .protocol import Protocol, load_protocol
 from .results import Results
 
@@ -50,10 +52,13 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
     ref_img = None
     if case.reference_image is not None:
         say("loading reference image")
-        ref_img = read_image(case.reference_image, "reference.image")
+        ref_img = load_image_any(case.reference_image, "reference.image")
 
     say("loading doses")
-    doses = [read_dose(c.dose, f"courses[{i}].dose") for i, c in enumerate(case.courses)]
+    doses = [load_dose_any(c.dose, f"courses[{i}].dose", fractions=c.fractions,
+                           plan=read_rtplan(c.plan, f"courses[{i}].plan") if c.plan else None)
+             for i, c in enumerate(case.courses)]
+    check_case_inputs(case, ref_img, doses, warnings)  # one patient; identity registration = one frame
     grid = doses[-1].grid if case.grid == "dose" else ref_img.grid
 
     courses = []
@@ -70,7 +75,10 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                                   dose_file=str(c.dose), coverage=cov))
 
     say("loading structures")
-    raw = read_structures(case.reference_structures, "reference.structures")
+    raw = load_structures_any(case.reference_structures, "reference.structures",  # RTSTRUCT: onto the CT lattice
+                              lattice=ref_img.grid if ref_img is not None else grid, warnings=warnings,
+                              expected_frame_uid=(ref_img.meta.get("dicom") or {}).get("FrameOfReferenceUID")
+                              if ref_img is not None else None)
     structures = []
     for s in raw:
         organ = protocol.match(s.name)
@@ -85,9 +93,10 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
             is_body = organ is not None and organ.role == "body"
             if own_cc > 0 and not is_body and _clipped(box, grid) and eval_cc < 0.97 * own_cc:
                 warnings.append(f"structure {s.name!r}: about {100 * (1 - eval_cc / own_cc):.0f}% of its volume "
-                                "lies outside the evaluation grid and is not evaluated (use grid: image or a "
-                                "larger dose grid)")
-        structures.append(StructureData(s.name, mask, box, organ))
+                                "lies outside the evaluation grid; the dose there is read as 0 Gy (use grid: image or "
+                                "a larger dose grid)")
+        src_mask, src_grid = crop_to_structure(s.mask, s.grid)
+        structures.append(StructureData(s.name, mask, box, organ, source_mask=src_mask, source_grid=src_grid))
     return Prepared(case, protocol, grid, courses, structures, ref_img, warnings)
 
 
@@ -160,6 +169,10 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
                 f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit")
         vol("alpha_beta.nrrd", analysis.alpha_beta, "Voxel alpha/beta map (Gy) used for the EQD2 maps")
+        if prep.reference_image is not None and prep.reference_image.meta.get("dicom"):
+            say("writing DICOM RTDOSE")
+            from .dicom_export import write_eqd2_rtdose
+            files.update(write_eqd2_rtdose(prep, analysis, stage))
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
         files.update(write_report(results, stage, analysis=analysis, prepared=prep))

@@ -15,7 +15,7 @@ class ConstraintResult:
     value: float | None         # Gy (D metrics, EQD2) or cc / % (V metrics)
     limit: float | None
     unit: str                   # Gy | cc | %
-    status: str                 # pass | fail | no_limit | not_evaluated
+    status: str                 # pass | warn | fail | no_limit | not_evaluated
     source: str
     verified: bool
     priority: int | None = None
@@ -36,6 +36,7 @@ class StructureResult:
     metrics_physical: dict[str, dict[str, float | None]]  # course name -> metric -> value (physical Gy)
     recovery_credit: dict[str, float] = field(default_factory=dict)
     outside_dose_grid_fraction: dict[str, float] = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # sub-voxel sampling used for the metrics (see sampling.py)
 
 
 @dataclass

@@ -66,53 +66,107 @@ def choose_factors(spacing_mm, n_voxels: int, box_voxels: int, target: int = TAR
 
 @dataclass
 class StructureSamples:
-    """Sample points of one structure: each stands for ``sample_volume_cc`` of the structure."""
+    """Samples of one structure: the inside cells of a regular sampling grid; each stands for ``sample_volume_cc``.
 
-    points_mm: np.ndarray            # (N, 3) LPS mm, float64
+    ``grid`` is the sampling grid (sub-voxel centres, aligned with the mask's grid, covering its bounding box);
+    ``flat`` the flat (k, j, i) indices of its cells that belong to the structure.
+    """
+
+    grid: Grid | None
+    flat: np.ndarray                 # int64 flat indices into grid.shape
     sample_volume_cc: float          # cc per sample (all samples equal)
     info: dict = field(default_factory=dict)  # the sampling used (recorded in results)
-    _index_cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
-        return int(self.points_mm.shape[0])
+        return int(self.flat.size)
 
     @property
     def volume_cc(self) -> float:
         return self.n * self.sample_volume_cc
 
-    def _index_on(self, grid: Grid) -> np.ndarray:
-        key = (grid.size, grid.origin, grid.spacing, grid.direction)
-        idx = self._index_cache.get(key)
-        if idx is None:
-            idx = grid.physical_to_index(self.points_mm)
-            self._index_cache = {key: idx}  # keep one grid (the usual case: every dose on one grid)
-        return idx
+    @property
+    def points_mm(self) -> np.ndarray:
+        """(N, 3) LPS mm of the samples (computed on demand)."""
+        if self.n == 0:
+            return np.zeros((0, 3))
+        k, j, i = np.unravel_index(self.flat, self.grid.shape)
+        return self.grid.index_to_physical(np.stack([i, j, k], axis=1).astype(np.float64))
 
     def dose(self, array: np.ndarray, grid: Grid, outside: float = 0.0) -> np.ndarray:
         """Dose (Gy, float64) at each sample: trilinear interpolation of ``array`` (indexed k, j, i) on ``grid``.
 
-        Samples beyond the grid's extent (more than half a voxel past the outermost voxel centres) get
+        Only the part of ``array`` around the structure is read (SimpleITK linear resampling onto the sampling
+        grid). Samples beyond ``grid``'s extent (more than half a voxel past its outermost voxel centres) get
         ``outside``; within that half voxel the edge value is extended.
         """
-        return interpolate_linear(array, grid, self._index_on(grid), outside)
+        vals = self._resample(array, grid, sitk.sitkLinear, float(outside))
+        return vals.astype(np.float64)
 
     def outside_fraction(self, grid: Grid) -> float:
         """Fraction of the samples beyond ``grid``'s extent (voxel centres +- half a voxel)."""
         if self.n == 0:
             return 0.0
-        return float(1.0 - _inside_extent(self._index_on(grid), grid).mean())
+        key = ("inside", _grid_key(grid))
+        if key not in self._cache:
+            self._cache[key] = self._resample(None, grid, sitk.sitkNearestNeighbor, 0.0, whole=True) > 0
+        return float(1.0 - self._cache[key].mean())
 
     def fraction_in(self, mask: np.ndarray, grid: Grid) -> float:
         """Fraction of samples whose nearest voxel of ``grid`` is set in the bool ``mask`` (0 outside the grid)."""
         if self.n == 0:
             return 0.0
-        idx = self._index_on(grid)
-        inside = _inside_extent(idx, grid)
-        size = np.asarray(grid.size)
-        near = np.clip(np.rint(idx), 0, size - 1).astype(np.intp)
-        hit = mask[near[:, 2], near[:, 1], near[:, 0]] & inside
+        hit = self._resample(np.asarray(mask, dtype=np.uint8), grid, sitk.sitkNearestNeighbor, 0.0) > 0
         return float(hit.mean())
+
+    def _resample(self, array: np.ndarray, grid: Grid, interpolator, default: float, whole: bool = False
+                  ) -> np.ndarray:
+        """Values of ``array`` (on ``grid``) at the samples. ``whole``: ``array`` stands for a constant 1 map."""
+        if self.n == 0:
+            return np.zeros(0, dtype=np.float32)
+        region = self._region(grid)
+        if region is None:
+            return np.full(self.n, default, dtype=np.float32)
+        lo, hi = region
+        if whole:
+            crop = np.ones((hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]), dtype=np.uint8)
+        else:
+            crop = np.ascontiguousarray(array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]])
+        if crop.dtype not in (np.float32, np.float64, np.uint8):
+            crop = crop.astype(np.float32)
+        img = sitk.GetImageFromArray(crop)
+        grid.subgrid(tuple(lo), tuple(hi)).apply_to(img)
+        out_type = sitk.sitkFloat32 if crop.dtype == np.float32 else img.GetPixelID()
+        ref = self.grid.reference_image()
+        res = sitk.Resample(img, ref, sitk.Transform(), interpolator, default, out_type)
+        vals = sitk.GetArrayViewFromImage(res).ravel()[self.flat].copy()
+        del res
+        return vals
+
+    def _region(self, grid: Grid):
+        """Index box [lo, hi) (i, j, k) of ``grid`` around the sampling grid, one voxel margin; None if disjoint.
+
+        At the true edges of ``grid`` the box stops at the edge, so SimpleITK's own half-voxel border rule applies
+        there; elsewhere the margin keeps the interpolation identical to interpolating the whole array.
+        """
+        key = ("region", _grid_key(grid))
+        if key in self._cache:
+            return self._cache[key]
+        g = self.grid
+        corners = np.array([[a, b, c] for a in (-0.5, g.size[0] - 0.5) for b in (-0.5, g.size[1] - 0.5)
+                            for c in (-0.5, g.size[2] - 0.5)])
+        idx = grid.physical_to_index(g.index_to_physical(corners))
+        size = np.asarray(grid.size)
+        lo = np.maximum(np.floor(idx.min(axis=0)).astype(int) - 1, 0)
+        hi = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + 2, size)
+        region = None if np.any(hi <= lo) else (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+        self._cache[key] = region
+        return region
+
+
+def _grid_key(grid: Grid):
+    return (grid.size, grid.origin, grid.spacing, grid.direction)
 
 
 def _inside_extent(idx: np.ndarray, grid: Grid) -> np.ndarray:
@@ -173,7 +227,7 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
     if box is None:
         info = {"method": "empty mask", "mask_spacing_mm": sp.tolist(), "samples": 0, "mask_volume_cc": 0.0,
                 "volume_cc": 0.0}
-        return StructureSamples(np.zeros((0, 3)), 0.0, info)
+        return StructureSamples(None, np.zeros(0, dtype=np.int64), 0.0, info)
     crop = np.asarray(mask[box], dtype=bool)
     n_vox = int(np.count_nonzero(crop))
     mask_cc = n_vox * grid.voxel_volume_cc
@@ -183,6 +237,9 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
     f = np.asarray(factors, dtype=int)
     fk, fj, fi = int(f[2]), int(f[1]), int(f[0])
     lo_ijk = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+    first = lo_ijk - 0.5 + 0.5 / f  # continuous mask index of the first sub-voxel centre
+    sgrid = Grid(tuple(int(v) for v in box_ijk * f), tuple(float(v) for v in grid.index_to_physical(first[None])[0]),
+                 tuple(float(v) for v in sp / f), grid.direction)
     n_orphans = 0
     if np.all(f == 1):
         inside = crop
@@ -194,12 +251,7 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
         img.SetSpacing(tuple(float(s) for s in sp))
         img.SetDirection(grid.direction)
         img.SetOrigin(tuple(float(v) for v in grid.index_to_physical((lo_ijk - 1.0)[None])[0]))
-        first = lo_ijk - 0.5 + 0.5 / f  # continuous mask index of the first sub-voxel centre
-        ref = sitk.Image([int(v) for v in box_ijk * f], sitk.sitkUInt8)
-        ref.SetSpacing(tuple(float(s) for s in sp / f))
-        ref.SetDirection(grid.direction)
-        ref.SetOrigin(tuple(float(v) for v in grid.index_to_physical(first[None])[0]))
-        occ_img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        occ_img = sitk.Resample(img, sgrid.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         inside = sitk.GetArrayFromImage(occ_img) >= 0.5
         del occ_img
         K, J, I = crop.shape
@@ -208,11 +260,9 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
         n_orphans = int(np.count_nonzero(orphans))
         if n_orphans:
             inside |= _upsample(orphans, fk, fj, fi)
-    kji = np.nonzero(inside)
+    flat = np.flatnonzero(inside)
     del inside
-    cont = (np.stack([kji[2], kji[1], kji[0]], axis=1).astype(np.float64) + 0.5) / f - 0.5 + lo_ijk
-    points = grid.index_to_physical(cont)
-    n = int(points.shape[0])
+    n = int(flat.size)
     sample_cc = mask_cc / n if n else 0.0
     smoothed = occupancy == "linear" and bool(np.any(f > 1))
     info = {
@@ -229,7 +279,7 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
         "dose_interpolation": "trilinear at sample centres",
     }
     log.debug("sampled structure: %s", info)
-    return StructureSamples(points, sample_cc, info)
+    return StructureSamples(sgrid, flat, sample_cc, info)
 
 
 def _upsample(a: np.ndarray, fk: int, fj: int, fi: int) -> np.ndarray:
@@ -248,3 +298,13 @@ def describe_for_dose(samples: StructureSamples, dose_grid: Grid) -> dict:
 def factors_summary(info: dict) -> str:
     f = info.get("subdivision_ijk", [1, 1, 1])
     return f"{math.prod(f)} samples per mask voxel ({'x'.join(str(v) for v in f)})"
+
+
+def crop_to_structure(mask: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
+    """``mask`` cropped to its bounding box, with the grid of that box (keeps memory to the structure)."""
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros((1, 1, 1), dtype=bool), grid.subgrid((0, 0, 0), (1, 1, 1))
+    lo = tuple(b.start for b in box[::-1])
+    hi = tuple(b.stop for b in box[::-1])
+    return np.ascontiguousarray(mask[box], dtype=bool), grid.subgrid(lo, hi)
