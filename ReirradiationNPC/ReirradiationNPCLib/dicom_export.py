@@ -458,3 +458,53 @@ def write_spatial_registration(path: Path, identity: dict, *, fixed_frame_uid: s
         ds.ReferencedSeriesSequence = Sequence(others)
     save(ds, path)
     return ds.SOPInstanceUID
+
+
+# ------------------------------------------------------------------------------ pipeline outputs
+
+def eqd2_series_description(protocol, what: str = "Cumulative EQD2") -> str:
+    """SeriesDescription (<= 64 characters) naming the EQD2 and the alpha/beta rule."""
+    return f"{what} (Gy) LQ a/b per organ, else {protocol.default_alpha_beta:g} Gy"[:64]
+
+
+def write_eqd2_rtdose(prep, analysis, stage: Path, *, per_course: bool = False) -> dict[str, str]:
+    """Write the cumulative EQD2 (and, if asked, each course's EQD2) as RTDOSE files into ``stage``.
+
+    ``prep``: pipeline.Prepared whose reference image is a DICOM CT (patient, study and frame of reference are
+    copied from it). DoseType EFFECTIVE; DoseSummationType MULTI_PLAN for the cumulative of several courses,
+    PLAN for one course; the plans named by the courses are referenced. Returns {file name: description}.
+    """
+    from .dicom_rt import read_dataset, read_rtplan, is_dicom_file
+    ref = dict(prep.reference_image.meta["dicom"])
+    ref["_SeriesNumber"] = 901
+    plan_uids: dict[str, list[str]] = {}
+    for i, c in enumerate(prep.case.courses):
+        uids = []
+        if getattr(c, "plan", None) is not None:
+            uids.append(read_rtplan(c.plan, f"courses[{i}].plan").sop_instance_uid)
+        if is_dicom_file(c.dose):
+            ds = read_dataset(c.dose, f"courses[{i}].dose", header_only=True)
+            uids += [str(getattr(it, "ReferencedSOPInstanceUID", "")) for it in
+                     (getattr(ds, "ReferencedRTPlanSequence", None) or [])]
+        plan_uids[c.name] = sorted({u for u in uids if u})
+    rule = (f"LQ EQD2, voxel a/b: organ a/b on its voxels (smallest where organs overlap), default "
+            f"{prep.protocol.default_alpha_beta:g} Gy elsewhere")
+    files = {}
+    all_plans = sorted({u for v in plan_uids.values() for u in v})
+    name = "cumulative_eqd2.dcm"
+    write_rtdose(Volume(analysis.cumulative, prep.grid), ref, stage / name,
+                 series_description=eqd2_series_description(prep.protocol),
+                 dose_comment="EQD2 sum, recovery credit applied",
+                 dose_type="EFFECTIVE", summation="MULTI_PLAN" if len(prep.courses) > 1 else "PLAN",
+                 referenced_plan_uids=all_plans)
+    files[name] = f"Cumulative EQD2 (Gy) as DICOM RTDOSE (DoseType EFFECTIVE) on the reference CT's frame; {rule}"
+    if per_course:
+        for c in prep.courses:
+            name = f"eqd2_{c.name}.dcm"
+            ref["_SeriesNumber"] += 1
+            write_rtdose(Volume(analysis.course_eqd2[c.name], prep.grid), ref, stage / name,
+                         series_description=eqd2_series_description(prep.protocol, f"EQD2 {c.name}"),
+                         dose_comment=f"EQD2 of {c.name}, {c.fractions} fx, no credit", dose_type="EFFECTIVE",
+                         summation="PLAN", referenced_plan_uids=plan_uids.get(c.name))
+            files[name] = f"EQD2 (Gy) of course {c.name} as DICOM RTDOSE; {rule}"
+    return files

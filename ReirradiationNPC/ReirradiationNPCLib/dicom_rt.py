@@ -786,3 +786,63 @@ def load_structures_any(path: Path, what: str = "structures", *, lattice: Grid |
             raise ValueError("an RTSTRUCT needs a lattice to be rasterised onto")
         return read_rtstruct(path, lattice, what, expected_frame_uid=expected_frame_uid, warnings=warnings)
     return read_structures(path, what)
+
+
+# ------------------------------------------------------------------------------------- case-level checks
+
+def series_identity(folder: Path) -> dict:
+    """Identity of the first DICOM image found in ``folder`` ({} when none): a cheap header read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    for f in dicom_files(folder):
+        ds = read_dataset(f, "image", header_only=True)
+        if str(getattr(ds, "Modality", "")).upper() == "CT":
+            return identity_of(ds)
+    return {}
+
+
+def check_case_inputs(case, reference: Volume | None, doses: list[Volume], warnings: list[str]) -> None:
+    """Checks across a case's DICOM inputs (``case`` is a CaseSpec; ``doses`` in course order).
+
+    - every DICOM input (reference CT, RTSTRUCT, RTDOSEs, RTPLANs, prior CT folders) names one patient
+      (PatientID, and PatientName when both are set), and the case's ``patient.id`` when given -- unless
+      ``allow_different_patients: true`` (then a warning);
+    - a course registered by ``identity`` must be in the reference image's frame of reference (or, without a
+      DICOM reference image, in the current dose's frame);
+    - notes of the dose readers (e.g. FRACTION doses multiplied) are added to ``warnings``.
+    """
+    items: list[tuple[str, dict]] = []
+    ref_frame = ""
+    if reference is not None and reference.meta.get("dicom"):
+        items.append((reference.meta.get("path", "reference.image"), reference.meta["dicom"]))
+        ref_frame = reference.meta["dicom"].get("FrameOfReferenceUID", "")
+    if is_dicom_file(case.reference_structures):
+        items.append((str(case.reference_structures), rtstruct_identity(case.reference_structures)))
+    for i, (c, d) in enumerate(zip(case.courses, doses)):
+        warnings.extend(d.meta.get("notes", []))
+        if d.meta.get("dicom"):
+            items.append((str(c.dose), d.meta["dicom"]))
+        if getattr(c, "plan", None) is not None:
+            items.append((str(c.plan), read_rtplan(c.plan, f"courses[{i}].plan").identity))
+        if c.image is not None and Path(c.image).is_dir():
+            ident = series_identity(c.image)
+            if ident:
+                items.append((str(c.image), ident))
+    if case.allow_different_patients:
+        ids = sorted({i.get("PatientID", "") for _, i in items if i.get("PatientID")})
+        if len(ids) > 1:
+            warnings.append(f"DICOM inputs name {len(ids)} patients ({', '.join(ids)}); accepted because the case "
+                            "file says allow_different_patients: true")
+    else:
+        check_same_patient(items, case.patient, str(case.path))
+    current = doses[-1].meta.get("dicom", {}).get("FrameOfReferenceUID", "") if doses else ""
+    frame = ref_frame or current
+    for i, (c, d) in enumerate(zip(case.courses, doses)):
+        method = (c.registration or {}).get("method", "identity")
+        own = d.meta.get("dicom", {}).get("FrameOfReferenceUID", "")
+        if method == "identity" and frame and own and own != frame:
+            raise InputError(f"the dose is in frame of reference {own} but the "
+                             f"{'reference image' if ref_frame else 'current dose'} is in {frame}; "
+                             "registration: identity would map one onto the other without a registration",
+                             source=str(c.dose), field="FrameOfReferenceUID")
