@@ -234,6 +234,20 @@ def structure_samples(s: StructureData, grid: Grid) -> StructureSamples:
     return sample_structure(s.mask, grid.subgrid(lo, hi))
 
 
+def constraint_status(value: float, limit: float, warn_tolerance_percent: float) -> tuple[str, float]:
+    """Status of an upper limit and the margin ``limit - value`` (same unit; negative = exceeded).
+
+    ``fail`` when value > limit; ``warn`` when limit * (1 - tol/100) < value <= limit (within the protocol's
+    tolerance of the limit); ``pass`` otherwise (value at or below limit * (1 - tol/100)).
+    """
+    margin = limit - value
+    if value > limit:
+        return "fail", margin
+    if value > limit * (1.0 - warn_tolerance_percent / 100.0):
+        return "warn", margin
+    return "pass", margin
+
+
 def evaluate_constraints(protocol: Protocol, structures: list[StructureData], results: list[StructureResult],
                          current_course: str) -> list[ConstraintResult]:
     by_organ: dict[str, list[StructureResult]] = {}
@@ -265,8 +279,7 @@ def evaluate_constraints(protocol: Protocol, structures: list[StructureData], re
                 elif con.limit is None:
                     status, margin, note = "no_limit", None, con.note
                 else:
-                    margin = con.limit - value
-                    status = "pass" if value <= con.limit else "fail"
+                    status, margin = constraint_status(value, con.limit, protocol.warn_tolerance_percent)
                     note = con.note
                 out.append(ConstraintResult(structure=r.name, value=value, status=status, margin=margin,
                                             recovery_credit=credit, **{**base, "note": note}))

@@ -136,7 +136,7 @@ def headroom_map(structures: list[StructureData], courses: list[CourseData], pro
     elsewhere. An organ with several such limits uses the smallest; overlapping organs give the smallest headroom."""
     h = np.full(shape, np.nan, dtype=np.float32)
     for s in structures:
-        lim = _cumulative_dose_limit(s)
+        lim = cumulative_dose_limit(s)
         if lim is None or s.mask.size == 0:
             continue
         val = (lim - organ_eqd2(s, courses, protocol, "cumulative")).astype(np.float32)
@@ -145,7 +145,7 @@ def headroom_map(structures: list[StructureData], courses: list[CourseData], pro
     return h
 
 
-def _cumulative_dose_limit(s: StructureData) -> float | None:
+def cumulative_dose_limit(s: StructureData) -> float | None:
     if s.organ is None or s.organ.role != "oar":
         return None
     lims = [c.limit for c in s.organ.constraints

@@ -69,7 +69,7 @@ def format_constraints(results) -> str:
     for c in results.constraints:
         def f(v, unit=""):
             return "-" if v is None else f"{v:.2f}{unit}"
-        rows.append((c.status.upper() if c.status == "fail" else c.status, c.organ, c.structure or "-",
+        rows.append((c.status.upper() if c.status in ("fail", "warn") else c.status, c.organ, c.structure or "-",
                      c.metric, c.scope, f(c.value, " " + c.unit), f(c.limit, " " + c.unit), f(c.margin),
                      "yes" if c.verified else "NO", (c.source[:48] + "...") if len(c.source) > 51 else c.source))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -92,6 +92,10 @@ def print_summary(results, out_dir: Path) -> None:
         click.echo(f"unmatched structures (no protocol alias): {', '.join(results.unmatched_structures)}")
     for w in results.warnings:
         click.echo(f"warning: {w}")
+    counts = results.summary.get("counts", {})
+    if counts:
+        click.echo("constraints: " + ", ".join(f"{n} {k.upper() if k in ('fail', 'warn') else k}"
+                                               for k, n in counts.items()))
     click.echo(f"verdict: {results.summary['verdict']}")
     click.echo(f"outputs: {out_dir}")
     click.echo("This tool supports a decision; the treating clinician decides.")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from .analysis import StructureData
 from .geometry import Grid, bounding_box
 from .io import Structure
 from .masks import structure_on_grid
@@ -154,20 +155,50 @@ def _pad_for(mm: float, spacing_xyz) -> tuple[int, int, int]:
     return tuple(int(math.ceil(mm / s)) + 2 for s in sp_kji)
 
 
-def gather_inputs(raw: list[Structure], protocol: Protocol, reference_image, evaluation_grid: Grid
-                  ) -> MarginInputs:
-    """Structures (as read) brought onto the margin grid: the reference image's grid if any, else the evaluation
-    grid. ``reference_image`` is a :class:`~.geometry.Volume` of CT numbers (HU) or None."""
+def gather_inputs(structures: list[StructureData], reference_image, evaluation_grid: Grid) -> MarginInputs:
+    """The case's structures brought onto the margin grid: the reference image's grid if any (``reference_image``
+    is a :class:`~.geometry.Volume` of CT numbers in HU), else the evaluation grid. Each structure is taken from the
+    mask as read (``source_mask``) when kept, else from its evaluation-grid crop."""
     if reference_image is not None:
         grid, source, ct = reference_image.grid, "reference image", reference_image.array
     else:
         grid, source, ct = evaluation_grid, "evaluation grid", None
     out = []
-    for s in raw:
-        on = structure_on_grid(s, grid)
+    for s in structures:
+        src_mask, src_grid = getattr(s, "source_mask", None), getattr(s, "source_grid", None)
+        if src_mask is not None and src_grid is not None:
+            mask, sgrid = src_mask, src_grid
+        elif s.mask.size:
+            mask = s.mask
+            sgrid = evaluation_grid.subgrid(tuple(b.start for b in s.box[::-1]), tuple(b.stop for b in s.box[::-1]))
+        else:
+            continue
+        on = onto_grid(s.name, mask, sgrid, grid)
         if on is not None:
-            out.append(GridStructure(s.name, on[0], on[1], protocol.match(s.name)))
+            out.append(GridStructure(s.name, on[0], on[1], s.organ))
     return MarginInputs(grid, source, out, ct)
+
+
+def onto_grid(name: str, mask: np.ndarray, mask_grid: Grid, grid: Grid) -> tuple[np.ndarray, Box] | None:
+    """A mask on ``mask_grid`` as a bool crop and (k, j, i) box on ``grid``: copied when ``mask_grid`` is a
+    voxel-aligned part of ``grid`` (same spacing and direction, whole-voxel offset), else resampled."""
+    aligned = (np.allclose(mask_grid.spacing, grid.spacing, rtol=1e-6, atol=1e-6)
+               and np.allclose(mask_grid.direction, grid.direction, atol=1e-6))
+    if aligned:
+        off = grid.physical_to_index(np.asarray([mask_grid.origin]))[0]
+        if np.allclose(off, np.round(off), atol=1e-3):
+            off_kji = np.round(off).astype(int)[::-1]
+            lo = np.maximum(off_kji, 0)
+            hi = np.minimum(off_kji + np.asarray(mask.shape), np.asarray(grid.shape))
+            if np.any(hi <= lo):
+                return None
+            crop = mask[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, off_kji))]
+            inner = bounding_box(crop)
+            if inner is None:
+                return None
+            box = tuple(slice(int(a) + b.start, int(a) + b.stop) for a, b in zip(lo, inner))
+            return np.ascontiguousarray(crop[inner], dtype=bool), box
+    return structure_on_grid(Structure(name, mask, mask_grid, "margins"), grid)
 
 
 # ----------------------------------------------------------------------------------------- resolution
@@ -317,7 +348,7 @@ def _organ_report(gtv: np.ndarray, ptv: np.ndarray, work: Box, inputs: MarginInp
     for s in oars:
         sub = d[tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(s.box, big))]
         vals = sub[s.mask]
-        distances[s.name] = max(float(vals.min()), 0.0)
+        distances[s.name] = max(float(vals.min()), 0.0) + 0.0  # 0 when touching or overlapping (no -0.0)
     return overlaps, distances
 
 

@@ -109,14 +109,16 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
     statuses = [c.status for c in analysis.constraints]
     n_fail = statuses.count("fail")
     unverified_used = sum(1 for c in analysis.constraints
-                          if c.status in ("pass", "fail") and not c.verified)
-    counts = {s: statuses.count(s) for s in ("pass", "fail", "no_limit", "not_evaluated")}
+                          if c.status in ("pass", "warn", "fail") and not c.verified)
+    counts = {s: statuses.count(s) for s in ("pass", "warn", "fail", "no_limit", "not_evaluated")}
     if n_fail:
         verdict = f"{n_fail} limit(s) exceeded"
-    elif counts["pass"]:
+    elif counts["pass"] or counts["warn"]:
         verdict = "all evaluated limits met"
     else:
         verdict = "no limit could be evaluated"
+    if counts["warn"]:
+        verdict += (f"; {counts['warn']} within {p.warn_tolerance_percent:g}% of the limit (WARN)")
     verdict += f"; {unverified_used} unverified limit(s) used"
     if p.synthetic:
         verdict += "; SYNTHETIC demo protocol, not for clinical use"
@@ -148,8 +150,11 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
 
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
-                  progress: Progress | None = None) -> dict[str, str]:
-    """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last."""
+                  progress: Progress | None = None, planning=None) -> dict[str, str]:
+    """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last.
+
+    ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
+    """
     say = progress or (lambda m: None)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)
@@ -169,6 +174,10 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
                 f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit")
         vol("alpha_beta.nrrd", analysis.alpha_beta, "Voxel alpha/beta map (Gy) used for the EQD2 maps")
+        if planning is not None:
+            say("writing margins, violation, headroom and remaining-dose maps")
+            from .planning import write as write_planning
+            write_planning(planning, g, stage, files)
         if prep.reference_image is not None and prep.reference_image.meta.get("dicom"):
             say("writing DICOM RTDOSE")
             from .dicom_export import write_eqd2_rtdose
@@ -194,6 +203,9 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     case = load_case(Path(case_path))
     prep = prepare(case, progress)
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
+    from . import planning as _planning
+    plan = _planning.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
-    write_outputs(prep, analysis, results, out_dir, overwrite, progress)
+    _planning.add_to_results(results, plan)
+    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan)
     return results

@@ -65,6 +65,13 @@ class Results:
     summary: dict
     warnings: list[str]
     outputs: dict = field(default_factory=dict)
+    # planning aids (planning.py; docs/outputs.md): margins report (volumes cc, PTV-OAR overlap cc, GTV-organ
+    # distance mm), target checks per target and scope, ESTRO-EORTC type, violation segments, remaining-dose summary
+    margins: dict | None = None
+    target_checks: list[dict] = field(default_factory=list)
+    reirradiation_type: dict | None = None
+    violations: list[dict] = field(default_factory=list)
+    remaining_dose: dict | None = None
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))

@@ -1,0 +1,161 @@
+"""Planning aids computed after the cumulative analysis: target margins, target checks, re-irradiation type,
+violation segments, headroom and remaining-dose maps. Called by :mod:`.pipeline` (compute after
+``analysis.compute``; files written inside the staged ``write_outputs``).
+
+Outputs (docs/outputs.md): ``margins.seg.nrrd`` (GTV/CTV/PTV, on the margin grid), ``violations.seg.nrrd`` (one
+segment per ``fail``/``warn`` dose constraint, red/amber), ``headroom.nrrd`` (Gy EQD2, NaN where no limit) and
+``remaining_dose.nrrd`` (physical Gy of the current course, -1 where no point-type limit).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import budget, margins, targets
+from .analysis import Analysis
+from .geometry import Grid, Volume
+from .io import Structure, write_segmentation
+from .masks import structure_on_grid
+
+log = logging.getLogger(__name__)
+
+MARGIN_COLORS = {"GTV": (0.85, 0.10, 0.10), "CTV": (1.00, 0.55, 0.00), "PTV": (0.20, 0.45, 1.00)}
+
+
+@dataclass
+class Planning:
+    margins: margins.Margins | None = None
+    target_checks: list[dict] = field(default_factory=list)
+    reirradiation_type: dict | None = None
+    violations: list[budget.Violation] = field(default_factory=list)
+    headroom: np.ndarray | None = None
+    remaining: budget.RemainingDose | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = None) -> Planning:
+    """All planning aids for a prepared case (``pipeline.Prepared``) and its analysis."""
+    say = progress or (lambda m: None)
+    protocol, grid, courses, structures = prep.protocol, prep.grid, prep.courses, prep.structures
+    plan = Planning()
+
+    eval_targets: list[targets.Target] = []
+    if protocol.margins is not None:
+        say("target margins")
+        inputs = margins.gather_inputs(structures, prep.reference_image, grid)
+        plan.margins, w = margins.build(protocol.margins, inputs, protocol)
+        plan.warnings += w
+        if plan.margins is not None:
+            m = plan.margins
+            sub = m.subgrid
+            for key, arr in (("GTV", m.gtv), ("CTV", m.ctv), ("PTV", m.ptv)):
+                on = structure_on_grid(Structure(m.names[key], arr, sub, "margins"), grid)
+                if on is None:
+                    plan.warnings.append(f"margins: {m.names[key]} has no voxel on the evaluation grid")
+                    continue
+                eval_targets.append(targets.Target(m.names[key], "margins", on[0], on[1]))
+    # a single GTV structure is already checked as the margins' "GTV" segment: do not list it twice
+    gtv_alone = (set(plan.margins.report["gtv_structures"]) if plan.margins is not None
+                 and len(plan.margins.report["gtv_structures"]) == 1 else set())
+    for s in structures:
+        if s.name in gtv_alone:
+            continue
+        if s.organ is not None and s.organ.role == "target" and s.mask.size and s.mask.any():
+            eval_targets.append(targets.Target(s.name, "structures", s.mask, s.box))
+
+    if protocol.prescription is not None:
+        say("target checks")
+        plan.target_checks = targets.check_targets(eval_targets, courses, protocol.prescription, grid)
+    else:
+        plan.warnings.append("target checks not evaluated: the protocol has no prescription block")
+
+    if protocol.reirradiation_type is not None:
+        ptv = _ptv(eval_targets, grid)
+        plan.reirradiation_type = targets.reirradiation_type(ptv, courses, protocol.reirradiation_type, grid)
+        plan.warnings += plan.reirradiation_type.get("notes", [])
+    else:
+        plan.reirradiation_type = {"type": None, "status": "not_evaluated",
+                                   "reason": "the protocol has no reirradiation_type block (threshold_gy)"}
+
+    say("violation, headroom and remaining-dose maps")
+    plan.violations = budget.violations(analysis.constraints, structures, courses, protocol, grid)
+    for v in plan.violations:
+        if v.volume_cc == 0:
+            plan.warnings.append(f"violation {v.name!r}: no evaluation-grid voxel above the threshold (the metric "
+                                 "exceeds it only between voxel centres); the segment is empty")
+    if any(budget.cumulative_dose_limit(s) is not None for s in structures):
+        plan.headroom = budget.headroom_map(structures, courses, protocol, grid.shape)
+    if any(budget.point_limits(s) for s in structures if s.mask.size):
+        plan.remaining = budget.remaining_dose(structures, courses, protocol, grid.shape)
+    return plan
+
+
+def _ptv(eval_targets: list[targets.Target], grid: Grid) -> targets.Target | None:
+    """The PTV for the re-irradiation type: the margins' PTV, else the union of target structures named PTV*."""
+    for t in eval_targets:
+        if t.origin == "margins" and t.name.startswith("PTV"):
+            return t
+    ptvs = [t for t in eval_targets if t.origin == "structures" and t.name.strip().casefold().startswith("ptv")]
+    if not ptvs:
+        return None
+    box = margins.union_box([t.box for t in ptvs])
+    mask = np.zeros(tuple(b.stop - b.start for b in box), dtype=bool)
+    for t in ptvs:
+        margins.paste(t.mask, t.box, box, out=mask)
+    return targets.Target(" + ".join(t.name for t in ptvs), "structures", mask, box)
+
+
+def add_to_results(results, plan: Planning) -> None:
+    """Put the planning aids into the results tree (numbers only; files are listed by ``write``)."""
+    results.margins = plan.margins.report if plan.margins is not None else None
+    results.target_checks = plan.target_checks
+    results.reirradiation_type = plan.reirradiation_type
+    results.violations = [v.summary() for v in plan.violations]
+    results.remaining_dose = plan.remaining.summary() if plan.remaining is not None else None
+    results.warnings.extend(w for w in plan.warnings if w not in results.warnings)
+
+
+def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> None:
+    """Write the planning outputs into ``stage`` and list them in ``files`` (name -> description)."""
+    if plan.margins is not None:
+        m = plan.margins
+        write_segmentation([(m.names[k], arr, MARGIN_COLORS[k]) for k, arr in
+                            (("GTV", m.gtv), ("CTV", m.ctv), ("PTV", m.ptv))], m.subgrid, stage / "margins.seg.nrrd")
+        files["margins.seg.nrrd"] = (f"Target volumes from the protocol's margins ({m.names['CTV']}, "
+                                     f"{m.names['PTV']}), on the {m.report['grid']['source']} grid; verified: "
+                                     f"{str(m.report['recipe']['verified']).lower()}")
+    if plan.violations:
+        box = margins.union_box([v.box for v in plan.violations])
+        sub = grid.subgrid(tuple(b.start for b in box[::-1]), tuple(b.stop for b in box[::-1]))
+        segs = [(v.name, margins.paste(v.mask, v.box, box), v.color) for v in plan.violations]
+        write_segmentation(segs, sub, stage / "violations.seg.nrrd")
+        files["violations.seg.nrrd"] = ("One segment per fail (red) / warn (amber) dose constraint: the organ's "
+                                        "voxels whose EQD2 exceeds the limit (warn: the warning threshold)")
+    if plan.headroom is not None:
+        _write_float(plan.headroom, grid, stage / "headroom.nrrd",
+                     "Headroom (Gy EQD2) = cumulative limit - cumulative organ EQD2 (organ alpha/beta and credit); "
+                     "negative where violated; NaN outside organs with a cumulative dose limit", {})
+        files["headroom.nrrd"] = "Headroom (Gy EQD2) to the cumulative limits; NaN where no limit"
+    if plan.remaining is not None:
+        r = plan.remaining
+        _write_float(r.array, grid, stage / "remaining_dose.nrrd",
+                     f"Remaining physical dose (Gy) of the current course in {r.fractions} fractions under every "
+                     f"point-type limit; {budget.UNCONSTRAINED:g} = no point-type limit (unconstrained)",
+                     {"unconstrained_value": f"{budget.UNCONSTRAINED:g}", "fractions": str(r.fractions)})
+        files["remaining_dose.nrrd"] = (f"Remaining physical dose (Gy) of the current course ({r.fractions} "
+                                        f"fractions); {budget.UNCONSTRAINED:g} where no point-type limit applies")
+
+
+def _write_float(arr: np.ndarray, grid: Grid, path: Path, description: str, extra: dict[str, str]) -> None:
+    img = Volume(arr.astype(np.float32, copy=False), grid).to_sitk()
+    img.SetMetaData("description", description)
+    img.SetMetaData("units", "Gy")
+    for k, v in extra.items():
+        img.SetMetaData(k, v)
+    sitk.WriteImage(img, str(path), useCompression=True)
