@@ -193,5 +193,56 @@ def protocol_show(ctx, name_or_path):
     _guard(go, ctx.obj["verbose"])
 
 
+@main.command()
+@click.option("--dose", "dose_path", required=True, type=click.Path(path_type=Path),
+              help="Dose file (physical Gy): NRRD/NIfTI or DICOM RTDOSE.")
+@click.option("--structures", "structures_path", required=True, type=click.Path(path_type=Path),
+              help="Folder of masks, Slicer .seg.nrrd, one mask file or a DICOM RTSTRUCT.")
+@click.option("--fractions", type=int, default=None, help="Number of fractions (with --alpha-beta: report EQD2).")
+@click.option("--alpha-beta", "alpha_beta", type=float, default=None,
+              help="alpha/beta in Gy (with --fractions: report EQD2).")
+@click.option("--metric", "extra", multiple=True,
+              help="Add a metric to the default set (repeatable), e.g. D0.1cc, D50%, V30Gy, V30Gy%.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Write FILE.json or FILE.csv (otherwise a table on stdout).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def metrics(ctx, dose_path, structures_path, fractions, alpha_beta, extra, output, overwrite):
+    """Dose metrics of structures on one dose (sub-voxel sampling).
+
+    Default set: volume, Dmax, Dmin, Dmean, D0.03cc, D2cc, D95%, D5%. Doses in Gy (EQD2 when --fractions and
+    --alpha-beta are given), V<x>Gy in cc.
+    """
+    from . import structure_metrics as sm
+    from .dicom_rt import load_dose_any
+
+    def go():
+        sm.check_fractionation(fractions, alpha_beta)
+        names = sm.metric_names(extra)
+        fmt = sm.check_output(output, overwrite) if output is not None else None
+        dose = load_dose_any(dose_path, "--dose", fractions=fractions)
+        warnings: list[str] = []
+        structures = sm.load_structures(structures_path, dose.grid, warnings)
+        result = sm.compute(dose, structures, names, fractions, alpha_beta)
+        result["warnings"] = warnings + result["warnings"]
+        if output is not None:
+            text = sm.to_json(result) if fmt == "json" else sm.to_csv(result, names)
+            sm.write_text_atomic(output, text)
+        return result, names
+
+    result, names = _guard(go, ctx.obj["verbose"])
+    for w in result["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    if output is None:
+        click.echo(sm_table(result, names))
+    else:
+        click.echo(f"{len(result['structures'])} structure(s), {result['quantity']}: wrote {output}")
+
+
+def sm_table(result, names) -> str:
+    from .structure_metrics import format_table
+    return format_table(result, names)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,211 @@
+"""Dose metrics of structures on one dose (the ``reirradiation-npc metrics`` command).
+
+One dose (physical Gy, or converted to EQD2 sample by sample when the number of fractions and an alpha/beta are
+given) and a set of structures; for each structure its volume (cc) and dose-volume metrics from sub-voxel samples
+(``sampling.py``, ``dvh.py``). Output as JSON ``{"structures": [{"name", "volume_cc", "metrics": {...}}, ...]}``
+(doses in Gy, ``V<x>Gy`` in cc, ``V<x>Gy%`` in percent) or CSV (one row per structure), written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import SOFTWARE_NAME, __version__, dvh
+from .eqd2 import eqd2
+from .errors import InputError
+from .geometry import Grid, Volume
+from .io import IMAGE_SUFFIXES, Structure, _suffix, read_sitk, read_structures, stem
+from .sampling import describe_for_dose, sample_structure
+
+log = logging.getLogger(__name__)
+
+#: The default metric set of the ``metrics`` command (besides the volume).
+DEFAULT_SET = ("Dmax", "Dmin", "Dmean", "D0.03cc", "D2cc", "D95%", "D5%")
+#: In-plane lattice spacing (mm) an RTSTRUCT is rasterised on for metrics (finer than a dose grid).
+RTSTRUCT_LATTICE_MM = 1.0
+
+
+def metric_names(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The default set plus ``extra`` (validated, duplicates dropped, order kept)."""
+    names = list(DEFAULT_SET)
+    for m in extra:
+        try:
+            parsed = dvh.parse(m)
+        except ValueError as exc:
+            raise InputError(str(exc), field="--metric") from None
+        names.append(parsed.name)
+    return list(dict.fromkeys(names))
+
+
+def check_fractionation(fractions: int | None, alpha_beta: float | None) -> None:
+    """Fractions and alpha/beta go together: both (EQD2) or neither (physical dose)."""
+    if (fractions is None) != (alpha_beta is None):
+        given, missing = ("--fractions", "--alpha-beta") if fractions is not None else ("--alpha-beta",
+                                                                                         "--fractions")
+        raise InputError(f"{given} needs {missing} too (EQD2 needs both the number of fractions and alpha/beta)",
+                         field=missing)
+    if fractions is not None and fractions < 1:
+        raise InputError(f"must be a whole number >= 1, got {fractions}", field="--fractions")
+    if alpha_beta is not None and not (math.isfinite(alpha_beta) and alpha_beta > 0):
+        raise InputError(f"must be > 0 Gy, got {alpha_beta}", field="--alpha-beta")
+
+
+def load_structures(path: Path, dose_grid: Grid, warnings: list[str]) -> list[Structure]:
+    """A folder of masks, a Slicer .seg.nrrd, a single mask file (name = file stem) or an RTSTRUCT file.
+
+    Masks are kept on their own grid (they may be finer than the dose and cover only part of it). An RTSTRUCT is
+    rasterised on the dose grid refined in-plane to <= ``RTSTRUCT_LATTICE_MM``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("not found", source=str(path), field="--structures")
+    if path.is_file():
+        from .dicom_rt import is_dicom_file, read_rtstruct
+        if is_dicom_file(path):
+            f = [max(1, math.ceil(s / RTSTRUCT_LATTICE_MM - 1e-9)) for s in dose_grid.spacing[:2]] + [1]
+            lattice = Grid(tuple(int(n * k) for n, k in zip(dose_grid.size, f)),
+                           tuple(float(v) for v in dose_grid.index_to_physical(
+                               np.array([[-0.5 + 0.5 / f[0], -0.5 + 0.5 / f[1], 0.0]]))[0]),
+                           tuple(s / k for s, k in zip(dose_grid.spacing, f)), dose_grid.direction)
+            return read_rtstruct(path, lattice, "--structures", warnings=warnings)
+        if _suffix(path) in IMAGE_SUFFIXES:
+            img = read_sitk(path, "--structures")
+            if img.GetNumberOfComponentsPerPixel() != 1:
+                raise InputError("expected a scalar mask image", source=str(path), field="--structures")
+            import SimpleITK as sitk
+            arr = sitk.GetArrayFromImage(img)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InputError("mask contains NaN", source=str(path), field="--structures")
+            mask = arr > 0.5 if arr.dtype.kind == "f" else arr != 0
+            return [Structure(stem(path), mask, Grid.of_image(img), str(path))]
+    return read_structures(path, "--structures")
+
+
+def compute(dose: Volume, structures: list[Structure], names: list[str], fractions: int | None = None,
+            alpha_beta: float | None = None) -> dict:
+    """Metrics of every structure on ``dose`` (physical Gy); EQD2 (Gy) when ``fractions`` and ``alpha_beta``."""
+    check_fractionation(fractions, alpha_beta)
+    warnings: list[str] = []
+    rows = []
+    for s in structures:
+        samples = sample_structure(s.mask, s.grid)
+        entry = {"name": s.name, "volume_cc": samples.volume_cc, "metrics": {n: None for n in names},
+                 "outside_dose_grid_fraction": 0.0, "sampling": describe_for_dose(samples, dose.grid)}
+        rows.append(entry)
+        if samples.n == 0:
+            warnings.append(f"{s.name}: empty structure; no metrics")
+            continue
+        outside = samples.outside_fraction(dose.grid)
+        entry["outside_dose_grid_fraction"] = outside
+        if outside >= 1.0:
+            warnings.append(f"{s.name}: lies entirely outside the dose grid; no metrics")
+            continue
+        if outside > 0:
+            warnings.append(f"{s.name}: {100 * outside:.1f}% of its volume lies outside the dose grid; the dose "
+                            "there is read as 0 Gy")
+        d = samples.dose(dose.array, dose.grid)
+        if fractions is not None:
+            d = eqd2(d, fractions, alpha_beta)
+        entry["metrics"] = dvh.metrics(d, samples.sample_volume_cc, names)
+    quantity = "physical dose" if fractions is None else "EQD2"
+    return {
+        "software": {"name": SOFTWARE_NAME, "version": __version__},
+        "dose_file": dose.meta.get("path", ""),
+        "quantity": quantity,
+        "fractions": fractions,
+        "alpha_beta_gy": alpha_beta,
+        "units": {"dose": "Gy" if fractions is None else "Gy (EQD2)", "volume_cc": "cc", "V<x>Gy": "cc",
+                  "V<x>Gy%": "percent of the structure volume"},
+        "method": ("sub-voxel samples of each mask on its own grid; dose interpolated trilinearly at each sample"
+                   + ("; EQD2 computed per sample from its own dose per fraction" if fractions else "")
+                   + "; D<x>cc and V<x>Gy from the continuous (mid-point) cumulative DVH"),
+        "structures": rows,
+        "warnings": warnings,
+    }
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return None if not math.isfinite(v) else round(v, 6)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(_clean(result), indent=2)
+
+
+def to_csv(result: dict, names: list[str]) -> str:
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "volume_cc"] + list(names))
+    for r in result["structures"]:
+        vals = [r["metrics"].get(n) for n in names]
+        w.writerow([r["name"], _fmt(r["volume_cc"])] + [_fmt(v) for v in vals])
+    return buf.getvalue()
+
+
+def _fmt(v) -> str:
+    return "" if v is None or not math.isfinite(float(v)) else f"{float(v):.6g}"
+
+
+def check_output(path: Path, overwrite: bool) -> str:
+    """The output format (``json`` or ``csv``) of ``path``; refuses an existing file unless ``overwrite``."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("json", "csv"):
+        raise InputError("output must end in .json or .csv", source=str(path), field="--output")
+    if path.is_dir():
+        raise InputError("is a folder, expected a file name", source=str(path), field="--output")
+    if path.exists() and not overwrite:
+        raise InputError("exists (use --overwrite to replace it)", source=str(path), field="--output")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError("folder does not exist", source=str(parent), field="--output")
+    return fmt
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path`` and move it into place (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent if str(path.parent) else "."))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_table(result: dict, names: list[str]) -> str:
+    unit = "Gy EQD2" if result["fractions"] else "Gy"
+    head = ["structure", "volume cc"] + [f"{n} {'cc' if n.startswith('V') and not n.endswith('%') else ('%' if n.startswith('V') else unit)}"
+                                         for n in names]
+    rows = [head]
+    for r in result["structures"]:
+        rows.append([r["name"], _num(r["volume_cc"], 3)] + [_num(r["metrics"].get(n), 2) for n in names])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _num(v, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
