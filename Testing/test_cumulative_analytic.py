@@ -543,3 +543,159 @@ def test_prior_dose_outside_its_grid_counts_as_zero_with_warning(tmp_path):
     np.testing.assert_allclose(a, exp, atol=1e-3)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert any("Cord" in w and "outside the dose grid" in w for w in res["warnings"])
+
+
+# ------------------------------------------- uniform doses on known boxes: metrics exact under any convention
+
+U_SIZE, U_ORIGIN, U_SPACING = (20, 20, 10), (0.0, 0.0, 0.0), (2.0, 2.0, 2.0)
+U_SHAPE = (10, 20, 20)
+# (name, box (k, j, i)) - Cord and GTVp left of the dose step (i < 10), Parotid_L right, Brainstem astride it
+U_STRUCTURES = {
+    "Cord": ((2, 8), (3, 8), (2, 7)),            # 150 voxels = 1.200 cc
+    "GTVp": ((2, 5), (3, 8), (2, 7)),            # overlaps the cord's lower half
+    "Parotid_L": ((2, 8), (11, 17), (13, 18)),   # 180 voxels = 1.440 cc
+    "Brainstem": ((2, 8), (11, 17), (5, 15)),    # 360 voxels = 2.880 cc, half each side; overlaps Parotid_L
+    "Cochlea_L": ((5, 6), (5, 6), (5, 6)),       # one voxel = 0.008 cc
+}
+
+
+def uniform_case(root):
+    """Prior course: 66 Gy / 30 fx for i < 10, 30 Gy / 30 fx for i >= 10, 9 months before (25 % credit on the
+    cord). Current course: 45 Gy / 15 fx everywhere."""
+    prior = np.full(U_SHAPE, 30.0, np.float32)
+    prior[:, :, :10] = 66.0
+    write_image(root / "prior.nrrd", prior, U_ORIGIN, U_SPACING, units="Gy")
+    write_image(root / "current.nrrd", np.full(U_SHAPE, 45.0, np.float32), U_ORIGIN, U_SPACING, units="Gy")
+    for name, bx in U_STRUCTURES.items():
+        write_image(root / "masks" / f"{name}.nrrd", box(U_SHAPE, *bx).astype(np.uint8), U_ORIGIN, U_SPACING)
+
+    def con(metric, scope, limit, key="limit_gy"):
+        return {"metric": metric, key: limit, "scope": scope, "source": "uniform test", "verified": False}
+    write_yaml(root / "protocol.yaml", {
+        "name": "uniform", "version": "1", "alpha_beta": {"default": 3},
+        "recovery": {"model": "step", "table": [{"min_months": m, "fraction": f} for m, f in TABLE],
+                     "organs": ["spinal_cord"]},
+        "organs": {
+            "spinal_cord": {"aliases": ["Cord"], "alpha_beta": 2, "constraints": [
+                con("D0.03cc", "cumulative", 108.0), con("D0.03cc", "current", 80.0),
+                con("Dmean", "cumulative", 130.0)]},
+            "parotid_l": {"aliases": ["Parotid_L"], "alpha_beta": 3, "constraints": [
+                con("Dmean", "cumulative", 100.0), con("V50Gy", "cumulative", 1.0, "limit_cc"),
+                con("V70Gy", "cumulative", 2.0, "limit_cc"), con("V80Gy", "cumulative", 10.0, "limit_percent")]},
+            "brainstem": {"aliases": ["Brainstem"], "alpha_beta": 2, "constraints": [
+                con("D0.03cc", "cumulative", None), con("V100Gy", "cumulative", 40.0, "limit_percent")]},
+            "cochlea_l": {"aliases": ["Cochlea_L"], "alpha_beta": 3, "constraints": [
+                con("D0.03cc", "cumulative", 200.0), con("Dmax", "cumulative", 100.0)]},
+            "optic_chiasm": {"aliases": ["OpticChiasm"], "alpha_beta": 2, "constraints": [
+                con("D0.03cc", "cumulative", 54.0)]},
+            "gtv": {"role": "target", "aliases": ["GTVp"], "alpha_beta": 10},
+        }})
+    write_yaml(root / "case.yaml", {
+        "reference": {"structures": "masks"}, "protocol": "protocol.yaml",
+        "courses": [{"name": "prior", "dose": "prior.nrrd", "fractions": 30, "interval_months": 9},
+                    {"name": "current", "dose": "current.nrrd", "fractions": 15}]})
+
+
+@pytest.fixture(scope="module")
+def uniform_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uniform")
+    uniform_case(root)
+    r = CliRunner().invoke(main, ["run", str(root / "case.yaml"), "--output", str(root / "out")])
+    assert r.exit_code == 0, r.output
+    return json.loads((root / "out" / "results.json").read_text()), root / "out"
+
+
+# hand values (Gy):  EQD2 = D (D/n + ab) / (2 + ab)
+#   prior 66 Gy / 30 fx (2.2 Gy/fx):  ab 2 -> 66 * 4.2 / 4 = 69.3      ab 3 -> 66 * 5.2 / 5 = 68.64
+#   prior 30 Gy / 30 fx (1.0 Gy/fx):  ab 2 -> 30 * 3 / 4 = 22.5        ab 3 -> 30 * 4 / 5 = 24.0
+#   current 45 Gy / 15 fx (3 Gy/fx):  ab 2 -> 45 * 5 / 4 = 56.25       ab 3 -> 45 * 6 / 5 = 54.0
+CORD_CUM = 0.75 * 69.3 + 56.25          # 108.225 (25 % credit on the prior course: 9 months)
+PAROTID_CUM = 24.0 + 54.0               # 78.0 (no credit: not a recovery organ)
+BS_LEFT, BS_RIGHT = 69.3 + 56.25, 22.5 + 56.25   # 125.55 and 78.75 (no credit)
+COCHLEA_CUM = 68.64 + 54.0              # 122.64
+
+
+def test_uniform_structure_metrics_exact(uniform_results):
+    r, _ = uniform_results
+    cord = structure(r, "Cord")
+    assert cord["volume_cc"] == pytest.approx(1.2, abs=1e-9)
+    assert cord["alpha_beta"] == 2
+    for m in ("Dmax", "Dmean", "Dmin", "D0.03cc"):
+        assert cord["metrics"]["cumulative"][m] == pytest.approx(CORD_CUM, abs=1e-3), m
+        assert cord["metrics"]["prior"][m] == pytest.approx(69.3, abs=1e-3), m       # before any credit
+        assert cord["metrics"]["current"][m] == pytest.approx(56.25, abs=1e-3), m
+        assert cord["metrics_physical"]["prior"][m] == pytest.approx(66.0, abs=1e-3), m
+    par = structure(r, "Parotid_L")
+    assert par["volume_cc"] == pytest.approx(1.44, abs=1e-9)
+    # own alpha/beta (3) on all its voxels, also where it overlaps the brainstem (map alpha/beta 2 there)
+    for m in ("Dmax", "Dmean", "Dmin", "D0.03cc"):
+        assert par["metrics"]["cumulative"][m] == pytest.approx(PAROTID_CUM, abs=1e-3), m
+        assert par["metrics"]["current"][m] == pytest.approx(54.0, abs=1e-3), m
+    assert par["metrics"]["cumulative"]["V50Gy"] == pytest.approx(1.44, abs=1e-6)
+    assert par["metrics"]["cumulative"]["V70Gy"] == pytest.approx(1.44, abs=1e-6)
+    assert par["metrics"]["cumulative"]["V80Gy"] == pytest.approx(0.0, abs=1e-9)
+    bs = structure(r, "Brainstem")
+    assert bs["volume_cc"] == pytest.approx(2.88, abs=1e-9)
+    assert bs["metrics"]["cumulative"]["Dmax"] == pytest.approx(BS_LEFT, abs=1e-3)
+    assert bs["metrics"]["cumulative"]["D0.03cc"] == pytest.approx(BS_LEFT, abs=1e-3)
+    assert bs["metrics"]["cumulative"]["Dmin"] == pytest.approx(BS_RIGHT, abs=1e-3)
+    # half the volume at 66 Gy, half at 30 Gy (the step is symmetric): physical mean 48 Gy
+    assert bs["metrics_physical"]["prior"]["Dmean"] == pytest.approx(48.0, abs=1e-3)
+    assert bs["metrics"]["cumulative"]["Dmean"] == pytest.approx((BS_LEFT + BS_RIGHT) / 2, abs=0.2)
+    coch = structure(r, "Cochlea_L")
+    assert coch["volume_cc"] == pytest.approx(0.008, abs=1e-9)
+    assert coch["metrics"]["cumulative"]["Dmax"] == pytest.approx(COCHLEA_CUM, abs=1e-3)
+    assert coch["metrics"]["cumulative"]["D0.03cc"] is None  # 0.03 cc > the structure's 0.008 cc
+
+
+def test_uniform_recovery_credit_organ_vs_map(uniform_results):
+    """The cord's metrics use its own credit on all its voxels; the map takes the smallest credit where the
+    cord overlaps the GTV (no credit) - so the map is 125.55 Gy there but the cord's D0.03cc is 108.225 Gy."""
+    r, out = uniform_results
+    cum, _ = read_array(out / "cumulative_eqd2.nrrd")
+    ab, _ = read_array(out / "alpha_beta.nrrd")
+    assert cum[3, 5, 4] == pytest.approx(BS_LEFT, abs=1e-3)     # cord ∩ GTV: ab 2, no credit
+    assert ab[3, 5, 4] == 2.0
+    assert cum[6, 5, 4] == pytest.approx(CORD_CUM, abs=1e-3)    # cord only: 25 % credit
+    assert cum[6, 14, 14] == pytest.approx(BS_RIGHT, abs=1e-3)  # parotid ∩ brainstem: ab 2 (smallest)
+    assert ab[6, 14, 14] == 2.0 and ab[6, 14, 16] == 3.0
+    assert cum[6, 14, 17] == pytest.approx(PAROTID_CUM, abs=1e-3)  # parotid only: ab 3
+    assert cum[0, 0, 0] == pytest.approx(68.64 + 54.0, abs=1e-3)   # no structure: default ab 3
+    assert structure(r, "Cord")["metrics"]["cumulative"]["D0.03cc"] == pytest.approx(CORD_CUM, abs=1e-3)
+    assert structure(r, "Cord")["recovery_credit"] == {"prior": 0.25}
+    assert structure(r, "GTVp")["recovery_credit"] == {"prior": 0.0}
+    gtv = structure(r, "GTVp")["metrics"]["cumulative"]
+    assert gtv["Dmax"] == pytest.approx(66 * (2.2 + 10) / 12 + 45 * (3 + 10) / 12, abs=1e-3)  # 67.1 + 48.75
+
+
+def test_uniform_constraint_statuses_exact(uniform_results):
+    r, _ = uniform_results
+    c = constraint(r, "spinal_cord", "D0.03cc")
+    assert (c["status"], c["structure"]) == ("fail", "Cord")
+    assert c["value"] == pytest.approx(CORD_CUM, abs=1e-3) and c["margin"] == pytest.approx(108.0 - CORD_CUM, abs=1e-3)
+    c = constraint(r, "spinal_cord", "D0.03cc", scope="current")
+    assert c["status"] == "pass" and c["value"] == pytest.approx(56.25, abs=1e-3)
+    assert c["recovery_credit"] == {}  # current scope: no credit involved
+    c = constraint(r, "spinal_cord", "Dmean")
+    assert c["status"] == "pass" and c["value"] == pytest.approx(CORD_CUM, abs=1e-3)
+    c = constraint(r, "parotid_l", "Dmean")
+    assert c["status"] == "pass" and c["value"] == pytest.approx(78.0, abs=1e-3)
+    c = constraint(r, "parotid_l", "V50Gy")
+    assert c["status"] == "fail" and c["value"] == pytest.approx(1.44, abs=1e-6) and c["unit"] == "cc"
+    c = constraint(r, "parotid_l", "V70Gy")
+    assert c["status"] == "pass" and c["value"] == pytest.approx(1.44, abs=1e-6)
+    c = constraint(r, "parotid_l", "V80Gy")
+    assert c["status"] == "pass" and c["value"] == pytest.approx(0.0, abs=1e-9) and c["unit"] == "%"
+    c = constraint(r, "brainstem", "D0.03cc")
+    assert c["status"] == "no_limit" and c["value"] == pytest.approx(BS_LEFT, abs=1e-3)
+    c = constraint(r, "brainstem", "V100Gy")
+    # half the brainstem is above 100 Gy; the dose step is blurred over one voxel by interpolation: 50 +- 5 %
+    assert c["status"] == "fail" and c["value"] == pytest.approx(50.0, abs=5.0) and c["unit"] == "%"
+    c = constraint(r, "cochlea_l", "D0.03cc")
+    assert c["status"] == "not_evaluated" and c["structure"] == "Cochlea_L" and c["value"] is None
+    c = constraint(r, "cochlea_l", "Dmax")
+    assert c["status"] == "fail" and c["value"] == pytest.approx(COCHLEA_CUM, abs=1e-3)
+    c = constraint(r, "optic_chiasm", "D0.03cc")
+    assert c["status"] == "not_evaluated" and c["structure"] is None
+    statuses = {c["status"] for c in r["constraints"]}
+    assert {"pass", "fail", "no_limit", "not_evaluated"} <= statuses
