@@ -184,7 +184,7 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             files.update(write_eqd2_rtdose(prep, analysis, stage))
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
-        files.update(write_report(results, stage, analysis=analysis, prepared=prep))
+        files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
         results.outputs = files
         (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
         for name in list(files) + ["results.json"]:

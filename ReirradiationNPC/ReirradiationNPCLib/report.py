@@ -35,7 +35,7 @@ STATUS_LABEL = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "no_limit": "no 
 #: optional sections: (anchor, heading, candidate keys of the results tree, in order of preference)
 OPTIONAL_SECTIONS = {
     "registration": ("Registration QA", ("registration", "registration_qa", "registrations")),
-    "targets": ("Target coverage", ("targets", "target_coverage", "coverage")),
+    "targets": ("Target coverage", ("target_checks", "margins", "targets", "target_coverage", "coverage")),
     "reirradiation_type": ("ESTRO\u2013EORTC re-irradiation type",
                            ("reirradiation_type", "estro_eortc_type", "estro_eortc", "estro_eortc_classification")),
     "remaining": ("Remaining dose", ("remaining_dose", "remaining", "budget", "dose_budget")),
@@ -77,7 +77,7 @@ def _img(png: bytes | None, alt: str, caption: str, placeholder: str) -> str:
             f'<figcaption>{caption}</figcaption></figure>')
 
 
-def make_figures(res: dict, analysis=None, prepared=None) -> dict[str, bytes | None]:
+def make_figures(res: dict, analysis=None, prepared=None, planning=None) -> dict[str, bytes | None]:
     """PNG bytes of each figure (None when it cannot be drawn). Failures are logged, never fatal: the
     numbers of the report do not depend on its pictures."""
     figs: dict[str, bytes | None] = {"dvh": None, "slices": None, "view3d": None, "focus": None}
@@ -99,53 +99,42 @@ def make_figures(res: dict, analysis=None, prepared=None) -> dict[str, bytes | N
         focus = rf.choose_focus(res, structures, analysis.cumulative, analysis.course_eqd2)
         if focus is not None:
             figs["focus"] = focus
+            viol = None
+            for v in (getattr(planning, "violations", None) or []) if planning is not None else []:
+                c = focus.constraint
+                if (v.structure, v.metric, v.scope) == (focus.structure, c.get("metric"), c.get("scope")):
+                    viol = v
             figs["slices"] = rf.slices_figure(prepared.grid, analysis.cumulative, analysis.course_eqd2, structures,
-                                              focus, prepared.reference_image, colors)
+                                              focus, prepared.reference_image, colors, violation=viol)
     except Exception:  # noqa: BLE001
         log.exception("slice figure failed")
     try:
-        figs["view3d"] = render_3d(res, analysis, prepared, colors)
+        figs["view3d"] = render_3d(res, analysis, prepared, colors, planning)
     except Exception:  # noqa: BLE001
         log.exception("3D view failed")
     return figs
 
 
-def render_3d(res: dict, analysis, prepared, colors: dict[str, str]) -> bytes | None:
-    """The 3D view: the offscreen VTK renderer of the Slicer part when it is installed and works, otherwise
-    the matplotlib voxel-surface view."""
+def _violations(res: dict, analysis, prepared, planning) -> list[tuple[str, object, tuple]]:
+    """Violation regions on the evaluation grid: the planning step's (organ's own α/β EQD2) when present,
+    otherwise the structure's voxels at or above the failed limit in the displayed map."""
     from . import report_figures as rf
-    viol = rf.violation_masks(res, prepared.structures, analysis.cumulative, analysis.course_eqd2)
-    extra = []
-    for name, m, box, col in _margin_surfaces(analysis):
-        extra.append((name, m, box, col))
-    try:
-        from . import render_offscreen  # type: ignore[attr-defined]  # provided by the Slicer/VTK part, if any
-        png = render_offscreen.render_violation_view(prepared.grid, prepared.structures, viol, colors,
-                                                     extra_surfaces=extra)
-        if png:
-            return png
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - fall back to matplotlib
-        log.info("offscreen VTK rendering unavailable; matplotlib 3D view used", exc_info=True)
-    return rf.view3d_figure(prepared.grid, prepared.structures, viol, colors, extra_surfaces=extra)
+    viol = getattr(planning, "violations", None) if planning is not None else None
+    out = [("violation " + v.name, v.mask, v.box) for v in viol or [] if getattr(v, "status", "fail") == "fail"]
+    done = {(v.structure, v.metric, v.scope) for v in viol or []}
+    own = rf.violation_masks(res, prepared.structures, analysis.cumulative, analysis.course_eqd2)
+    return out + [o for o, key in zip(own, rf.failed_keys(res, prepared.structures)) if key not in done]
 
 
-def _margin_surfaces(analysis) -> list:
-    """Margin volumes (CTV/PTV) the analysis may carry, as (name, crop mask, box, colour)."""
-    out = []
-    margins = getattr(analysis, "margins", None)
-    if not margins:
-        return out
-    items = margins.items() if isinstance(margins, dict) else []
-    cols = ["#ffd700", "#00bfff", "#7cfc00"]
-    for n, (name, m) in enumerate(items):
-        mask, box = getattr(m, "mask", None), getattr(m, "box", None)
-        if mask is None and isinstance(m, tuple) and len(m) == 2:
-            mask, box = m
-        if mask is not None and box is not None:
-            out.append((str(name), mask, box, cols[n % len(cols)]))
-    return out
+def render_3d(res: dict, analysis, prepared, colors: dict[str, str], planning=None) -> bytes | None:
+    """The 3D view, offscreen: matplotlib voxel-face surfaces of the organs, targets, margins and violations.
+
+    (The Slicer part renders the same scene with VTK inside Slicer / slicer-core; the report does not depend
+    on it, so the report looks the same everywhere.)"""
+    from . import report_figures as rf
+    layers = rf.layers_3d(prepared.grid, prepared.structures, colors, _violations(res, analysis, prepared, planning),
+                          getattr(planning, "margins", None) if planning is not None else None)
+    return rf.view3d_figure(layers)
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -325,8 +314,108 @@ def _optional(res: dict, key: str) -> str | None:
     heading, cands = OPTIONAL_SECTIONS[key]
     for k in cands:
         if res.get(k) not in (None, {}, []):
-            return f'<section id="{key}"><h2>{_e(heading)}</h2>{_generic(res[k])}</section>'
+            body = None
+            try:
+                body = _SPECIFIC.get(k, lambda r: None)(res)
+            except (KeyError, TypeError, ValueError, AttributeError):  # a layout change: show the raw tree
+                log.debug("section %s shown generically", k, exc_info=True)
+            if body is None:
+                body = _generic(res[k])
+            return f'<section id="{key}"><h2>{_e(heading)}</h2>{body}</section>'
     return None
+
+
+def _status_cell(st: str) -> str:
+    return f'<td class="status">{_e(STATUS_LABEL.get(st, st))}</td>'
+
+
+def _target_checks(res: dict) -> str:
+    out = ""
+    m = res.get("margins")
+    if m:
+        r = m.get("recipe", {})
+        vols = m.get("volumes_cc", {})
+        names = m.get("segment_names", {})
+        rows = [[_e(names.get(k, k)), _e(fmt(v))] for k, v in vols.items()]
+        ver = '<span class="ok">yes</span>' if r.get("verified") else '<span class="unver">NO</span>'
+        out += (f"<h3>Target volumes from the protocol's margins</h3><p>GTV = {_e(', '.join(r.get('gtv', [])))}; "
+                f"CTV = GTV + {_e(fmt(r.get('ctv_mm'), 1))} mm; PTV = CTV + {_e(fmt(r.get('ptv_mm'), 1))} mm"
+                + (f"; cropped to {_e(r.get('crop_to'))}" if r.get("crop_to") else "")
+                + (f"; air below {_e(fmt(r.get('air_hu'), 0))} HU removed" if r.get("air_hu") is not None else "")
+                + f". Verified: {ver}. Source: {_e(r.get('source'))}</p>"
+                + _table(["volume", "cc"], rows, "narrow"))
+        ov = {k: v for k, v in (m.get("ptv_oar_overlap_cc") or {}).items() if v}
+        if ov:
+            out += ("<p>PTV overlap with organs at risk: "
+                    + _e(", ".join(f"{k} {fmt(v)} cc" for k, v in ov.items())) + "</p>")
+    checks = res.get("target_checks") or []
+    if checks:
+        rows = []
+        for t in checks:
+            for c in t.get("checks", []):
+                st = c.get("status", "")
+                rows.append(f'<tr class="st-{_e(st)}">{_status_cell(st)}<td>{_e(t.get("structure"))}</td>'
+                            f'<td>{_e(t.get("scope"))}</td><td>{_e(c.get("check"))}</td>'
+                            f'<td class="num">{_e(fmt(c.get("value")))}</td><td>{_e(c.get("criterion"))}</td></tr>')
+        first = checks[0]
+        ver = '<span class="ok">yes</span>' if first.get("verified") else '<span class="unver">NO</span>'
+        out += ("<h3>Coverage of the targets (EQD2 at the target \u03b1/\u03b2)</h3>"
+                f'<table class="constraints"><thead><tr><th>status</th><th>target</th><th>scope</th><th>check</th>'
+                f'<th>value (Gy or %)</th><th>criterion</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+                f'<p class="note">Reference: {_e(first.get("reference_rule"))} = {_e(fmt(first.get("reference_eqd2_gy")))}'
+                f' Gy EQD2; prescribed range {_e(" - ".join(fmt(x) for x in first.get("prescription_range_gy") or []))}'
+                f' Gy. Verified: {ver}. Source: {_e(first.get("source"))}</p>')
+    return out or None
+
+
+def _reirradiation_type(res: dict) -> str:
+    t = res["reirradiation_type"]
+    ver = '<span class="ok">yes</span>' if t.get("verified") else '<span class="unver">NO</span>'
+    label = f"Type {t['type']}" if t.get("type") is not None else str(t.get("status", "not evaluated"))
+    desc = str(t.get("description") or "")
+    if desc.startswith(label):
+        desc = desc[len(label):].lstrip(" :\u2013-")
+    rows = [[_e(c.get("course")), _e(fmt(c.get("overlap_cc"))), _e(fmt(c.get("overlap_percent_of_ptv"), 1))]
+            for c in t.get("courses", [])]
+    out = (f'<p class="big"><b>{_e(label)}</b> \u2013 {_e(desc)}</p>'
+           f'<p>{_e(t.get("ptv"))}: {_e(fmt(t.get("ptv_volume_cc")))} cc; overlap with prior physical dose \u2265 '
+           f'{_e(fmt(t.get("threshold_gy"), 1))} Gy: {_e(fmt(t.get("overlap_cc")))} cc. Threshold verified: {ver}. '
+           f'Source: {_e(t.get("source"))}</p>')
+    if rows:
+        out += _table(["prior course", "overlap (cc)", "% of PTV"], rows, "narrow")
+    for n in t.get("notes") or []:
+        out += f'<p class="note">{_e(n)}</p>'
+    return out
+
+
+def _remaining(res: dict) -> str:
+    rd = res["remaining_dose"]
+    rows = []
+    for s in rd.get("structures", []):
+        lims = ", ".join(f"{x.get('metric')} {x.get('scope')} \u2264 {fmt(x.get('limit_gy'))} Gy"
+                         + ("" if x.get("verified") else " (unverified)") for x in s.get("limits", []))
+        rows.append([_e(s.get("structure")), _e(fmt(s.get("alpha_beta"), 1)), _e(lims),
+                     _e(fmt(s.get("min_remaining_gy"))), _e(fmt(s.get("max_remaining_gy"))),
+                     _e(fmt(s.get("voxels_already_over_limit_from_prior_courses")))])
+    out = (f"<p>Remaining physical dose (Gy) per voxel: what the current course's {_e(fmt(rd.get('fractions')))} "
+           f"fractions may still deliver there before the organ's tightest dose limit is reached (map: "
+           f"remaining_dose.nrrd); lowest and highest over each organ's voxels. Lowest over all constrained voxels: "
+           f"<b>{_e(fmt(rd.get('min_gy')))} Gy</b>.</p>")
+    out += _table(["organ structure", "\u03b1/\u03b2 (Gy)", "limits used", "min remaining (Gy)",
+                   "max remaining (Gy)", "voxels already over the limit from prior courses"], rows)
+    viol = res.get("violations") or []
+    if viol:
+        rows = [f'<tr class="st-{_e(v.get("status"))}">{_status_cell(v.get("status", ""))}<td>{_e(v.get("segment"))}</td>'
+                f'<td class="num">{_e(fmt(v.get("threshold_gy")))}</td><td class="num">{_e(fmt(v.get("volume_cc"), 3))}</td></tr>'
+                for v in viol]
+        out += ('<h3>Violation regions (violations.seg.nrrd)</h3><table class="constraints"><thead><tr><th>status</th>'
+                '<th>region</th><th>EQD2 threshold (Gy)</th><th>volume (cc)</th></tr></thead><tbody>'
+                + "".join(rows) + "</tbody></table>")
+    return out
+
+
+_SPECIFIC = {"target_checks": _target_checks, "margins": _target_checks, "reirradiation_type": _reirradiation_type,
+             "remaining_dose": _remaining}
 
 
 def _assumptions(res: dict) -> str:
@@ -430,8 +519,8 @@ def render_html(results, figures: dict | None = None) -> str:
                f"({what}: {_e(c.get('organ'))} {_e(c.get('metric'))} {_e(c.get('scope'))} = "
                f"{_e(fmt(c.get('value')))} {_e(c.get('unit'))}, limit {_e(fmt(c.get('limit')))} {_e(c.get('unit'))}). "
                f"Colour wash: EQD2 map (voxel \u03b1/\u03b2 map: smallest \u03b1/\u03b2 where organs overlap), "
-               f"not drawn below 5 Gy. Red hatched: voxels of {_e(focus.structure)} at or above "
-               f"{_e(fmt(focus.threshold_gy))} Gy in that map.")
+               f"not drawn below 5 Gy. Red hatched: the violation region of {_e(focus.structure)} (its voxels at or above "
+               f"{_e(fmt(focus.threshold_gy))} Gy EQD2).")
     else:
         cap = ""
     parts.append('<section id="slices" class="figure"><h2>Slices through the worst violation</h2>' + _img(
@@ -464,15 +553,17 @@ def write_pdf(html_text: str, path: Path) -> bool:
         return False
 
 
-def write_report(results, out_dir: Path, analysis=None, prepared=None, pdf: bool = True) -> dict[str, str]:
+def write_report(results, out_dir: Path, analysis=None, prepared=None, planning=None, pdf: bool = True
+                 ) -> dict[str, str]:
     """Write ``report.html`` (and ``report.pdf`` when possible) into ``out_dir``; return {file: description}.
 
     ``results``: the ``Results`` tree (or the ``results.json`` dictionary). ``analysis`` / ``prepared``: the
-    :class:`analysis.Analysis` and :class:`pipeline.Prepared` whose arrays the figures are drawn from (optional).
+    :class:`analysis.Analysis` and :class:`pipeline.Prepared` whose arrays the figures are drawn from (optional);
+    ``planning``: the :class:`planning.Planning` (margins, violation regions) when computed.
     """
     out_dir = Path(out_dir)
     res = _results_dict(results)
-    figs = make_figures(res, analysis, prepared)
+    figs = make_figures(res, analysis, prepared, planning)
     text = render_html(res, figs)
     (out_dir / "report.html").write_text(text, encoding="utf-8")
     files = {"report.html": "Self-contained report (HTML, images embedded; prints cleanly)"}

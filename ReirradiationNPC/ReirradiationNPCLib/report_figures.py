@@ -124,9 +124,11 @@ def _slice_of_crop(s, shape, axis: int, idx: int) -> np.ndarray | None:
 
 
 def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structures, focus: Focus,
-                  reference_image: Volume | None, structure_colors: dict[str, str]) -> bytes:
+                  reference_image: Volume | None, structure_colors: dict[str, str], violation=None) -> bytes:
     """Axial, coronal and sagittal slices through ``focus.index``: CT (if given), EQD2 colour wash,
-    contours of every organ and target, and the violating voxels of the focus structure hatched in red."""
+    contours of every organ and target, and the violating voxels of the focus structure hatched in red
+    (``violation``: an object with ``mask`` / ``box`` on ``grid``; default: the focus structure's voxels at or
+    above the threshold in the displayed map)."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
@@ -180,10 +182,10 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
             lw = 2.2 if s.name == focus.structure else 1.0
             ax.contour(us, vs, m2.astype(np.float32), levels=[0.5], colors=[col], linewidths=lw)
             handles.setdefault(s.name, Line2D([0], [0], color=col, lw=lw))
-        if focus.threshold_gy is not None:
-            m2 = _slice_of_crop(focus_s, arr.shape, axis, idx)
+        if focus.threshold_gy is not None or violation is not None:
+            m2 = _slice_of_crop(violation if violation is not None else focus_s, arr.shape, axis, idx)
             if m2 is not None:
-                viol = m2 & (wash >= focus.threshold_gy)
+                viol = m2 if violation is not None else m2 & (wash >= focus.threshold_gy)
                 if viol.any():
                     red = ListedColormap(["#ff0000"])
                     ax.imshow(np.ma.masked_where(~viol, viol.astype(np.float32)), cmap=red, alpha=0.55,
@@ -321,30 +323,17 @@ def boundary_faces(mask: np.ndarray, box, grid: Grid, step: int = 1) -> tuple[np
     return np.concatenate(verts), np.concatenate(normals)
 
 
-def view3d_figure(grid: Grid, structures, violation_masks: list[tuple[str, np.ndarray, tuple]],
-                  structure_colors: dict[str, str], extra_surfaces: list[tuple[str, np.ndarray, tuple, str]] = (),
-                  max_faces: int = 60000) -> bytes:
-    """A simple 3D view (matplotlib, offscreen): organs translucent, targets and margins, violation
-    voxels opaque red. Surfaces are voxel faces (no smoothing), lit by a fixed light."""
+def view3d_figure(layers: list[tuple], max_faces: int = 60000) -> bytes:
+    """A simple 3D view (matplotlib, offscreen). ``layers``: (label, crop mask, box, grid, colour, alpha) drawn
+    as voxel-face surfaces lit by a fixed light; a label starting with "violation" is not put in the legend."""
     plt = _plt()
     from matplotlib.colors import to_rgba
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
     from matplotlib.patches import Patch
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    light = np.array([0.35, -0.6, 0.7])  # (k, j, i) index-axis weights: from superior, anterior, right
+    light = np.array([0.7, -0.6, 0.35])  # (k, j, i) index-axis weights: from superior, anterior, patient left
     light /= np.linalg.norm(light)
-    layers = []
-    for s in structures:
-        if s.organ is None or s.organ.role == "body" or s.mask.size == 0:
-            continue
-        alpha = 0.35 if s.organ.role == "target" else 0.16
-        col = "#ff8c00" if s.organ.role == "target" else structure_colors.get(s.name, "#4477aa")
-        layers.append((s.name, s.mask, s.box, col, alpha))
-    for name, m, box, col in extra_surfaces:
-        layers.append((name, m, box, col, 0.22))
-    for name, m, box in violation_masks:
-        layers.append((name, m, box, "#e00000", 0.95))
-    total = sum(int(m.sum()) for _, m, _, _, _ in layers)
+    total = sum(int(m.sum()) for _, m, _, _, _, _ in layers)
     step = 1
     while total / step ** 2 > max_faces * 0.6 and step < 8:  # faces scale ~ with surface, i.e. 1/step^2
         step += 1
@@ -353,21 +342,23 @@ def view3d_figure(grid: Grid, structures, violation_masks: list[tuple[str, np.nd
     lo = np.full(3, np.inf)
     hi = np.full(3, -np.inf)
     legend = []
-    for name, m, box, col, alpha in layers:
+    has_violation = False
+    for name, m, box, grid, col, alpha in layers:
         v, n = boundary_faces(m, box, grid, step=step)
         if len(v) == 0:
             continue
         shade = 0.55 + 0.45 * np.clip(n @ light, 0, None)
         rgba = np.tile(np.asarray(to_rgba(col, alpha)), (len(v), 1))
         rgba[:, :3] *= shade[:, None]
-        pc = Poly3DCollection(v, facecolors=rgba, edgecolors="none", linewidths=0)
-        ax.add_collection3d(pc)
+        ax.add_collection3d(Poly3DCollection(v, facecolors=rgba, edgecolors="none", linewidths=0))
         lo = np.minimum(lo, v.reshape(-1, 3).min(axis=0))
         hi = np.maximum(hi, v.reshape(-1, 3).max(axis=0))
-        if not name.startswith("violation"):
+        if name.startswith("violation"):
+            has_violation = True
+        else:
             legend.append(Patch(facecolor=col, alpha=min(1.0, alpha * 2.5), label=name))
-    if violation_masks:
-        legend.append(Patch(facecolor="#e00000", label="violation (voxels above a failed limit)"))
+    if has_violation:
+        legend.append(Patch(facecolor="#e00000", label="violation (organ voxels above a failed limit)"))
     if np.all(np.isfinite(lo)):
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(hi[1], lo[1])  # anterior (small y) towards the viewer
@@ -382,6 +373,26 @@ def view3d_figure(grid: Grid, structures, violation_masks: list[tuple[str, np.nd
     return _png(fig, dpi=100)
 
 
+def layers_3d(grid: Grid, structures, colors: dict[str, str], violations: list[tuple], margins=None) -> list[tuple]:
+    """Layers of the 3D view: organs (translucent), targets, margin volumes (CTV/PTV), violations (red)."""
+    layers = []
+    for s in structures:
+        if s.organ is None or s.organ.role == "body" or s.mask.size == 0:
+            continue
+        if s.organ.role == "target":
+            layers.append((s.name, s.mask, s.box, grid, "#ff8c00", 0.4))
+        else:
+            layers.append((s.name, s.mask, s.box, grid, colors.get(s.name, "#4477aa"), 0.16))
+    if margins is not None:
+        for key, col, alpha in (("CTV", "#ffd700", 0.18), ("PTV", "#00bfff", 0.12)):
+            arr = getattr(margins, key.lower(), None)
+            if arr is not None and arr.any():
+                layers.append((margins.names.get(key, key), arr, margins.box, margins.grid, col, alpha))
+    for name, m, box in violations:
+        layers.append((name if name.startswith("violation") else "violation " + name, m, box, grid, "#e00000", 0.95))
+    return layers
+
+
 def structure_colors(names: list[str]) -> dict[str, str]:
     return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(names)}
 
@@ -394,15 +405,19 @@ def violation_masks(results: dict, structures, cumulative: np.ndarray, course_eq
     courses = results.get("assumptions", {}).get("courses", [])
     current = courses[-1]["name"] if courses else ""
     out = []
-    for con in results.get("constraints", []):
-        if con.get("status") != "fail" or con.get("structure") not in by_name:
-            continue
-        thr = _threshold_gy(con)
+    for con in _failed(results, by_name):
         s = by_name[con["structure"]]
-        if thr is None or s.mask.size == 0:
-            continue
         _, arr = _map_for(con, cumulative, course_eqd2, current)
-        m = s.mask & (arr[s.box] >= thr)
-        if m.any():
-            out.append((f"violation {s.name} {con['metric']}", m, s.box))
+        out.append((f"violation {s.name} {con['metric']}", s.mask & (arr[s.box] >= _threshold_gy(con)), s.box))
     return out
+
+
+def _failed(results: dict, by_name: dict) -> list[dict]:
+    return [c for c in results.get("constraints", []) if c.get("status") == "fail" and c.get("structure") in by_name
+            and _threshold_gy(c) is not None and by_name[c["structure"]].mask.size]
+
+
+def failed_keys(results: dict, structures) -> list[tuple]:
+    """(structure, metric, scope) of each region :func:`violation_masks` returns, in the same order."""
+    by_name = {s.name: s for s in structures}
+    return [(c["structure"], c["metric"], c["scope"]) for c in _failed(results, by_name)]
