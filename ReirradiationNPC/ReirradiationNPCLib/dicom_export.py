@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -98,6 +99,18 @@ def _plane_geometry(ds: Dataset, grid: Grid) -> tuple[np.ndarray, float]:
     ds.ImagePositionPatient = [_ds_str(v) for v in grid.origin]
     ds.PixelSpacing = [_ds_str(grid.spacing[1]), _ds_str(grid.spacing[0])]
     return kdir, sign
+
+
+def _set_ds_raw(ds: Dataset, tag: int, values: np.ndarray) -> None:
+    """Set a long DS multi-value (e.g. ContourData) as an already encoded element: each value with 4 decimals
+    (0.1 micrometre; at most 16 characters for |v| < 1e10), without pydicom's per-value validation."""
+    v = np.round(np.asarray(values, dtype=float), 4)
+    v[v == 0] = 0.0  # no "-0.0"
+    text = "\\".join(f"{x:.4f}".rstrip("0").rstrip(".") for x in v.tolist())
+    if len(text) % 2:
+        text += " "
+    raw = text.encode("ascii")
+    ds[tag] = RawDataElement(pydicom.tag.Tag(tag), "DS", len(raw), raw, 0, False, True)
 
 
 def dose_scaling(max_gy: float) -> tuple[str, float]:
@@ -305,11 +318,12 @@ def write_rtstruct(masks: list[np.ndarray], names: list[str], colors: list[tuple
                 ijk = np.column_stack([poly, np.full(len(poly), float(k))])
                 xyz = ct_grid.index_to_physical(ijk)
                 c = Dataset()
+                c.set_original_encoding(False, True, "iso8859")  # lets pydicom write the raw ContourData as is
                 if sop_uids:
                     c.ContourImageSequence = Sequence([image_ref(int(k))])
                 c.ContourGeometricType = "CLOSED_PLANAR"
                 c.NumberOfContourPoints = len(xyz)
-                c.ContourData = [_ds_str(round(v, 4)) for v in xyz.ravel()]
+                _set_ds_raw(c, 0x30060050, xyz.ravel())   # ContourData
                 conts.append(c)
         if conts:
             rc.ContourSequence = Sequence(conts)
