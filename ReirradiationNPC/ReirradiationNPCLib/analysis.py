@@ -40,7 +40,7 @@ MODEL_ASSUMPTIONS = [
     "A smaller alpha/beta is the conservative choice only above 2 Gy per fraction; below 2 Gy per fraction "
     "(e.g. 65 Gy in 54 fractions) it gives a lower EQD2.",
     "Dose metrics use sub-voxel samples of each structure on its own mask grid (small organs supersampled, "
-    "mask boundary smoothed by linear interpolation, volume = the mask's volume) with the dose interpolated "
+    "every mask voxel split into equal sub-voxels, volume = the mask's volume) with the dose interpolated "
     "trilinearly from the evaluation grid; D<x>cc and V<x>Gy are read off the continuous (mid-point) DVH curve. "
     "The sampling used is recorded per structure.",
     "The product supports a decision; the treating clinician decides.",

@@ -22,6 +22,8 @@ error elsewhere from O(h) to O(h^2) in the sample spacing h.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .protocol import Metric, parse_metric
@@ -87,15 +89,18 @@ class SortedSamples:
 
     def volume_at_dose(self, x_gy: float) -> float:
         """V<x>Gy (cc): volume receiving at least ``x_gy`` Gy (total volume at or below Dmin, 0 above Dmax)."""
+        return float(self.volumes_at(np.asarray([x_gy], dtype=np.float64))[0])
+
+    def volumes_at(self, x_gy: np.ndarray) -> np.ndarray:
+        """V(x) (cc) for an array of doses ``x_gy`` (Gy); see :meth:`volume_at_dose`."""
+        x = np.asarray(x_gy, dtype=np.float64)
         if self.n == 0:
-            return 0.0
-        if x_gy <= self.levels[-1]:
-            return self.total_cc
-        if x_gy > self.levels[0]:
-            return 0.0
-        if x_gy == self.levels[0]:
-            return float(self.level_above[0])  # all of the volume at the maximum dose (a plateau counts whole)
-        return float(np.interp(x_gy, self.levels[::-1], self.level_cum[::-1]))
+            return np.zeros_like(x)
+        vol = np.interp(x, self.levels[::-1], self.level_cum[::-1])
+        vol[x == self.levels[0]] = self.level_above[0]  # all of the volume at the maximum (a plateau counts whole)
+        vol[x <= self.levels[-1]] = self.total_cc
+        vol[x > self.levels[0]] = 0.0
+        return vol
 
     def cumulative_dvh(self, bin_width_gy: float = 0.1, max_dose_gy: float | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,13 +108,8 @@ class SortedSamples:
         if bin_width_gy <= 0:
             raise ValueError("bin width must be > 0 Gy")
         top = max_dose_gy if max_dose_gy is not None else (self.dmax or 0.0)
-        edges = np.arange(0.0, top + bin_width_gy, bin_width_gy)
-        if self.n == 0:
-            return edges, np.zeros_like(edges)
-        vol = np.interp(edges, self.levels[::-1], self.level_cum[::-1])
-        vol[edges <= self.levels[-1]] = self.total_cc
-        vol[edges > self.levels[0]] = 0.0
-        return edges, vol
+        edges = np.arange(int(math.floor(top / bin_width_gy)) + 2) * bin_width_gy
+        return edges, self.volumes_at(edges)
 
     def metric(self, m: Metric) -> float | None:
         if self.n == 0:

@@ -7,10 +7,12 @@ structure is described by many sample points, each standing for an equal volume:
 1. The mask's bounding box (on the mask's own grid, padded by one empty voxel) is subdivided: each mask voxel is
    split into ``f_i x f_j x f_k`` sub-voxels (integer factors per axis, chosen automatically, see
    :func:`choose_factors`).
-2. The mask is linearly interpolated at every sub-voxel centre; a sub-voxel belongs to the structure when the
-   interpolated occupancy is >= 0.5. With factor 1 this is the mask itself; with larger factors the staircase of
-   the mask is smoothed at edges and corners (flat faces stay on the voxel faces), a better estimate of the
-   contoured shape than the staircase.
+2. By default every sub-voxel of every mask voxel belongs to the structure: the mask is taken exactly as given
+   (its voxels are the partial-volume resolution of the contour), only sampled more finely for the dose. This is
+   exact for shapes whose faces lie on voxel faces (boxes) and, for curved shapes, unbiased (volume = voxel count
+   x voxel volume). Optionally (``occupancy="linear"``) the mask is linearly interpolated at the sub-voxel
+   centres and thresholded at 0.5, which rounds the staircase; this rounds true edges too (a box), so it is not
+   the default.
 3. The dose is interpolated trilinearly at each sample's physical position (vectorised numpy, any dose grid and
    orientation; only the dose voxels around the samples are read).
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 #: Aim for at least this many samples inside a structure (small organs get sub-voxel sampling).
 TARGET_SAMPLES = 20_000
 #: Largest sub-division factor per axis.
-MAX_FACTOR = 12
+MAX_FACTOR = 16
 #: Upper bound on the number of sub-voxels evaluated in a structure's bounding box (memory and time cap).
 MAX_BOX_SAMPLES = 4_000_000
 #: Sub-voxel edges are not made finer than this (mm): below it, dose interpolation gains nothing.
@@ -206,14 +208,14 @@ def interpolate_linear(array: np.ndarray, grid: Grid, idx: np.ndarray, outside: 
 
 
 def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int] | None = None,
-                     target: int = TARGET_SAMPLES, occupancy: str = "linear") -> StructureSamples:
+                     target: int = TARGET_SAMPLES, occupancy: str = "nearest") -> StructureSamples:
     """Sub-voxel samples of the bool ``mask`` (indexed k, j, i) on its own ``grid``.
 
     ``factors`` (i, j, k) forces the sub-division; by default :func:`choose_factors` picks it.
-    ``occupancy``: ``"linear"`` (default) takes the sub-voxels where the linearly interpolated mask is >= 0.5,
-    which rounds the mask's staircase; a mask voxel that would keep no sub-voxel at all (an isolated voxel or a
+    ``occupancy``: ``"nearest"`` (default) takes every sub-voxel of every mask voxel (the mask as given);
+    ``"linear"`` takes the sub-voxels where the linearly interpolated mask is >= 0.5, which rounds the mask's
+    staircase (and true edges); there a mask voxel that would keep no sub-voxel at all (an isolated voxel or a
     one-voxel-thin part) keeps all of its sub-voxels, so no part of the contoured structure goes unsampled.
-    ``"nearest"`` takes every sub-voxel of every mask voxel (the staircase).
 
     The structure volume is the mask's own volume (voxel count x voxel volume, an unbiased estimate for a mask
     made from voxel centres); each sample stands for an equal share of it. Smoothing only moves where the
