@@ -130,8 +130,10 @@ def run(ctx, case, output, overwrite):
 @click.option("--output", "-o", default=Path("reirradiation-npc-demo"), show_default=True,
               type=click.Path(path_type=Path), help="Folder for the synthetic case (case/) and results (results/).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo in that folder.")
+@click.option("--dicom", is_flag=True, help="Generate the synthetic case as DICOM RT (CT, RTPLAN, RTDOSE, RTSTRUCT, "
+                                            "REG) and run it through the DICOM path.")
 @click.pass_context
-def demo(ctx, output, overwrite):
+def demo(ctx, output, overwrite, dicom):
     """Generate the synthetic NPC case and run it (no data needed)."""
     from .io import ensure_writable_dir
     from .pipeline import run_case
@@ -142,7 +144,11 @@ def demo(ctx, output, overwrite):
     def go():
         ensure_writable_dir(output, overwrite)
         prog("generating the synthetic NPC case")
-        case_path = generate(output / "case")
+        if dicom:
+            from .synthetic import generate_dicom
+            case_path = generate_dicom(output / "case")
+        else:
+            case_path = generate(output / "case")
         return run_case(case_path, output / "results", overwrite=True, progress=prog)
 
     results = _guard(go, ctx.obj["verbose"])
@@ -242,6 +248,26 @@ def metrics(ctx, dose_path, structures_path, fractions, alpha_beta, extra, outpu
 def sm_table(result, names) -> str:
     from .structure_metrics import format_table
     return format_table(result, names)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--write-case", "write_case", type=click.Path(path_type=Path), default=None,
+              help="Write an editable case-file skeleton here (never overwrites an existing file).")
+@click.pass_context
+def scan(ctx, folder, write_case):
+    """List the patients, studies, CT series, plans, doses, structure sets and registrations under FOLDER."""
+    from .dicom_scan import format_scan, scan as scan_folder, write_case_skeleton
+
+    def go():
+        if write_case is not None and Path(write_case).exists():
+            raise InputError("exists already (it is never overwritten)", source=str(write_case), field="--write-case")
+        res = scan_folder(folder)
+        click.echo(format_scan(res))
+        if write_case is not None:
+            click.echo(f"case skeleton written: {write_case_skeleton(res, write_case)} (edit it before running)")
+
+    _guard(go, ctx.obj["verbose"])
 
 
 if __name__ == "__main__":  # pragma: no cover
