@@ -1,0 +1,257 @@
+"""Violation segments, headroom and remaining-dose maps on hand-calculated dose gradients.
+
+Hand formulas (float64, written out here independently of the engine):
+    EQD2 = D (D / n + ab) / (2 + ab);   D for an EQD2 rise E in n fractions: (n / 2) (-ab + sqrt(ab^2 + 4 E (2 + ab) / n))
+Worked numbers used below:
+- n = 20, ab = 2: EQD2 50 Gy <=> D = 10 (-2 + sqrt(44)) = 46.3325 Gy; EQD2 47.5 Gy (95 %) <=> D = 44.8074 Gy.
+- Prior 45 Gy / 15 fx (3 Gy/fx): EQD2 = 45 * 5 / 4 = 56.25 Gy at ab 2, 45 * 6 / 5 = 54 Gy at ab 3.
+- Brainstem (ab 2, credit 25 %, cumulative limit 64): budget 64 - 0.75 * 56.25 = 21.8125 Gy; minus the 0.005 Gy
+  safety = 21.8075 Gy -> 30 fx: D = 15 (-2 + sqrt(4 + 4 * 21.8075 * 4 / 30)) = 29.3035 Gy.
+- Lobe (ab 3, no credit, limit 60): budget 6 - 0.005 = 5.995 Gy -> D = 15 (-3 + sqrt(9 + 4 * 5.995 * 5 / 30))
+  = 9.0763 Gy.
+- Brainstem current-course limit 49: D = 15 (-2 + sqrt(4 + 4 * 48.995 * 4 / 30)) = 52.3371 Gy (not binding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ReirradiationNPCLib import budget
+from ReirradiationNPCLib.analysis import CourseData, StructureData
+from ReirradiationNPCLib.geometry import Grid, bounding_box
+from ReirradiationNPCLib.protocol import parse_protocol
+from ReirradiationNPCLib.results import ConstraintResult
+
+GRID = Grid((100, 4, 4), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+SHAPE = GRID.shape
+X = np.broadcast_to(np.arange(100, dtype=np.float64), SHAPE)
+
+
+def hand_eqd2(d, n, ab):
+    return d * (d / n + ab) / (2.0 + ab)
+
+
+def make_protocol(brainstem: list, lobe: list, recovery=None):
+    return parse_protocol({
+        "name": "t", "version": "1", "alpha_beta": {"default": 3},
+        "recovery": recovery or {"model": "none"},
+        "organs": {"brainstem": {"aliases": ["Brainstem"], "alpha_beta": 2, "constraints": brainstem},
+                   "lobe": {"aliases": ["Lobe"], "alpha_beta": 3, "constraints": lobe},
+                   "gtv": {"role": "target", "aliases": ["GTVp"], "alpha_beta": 10}}}, "t.yaml")
+
+
+def con(metric, limit, scope="cumulative"):
+    return {"metric": metric, "limit_gy": limit, "scope": scope, "source": "test", "verified": False}
+
+
+def structure(name, full_mask, protocol):
+    box = bounding_box(full_mask)
+    return StructureData(name, full_mask[box].copy(), box, protocol.match(name))
+
+
+def course(name, dose, n, interval=None):
+    return CourseData(name, np.ascontiguousarray(dose, dtype=np.float32), n, interval, interval is None)
+
+
+def cresult(structure_name, organ, metric, limit, status, scope="cumulative"):
+    return ConstraintResult(organ=organ, structure=structure_name, metric=metric, scope=scope, value=0.0,
+                            limit=limit, unit="Gy", status=status, source="test", verified=False)
+
+
+# ------------------------------------------------------------------------------------------------ violations
+
+def test_violation_voxels_are_exactly_those_above_the_limit_in_a_gradient():
+    prot = make_protocol([con("D0.03cc", 50)], [])
+    organ = X >= 0  # the whole grid is brainstem
+    s = structure("Brainstem", organ, prot)
+    courses = [course("c1", np.zeros(SHAPE), 30, interval=24), course("c2", X, 20)]
+    cons = [cresult("Brainstem", "brainstem", "D0.03cc", 50.0, "fail"),
+            cresult("Brainstem", "brainstem", "D0.03cc", 50.0, "warn"),
+            cresult("Brainstem", "brainstem", "Dmax", 50.0, "pass"),
+            cresult("Brainstem", "brainstem", "V40Gy", 1.0, "fail")]
+    cons[3].unit = "cc"
+    v = budget.violations(cons, [s], courses, prot, GRID)
+    assert [x.status for x in v] == ["fail", "warn"]          # pass and volume metrics give no segment
+    fail, warn = v
+    assert fail.name == "Brainstem D0.03cc > 50 Gy" and fail.color == budget.RED
+    full = np.zeros(SHAPE, bool)
+    full[fail.box] = fail.mask
+    assert np.array_equal(full, X >= 47)                       # D 47 Gy > 46.33 Gy; 46 Gy is not
+    assert fail.volume_cc == pytest.approx(53 * 16 / 1000.0)
+    # warn: voxels above 95 % of the limit (47.5 Gy EQD2 <=> 44.81 Gy physical)
+    assert warn.color == budget.AMBER and warn.threshold_gy == pytest.approx(47.5)
+    assert warn.name.startswith("Brainstem D0.03cc > 47.5 Gy (warn")
+    full[:] = False
+    full[warn.box] = warn.mask
+    assert np.array_equal(full, X >= 45)
+
+
+def test_violation_uses_organ_credit_and_current_scope():
+    rec = {"model": "step", "table": [{"min_months": 0, "fraction": 0}, {"min_months": 6, "fraction": 0.5}],
+           "organs": ["brainstem"]}
+    prot = make_protocol([con("D0.03cc", 40), con("D0.03cc", 30, "current")], [], rec)
+    s = structure("Brainstem", X >= 0, prot)
+    # prior 2 Gy/fx: EQD2 = physical at any ab; 60 Gy x (1 - 0.5) = 30 Gy. Current x Gy in x/2 fx? keep 2 Gy/fx:
+    courses = [course("c1", np.full(SHAPE, 60.0), 30, interval=12), course("c2", X * 0.5, 25)]
+    # cumulative: 30 + EQD2(0.5 x, 25, 2) > 40 <=> EQD2 > 10; current: EQD2(0.5 x, 25, 2) > 30
+    cum_cur = hand_eqd2(0.5 * X, 25, 2.0)
+    v = budget.violations([cresult("Brainstem", "brainstem", "D0.03cc", 40.0, "fail"),
+                           cresult("Brainstem", "brainstem", "D0.03cc", 30.0, "fail", scope="current")],
+                          [s], courses, prot, GRID)
+    f = np.zeros(SHAPE, bool)
+    f[v[0].box] = v[0].mask
+    assert np.array_equal(f, 30.0 + cum_cur > 40.0)
+    f[:] = False
+    f[v[1].box] = v[1].mask
+    assert np.array_equal(f, cum_cur > 30.0)
+    assert v[1].name.endswith("(current course)")
+
+
+# -------------------------------------------------------------------------------------------------- headroom
+
+def test_headroom_limit_minus_cumulative_smallest_where_organs_overlap():
+    prot = make_protocol([con("D0.03cc", 50)], [con("Dmean", 60), con("D0.03cc", 70)])
+    stem = structure("Brainstem", X < 40, prot)
+    lobe = structure("Lobe", X >= 20, prot)
+    other = structure("GTVp", X >= 95, prot)                   # a target: no headroom
+    courses = [course("c1", np.zeros(SHAPE), 30, interval=24), course("c2", X, 20)]
+    h = budget.headroom_map([stem, lobe, other], courses, prot, SHAPE)
+    # x = 10: brainstem only: 50 - 10 (0.5 + 2) / 4 = 43.75
+    assert h[0, 0, 10] == pytest.approx(43.75, abs=1e-4)
+    # x = 30: brainstem 50 - 30 (1.5 + 2) / 4 = 23.75; lobe (smallest limit 60) 60 - 30 (1.5 + 3) / 5 = 33 -> 23.75
+    assert h[0, 0, 30] == pytest.approx(23.75, abs=1e-4)
+    # x = 80: lobe only: 60 - 80 (4 + 3) / 5 = -52 (negative where violated)
+    assert h[0, 0, 80] == pytest.approx(-52.0, abs=1e-4)
+    assert np.isnan(h[0, 0, :]).sum() == 0                    # every x is covered by an organ with a limit
+    prot2 = make_protocol([con("D0.03cc", 50)], [])
+    h2 = budget.headroom_map([structure("Brainstem", X < 40, prot2)], courses, prot2, SHAPE)
+    assert np.isnan(h2[..., 40:]).all() and not np.isnan(h2[..., :40]).any()
+
+
+# -------------------------------------------------------------------------------------------- remaining dose
+
+REC = {"model": "step", "table": [{"min_months": 0, "fraction": 0}, {"min_months": 6, "fraction": 0.25}],
+       "organs": ["brainstem"]}
+
+
+def remaining_case(prior):
+    prot = make_protocol([con("D0.03cc", 64), con("D0.03cc", 49, "current"), con("Dmean", 20)],
+                         [con("Dmax", 60), con("D2cc", 10)], REC)
+    stem = structure("Brainstem", (X >= 10) & (X < 60), prot)
+    lobe = structure("Lobe", (X >= 50) & (X < 90), prot)
+    courses = [course("c1", prior, 15, interval=8), course("c2", np.zeros(SHAPE), 30)]
+    return prot, [stem, lobe], courses
+
+
+def test_remaining_dose_hand_numbers():
+    prior = np.full(SHAPE, 45.0)
+    prior[..., 85:] = 60.0            # lobe: 60 Gy / 15 fx = 84 Gy EQD2 > 60: no dose left
+    prot, structs, courses = remaining_case(prior)
+    r = budget.remaining_dose(structs, courses, prot, SHAPE)
+    a = r.array
+    assert a.dtype == np.float32
+    assert (a[..., :10] == budget.UNCONSTRAINED).all() and (a[..., 90:] == budget.UNCONSTRAINED).all()
+    assert a[..., 10:50] == pytest.approx(29.3035, abs=2e-4)      # brainstem only
+    assert a[..., 50:85] == pytest.approx(9.0763, abs=2e-4)       # lobe binds (overlap 50-59 too)
+    assert (a[..., 85:90] == 0).all()                             # budget exhausted
+    s = r.summary()
+    assert s["fractions"] == 30 and s["unconstrained_value"] == -1.0
+    lobe = [o for o in s["structures"] if o["structure"] == "Lobe"][0]
+    assert lobe["voxels_already_over_limit_from_prior_courses"] == 5 * 16
+    assert [x["metric"] for x in lobe["limits"]] == ["Dmax"]      # D2cc is not point-type
+    stem = [o for o in s["structures"] if o["structure"] == "Brainstem"][0]
+    assert {(x["metric"], x["scope"]) for x in stem["limits"]} == {("D0.03cc", "cumulative"), ("D0.03cc", "current")}
+
+
+def test_feeding_the_remaining_dose_back_reaches_every_limit_never_above():
+    """Gradient prior (30 -> 49.8 Gy in 15 fx): with the map as the current course (30 fx), in every constrained
+    voxel the binding organ's cumulative EQD2 sits within 0.1 Gy below its limit, and no organ's limit is exceeded."""
+    prior = 30.0 + 0.2 * X
+    prot, structs, courses = remaining_case(prior)
+    r = budget.remaining_dose(structs, courses, prot, SHAPE)
+    dose = np.maximum(r.array.astype(np.float64), 0.0)
+    stem = (X >= 10) & (X < 60)
+    lobe = (X >= 50) & (X < 90)
+    # independent hand calculation of each organ's cumulative EQD2 with the fed-back dose
+    cum_stem = 0.75 * hand_eqd2(prior, 15, 2.0) + hand_eqd2(dose, 30, 2.0)
+    cur_stem = hand_eqd2(dose, 30, 2.0)
+    cum_lobe = hand_eqd2(prior, 15, 3.0) + hand_eqd2(dose, 30, 3.0)
+    head = np.full(SHAPE, np.inf)
+    head = np.where(stem, np.minimum(head, np.minimum(64.0 - cum_stem, 49.0 - cur_stem)), head)
+    head = np.where(lobe, np.minimum(head, 60.0 - cum_lobe), head)
+    constrained = stem | lobe
+    assert np.array_equal(constrained, r.array >= 0)
+    exhausted = lobe & (hand_eqd2(prior, 15, 3.0) >= 60.0)
+    assert not exhausted.any()            # lobe's hottest prior (x = 89): 47.8 Gy / 15 fx = 59.15 Gy EQD2 < 60
+    assert head[constrained].min() >= 0.0                         # never above any limit
+    assert head[constrained].max() <= 0.1                         # the binding limit is reached within 0.1 Gy
+    # the engine's own organ EQD2 agrees (the feedback a user would run)
+    fed = [courses[0], course("c2", r.array.clip(0), 30)]
+    e = budget.organ_eqd2(structs[0], fed, prot, "cumulative")
+    assert (64.0 - e[structs[0].mask]).min() >= 0.0
+
+
+def test_remaining_dose_absent_without_point_limits():
+    prot = make_protocol([con("Dmean", 20)], [con("D2cc", 10)])
+    structs = [structure("Brainstem", X < 50, prot), structure("Lobe", X >= 50, prot)]
+    courses = [course("c1", np.zeros(SHAPE), 15, interval=8), course("c2", np.zeros(SHAPE), 30)]
+    r = budget.remaining_dose(structs, courses, prot, SHAPE)
+    assert (r.array == budget.UNCONSTRAINED).all() and r.organs == []
+
+
+def test_hand_numbers_of_the_docstring():
+    # guard the worked values quoted above against typos (plain math, not the engine)
+    assert 10 * (-2 + math.sqrt(44)) == pytest.approx(46.3325, abs=1e-4)
+    assert 15 * (-2 + math.sqrt(4 + 4 * 21.8075 * 4 / 30)) == pytest.approx(29.3035, abs=1e-4)
+    assert 15 * (-3 + math.sqrt(9 + 4 * 5.995 * 5 / 30)) == pytest.approx(9.0763, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------ synthetic case, end to end
+
+def test_synthetic_case_planning_outputs_and_feedback(synthetic_case, tmp_path):
+    from ReirradiationNPCLib import planning
+    from ReirradiationNPCLib.analysis import compute
+    from ReirradiationNPCLib.case import load_case
+    from ReirradiationNPCLib.io import read_segmentation
+    from ReirradiationNPCLib.pipeline import prepare
+    import SimpleITK as sitk
+
+    prep = prepare(load_case(synthetic_case))
+    analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol)
+    plan = planning.compute(prep, analysis)
+    files: dict[str, str] = {}
+    planning.write(plan, prep.grid, tmp_path, files)
+    assert set(files) == {"margins.seg.nrrd", "violations.seg.nrrd", "headroom.nrrd", "remaining_dose.nrrd"}
+    segs = read_segmentation(tmp_path / "margins.seg.nrrd")
+    assert [s.name for s in segs] == ["GTV", "CTV (GTV + 5 mm)", "PTV (CTV + 3 mm)"]
+    # the margins' GTV is the GTVp mask itself (same CT grid)
+    gtvp = sitk.GetArrayFromImage(sitk.ReadImage(str(synthetic_case.parent / "structures" / "GTVp.nrrd")))
+    assert int(segs[0].mask.sum()) == int(gtvp.sum())
+    assert plan.reirradiation_type["type"] == 1                   # the recurrence sits in the prior high dose
+    fails = {(c.structure, c.metric, c.limit) for c in analysis.constraints if c.status in ("fail", "warn")
+             and c.unit == "Gy"}
+    vsegs = read_segmentation(tmp_path / "violations.seg.nrrd")
+    assert len(vsegs) == len(fails) == len(plan.violations)
+    for v in plan.violations:
+        assert (v.structure, v.metric, v.limit_gy) in fails
+    # feedback: the remaining-dose map as the current course keeps every point-type limit, reaching the binding one
+    rd = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remaining_dose.nrrd")))
+    assert np.array_equal(rd, plan.remaining.array)
+    fed = [c for c in prep.courses if not c.is_current]
+    fed.append(CourseData("fed", np.maximum(rd, 0), prep.courses[-1].fractions, None, True))
+    head = np.full(prep.grid.shape, np.inf)
+    for s in prep.structures:
+        lims = budget.point_limits(s)
+        if not lims or not s.mask.size:
+            continue
+        cum = budget.organ_eqd2(s, fed, prep.protocol, "cumulative")
+        cur = budget.organ_eqd2(s, fed, prep.protocol, "current")
+        h = np.min([(c.limit - (cum if c.scope == "cumulative" else cur)) for c in lims], axis=0)
+        sub = head[s.box]
+        np.minimum(sub, h, out=sub, where=s.mask)
+    constrained = rd >= 0
+    assert np.array_equal(constrained, np.isfinite(head))
+    assert head[constrained].min() >= 0.0 and head[constrained].max() <= 0.1
