@@ -349,3 +349,21 @@ def test_evaluate_constraints_warn_uses_protocol_tolerance():
     assert out["Dmean"].status == "pass" and out["Dmean"].margin == pytest.approx(3.1)       # 26.9 <= 27
     assert out["V40Gy"].status == "fail" and out["V40Gy"].margin == pytest.approx(-0.2)
     assert out["D2cc"].status == "no_limit" and out["D2cc"].margin is None
+
+
+def test_very_large_structure_sampled_by_weighted_blocks(monkeypatch):
+    """Above MAX_SAMPLES mask voxels, blocks of voxels weighted by their mask volume: volume exact, Dmean of a
+    box in a linear dose exact (block centres of full blocks average to the box centre)."""
+    from ReirradiationNPCLib import sampling
+    monkeypatch.setattr(sampling, "MAX_SAMPLES", 5000)
+    mgrid = Grid((60, 50, 40), (-30.0, -25.0, -20.0), (1.0, 1.0, 1.0))
+    m = np.zeros(mgrid.shape, bool)
+    m[5:35, 3:47, 10:50] = True                        # 30 x 44 x 40 voxels = 52.8 cc, 52800 voxels
+    s = sample_structure(m, mgrid)
+    assert s.n <= 5000 and s.info["mask_voxels_per_sample"] > 1
+    assert s.volume_cc == pytest.approx(52.8, rel=1e-12)
+    dose = linear_dose(10.0, 0.5, (1.0, 0.0, 0.0), size=(30, 30, 30), origin=(-35.0, -35.0, -35.0))
+    d = s.dose(dose.array, dose.grid)
+    got = dvh.metrics(d, s.sample_volume_cc, ["Dmean", "V10Gy"])
+    x_centre = -30.0 + (10 + 49) / 2.0                 # mask voxels i 10..49
+    assert got["Dmean"] == pytest.approx(10.0 + 0.5 * x_centre, abs=0.5 * max(s.info["sample_spacing_mm"]) / 2)

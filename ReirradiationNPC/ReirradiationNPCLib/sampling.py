@@ -39,6 +39,9 @@ TARGET_SAMPLES = 20_000
 MAX_FACTOR = 16
 #: Upper bound on the number of sub-voxels evaluated in a structure's bounding box (memory and time cap).
 MAX_BOX_SAMPLES = 4_000_000
+#: Structures with more mask voxels than this are sampled by blocks of mask voxels (each block one sample at its
+#: centre, weighted by the volume of its mask voxels): keeps memory and time bounded for a fine External.
+MAX_SAMPLES = 2_000_000
 #: Sub-voxel edges are not made finer than this (mm): below it, dose interpolation gains nothing.
 MIN_SAMPLE_SPACING_MM = 0.1
 
@@ -76,7 +79,7 @@ class StructureSamples:
 
     grid: Grid | None
     flat: np.ndarray                 # int64 flat indices into grid.shape
-    sample_volume_cc: float          # cc per sample (all samples equal)
+    sample_volume_cc: float | np.ndarray  # cc per sample (one value for all, or one per sample)
     info: dict = field(default_factory=dict)  # the sampling used (recorded in results)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -86,6 +89,8 @@ class StructureSamples:
 
     @property
     def volume_cc(self) -> float:
+        if isinstance(self.sample_volume_cc, np.ndarray):
+            return float(self.sample_volume_cc.sum())
         return self.n * self.sample_volume_cc
 
     @property
@@ -234,6 +239,8 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
     n_vox = int(np.count_nonzero(crop))
     mask_cc = n_vox * grid.voxel_volume_cc
     box_ijk = np.array([crop.shape[2], crop.shape[1], crop.shape[0]])
+    if factors is None and n_vox > MAX_SAMPLES:
+        return _block_samples(crop, box, grid, n_vox)
     if factors is None:
         factors = choose_factors(sp, n_vox, int(np.prod(box_ijk)), target)
     f = np.asarray(factors, dtype=int)
@@ -284,6 +291,41 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
     return StructureSamples(sgrid, flat, sample_cc, info)
 
 
+def _block_samples(crop: np.ndarray, box, grid: Grid, n_vox: int) -> StructureSamples:
+    """Very large structures: one sample per block of mask voxels, at the block centre, weighted by the volume of
+    the block's mask voxels (the structure volume stays exact; the dose is read at block centres)."""
+    sp = np.asarray(grid.spacing, dtype=float)
+    b = np.ones(3, dtype=int)                    # i, j, k
+    while n_vox / float(np.prod(b)) > MAX_SAMPLES:
+        b[int(np.argmin(sp * b))] += 1           # grow the finest block edge first (blocks stay near isotropic)
+    bk, bj, bi = int(b[2]), int(b[1]), int(b[0])
+    K, J, I = crop.shape
+    nk, nj, ni = -(-K // bk), -(-J // bj), -(-I // bi)
+    padded = np.zeros((nk * bk, nj * bj, ni * bi), dtype=bool)
+    padded[:K, :J, :I] = crop
+    counts = padded.reshape(nk, bk, nj, bj, ni, bi).sum(axis=(1, 3, 5), dtype=np.uint32)
+    del padded
+    flat = np.flatnonzero(counts)
+    weights = counts.ravel()[flat].astype(np.float64) * grid.voxel_volume_cc
+    lo_ijk = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+    first = lo_ijk + (b - 1) / 2.0             # continuous mask index of the first block centre
+    bgrid = Grid((ni, nj, nk), tuple(float(v) for v in grid.index_to_physical(first[None])[0]),
+                 tuple(float(v) for v in sp * b), grid.direction)
+    info = {
+        "method": "blocks of mask voxels (very large structure)",
+        "block_ijk": b.tolist(),
+        "mask_voxels_per_sample": int(np.prod(b)),
+        "sample_spacing_mm": (sp * b).tolist(),
+        "mask_spacing_mm": sp.tolist(),
+        "samples": int(flat.size),
+        "mask_volume_cc": n_vox * grid.voxel_volume_cc,
+        "volume_cc": float(weights.sum()),
+        "occupancy": "each block weighted by the volume of its mask voxels; dose at the block centre",
+        "dose_interpolation": "trilinear at sample centres",
+    }
+    return StructureSamples(bgrid, flat, weights, info)
+
+
 def _upsample(a: np.ndarray, fk: int, fj: int, fi: int) -> np.ndarray:
     return np.repeat(np.repeat(np.repeat(a, fk, axis=0), fj, axis=1), fi, axis=2)
 
@@ -291,8 +333,8 @@ def _upsample(a: np.ndarray, fk: int, fj: int, fi: int) -> np.ndarray:
 def describe_for_dose(samples: StructureSamples, dose_grid: Grid) -> dict:
     """The sampling record with the samples per dose voxel on ``dose_grid`` added."""
     info = dict(samples.info)
-    if samples.sample_volume_cc > 0:
-        info["samples_per_dose_voxel"] = dose_grid.voxel_volume_cc / samples.sample_volume_cc
+    if samples.n and samples.volume_cc > 0:
+        info["samples_per_dose_voxel"] = dose_grid.voxel_volume_cc * samples.n / samples.volume_cc
     info["dose_grid_spacing_mm"] = list(dose_grid.spacing)
     return info
 
