@@ -345,3 +345,74 @@ def test_real_process_good_run_and_output_in_use(tmp_path):
     p = run_cli("--version")
     assert p.returncode == 0 and __version__ in p.stdout
     assert math.isfinite(json.loads((out / "results.json").read_text())["constraints"][0]["value"])
+
+
+# ------------------------------------------------------------- recovery boundaries, one course, file formats
+
+def _step_recovery(p):
+    p["recovery"] = {"model": "step", "organs": ["spinal_cord"],
+                     "table": [{"min_months": 0, "fraction": 0.0}, {"min_months": 6, "fraction": 0.25},
+                               {"min_months": 12, "fraction": 0.5}]}
+
+
+@pytest.mark.parametrize("months, credit", [(5.9, 0.0), (6, 0.25), (12, 0.5)])
+def test_recovery_step_boundaries_through_the_cli(tmp_path, months, credit):
+    """40 Gy / 20 fx (EQD2 40) then 30 Gy / 15 fx (EQD2 30): cord = (1 - r) 40 + 30; elsewhere 70."""
+    case = make_case(tmp_path / "case", protocol_edit=_step_recovery,
+                     case_edit=lambda c: c["courses"][0].update(interval_months=months))
+    r = invoke("run", case, "--output", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    cum = __import__("SimpleITK").GetArrayFromImage(
+        __import__("SimpleITK").ReadImage(str(tmp_path / "out" / "cumulative_eqd2.nrrd")))
+    cord = box(SHAPE, (1, 4), (2, 6), (2, 6))
+    np.testing.assert_allclose(cum[cord], (1 - credit) * 40 + 30, atol=1e-3)
+    np.testing.assert_allclose(cum[~cord], 70.0, atol=1e-3)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["assumptions"]["courses"][0]["recovery_applied"] == {"spinal_cord": credit}
+
+
+def test_single_course_case(tmp_path):
+    """Only the current course: the cumulative map is its EQD2. 30 Gy / 10 fx, ab 2 in the cord: 30 * 5 / 4."""
+    def edit(c):
+        c["courses"] = [{"name": "only", "dose": "dose2.nrrd", "fractions": 10}]
+    case = make_case(tmp_path / "case", case_edit=edit)
+    r = invoke("run", case, "--output", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    import SimpleITK as sitk
+    cum = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "cumulative_eqd2.nrrd")))
+    cord = box(SHAPE, (1, 4), (2, 6), (2, 6))
+    np.testing.assert_allclose(cum[cord], 37.5, atol=1e-3)
+    np.testing.assert_allclose(cum[~cord], 30 * (3 + 3) / 5, atol=1e-3)  # default ab 3: 36 Gy
+
+
+def test_nifti_doses_and_slicer_segmentation(tmp_path):
+    """Doses as NIfTI, structures as a Slicer .seg.nrrd (3D labelmap with Segment<i>_* metadata)."""
+    import SimpleITK as sitk
+
+    def edit(c):
+        c["courses"][0]["dose"] = "dose1.nii.gz"
+        c["courses"][1]["dose"] = "dose2.nii"
+        c["reference"]["structures"] = "structures.seg.nrrd"
+    case = make_case(tmp_path / "case", case_edit=edit)
+    d = tmp_path / "case"
+    write_image(d / "dose1.nii.gz", np.full(SHAPE, 66.0, np.float32), ORIGIN, SPACING)
+    write_image(d / "dose2.nii", np.full(SHAPE, 45.0, np.float32), ORIGIN, SPACING)
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[1:4, 2:6, 2:6] = 1
+    lab[0:2, 7:9, 7:9] = 2
+    img = sitk.GetImageFromArray(lab)
+    img.SetSpacing(SPACING)
+    for i, (name, value) in enumerate([("Cord", 1), ("Other", 2)]):
+        img.SetMetaData(f"Segment{i}_ID", f"Segment_{i}")
+        img.SetMetaData(f"Segment{i}_Name", name)
+        img.SetMetaData(f"Segment{i}_LabelValue", str(value))
+        img.SetMetaData(f"Segment{i}_Layer", "0")
+    sitk.WriteImage(img, str(d / "structures.seg.nrrd"))
+    r = invoke("run", case, "--output", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    # 66 Gy / 20 fx (3.3 Gy/fx), ab 2: 66 * 5.3 / 4 = 87.45 ; 45 Gy / 15 fx, ab 2: 45 * 5 / 4 = 56.25
+    cord = [s for s in res["structures"] if s["name"] == "Cord"][0]
+    assert cord["volume_cc"] == pytest.approx(48 * 0.008, abs=1e-9)
+    assert cord["metrics"]["cumulative"]["Dmean"] == pytest.approx(87.45 + 56.25, abs=1e-3)
+    assert res["unmatched_structures"] == ["Other"]
