@@ -700,3 +700,44 @@ def test_uniform_constraint_statuses_exact(uniform_results):
     assert c["status"] == "not_evaluated" and c["structure"] is None
     statuses = {c["status"] for c in r["constraints"]}
     assert {"pass", "fail", "no_limit", "not_evaluated"} <= statuses
+
+
+def test_rotated_dose_grid_geometry_and_values(tmp_path):
+    """Current dose grid rotated 90 degrees about z (direction columns: i -> +y, j -> -x). Outputs keep that
+    geometry; the prior dose (identity grid, linear in space) is interpolated exactly onto it."""
+    direction = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)   # row-major 3x3
+    size, origin, spacing = (12, 10, 6), (10.0, -10.0, -5.0), (2.0, 2.0, 2.0)
+    shape = (size[2], size[1], size[0])
+    img = sitk.GetImageFromArray(np.full(shape, 30.0, np.float32))
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    img.SetMetaData("units", "Gy")
+    sitk.WriteImage(img, str(tmp_path / "cur.nrrd"))
+    # voxel centres of the rotated grid: x = ox - 2 j, y = oy + 2 i, z = oz + 2 k
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
+    x, y, z = origin[0] - spacing[1] * j, origin[1] + spacing[0] * i, origin[2] + spacing[2] * k
+    # prior dose on an identity grid covering x -15..15, y -15..20, z -10..5 (all centres inside it)
+    p_size, p_origin, p_spacing = (16, 19, 9), (-15.0, -15.0, -10.0), (2.0, 2.0, 2.0)
+    px, py, pz = coords(p_size, p_origin, p_spacing)
+    write_image(tmp_path / "pri.nrrd", linear_prior(px, py, pz).astype(np.float32), p_origin, p_spacing,
+                units="Gy")
+    write_image(tmp_path / "m" / "Blob.nrrd", box((9, 19, 16), (2, 6), (5, 12), (4, 10)).astype(np.uint8),
+                p_origin, p_spacing)
+    write_yaml(tmp_path / "p.yaml", {"name": "p", "version": "1", "alpha_beta": {"default": 3},
+                                     "recovery": {"model": "none"},
+                                     "organs": {"spinal_cord": {"aliases": ["Cord"], "alpha_beta": 2}}})
+    write_yaml(tmp_path / "case.yaml", {"reference": {"structures": "m"}, "protocol": "p.yaml",
+                                        "courses": [{"name": "a", "dose": "pri.nrrd", "fractions": 25,
+                                                     "interval_months": 20},
+                                                    {"name": "b", "dose": "cur.nrrd", "fractions": 10}]})
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "case.yaml"), "--output", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    for name in ("eqd2_a.nrrd", "eqd2_b.nrrd", "cumulative_eqd2.nrrd", "alpha_beta.nrrd"):
+        o = sitk.ReadImage(str(tmp_path / "out" / name))
+        assert o.GetSize() == size and o.GetOrigin() == pytest.approx(origin), name
+        assert o.GetSpacing() == pytest.approx(spacing) and o.GetDirection() == pytest.approx(direction), name
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "eqd2_a.nrrd")))
+    np.testing.assert_allclose(a, eqd2_hand(linear_prior(x, y, z), 25, 3.0), atol=1e-3)
+    cum = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "cumulative_eqd2.nrrd")))
+    np.testing.assert_allclose(cum, eqd2_hand(linear_prior(x, y, z), 25, 3.0) + 30 * (3 + 3) / 5, atol=1e-3)
