@@ -486,7 +486,6 @@ def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None,
         if not refs:
             notes.append(f"{Path(src).name}: names no plan (ReferencedRTPlanSequence); its link to "
                          f"{Path(plan.path).name} is not checked")
-        _same_patient(identity_of(ds), src, plan.identity, plan.path)
     ident = identity_of(ds)
     ident.update(DoseSummationType=summation, DoseType=dtype, ReferencedRTPlanUIDs=refs)
     vol = Volume(dose, grid, name=Path(src).stem,
@@ -599,8 +598,14 @@ def read_rtstruct_contours(path: Path, what: str = "structures") -> tuple[list[_
 
 
 def _supersampling(grid: Grid) -> int:
-    """In-plane sub-samples per voxel edge: sub-sample spacing <= 0.5 mm, between 2 and 5."""
-    return int(min(5, max(2, math.ceil(max(grid.spacing[0], grid.spacing[1]) / 0.5))))
+    """In-plane sub-samples per voxel edge: odd, 3 or 5 (sub-sample spacing <= 0.5 mm up to 2.5 mm voxels).
+
+    Odd, so that the ">= 0.5 coverage" rule is unbiased: with an even count a voxel whose true coverage is only
+    just above 1/4 along an edge already reaches 0.5 (n = 2: one of two sub-samples), inflating every contour by
+    about a quarter voxel per edge.
+    """
+    n = int(min(5, max(3, math.ceil(max(grid.spacing[0], grid.spacing[1]) / 0.5))))
+    return n if n % 2 else n + 1
 
 
 def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: float, dy: float,
