@@ -71,11 +71,7 @@ def load_structures(path: Path, dose_grid: Grid, warnings: list[str]) -> list[St
     if path.is_file():
         from .dicom_rt import is_dicom_file, read_rtstruct
         if is_dicom_file(path):
-            f = [max(1, math.ceil(s / RTSTRUCT_LATTICE_MM - 1e-9)) for s in dose_grid.spacing[:2]] + [1]
-            lattice = Grid(tuple(int(n * k) for n, k in zip(dose_grid.size, f)),
-                           tuple(float(v) for v in dose_grid.index_to_physical(
-                               np.array([[-0.5 + 0.5 / f[0], -0.5 + 0.5 / f[1], 0.0]]))[0]),
-                           tuple(s / k for s, k in zip(dose_grid.spacing, f)), dose_grid.direction)
+            lattice = rtstruct_lattice(path, dose_grid)
             return read_rtstruct(path, lattice, "--structures", warnings=warnings)
         if _suffix(path) in IMAGE_SUFFIXES:
             img = read_sitk(path, "--structures")
@@ -88,6 +84,26 @@ def load_structures(path: Path, dose_grid: Grid, warnings: list[str]) -> list[St
             mask = arr > 0.5 if arr.dtype.kind == "f" else arr != 0
             return [Structure(stem(path), mask, Grid.of_image(img), str(path))]
     return read_structures(path, "--structures")
+
+
+def rtstruct_lattice(path: Path, dose_grid: Grid) -> Grid:
+    """The lattice an RTSTRUCT is rasterised on for metrics: the dose grid's orientation, in-plane spacing refined
+    to <= ``RTSTRUCT_LATTICE_MM``, and one lattice plane on each contour plane (spacing = the structure set's plane
+    spacing), so every contour plane fills exactly one lattice plane (no plane shared between two, which would
+    add a slab to small organs)."""
+    from .dicom_rt import plane_spacing_mm, read_rtstruct_contours
+    rois, _, _ = read_rtstruct_contours(path, "--structures")
+    normal = dose_grid.direction_matrix[:, 2]
+    slab = plane_spacing_mm(rois, normal, dose_grid.spacing[2])
+    pos = [float((c @ normal).min()) for r in rois for c in r.contours]
+    f = [max(1, math.ceil(sp / RTSTRUCT_LATTICE_MM - 1e-9)) for sp in dose_grid.spacing[:2]]
+    origin = dose_grid.index_to_physical(np.array([[-0.5 + 0.5 / f[0], -0.5 + 0.5 / f[1], 0.0]]))[0]
+    if pos:
+        origin = origin + (min(pos) - float(origin @ normal)) * normal   # a lattice plane on the first contour
+    size = (dose_grid.size[0] * f[0], dose_grid.size[1] * f[1],
+            max(1, int(math.ceil(dose_grid.size[2] * dose_grid.spacing[2] / slab))))
+    spacing = (dose_grid.spacing[0] / f[0], dose_grid.spacing[1] / f[1], slab)
+    return Grid(tuple(int(v) for v in size), tuple(float(v) for v in origin), spacing, dose_grid.direction)
 
 
 def compute(dose: Volume, structures: list[Structure], names: list[str], fractions: int | None = None,
