@@ -23,7 +23,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from . import overlays as ov
+from . import budget, margins
 from .analysis import Analysis, CourseData, StructureData, compute
 from .case import CaseSpec, CourseSpec
 from .errors import InputError
@@ -33,6 +33,7 @@ from .masks import structure_on_grid
 from .pipeline import Prepared, build_results
 from .protocol import Protocol, load_protocol, parse_metric
 from .results import Results
+from .sampling import crop_to_structure
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def structures_from_segmentation(segmentation_node) -> list[Structure]:
             grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), (1, 1, 1))
         else:
             arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
-            mask = arr > 0
+            # segments may share one labelmap layer, each with its own label value
+            mask = arr == segment.GetLabelValue()
             grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), dims, extent_start=(ext[0], ext[2], ext[4]))
         out.append(Structure(segment.GetName(), mask, grid, segmentation_node.GetName(),
                              tuple(float(c) for c in segment.GetColor())))
@@ -290,11 +292,11 @@ def _check_dose(vol: Volume, name: str, field_name: str) -> None:
 
 
 def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: Protocol | str,
-                       progress: Progress | None = None) -> Prepared:
+                       reference_image_node=None, progress: Progress | None = None) -> Prepared:
     """Engine inputs from nodes. The evaluation grid is the current (last) course's dose grid.
 
     Prior doses under a transform node are read through it (reference-local -> dose-local). The segmentation
-    must be in the same frame as the current dose (same parent transform).
+    and the optional reference CT (used for the margins' air crop) must be in the current dose's frame.
     """
     say = progress or (lambda m: None)
     _check_course_inputs(courses)
@@ -305,6 +307,12 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
         raise InputError("the segmentation and the current dose are under different transforms; put them in "
                          "the same frame (or harden the transform)", source=segmentation_node.GetName(),
                          field="structures")
+    ref_img = None
+    if reference_image_node is not None:
+        if _parent_transform(reference_image_node) is not _parent_transform(ref_node):
+            raise InputError("the CT and the current dose are under different transforms",
+                             source=reference_image_node.GetName(), field="reference.image")
+        ref_img = volume_from_node(reference_image_node)
     say("reading dose volumes")
     doses = []
     for i, c in enumerate(courses):
@@ -344,18 +352,27 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
             mask, box = np.zeros((0, 0, 0), bool), (slice(0, 0),) * 3
         else:
             mask, box = on
-        structures.append(StructureData(s.name, mask, box, organ))
+        src_mask, src_grid = crop_to_structure(s.mask, s.grid)  # sub-voxel metrics use the mask as drawn
+        structures.append(StructureData(s.name, mask, box, organ, source_mask=src_mask, source_grid=src_grid))
     scene_url = ref_node.GetScene().GetURL() if ref_node.GetScene() is not None else ""
     case = CaseSpec(path=Path(scene_url or "MRML scene"), reference_image=None,
                     reference_structures=Path(segmentation_node.GetName()), grid="dose",
                     protocol=protocol.path, courses=specs)
-    return Prepared(case, protocol, grid, course_data, structures, None, warnings)
+    return Prepared(case, protocol, grid, course_data, structures, ref_img, warnings)
 
 
-def run_engine(prep: Prepared, progress: Progress | None = None) -> tuple[Analysis, Results]:
-    """analysis.compute and pipeline.build_results on prepared inputs (no file is written)."""
+def run_engine(prep: Prepared, progress: Progress | None = None):
+    """analysis.compute, the planning aids and pipeline.build_results on prepared inputs (no file is written).
+
+    Returns (analysis, results, planning)."""
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
-    return analysis, build_results(prep, analysis)
+    plan = compute_planning(prep, analysis, progress)
+    results = build_results(prep, analysis)
+    if not isinstance(plan, _PlanningLite):
+        from . import planning
+        if hasattr(planning, "add_to_results"):
+            planning.add_to_results(results, plan)
+    return analysis, results, plan
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -371,7 +388,10 @@ class OutputNodes:
     dvh_table: object = None
     dvh_chart: object = None
     color_table: object = None
-    violations: list = field(default_factory=list)    # overlays.Overlay, same order as their segments
+    violations: list = field(default_factory=list)    # budget.Violation, same order as their segments
+    planning: object = None                           # planning aids shown (margins, violations, maps)
+    headroom: object = None                           # volume node (Gy EQD2), if the engine computed it
+    remaining: object = None                          # volume node (physical Gy), if the engine computed it
     worst_violation_ras: tuple | None = None          # RAS mm of the hottest voxel of the worst violation
 
 
@@ -413,9 +433,13 @@ def _mark_dose(node, role: str, course: str | None = None) -> None:
 
 
 def _set_parent(sh, node, folder: int) -> None:
+    """Put ``node`` under ``folder``. Slicer's (Qt) subject-hierarchy plugins create an item for every new node;
+    headless nothing does, so the item is created here."""
     item = sh.GetItemByDataNode(node)
     if item:
         sh.SetItemParent(item, folder)
+    else:
+        sh.CreateItem(folder, node)
 
 
 def _table_columns(table_node, columns: list[tuple[str, str, list]]) -> None:
@@ -464,19 +488,22 @@ def constraints_table(results: Results, name: str, scene=None):
     return node
 
 
-def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None, bin_gy: float = 0.5):
-    """Cumulative-EQD2 DVH per organ (organ α/β and credit) with a dashed vertical line at each Gy limit and a
-    marker at each volume limit. Returns (table node, limits table node, chart node)."""
+def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None):
+    """Cumulative-EQD2 DVH per organ (the engine's display curves: organ α/β, recovery credit applied) with a
+    dashed vertical line at each point/volume-dose limit in Gy and a marker at each volume limit.
+    Returns (table node, limits table node or None, chart node)."""
     scene = _scene(scene)
-    p = prep.protocol
-    shown = [s for s in prep.structures if s.organ is not None and s.organ.role != "body" and s.mask.any()]
-    samples = {s.name: ov.organ_eqd2(prep.courses, s, p, "cumulative")[s.mask] for s in shown}
-    top = max((float(v.max()) for v in samples.values() if v.size), default=1.0)
-    levels = np.arange(0.0, top + bin_gy, bin_gy)
+    shown = [s for s in prep.structures if s.organ is not None and s.organ.role != "body"
+             and "cumulative" in analysis.dvh_curves.get(s.name, {})]
+    curves = {s.name: analysis.dvh_curves[s.name]["cumulative"] for s in shown}
+    # the engine's curves share one dose bin from 0 Gy: the longest dose axis holds every other one
+    levels = max((c.dose_gy for c in curves.values()), key=len, default=np.zeros(1))
     cols = [("EQD2 (Gy)", "double", levels.tolist())]
     for s in shown:
-        _, pct = ov.cumulative_dvh(samples[s.name], bin_gy, max_gy=top)
-        cols.append((s.name, "double", pct[: levels.size].tolist()))
+        pct = np.zeros(levels.size)
+        v = curves[s.name].volume_percent
+        pct[: v.size] = v
+        cols.append((s.name, "double", pct.tolist()))
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} DVH data")
     _table_columns(table, cols)
     table.SetAttribute(ROLE_ATTRIBUTE, "dvh_data")
@@ -498,19 +525,24 @@ def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None, bin_gy:
         series.SetColor(*color)
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
     limit_cols, limit_series = [], []
-    vol_by_name = {r.name: r.volume_cc for r in analysis.structures}
+    total_cc = {n: c.total_cc for n, c in curves.items()}
     for c in analysis.constraints:
         if c.structure not in colors or c.limit is None or c.scope != "cumulative":
             continue
-        tag = f"{c.structure} {c.metric} limit"
-        kind = parse_metric(c.metric).kind
-        if kind in ("mean", "min"):
+        metric = parse_metric(c.metric)
+        if metric.kind in ("mean", "min"):
             continue  # a mean or minimum dose limit is not a point of the DVH curve
+        tag = f"{c.structure} {c.metric} limit"
         if c.unit == "Gy":
             xs, ys, line = [c.limit, c.limit], [0.0, 100.0], True
         else:
-            pct = c.limit if c.unit == "%" else 100.0 * c.limit / vol_by_name[c.structure]
-            xs, ys, line = [parse_metric(c.metric).param] * 2, [pct, pct], False
+            if c.unit == "%":
+                pct = c.limit
+            elif total_cc[c.structure] > 0:
+                pct = 100.0 * c.limit / total_cc[c.structure]
+            else:
+                continue
+            xs, ys, line = [metric.param] * 2, [pct, pct], False
         limit_cols += [(f"{tag} x", "double", xs), (f"{tag} y", "double", ys)]
         limit_series.append((tag, colors[c.structure], line))
     limits = None
@@ -536,23 +568,72 @@ def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None, bin_gy:
     return table, limits, chart
 
 
-def _target_overlays(prep: Prepared) -> list[tuple[str, np.ndarray, tuple, tuple]]:
-    """Target structures (protocol role 'target') as (name, crop, box, colour) for the overlay segmentation.
+@dataclass
+class _PlanningLite:
+    """What the display needs when the engine's ``planning`` module is not available."""
 
-    When the engine's margin module provides CTV/PTV, they are added by :func:`_margin_overlays` instead.
-    """
-    colors = {"GTV": (0.85, 0.10, 0.55), "CTV": (0.95, 0.75, 0.10), "PTV": (0.20, 0.55, 0.95)}
-    out = []
-    for s in prep.structures:
-        if s.organ is not None and s.organ.role == "target" and s.mask.any():
-            color = next((v for k, v in colors.items() if s.name.upper().startswith(k)), colors["GTV"])
-            out.append((s.name, s.mask, s.box, color))
-    return out
+    margins: object = None
+    violations: list = field(default_factory=list)
+    headroom: np.ndarray | None = None
+    remaining: object = None
+    warnings: list = field(default_factory=list)
+
+
+def compute_planning(prep: Prepared, analysis: Analysis, progress: Progress | None = None):
+    """Margins, violation regions (and, with the engine's planning module, headroom and remaining dose)."""
+    try:
+        from . import planning
+    except ImportError:
+        planning = None
+    if planning is not None and hasattr(planning, "compute"):
+        return planning.compute(prep, analysis, progress)
+    plan = _PlanningLite()
+    recipe = getattr(prep.protocol, "margins", None)
+    if recipe is not None:
+        inputs = margins.gather_inputs(prep.structures, prep.reference_image, prep.grid)
+        plan.margins, w = margins.build(recipe, inputs, prep.protocol)
+        plan.warnings += w
+    else:
+        plan.warnings.append("the protocol defines no target margins: GTV/CTV/PTV are not shown")
+    plan.violations = budget.violations(analysis.constraints, prep.structures, prep.courses, prep.protocol,
+                                        prep.grid)
+    return plan
+
+
+def hottest_point_ras(prep: Prepared, violation) -> tuple[float, float, float] | None:
+    """RAS (mm) of the voxel with the highest organ EQD2 inside a violation region."""
+    s = next((x for x in prep.structures if x.name == violation.structure), None)
+    if s is None or not violation.mask.any():
+        return None
+    dose = budget.organ_eqd2(s, prep.courses, prep.protocol, violation.scope)
+    local = np.unravel_index(int(np.argmax(np.where(violation.mask, dose, -np.inf))), violation.mask.shape)
+    kji = [b.start + x for b, x in zip(violation.box, local)]
+    ijk = np.array([kji[::-1]], dtype=float)
+    return tuple(float(v) for v in F3 @ prep.grid.index_to_physical(ijk)[0])
+
+
+def worst_violation(violations: list, constraints: list):
+    """The region of the failed Gy constraint exceeded by the largest fraction of its limit (None without one)."""
+    ranked = sorted((c for c in constraints if c.status == "fail" and c.value is not None and c.limit),
+                    key=lambda c: (c.value - c.limit) / abs(c.limit), reverse=True)
+    for c in ranked:
+        for v in violations:
+            if (v.status == "fail" and v.structure == c.structure and v.metric == c.metric and v.scope == c.scope
+                    and v.mask.any()):
+                return v
+    return None
+
+
+MARGIN_COLORS = {"GTV": (0.85, 0.10, 0.55), "CTV": (0.95, 0.75, 0.10), "PTV": (0.20, 0.55, 0.95)}
 
 
 def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, name: str, scene=None,
-                        progress: Progress | None = None) -> OutputNodes:
-    """Every result as nodes under one subject-hierarchy folder called ``name``."""
+                        progress: Progress | None = None, planning=None) -> OutputNodes:
+    """Every result as nodes under one subject-hierarchy folder called ``name``.
+
+    ``planning``: the engine's planning aids (margins, violations, headroom, remaining dose) when already
+    computed (``planning.compute``); computed here otherwise.
+    """
     scene = _scene(scene)
     say = progress or (lambda m: None)
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -592,18 +673,38 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(cum)
     seg.SetAttribute(ROLE_ATTRIBUTE, "overlays")
-    for tname, mask, box, color in _target_overlays(prep):
-        add_segment(seg, tname, mask, box, grid, color, MARGIN_OPACITY, {"ReirradiationNPC.Kind": "target"})
-    viol = ov.violation_overlays(prep.courses, prep.structures, prep.protocol, analysis.constraints)
-    for o in viol:
-        add_segment(seg, o.name, o.mask, o.box, grid, o.color, 1.0,
-                    {"ReirradiationNPC.Kind": o.kind, "ReirradiationNPC.ThresholdGy": f"{o.threshold_gy:.4f}"})
+    plan = planning if planning is not None else compute_planning(prep, analysis, progress)
+    out.planning = plan
+    margins_found = plan.margins
+    if margins_found is not None:
+        for key in ("GTV", "CTV", "PTV"):
+            mask = getattr(margins_found, key.lower())
+            if mask.any():
+                add_segment(seg, margins_found.names.get(key, key), mask, margins_found.box, margins_found.grid,
+                            MARGIN_COLORS[key], MARGIN_OPACITY, {"ReirradiationNPC.Kind": "margin",
+                                                                "ReirradiationNPC.Target": key})
+    viol = [v for v in plan.violations if v.mask.any()]
+    for v in viol:
+        add_segment(seg, v.name, v.mask, v.box, grid, v.color, 1.0,
+                    {"ReirradiationNPC.Kind": "violation" if v.status == "fail" else "warning",
+                     "ReirradiationNPC.ThresholdGy": f"{v.threshold_gy:.4f}"})
     out.violations = viol
-    w = ov.worst(viol)
+    w = worst_violation(viol, analysis.constraints)
     if w is not None:
-        ijk = np.array([[w.peak_index[2], w.peak_index[1], w.peak_index[0]]], dtype=float)
-        out.worst_violation_ras = tuple(float(v) for v in F3 @ grid.index_to_physical(ijk)[0])
+        out.worst_violation_ras = hottest_point_ras(prep, w)
+    for attr, role, label in (("headroom", "headroom", "headroom (Gy EQD2)"),
+                              ("remaining", "remaining_dose", "remaining dose (Gy physical)")):
+        value = getattr(plan, attr, None)
+        arr = getattr(value, "array", value)
+        if isinstance(arr, np.ndarray) and arr.shape == grid.shape:
+            node = add_volume_node(Volume(arr.astype(np.float32, copy=False), grid), f"{name} {label}", scene)
+            node.SetAttribute(ROLE_ATTRIBUTE, role)
+            node.GetDisplayNode().SetVisibility(False)
+            setattr(out, attr, node)
+            _set_parent(sh, node, folder)
     if seg.GetSegmentation().GetNumberOfSegments():
+        # no smoothing: a violation of a few voxels must be shown as those voxels, not shrunk away
+        seg.GetSegmentation().SetConversionParameter("Smoothing factor", "0.0")
         seg.CreateClosedSurfaceRepresentation()
     seg.GetDisplayNode().SetVisibility3D(True)
     out.overlays = seg

@@ -55,6 +55,17 @@ class HeadlessSlicer:
         slicer.modules = types.SimpleNamespace(**{k.lower(): _Module(v) for k, v in self.logics.items()})
 
 
+def _register_segmentation_converters() -> None:
+    """Labelmap <-> closed-surface conversion rules (Slicer's Segmentations module registers them at start-up)."""
+    import slicer
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    have = {type(r).__name__ for r in factory.GetConverterRules()}
+    for cls in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        if cls.__name__ not in have:
+            factory.RegisterConverterRule(cls())
+
+
 def start(install: bool = True) -> HeadlessSlicer:
     """A fresh scene with the logics registered (as Slicer's core application does at start-up).
 
@@ -85,6 +96,7 @@ def start(install: bool = True) -> HeadlessSlicer:
     app.SetViewLogics(vtkCollection())
     slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance().SetMRMLApplicationLogic(app)
 
+    _register_segmentation_converters()
     logics = {}
     # Terminologies are left out: slicer-core ships no terminology files, and nothing here needs them.
     for name, cls in (("Volumes", slicer.vtkSlicerVolumesLogic),

@@ -31,14 +31,27 @@ class OffscreenView:
         self.managers.RequestRender()
         self.render_window.Render()
 
+    def camera_node(self):
+        dm = self.managers.GetDisplayableManagerByClassName("vtkMRMLCameraDisplayableManager")
+        return dm.GetCameraNode() if dm is not None else None
+
     def look_from(self, direction_ras: tuple[float, float, float], focus_ras=None, distance_mm: float = 600.0,
                   view_up_ras=(0.0, 0.0, 1.0)) -> None:
-        """Place the camera on the line through ``focus_ras`` along ``direction_ras`` (RAS), looking at it."""
+        """Place the camera on the line through ``focus_ras`` along ``direction_ras`` (RAS), looking at it.
+
+        The view's camera node is moved (Slicer's camera displayable manager keeps the renderer's camera in step
+        with it)."""
         self.renderer.ResetCamera()
-        cam = self.renderer.GetActiveCamera()
-        focus = np.asarray(focus_ras if focus_ras is not None else cam.GetFocalPoint(), dtype=float)
+        focus = np.asarray(focus_ras if focus_ras is not None else self.renderer.GetActiveCamera().GetFocalPoint(),
+                           dtype=float)
         d = np.asarray(direction_ras, dtype=float)
         d /= np.linalg.norm(d)
+        cam_node = self.camera_node()
+        if cam_node is not None:
+            cam_node.SetFocalPoint(*focus)
+            cam_node.SetPosition(*(focus + distance_mm * d))
+            cam_node.SetViewUp(*view_up_ras)
+        cam = self.renderer.GetActiveCamera()
         cam.SetFocalPoint(*focus)
         cam.SetPosition(*(focus + distance_mm * d))
         cam.SetViewUp(*view_up_ras)
@@ -97,13 +110,15 @@ def open_view(app_logic, scene, size=(800, 600), name: str = "1", background=(1.
     window.AddRenderer(renderer)
     interactor = vtk.vtkRenderWindowInteractor()  # displayable managers expect one; it is never started
     interactor.SetRenderWindow(window)
+    interactor.Initialize()
     group = slicer.vtkMRMLDisplayableManagerGroup()
     group.SetRenderer(renderer)
     group.Initialize(factory, renderer)
     view_logic = slicer.vtkMRMLViewLogic()
     view_logic.SetMRMLApplicationLogic(app_logic)
     view_logic.SetMRMLScene(scene)
-    view_node = view_logic.AddViewNode(name)
+    # reuse the scene's 3D view node of that name (e.g. made by the layout logic): a second one would not be added
+    view_node = scene.GetSingletonNode(name, "vtkMRMLViewNode") or view_logic.AddViewNode(name)
     view_node.SetBoxVisible(False)
     view_node.SetAxisLabelsVisible(False)
     view_node.SetBackgroundColor(*background)

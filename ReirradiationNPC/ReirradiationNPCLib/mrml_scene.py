@@ -116,14 +116,16 @@ def _review_layout(scene, background, foreground, chart) -> None:
 
 
 def build_scene(prep: Prepared, analysis: Analysis, results: Results, name: str = "Reirradiation analysis",
-                scene=None, progress: Callable[[str], None] | None = None):
-    """Inputs and outputs as nodes in ``scene`` (default: slicer.mrmlScene). Returns (inputs, outputs)."""
+                scene=None, progress: Callable[[str], None] | None = None, planning=None):
+    """Inputs and outputs as nodes in ``scene`` (default: slicer.mrmlScene). Returns (inputs, outputs).
+
+    ``planning``: the engine's planning aids if already computed (else computed by the MRML layer)."""
     import slicer
 
     from . import mrml
     scene = scene or slicer.mrmlScene
     inputs = load_inputs(prep, scene=scene)
-    outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress)
+    outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress, planning=planning)
     background = inputs["images"].get("reference")
     _review_layout(scene, background, outputs.cumulative, outputs.dvh_chart)
     return inputs, outputs
@@ -156,13 +158,13 @@ def write_bundle(scene, path: Path) -> Path:
 
 
 def write_scene(prep: Prepared, analysis: Analysis, results: Results, path: Path,
-                progress: Callable[[str], None] | None = None) -> Path:
+                progress: Callable[[str], None] | None = None, planning=None) -> Path:
     """Build a fresh headless scene for this analysis and write it to ``path`` (.mrb)."""
     from .mrml_headless import start
     say = progress or (lambda m: None)
     say("building the Slicer scene")
     app = start()
     name = f"Reirradiation {prep.case.patient.get('id', '')}".strip()
-    build_scene(prep, analysis, results, name=name, scene=app.scene, progress=progress)
+    build_scene(prep, analysis, results, name=name, scene=app.scene, progress=progress, planning=planning)
     say("writing scene.mrb")
     return write_bundle(app.scene, path)

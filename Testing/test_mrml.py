@@ -1,0 +1,429 @@
+"""The MRML layer on real MRML scenes from the PyPI package slicer-core (no Qt): nodes -> engine -> nodes,
+transforms, the offscreen 3D view and the scene bundle written by ``run --scene``.
+
+Skipped (with the reason) when slicer-core is not importable; CI installs it through the ``slicer`` extra.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ReirradiationNPCLib.mrml_headless import unavailable_reason
+
+_REASON = unavailable_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"slicer-core not available: {_REASON}")
+
+OUTPUT = Path(__file__).resolve().parent / "output"
+F3 = np.diag([-1.0, -1.0, 1.0])
+
+
+def _eqd2_by_hand(dose_gy, fractions, ab):
+    """EQD2 = D (D/n + a/b) / (2 + a/b), written out here independently of the engine."""
+    dose_gy = np.asarray(dose_gy, dtype=np.float64)
+    return dose_gy * (dose_gy / fractions + ab) / (2.0 + ab)
+
+
+def _linear_transform_node(scene, to_parent_lps_4x4, name="registration"):
+    """A linear transform node whose 'to parent' map is given in LPS (converted here to Slicer's RAS)."""
+    import vtk
+    f4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+    a = f4 @ np.asarray(to_parent_lps_4x4, dtype=float) @ f4
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(m)
+    return node
+
+
+@pytest.fixture(scope="module")
+def engine_run(synthetic_case):
+    from ReirradiationNPCLib.case import load_case
+    from ReirradiationNPCLib.pipeline import prepare
+    from ReirradiationNPCLib import mrml_headless
+    mrml_headless.start()  # mrml imports need the slicer package; the scene is replaced per test below
+    from ReirradiationNPCLib import mrml
+    prep = prepare(load_case(synthetic_case))
+    analysis, results, plan = mrml.run_engine(prep)
+    return prep, analysis, results, plan
+
+
+@pytest.fixture(scope="module")
+def built(engine_run):
+    """A headless scene holding the synthetic case's inputs and every output node."""
+    from ReirradiationNPCLib import mrml_headless, mrml_scene
+    prep, analysis, results, plan = engine_run
+    app = mrml_headless.start()
+    t0 = time.perf_counter()
+    inputs, outputs = mrml_scene.build_scene(prep, analysis, results, name="Synthetic analysis", scene=app.scene,
+                                             planning=plan)
+    assert time.perf_counter() - t0 < 30
+    return app, inputs, outputs
+
+
+# ------------------------------------------------------------------------------------------- geometry
+
+def test_lps_grid_becomes_ras_node_geometry_by_hand():
+    """Origin (10, 20, 30) mm LPS, spacing (2, 3, 4) mm, identity LPS axes -> RAS origin (-10, -20, 30) and
+    IJK-to-RAS diagonal (-2, -3, 4); voxel (1, 1, 1) lies at LPS (12, 23, 34) = RAS (-12, -23, 34)."""
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.geometry import Grid, Volume
+    app = mrml_headless.start()
+    from ReirradiationNPCLib import mrml
+    arr = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+    node = mrml.add_volume_node(Volume(arr, Grid((2, 3, 4), (10.0, 20.0, 30.0), (2.0, 3.0, 4.0))), "v", app.scene)
+    assert node.GetOrigin() == pytest.approx((-10.0, -20.0, 30.0))
+    assert node.GetSpacing() == pytest.approx((2.0, 3.0, 4.0))
+    ijk_to_ras = np.array(mrml.ijk_to_ras_from_grid(mrml.volume_from_node(node).grid))
+    assert ijk_to_ras @ [1, 1, 1, 1] == pytest.approx([-12.0, -23.0, 34.0, 1.0])
+    assert np.array_equal(mrml.volume_from_node(node).array, arr)
+
+
+def test_oblique_grid_round_trips_through_a_node():
+    """A rotated (oblique) grid: node -> engine grid gives back the same LPS geometry and voxel positions."""
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.geometry import Grid, Volume
+    app = mrml_headless.start()
+    from ReirradiationNPCLib import mrml
+    a = math.radians(30.0)
+    direction = (math.cos(a), -math.sin(a), 0.0, math.sin(a), math.cos(a), 0.0, 0.0, 0.0, 1.0)
+    grid = Grid((5, 4, 3), (-7.5, 12.0, 40.0), (1.5, 2.0, 2.5), direction)
+    node = mrml.add_volume_node(Volume(np.zeros(grid.shape, np.float32), grid), "oblique", app.scene)
+    back = mrml.volume_from_node(node).grid
+    assert back.same_as(grid, tol_mm=1e-9)
+    ras = np.array(mrml.ijk_to_ras_from_grid(back)) @ [4, 3, 2, 1]
+    assert F3 @ ras[:3] == pytest.approx(grid.index_to_physical(np.array([[4.0, 3.0, 2.0]]))[0])
+
+
+def test_segments_round_trip_with_their_geometry():
+    """A 2x2x2-voxel box segment written onto an offset grid comes back as 8 voxels at the same LPS place."""
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.geometry import Grid
+    app = mrml_headless.start()
+    from ReirradiationNPCLib import mrml
+    grid = Grid((10, 10, 10), (-5.0, -5.0, -5.0), (1.0, 1.0, 2.0))
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    seg.CreateDefaultDisplayNodes()
+    mask = np.ones((2, 2, 2), bool)
+    mrml.add_segment(seg, "Cube", mask, (slice(3, 5), slice(4, 6), slice(6, 8)), grid, (0.1, 0.2, 0.3))
+    (s,) = mrml.structures_from_segmentation(seg)
+    assert s.name == "Cube" and s.color == pytest.approx((0.1, 0.2, 0.3))
+    assert int(s.mask.sum()) == 8
+    first = np.argwhere(s.mask)[0][::-1].astype(float)  # (i, j, k) of the first voxel on the segment's grid
+    assert s.grid.index_to_physical(first[None])[0] == pytest.approx([-5.0 + 6, -5.0 + 4, -5.0 + 2 * 3])
+
+
+# ---------------------------------------------------------------------------------------- transforms
+
+def test_prior_dose_under_a_translation_is_read_through_it_by_hand():
+    """Prior dose = 30 + 0.5 x Gy (x = LPS mm in its own frame), under a transform whose 'to parent' shifts it by
+    +5 mm in LPS x. At an evaluation point p the prior's local point is p - 5 mm, so the dose there is
+    30 + 0.5 (x_p - 5) Gy: at x_p = 0 mm, 27.5 Gy; at x_p = 8 mm, 31.5 Gy."""
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.geometry import Grid, Volume
+    app = mrml_headless.start()
+    from ReirradiationNPCLib import mrml
+    cur_grid = Grid((9, 5, 5), (-8.0, -4.0, -4.0), (2.0, 2.0, 2.0))
+    prior_grid = Grid((40, 12, 12), (-40.0, -12.0, -12.0), (2.0, 2.0, 2.0))
+    x_prior = prior_grid.index_to_physical(np.array([[i, 0, 0] for i in range(40)], float))[:, 0]
+    prior = np.broadcast_to((30.0 + 0.5 * x_prior)[None, None, :], prior_grid.shape).astype(np.float32)
+    prior_node = mrml.add_volume_node(Volume(prior.copy(), prior_grid), "prior dose", app.scene)
+    cur_node = mrml.add_volume_node(Volume(np.full(cur_grid.shape, 2.0, np.float32), cur_grid), "current dose",
+                                    app.scene)
+    shift = np.eye(4)
+    shift[0, 3] = 5.0
+    prior_node.SetAndObserveTransformNodeID(_linear_transform_node(app.scene, shift).GetID())
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "structures")
+    seg.CreateDefaultDisplayNodes()
+    mrml.add_segment(seg, "Brainstem", np.ones((1, 1, 1), bool), (slice(2, 3), slice(2, 3), slice(4, 5)),
+                     cur_grid, (1, 1, 0))
+    courses = [mrml.CourseInput("prior", prior_node, 30, 24.0), mrml.CourseInput("current", cur_node, 10)]
+    prep = mrml.prepare_from_nodes(courses, seg, "synthetic-demo")
+    d = prep.courses[0].dose
+    x_eval = cur_grid.index_to_physical(np.array([[i, 0, 0] for i in range(9)], float))[:, 0]
+    assert x_eval[4] == 0.0 and d[2, 2, 4] == pytest.approx(27.5, abs=1e-4)
+    assert x_eval[8] == 8.0 and d[2, 2, 8] == pytest.approx(31.5, abs=1e-4)
+    assert np.allclose(d, (30.0 + 0.5 * (x_eval - 5.0))[None, None, :], atol=1e-4)
+    assert prep.courses[0].registration == "transform node registration"
+    # brainstem voxel at x = 0: prior 27.5 Gy / 30 fx and current 2 Gy / 10 fx at a/b 2 Gy, no credit
+    analysis, results, _ = mrml.run_engine(prep)
+    expected = _eqd2_by_hand(27.5, 30, 2.0) + _eqd2_by_hand(2.0, 10, 2.0)
+    brainstem = next(s for s in results.structures if s.name == "Brainstem")
+    assert brainstem.metrics["cumulative"]["Dmean"] == pytest.approx(expected, abs=0.02)
+
+
+def test_synthetic_prior_dose_in_its_own_frame_maps_like_the_registered_one(synthetic_case, engine_run):
+    """The synthetic prior dose rendered in the prior CT's frame, under a transform node holding the known offset
+    (prior -> current: p = R^T (q - t)), gives the prior dose of the already-registered file within resampling
+    error; the inverse transform (a sign error) does not."""
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.io import read_dose, read_structures
+    from ReirradiationNPCLib.synthetic import prior_frame_transform
+    prep_ref = engine_run[0]
+    app = mrml_headless.start()
+    from ReirradiationNPCLib import mrml
+    case_dir = synthetic_case.parent
+    prior_node = mrml.add_volume_node(read_dose(case_dir / "dose_course1_prior_frame.nrrd"), "prior", app.scene)
+    cur_node = mrml.add_volume_node(read_dose(case_dir / "dose_course2.nrrd"), "current", app.scene)
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "structures")
+    seg.CreateDefaultDisplayNodes()
+    for s in read_structures(case_dir / "structures"):
+        if s.name in ("Brainstem", "SpinalCord"):
+            from ReirradiationNPCLib.geometry import bounding_box
+            box = bounding_box(s.mask)
+            mrml.add_segment(seg, s.name, s.mask[box], box, s.grid, (1, 0, 0))
+    R, t = prior_frame_transform()
+    to_parent = np.eye(4)
+    to_parent[:3, :3] = R.T
+    to_parent[:3, 3] = -R.T @ t
+    tnode = _linear_transform_node(app.scene, to_parent)
+    prior_node.SetAndObserveTransformNodeID(tnode.GetID())
+    courses = [mrml.CourseInput("course1", prior_node, 33, 30.0), mrml.CourseInput("course2", cur_node, 54)]
+    prep = mrml.prepare_from_nodes(courses, seg, "synthetic-demo")
+    registered = prep_ref.courses[0].dose
+    # compare inside the brainstem and the cord (deep in the body: away from the dose's cut at the skin)
+    inside = np.zeros(registered.shape, bool)
+    for st in prep.structures:
+        inside[st.box] |= st.mask
+    diff = np.abs(prep.courses[0].dose - registered)[inside]
+    assert float(registered[inside].max()) > 40.0
+    # measured: mean 0.06 Gy, 99th percentile 0.38 Gy (two linear interpolations of a 3 mm grid, steep fall-off)
+    assert float(np.percentile(diff, 99)) < 1.0 and float(diff.mean()) < 0.15
+    # a sign error (the inverse map) misplaces the dose by ~15 mm: large differences
+    tnode.SetMatrixTransformToParent(tnode.GetMatrixTransformFromParent())  # swap: now current -> prior
+    wrong = mrml.prepare_from_nodes(courses, seg, "synthetic-demo")
+    wrong_diff = np.abs(wrong.courses[0].dose - registered)[inside]
+    assert float(wrong_diff.mean()) > 2.0  # measured: 4.4 Gy (correct map: 0.06 Gy)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+def test_eqd2_volumes_are_dose_volumes_with_the_engine_values(built, engine_run):
+    from ReirradiationNPCLib import mrml
+    prep, analysis, results, _ = engine_run
+    _, _, out = built
+    nodes = [out.cumulative] + [out.course_eqd2[c.name] for c in prep.courses]
+    for node in nodes:
+        assert node.IsA("vtkMRMLScalarVolumeNode")
+        assert node.GetAttribute(mrml.DOSE_VOLUME_ATTRIBUTE) == "1"
+        display = node.GetDisplayNode()
+        assert display.GetColorNodeID() == out.color_table.GetID()
+        assert display.GetApplyThreshold() == 1 and display.GetLowerThreshold() == pytest.approx(0.5)
+    assert np.array_equal(mrml.volume_from_node(out.cumulative).array, analysis.cumulative.astype(np.float32))
+    for c in prep.courses:
+        assert np.array_equal(mrml.volume_from_node(out.course_eqd2[c.name]).array, analysis.course_eqd2[c.name])
+    assert mrml.volume_from_node(out.cumulative).grid.same_as(prep.grid, tol_mm=1e-6)
+    # colour table: 256 colours from blue (0 Gy) to red (top)
+    ct = out.color_table
+    rgba = [0.0] * 4
+    ct.GetColor(0, rgba)
+    assert rgba[:3] == pytest.approx([0, 0, 1])
+    ct.GetColor(255, rgba)
+    assert rgba[:3] == pytest.approx([1, 0, 0])
+
+
+def test_everything_sits_under_one_analysis_folder(built):
+    import slicer
+    from ReirradiationNPCLib import mrml
+    app, _, out = built
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    assert sh.GetItemName(out.folder_item) == "Synthetic analysis"
+    assert sh.GetItemAttribute(out.folder_item, mrml.DOSE_UNIT_NAME_ATTRIBUTE) == "GY"
+    roles = mrml.find_output_nodes(out.folder_item, app.scene)
+    for role, n in (("cumulative_eqd2", 1), ("course_eqd2", 2), ("alpha_beta", 1), ("overlays", 1),
+                    ("constraints", 1), ("dvh_data", 1), ("dvh_chart", 1), ("dvh_limits", 1)):
+        assert len(roles.get(role, [])) == n, role
+
+
+def test_violation_segments_are_red_where_organ_eqd2_exceeds_the_limit(built, engine_run, synthetic_case):
+    """Brainstem D0.03cc cumulative limit 50 Gy fails in the demo. Its red segment must hold exactly the
+    brainstem voxels whose cumulative EQD2 at a/b 2 Gy, computed here by hand from the two course doses
+    (no recovery credit for the brainstem), exceeds 50 Gy."""
+    from ReirradiationNPCLib import mrml
+    prep, analysis, results, _ = engine_run
+    _, _, out = built
+    seg = out.overlays.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    fails = [c for c in results.constraints if c.status == "fail" and c.unit == "Gy"]
+    assert {c.structure for c in fails} >= {"Brainstem", "A_Carotid_L"}
+    for c in fails:
+        hits = [n for n in names if n.startswith(f"{c.structure} {c.metric} >")]
+        assert len(hits) == 1, (c.structure, names)
+        color = seg.GetSegment(seg.GetSegmentIdBySegmentName(hits[0])).GetColor()
+        assert color[0] > 0.8 and color[1] < 0.2 and color[2] < 0.2
+    brain = next(s for s in prep.structures if s.name == "Brainstem")
+    by_hand = sum(_eqd2_by_hand(c.dose[brain.box], c.fractions, 2.0) for c in prep.courses)
+    expected = int((brain.mask & (by_hand > 50.0)).sum())
+    assert expected > 0
+    structs = {s.name: s for s in mrml.structures_from_segmentation(out.overlays)}
+    red = structs[next(n for n in names if n.startswith("Brainstem D0.03cc >"))]
+    assert int(red.mask.sum()) == expected
+    # margins: GTV/CTV/PTV semi-transparent, nested volumes
+    display = out.overlays.GetDisplayNode()
+    m_names = out.planning.margins.names
+    gtv, ctv, ptv = (structs[m_names[k]] for k in ("GTV", "CTV", "PTV"))
+    assert int(gtv.mask.sum()) < int(ctv.mask.sum()) < int(ptv.mask.sum())
+    for t in (gtv, ctv, ptv):
+        assert display.GetSegmentOpacity3D(seg.GetSegmentIdBySegmentName(t.name)) == pytest.approx(0.35)
+
+
+def test_constraint_table_rows_equal_the_engine_results(built, engine_run):
+    from ReirradiationNPCLib import mrml
+    _, _, results, _ = engine_run
+    _, _, out = built
+    table = out.constraints_table.GetTable()
+    assert table.GetNumberOfRows() == len(results.constraints) > 0
+    col = {table.GetColumnName(i): table.GetColumn(i) for i in range(table.GetNumberOfColumns())}
+    assert list(col) == list(mrml.CONSTRAINT_COLUMNS)
+    for r, c in enumerate(results.constraints):
+        assert col["Status"].GetValue(r) == c.status
+        assert col["Organ"].GetValue(r) == c.organ
+        assert col["Structure"].GetValue(r) == (c.structure or "")
+        assert col["Metric"].GetValue(r) == c.metric and col["Scope"].GetValue(r) == c.scope
+        for name, value in (("Value", c.value), ("Limit", c.limit), ("Margin", c.margin)):
+            got = col[name].GetValue(r)
+            assert (math.isnan(got) if value is None else got == pytest.approx(value, abs=1e-9)), (name, r)
+        assert col["Verified"].GetValue(r) == ("yes" if c.verified else "NO")
+    assert out.constraints_table.GetAttribute("ReirradiationNPC.Verdict") == results.summary["verdict"]
+
+
+def test_dvh_chart_has_a_curve_per_organ_and_limit_markers(built, engine_run):
+    prep, analysis, _, _ = engine_run
+    _, _, out = built
+    chart = out.dvh_chart
+    names = [chart.GetNthPlotSeriesNode(i).GetName() for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    organs = [s.name for s in prep.structures if s.organ is not None and s.organ.role != "body"]
+    for o in organs:
+        assert f"DVH {o}" in names
+    assert "Brainstem D0.03cc limit" in names
+    table = out.dvh_table.GetTable()
+    col = {table.GetColumnName(i): table.GetColumn(i) for i in range(table.GetNumberOfColumns())}
+    for o in organs:
+        assert col[o].GetValue(0) == pytest.approx(100.0)  # every voxel receives at least 0 Gy
+        values = np.array([col[o].GetValue(r) for r in range(table.GetNumberOfRows())])
+        assert np.all(np.diff(values) <= 1e-9)  # cumulative DVH never rises
+    # the 50 Gy brainstem limit line is vertical at 50 Gy, from 0 to 100 %
+    series = next(chart.GetNthPlotSeriesNode(i) for i in range(len(names)) if names[i] == "Brainstem D0.03cc limit")
+    lim = series.GetTableNode().GetTable()
+    xs = lim.GetColumnByName("Brainstem D0.03cc limit x")
+    ys = lim.GetColumnByName("Brainstem D0.03cc limit y")
+    assert [xs.GetValue(0), xs.GetValue(1)] == [50.0, 50.0] and [ys.GetValue(0), ys.GetValue(1)] == [0.0, 100.0]
+
+
+# -------------------------------------------------------------------------------------------- render
+
+def test_offscreen_3d_view_shows_the_violation_in_red(built):
+    """Render the overlay segmentation from behind the patient (the brainstem is posterior to the target),
+    save the PNG, and find the violation red at the projection of the brainstem violation; with the violation
+    segments hidden, that place is not red."""
+    from ReirradiationNPCLib import mrml_render
+    app, inputs, out = built
+    seg = out.overlays
+    brain = next(v for v in out.violations if v.structure == "Brainstem" and v.status == "fail")
+    idx = np.argwhere(brain.mask).mean(axis=0) + [b.start for b in brain.box]
+    centre_lps = out_grid(built).index_to_physical(idx[::-1][None])[0]
+    centre_ras = F3 @ centre_lps
+    view = mrml_render.open_view(app.app_logic, app.scene, size=(640, 480))
+    try:
+        view.look_from((0.0, -1.0, 0.0), focus_ras=centre_ras, distance_mm=450.0)
+        OUTPUT.mkdir(exist_ok=True)
+        png = view.save_png(OUTPUT / "mrml_3d_view.png")
+        assert png.stat().st_size > 1000
+        px = view.pixels()
+        col, row = view.world_to_pixel(centre_ras)
+        win = px[max(row - 12, 0): row + 13, max(col - 12, 0): col + 13].astype(int)
+
+        def reds(a):
+            return int(((a[..., 0] > 140) & (a[..., 1] < 70) & (a[..., 2] < 70)).sum())
+
+        assert reds(win) >= 20, f"no violation red near pixel {(col, row)}"
+        display = seg.GetDisplayNode()
+        sids = [seg.GetSegmentation().GetSegmentIdBySegmentName(v.name) for v in out.violations]
+        for sid in sids:
+            display.SetSegmentVisibility(sid, False)
+        view.render()
+        assert reds(view.pixels()[max(row - 12, 0): row + 13, max(col - 12, 0): col + 13].astype(int)) == 0
+        for sid in sids:
+            display.SetSegmentVisibility(sid, True)
+        view.render()
+    finally:
+        view.close()
+
+
+def out_grid(built):
+    from ReirradiationNPCLib import mrml
+    return mrml.volume_from_node(built[2].cumulative).grid
+
+
+# -------------------------------------------------------------------------------------------- scene
+
+def test_run_scene_writes_a_bundle_that_loads_back_with_its_references(synthetic_case, tmp_path):
+    """``reirradiation-npc run CASE -o OUT --scene`` writes scene.mrb; a fresh slicer-core scene reads it with every
+    node and reference: dose volumes with their attribute and colour table, segments, table rows, chart series and
+    their tables, the slice views' CT background and EQD2 foreground, all outputs under the analysis folder."""
+    import slicer
+    from click.testing import CliRunner
+    from ReirradiationNPCLib import mrml, mrml_headless
+    from ReirradiationNPCLib.cli import main
+    out_dir = tmp_path / "out"
+    res = CliRunner().invoke(main, ["--quiet", "run", str(synthetic_case), "-o", str(out_dir), "--scene"])
+    assert res.exit_code == 0, res.output
+    bundle = out_dir / "scene.mrb"
+    assert bundle.is_file() and bundle.stat().st_size > 100_000
+    import json
+    results = json.loads((out_dir / "results.json").read_text())
+    app = mrml_headless.start()
+    assert app.scene.ReadFromMRB(str(bundle.resolve()), True)
+    scene = app.scene
+    by_role = {}
+    for node in slicer.util.getNodes("*", scene=scene).values():
+        role = node.GetAttribute(mrml.ROLE_ATTRIBUTE) if hasattr(node, "GetAttribute") else None
+        if role:
+            by_role.setdefault(role, []).append(node)
+    assert len(by_role["course_dose"]) == 2 and len(by_role["course_eqd2"]) == 2
+    assert len(by_role["cumulative_eqd2"]) == 1 and len(by_role["reference_image"]) == 1
+    for node in by_role["course_dose"] + by_role["course_eqd2"] + by_role["cumulative_eqd2"]:
+        assert node.GetAttribute(mrml.DOSE_VOLUME_ATTRIBUTE) == "1"
+        assert node.GetImageData() is not None and node.GetImageData().GetNumberOfPoints() > 0
+        color = node.GetDisplayNode().GetColorNode()
+        assert color is not None and color.GetName() == mrml.DOSE_COLOR_TABLE_NAME
+    table = by_role["constraints"][0].GetTable()
+    assert table.GetNumberOfRows() == len(results["constraints"])
+    values = table.GetColumnByName("Value")
+    for r, c in enumerate(results["constraints"]):
+        if c["value"] is not None:
+            assert values.GetValue(r) == pytest.approx(c["value"], abs=1e-5)
+    chart = by_role["dvh_chart"][0]
+    assert chart.GetNumberOfPlotSeriesNodes() > 10
+    for i in range(chart.GetNumberOfPlotSeriesNodes()):
+        series = chart.GetNthPlotSeriesNode(i)
+        assert series is not None and series.GetTableNode() is not None
+    seg = by_role["overlays"][0].GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert any(n.startswith("Brainstem D0.03cc >") for n in names)
+    assert by_role["structures"][0].GetSegmentation().GetSegmentIdBySegmentName("Brainstem")
+    ct = by_role["reference_image"][0]
+    red = scene.GetSingletonNode("Red", "vtkMRMLSliceCompositeNode")
+    assert red.GetBackgroundVolumeID() == ct.GetID()
+    assert red.GetForegroundVolumeID() == by_role["cumulative_eqd2"][0].GetID()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = sh.GetItemParent(sh.GetItemByDataNode(by_role["cumulative_eqd2"][0]))
+    assert sh.GetItemAttribute(folder, mrml.ROLE_ATTRIBUTE) == "analysis"
+    assert len(mrml.find_output_nodes(folder, scene)["course_eqd2"]) == 2
+
+
+def test_scene_flag_without_slicer_core_is_one_clear_line(synthetic_case, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.cli import main
+    monkeypatch.setattr(mrml_headless, "unavailable_reason", lambda: "the Python package slicer-core is not installed")
+    res = CliRunner().invoke(main, ["run", str(synthetic_case), "-o", str(tmp_path / "o"), "--scene"])
+    assert res.exit_code == 2
+    assert "slicer-core" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o" / "results.json").exists()
