@@ -192,7 +192,7 @@ def test_eqd2_from_bed_rejects_bad_alpha_beta():
 
 ABS = st.floats(min_value=0.5, max_value=30.0, allow_nan=False)
 NS = st.integers(min_value=1, max_value=60)
-DOSES = st.floats(min_value=0.0, max_value=150.0, allow_nan=False)
+DOSES = st.floats(min_value=0.0, max_value=150.0, allow_nan=False, allow_subnormal=False)
 
 
 @settings(max_examples=150, deadline=None)
@@ -224,10 +224,10 @@ def test_property_forward_then_inverse_gives_the_dose(dose, n, ab):
 def test_property_monotonic_in_dose(d1, d2, n, ab):
     lo, hi = sorted((d1, d2))
     e_lo, e_hi = float(eqd2(lo, n, ab)), float(eqd2(hi, n, ab))
-    if hi > lo:
+    if hi > lo + 1e-9:
         assert e_hi > e_lo
     else:
-        assert e_hi == e_lo
+        assert e_hi >= e_lo
     # vectorised: a sorted dose array gives a non-decreasing EQD2 array
     arr = np.sort(np.array([d1, d2, (d1 + d2) / 2, 0.0]))
     assert np.all(np.diff(eqd2(arr, n, ab)) >= 0)
