@@ -202,3 +202,67 @@ def test_structure_beyond_dose_grid_is_reported(tmp_path):
     assert s["outside_dose_grid_fraction"] == pytest.approx(1 - inside, abs=0.02)
     assert s["metrics"]["Dmean"] == pytest.approx(10.0 * inside, rel=0.03)
     assert "outside the dose grid" in r.output
+
+
+def _rtstruct(path, rois):
+    """A minimal RTSTRUCT: ``rois`` = {name: [(x, y) polygon (mm), [z planes (mm)]]}."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTSTRUCT"
+    ds.PatientID = "METRICS-TEST"
+    frame = generate_uid()
+    ref = Dataset()
+    ref.FrameOfReferenceUID = frame
+    ds.ReferencedFrameOfReferenceSequence = Sequence([ref])
+    ssroi, roic = [], []
+    for num, (name, (poly, zs)) in enumerate(rois.items(), start=1):
+        r = Dataset()
+        r.ROINumber = num
+        r.ROIName = name
+        r.ReferencedFrameOfReferenceUID = frame
+        ssroi.append(r)
+        c = Dataset()
+        c.ReferencedROINumber = num
+        conts = []
+        for z in zs:
+            ct = Dataset()
+            ct.ContourGeometricType = "CLOSED_PLANAR"
+            pts = [v for x, y in poly for v in (x, y, z)]
+            ct.NumberOfContourPoints = len(poly)
+            ct.ContourData = [f"{v:.4f}" for v in pts]
+            conts.append(ct)
+        c.ContourSequence = Sequence(conts)
+        roic.append(c)
+    ds.StructureSetROISequence = Sequence(ssroi)
+    ds.ROIContourSequence = Sequence(roic)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_rtstruct_input(files, tmp_path):
+    """Contours on 2.5 mm planes offset from the dose planes: a 10 x 6 mm rectangle on 3 planes (each plane a
+    2.5 mm slab: 0.45 cc) and a small circle (r = 3 mm, 64-gon, 2 planes) in D = 20 + 1.2 x; all contours share
+    the planes, as ROIs drawn on one CT do."""
+    th = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    circle = [(3.0 * math.cos(t) + 0.37, 3.0 * math.sin(t) - 0.21) for t in th]
+    rect = [(-5.2, -2.9), (4.8, -2.9), (4.8, 3.1), (-5.2, 3.1)]
+    path = _rtstruct(tmp_path / "rs.dcm", {"Rect": (rect, [-2.2, 0.3, 2.8]), "Circle": (circle, [0.3, 2.8])})
+    out = tmp_path / "m.json"
+    r = run("--dose", files / "dose.nrrd", "--structures", path, "-o", out)
+    assert r.exit_code == 0, r.output
+    by, _ = load(out)
+    assert by["Rect"]["volume_cc"] == pytest.approx(10 * 6 * 2.5 * 3 / 1000, rel=0.01)
+    assert by["Rect"]["metrics"]["Dmean"] == pytest.approx(A + G * (-0.2), rel=0.005)
+    assert by["Rect"]["metrics"]["D0.03cc"] == pytest.approx(A + G * (4.8 - 30.0 / (6 * 7.5)), rel=0.01)
+    area = 0.5 * 64 * 9.0 * math.sin(2 * math.pi / 64)      # the 64-gon's area (mm^2)
+    assert by["Circle"]["volume_cc"] == pytest.approx(area * 5.0 / 1000, rel=0.02)
+    assert by["Circle"]["metrics"]["Dmean"] == pytest.approx(A + G * 0.37, rel=0.01)

@@ -69,10 +69,9 @@ def load_structures(path: Path, dose_grid: Grid, warnings: list[str]) -> list[St
     if not path.exists():
         raise InputError("not found", source=str(path), field="--structures")
     if path.is_file():
-        from .dicom_rt import is_dicom_file, read_rtstruct
+        from .dicom_rt import is_dicom_file
         if is_dicom_file(path):
-            lattice = rtstruct_lattice(path, dose_grid)
-            return read_rtstruct(path, lattice, "--structures", warnings=warnings)
+            return read_rtstruct_fine(path, dose_grid, warnings)
         if _suffix(path) in IMAGE_SUFFIXES:
             img = read_sitk(path, "--structures")
             if img.GetNumberOfComponentsPerPixel() != 1:
@@ -86,24 +85,42 @@ def load_structures(path: Path, dose_grid: Grid, warnings: list[str]) -> list[St
     return read_structures(path, "--structures")
 
 
-def rtstruct_lattice(path: Path, dose_grid: Grid) -> Grid:
-    """The lattice an RTSTRUCT is rasterised on for metrics: the dose grid's orientation, in-plane spacing refined
-    to <= ``RTSTRUCT_LATTICE_MM``, and one lattice plane on each contour plane (spacing = the structure set's plane
-    spacing), so every contour plane fills exactly one lattice plane (no plane shared between two, which would
-    add a slab to small organs)."""
-    from .dicom_rt import plane_spacing_mm, read_rtstruct_contours
-    rois, _, _ = read_rtstruct_contours(path, "--structures")
-    normal = dose_grid.direction_matrix[:, 2]
+def read_rtstruct_fine(path: Path, dose_grid: Grid, warnings: list[str]) -> list[Structure]:
+    """An RTSTRUCT rasterised ROI by ROI, each on a lattice fine enough for its size.
+
+    Lattice per ROI: the dose grid's orientation; in-plane spacing = the ROI's smallest in-plane extent / 100,
+    between 0.05 mm and ``RTSTRUCT_LATTICE_MM``; one lattice plane on each contour plane (spacing = the structure
+    set's plane spacing), so every contour plane fills exactly one lattice plane. Rasterisation itself is
+    :func:`dicom_rt.rasterise_contours` (even-odd rule, in-plane coverage >= 0.5).
+    """
+    from .dicom_rt import plane_spacing_mm, rasterise_contours, read_rtstruct_contours
+    src = str(path)
+    rois, _, warns = read_rtstruct_contours(path, "--structures")
+    warnings.extend(warns)
+    if not rois:
+        raise InputError("no ROI with closed planar contours", source=src, field="ROIContourSequence")
+    rot = dose_grid.direction_matrix
+    normal = rot[:, 2]
     slab = plane_spacing_mm(rois, normal, dose_grid.spacing[2])
-    pos = [float((c @ normal).min()) for r in rois for c in r.contours]
-    f = [max(1, math.ceil(sp / RTSTRUCT_LATTICE_MM - 1e-9)) for sp in dose_grid.spacing[:2]]
-    origin = dose_grid.index_to_physical(np.array([[-0.5 + 0.5 / f[0], -0.5 + 0.5 / f[1], 0.0]]))[0]
-    if pos:
-        origin = origin + (min(pos) - float(origin @ normal)) * normal   # a lattice plane on the first contour
-    size = (dose_grid.size[0] * f[0], dose_grid.size[1] * f[1],
-            max(1, int(math.ceil(dose_grid.size[2] * dose_grid.spacing[2] / slab))))
-    spacing = (dose_grid.spacing[0] / f[0], dose_grid.spacing[1] / f[1], slab)
-    return Grid(tuple(int(v) for v in size), tuple(float(v) for v in origin), spacing, dose_grid.direction)
+    out = []
+    for roi in rois:
+        pts = np.concatenate(roi.contours)
+        local = pts @ rot                                  # coordinates along the dose grid's i, j, k axes (mm)
+        extent = local.max(axis=0) - local.min(axis=0)
+        h = float(np.clip(min(extent[0], extent[1]) / 100.0, 0.05, RTSTRUCT_LATTICE_MM))
+        # the ROI's smallest in-plane coordinates on a pixel edge; a lattice plane on its first contour plane
+        origin = rot @ np.array([local[:, 0].min() + h / 2, local[:, 1].min() + h / 2, local[:, 2].min()])
+        lattice = Grid((1, 1, 1), tuple(float(v) for v in origin), (h, h, slab), dose_grid.direction)
+        res = rasterise_contours(roi.contours, lattice, slab, name=roi.name, src=src)
+        if res is None:
+            warnings.append(f"{Path(src).name}: ROI {roi.name!r} covers no sample point (too small?)")
+            mask, lo = np.zeros((1, 1, 1), bool), (0, 0, 0)
+        else:
+            mask, lo = res
+        k, j, i = mask.shape
+        out.append(Structure(roi.name, mask, lattice.subgrid(lo, (lo[0] + i, lo[1] + j, lo[2] + k)), src,
+                             roi.color))
+    return out
 
 
 def compute(dose: Volume, structures: list[Structure], names: list[str], fractions: int | None = None,
