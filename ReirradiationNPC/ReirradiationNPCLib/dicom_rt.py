@@ -59,16 +59,21 @@ STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "Accessio
 # ----------------------------------------------------------------------------------------------- basics
 
 def is_dicom_file(path: Path) -> bool:
-    """True when ``path`` is a file with the DICOM Part 10 preamble ('DICM' at byte 128)."""
+    """True when ``path`` is a DICOM file: the Part 10 preamble ('DICM' at byte 128), or -- for old exports
+    without it -- a ``.dcm`` file starting with a group 0002 or 0008 element (little endian)."""
     path = Path(path)
     try:
         if not path.is_file() or path.stat().st_size < 132:
             return False
         with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
+            head = fh.read(132)
+        return head[128:132] == b"DICM" or _raw_dataset_head(path, head)
     except OSError:
         return False
+
+
+def _raw_dataset_head(path: Path, head: bytes) -> bool:
+    return path.suffix.lower() == ".dcm" and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def read_dataset(path: Path, what: str, *, header_only: bool = False):
@@ -80,7 +85,16 @@ def read_dataset(path: Path, what: str, *, header_only: bool = False):
     if path.is_dir():
         raise InputError("is a folder, expected a DICOM file", source=src, field=what)
     try:
-        ds = pydicom.dcmread(src, stop_before_pixels=header_only)
+        try:
+            ds = pydicom.dcmread(src, stop_before_pixels=header_only)
+        except InvalidDicomError:
+            with open(path, "rb") as fh:
+                head = fh.read(132)
+            if not _raw_dataset_head(path, head):
+                raise
+            ds = pydicom.dcmread(src, stop_before_pixels=header_only, force=True)  # no preamble (old export)
+            if "SOPClassUID" not in ds:
+                raise InvalidDicomError("no SOPClassUID") from None
     except InvalidDicomError:
         raise InputError("not a DICOM file (no 'DICM' header)", source=src, field=what) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt/truncated input
@@ -202,6 +216,10 @@ def read_ct_series(folder: Path, what: str = "image", series_uid: str | None = N
         ds = read_dataset(f, what, header_only=True)
         if str(getattr(ds, "Modality", "")).upper() == "CT" and \
                 str(getattr(ds, "SOPClassUID", "")) in (CT_IMAGE_STORAGE, ""):
+            kind = [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
+            if "LOCALIZER" in kind:
+                log.info("%s: localizer (scout) image skipped", f)
+                continue
             headers.append((f, ds))
     if not headers:
         raise InputError("no DICOM CT image found in this folder", source=src, field=what)
@@ -781,15 +799,41 @@ def load_dose_any(path: Path, what: str = "dose", *, fractions: int | None = Non
     return read_dose(path, what)
 
 
+#: RTSTRUCTs are rasterised on a lattice at least this fine in-plane (mm) ...
+FINE_INPLANE_MM = 1.0
+#: ... and along the slices (mm), subdividing a coarser lattice (e.g. a 2.5 mm dose grid) by whole factors.
+FINE_SLICE_MM = 1.25
+
+
+def fine_lattice(grid: Grid) -> Grid:
+    """``grid`` subdivided by whole factors so that its spacing is <= FINE_INPLANE_MM in-plane and
+    <= FINE_SLICE_MM along k; the fine voxels tile the coarse ones exactly. Unchanged when already fine."""
+    f = [max(1, math.ceil(grid.spacing[0] / FINE_INPLANE_MM - 1e-9)),
+         max(1, math.ceil(grid.spacing[1] / FINE_INPLANE_MM - 1e-9)),
+         max(1, math.ceil(grid.spacing[2] / FINE_SLICE_MM - 1e-9))]
+    if f == [1, 1, 1]:
+        return grid
+    f = np.asarray(f)
+    origin = grid.index_to_physical((-0.5 + 0.5 / f)[None, :])[0]
+    return Grid(tuple(int(n) for n in np.asarray(grid.size) * f), tuple(float(v) for v in origin),
+                tuple(float(s) for s in np.asarray(grid.spacing) / f), grid.direction)
+
+
 def load_structures_any(path: Path, what: str = "structures", *, lattice: Grid | None = None,
                         expected_frame_uid: str | None = None, warnings: list[str] | None = None
                         ) -> list[Structure]:
-    """An RTSTRUCT file (rasterised onto ``lattice``), a folder of masks or a Slicer .seg.nrrd."""
+    """An RTSTRUCT file, a folder of masks or a Slicer .seg.nrrd.
+
+    An RTSTRUCT is rasterised onto ``lattice`` (the reference CT's grid in the pipeline, else the evaluation
+    grid), subdivided by :func:`fine_lattice` when coarser than ~1 mm, so that small organs keep their shape
+    and volume; callers resample the masks onto the evaluation grid.
+    """
     path = Path(path)
     if is_dicom_file(path):
         if lattice is None:
             raise ValueError("an RTSTRUCT needs a lattice to be rasterised onto")
-        return read_rtstruct(path, lattice, what, expected_frame_uid=expected_frame_uid, warnings=warnings)
+        return read_rtstruct(path, fine_lattice(lattice), what, expected_frame_uid=expected_frame_uid,
+                             warnings=warnings)
     return read_structures(path, what)
 
 
