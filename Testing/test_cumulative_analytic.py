@@ -741,3 +741,36 @@ def test_rotated_dose_grid_geometry_and_values(tmp_path):
     np.testing.assert_allclose(a, eqd2_hand(linear_prior(x, y, z), 25, 3.0), atol=1e-3)
     cum = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "cumulative_eqd2.nrrd")))
     np.testing.assert_allclose(cum, eqd2_hand(linear_prior(x, y, z), 25, 3.0) + 30 * (3 + 3) / 5, atol=1e-3)
+
+
+def test_fine_ct_structures_on_coarser_dose_grid(tmp_path):
+    """Structures on a 1 mm CT, dose on an aligned 2 mm grid (each dose voxel = 2 x 2 x 2 CT voxels). A box of whole
+    dose voxels maps exactly: alpha/beta 2 on dose voxels [2:5]^3, default elsewhere. The file name 'spinal CORD'
+    matches the alias 'Spinal Cord' case-insensitively."""
+    ct_origin, ct_spacing, ct_shape = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (10, 20, 20)
+    d_origin, d_spacing, d_shape = (0.5, 0.5, 0.5), (2.0, 2.0, 2.0), (5, 10, 10)
+    write_image(tmp_path / "ct.nrrd", np.zeros(ct_shape, np.int16), ct_origin, ct_spacing)
+    write_image(tmp_path / "m" / "spinal CORD.nrrd", box(ct_shape, (4, 10), (4, 10), (4, 10)).astype(np.uint8),
+                ct_origin, ct_spacing)
+    dose = np.full(d_shape, 33.0, np.float32)       # 33 Gy / 10 fx = 3.3 Gy per fraction
+    write_image(tmp_path / "dose.nrrd", dose, d_origin, d_spacing, units="Gy")
+    write_yaml(tmp_path / "p.yaml", {"name": "p", "version": "1", "alpha_beta": {"default": 3},
+                                     "recovery": {"model": "none"},
+                                     "organs": {"spinal_cord": {"aliases": ["Spinal Cord"], "alpha_beta": 2}}})
+    write_yaml(tmp_path / "case.yaml", {"reference": {"image": "ct.nrrd", "structures": "m"}, "protocol": "p.yaml",
+                                        "courses": [{"name": "only", "dose": "dose.nrrd", "fractions": 10}]})
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "case.yaml"), "--output", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    ab, img = read_array(tmp_path / "out" / "alpha_beta.nrrd")
+    assert img.GetSpacing() == pytest.approx(d_spacing) and img.GetOrigin() == pytest.approx(d_origin)
+    exp = np.full(d_shape, 3.0)
+    exp[2:5, 2:5, 2:5] = 2.0
+    np.testing.assert_array_equal(ab, exp)
+    cum, _ = read_array(tmp_path / "out" / "cumulative_eqd2.nrrd")
+    # 33 (3.3 + 2) / 4 = 43.725 Gy in the cord; 33 (3.3 + 3) / 5 = 41.58 Gy elsewhere
+    np.testing.assert_allclose(cum, np.where(exp == 2.0, 43.725, 41.58), atol=1e-3)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    s = structure(res, "spinal CORD")
+    assert s["organ"] == "spinal_cord" and res["unmatched_structures"] == []
+    assert s["volume_cc"] == pytest.approx(216 * 0.001, abs=1e-9)   # 6 x 6 x 6 CT voxels of 1 mm^3
+    assert s["metrics"]["cumulative"]["Dmean"] == pytest.approx(43.725, abs=1e-3)
