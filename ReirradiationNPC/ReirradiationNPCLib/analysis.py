@@ -21,7 +21,7 @@ import numpy as np
 
 from . import dvh
 from .dvh_curves import DVHCurve, cumulative_dvh
-from .eqd2 import eqd2, recovery_weighted_sum
+from .eqd2 import course_and_cumulative_eqd2, eqd2
 from .geometry import Grid
 from .sampling import StructureSamples, describe_for_dose, sample_structure
 from .protocol import Organ, Protocol, parse_metric
@@ -135,10 +135,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
     say("alpha/beta map")
     ab = alpha_beta_map(shape, structures, protocol.default_alpha_beta)
 
-    say("course EQD2 maps")
-    course_eqd2 = {c.name: eqd2(c.dose, c.fractions, ab) for c in courses}
-
-    say("recovery credit and cumulative EQD2")
+    say("recovery credit, course and cumulative EQD2 maps")
     credit: dict[str, np.ndarray | float] = {}
     weights = []
     for c in courses:
@@ -148,7 +145,10 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         r = credit_map(shape, structures, protocol, c.interval_months)
         credit[c.name] = r
         weights.append(1.0 - r if isinstance(r, np.ndarray) else 1.0 - r)
-    cumulative = recovery_weighted_sum([course_eqd2[c.name] for c in courses], weights)
+    # one blocked pass over memory for all maps (same maths as eqd2() and recovery_weighted_sum())
+    maps, cumulative = course_and_cumulative_eqd2([c.dose for c in courses], [c.fractions for c in courses], ab,
+                                                  weights)
+    course_eqd2 = {c.name: m for c, m in zip(courses, maps)}
 
     say("structure metrics")
     struct_results: list[StructureResult] = []
