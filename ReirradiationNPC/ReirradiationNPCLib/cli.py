@@ -116,12 +116,15 @@ def main(ctx, quiet, verbose):
 @click.argument("case", type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs in a non-empty output directory.")
+@click.option("--scene", is_flag=True, help="Also write scene.mrb, a 3D Slicer scene bundle for review "
+                                            "(needs the optional slicer-core package: pip install '.[slicer]').")
 @click.pass_context
-def run(ctx, case, output, overwrite):
+def run(ctx, case, output, overwrite, scene):
     """Run the analysis described by the CASE file (YAML or JSON)."""
     from .pipeline import run_case
     prog = _Progress(not ctx.obj["quiet"])
-    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog), ctx.obj["verbose"])
+    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog, scene=scene),
+                     ctx.obj["verbose"])
     prog.finish()
     print_summary(results, output)
 
@@ -149,11 +152,16 @@ def demo(ctx, output, overwrite, dicom):
             case_path = generate_dicom(output / "case")
         else:
             case_path = generate(output / "case")
-        return run_case(case_path, output / "results", overwrite=True, progress=prog)
+        return run_case(case_path, output / "results", overwrite=True, progress=prog, scene=scene)
 
+    from .mrml_headless import unavailable_reason
+    no_scene = unavailable_reason()  # the demo writes scene.mrb whenever slicer-core is installed
+    scene = no_scene is None
     results = _guard(go, ctx.obj["verbose"])
     prog.finish()
     click.echo("SYNTHETIC DEMO - not a patient, not for clinical use.")
+    if no_scene:
+        click.echo(f"scene.mrb not written: {no_scene}")
     print_summary(results, output / "results")
 
 

@@ -150,10 +150,11 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
 
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
-                  progress: Progress | None = None, planning=None) -> dict[str, str]:
+                  progress: Progress | None = None, planning=None, scene: bool = False) -> dict[str, str]:
     """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last.
 
     ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
+    ``scene`` adds ``scene.mrb``, a 3D Slicer scene bundle (needs slicer-core: :mod:`.mrml_scene`).
     """
     say = progress or (lambda m: None)
     out_dir = Path(out_dir)
@@ -185,6 +186,11 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
         files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
+        if scene:
+            from .mrml_scene import write_scene  # imports slicer-core only when a scene is asked for
+            write_scene(prep, analysis, results, stage / "scene.mrb", progress, planning=planning)
+            files["scene.mrb"] = ("3D Slicer scene bundle: CT, course doses, EQD2 volumes, structures, targets and "
+                                  "violations, constraint table, DVH chart")
         results.outputs = files
         (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
         for name in list(files) + ["results.json"]:
@@ -194,10 +200,13 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
     return files
 
 
-def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None
-             ) -> Results:
+def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,
+             scene: bool = False) -> Results:
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
+    if scene:
+        from .mrml_scene import check_available
+        check_available()  # a missing slicer-core is reported before any work
     if overwrite and (out_dir / "results.json").exists():
         (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
     case = load_case(Path(case_path))
@@ -207,5 +216,5 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     plan = _planning.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
     _planning.add_to_results(results, plan)
-    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan)
+    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan, scene=scene)
     return results
