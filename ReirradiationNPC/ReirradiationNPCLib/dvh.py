@@ -55,7 +55,7 @@ class SortedSamples:
             self._mean = float(doses.mean()) if d.size and unit > 0 else float("nan")
         else:
             vols = np.broadcast_to(np.asarray(volumes_cc, dtype=np.float64), doses.shape)
-            order = np.argsort(-doses, kind="stable")
+            order = np.argsort(doses)[::-1]  # ties need no particular order: levels merge them
             d = doses[order]
             v = vols[order]
             self.total_cc = float(v.sum()) if d.size else 0.0

@@ -41,7 +41,7 @@ MAX_FACTOR = 16
 MAX_BOX_SAMPLES = 4_000_000
 #: Structures with more mask voxels than this are sampled by blocks of mask voxels (each block one sample at its
 #: centre, weighted by the volume of its mask voxels): keeps memory and time bounded for a fine External.
-MAX_SAMPLES = 2_000_000
+MAX_SAMPLES = 400_000
 #: Sub-voxel edges are not made finer than this (mm): below it, dose interpolation gains nothing.
 MIN_SAMPLE_SPACING_MM = 0.1
 
