@@ -71,7 +71,12 @@ def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = N
 
     if protocol.prescription is not None:
         say("target checks")
-        plan.target_checks = targets.check_targets(eval_targets, courses, protocol.prescription, grid)
+        rx = protocol.prescription
+        plan.target_checks = targets.check_targets(eval_targets, courses, rx, grid)
+        if rx.fractions is not None and rx.fractions != courses[-1].fractions:
+            plan.warnings.append(f"the protocol prescribes {rx.dose_gy:g} Gy in {rx.fractions} fractions but the "
+                                 f"current course has {courses[-1].fractions} fractions; target coverage is judged "
+                                 f"against the prescription's nominal EQD2 ({rx.reference_eqd2_gy:.2f} Gy)")
     else:
         plan.warnings.append("target checks not evaluated: the protocol has no prescription block")
 
