@@ -215,3 +215,37 @@ def test_protocol_margins_block_validation():
     with pytest.raises(InputError) as e:
         protocol({"margins": {k: v for k, v in ok.items() if k != "verified"}})
     assert e.value.field == "margins.verified"
+
+
+def test_margins_written_as_segmentation_and_dicom_rtstruct(tmp_path):
+    """margins.seg.nrrd and, on a DICOM reference CT, margins_rtstruct.dcm: both read back voxel for voxel."""
+    from ReirradiationNPCLib import dicom_rt, planning
+    from ReirradiationNPCLib.geometry import Volume
+    from ReirradiationNPCLib.io import read_segmentation
+
+    grid = Grid((40, 40, 16), (-20.0, -20.0, -20.0), SPACING)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in grid.shape), indexing="ij")
+    x, y, z = -20.0 + i, -20.0 + j, -20.0 + 2.5 * k
+    gtv = x ** 2 + y ** 2 + z ** 2 <= 36.0
+    ident = {"PatientName": "Test^Margins", "PatientID": "T-002", "StudyInstanceUID": "1.2.3.4.5",
+             "FrameOfReferenceUID": "1.2.3.4.6", "SeriesInstanceUID": "1.2.3.4.7",
+             "SOPInstanceUIDs": [f"1.2.3.4.8.{n}" for n in range(grid.size[2])]}
+    ct = Volume(np.zeros(grid.shape, np.int16), grid, "ct", {"dicom": ident})
+    box = bounding_box(gtv)
+    inputs = MarginInputs(grid, "reference image", [GridStructure("GTVp", gtv[box].copy(), box, PROT.match("GTVp"))],
+                          ct.array)
+    m, _ = build(recipe(ctv=4.0, ptv=3.0), inputs, PROT)
+    files: dict[str, str] = {}
+    planning.write(planning.Planning(margins=m, reference_image=ct), grid, tmp_path, files)
+    assert set(files) == {"margins.seg.nrrd", "margins_rtstruct.dcm"}
+    segs = {s.name: s for s in read_segmentation(tmp_path / "margins.seg.nrrd")}
+    back = {s.name: s for s in dicom_rt.read_rtstruct(tmp_path / "margins_rtstruct.dcm", grid,
+                                                       expected_frame_uid="1.2.3.4.6")}
+    for key in ("GTV", "CTV", "PTV"):
+        want = np.zeros(grid.shape, bool)
+        want[m.box] = getattr(m, key.lower())
+        for s in (segs[m.names[key]], back[m.names[key]]):
+            got = np.zeros(grid.shape, bool)
+            lo = np.rint(grid.physical_to_index(np.array([s.grid.origin]))[0]).astype(int)
+            got[lo[2]:lo[2] + s.mask.shape[0], lo[1]:lo[1] + s.mask.shape[1], lo[0]:lo[0] + s.mask.shape[2]] = s.mask
+            np.testing.assert_array_equal(got, want)

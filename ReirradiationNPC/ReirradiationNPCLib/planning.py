@@ -37,13 +37,14 @@ class Planning:
     headroom: np.ndarray | None = None
     remaining: budget.RemainingDose | None = None
     warnings: list[str] = field(default_factory=list)
+    reference_image: Volume | None = None     # the reference CT (its DICOM identity, if any, for RTSTRUCT)
 
 
 def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = None) -> Planning:
     """All planning aids for a prepared case (``pipeline.Prepared``) and its analysis."""
     say = progress or (lambda m: None)
     protocol, grid, courses, structures = prep.protocol, prep.grid, prep.courses, prep.structures
-    plan = Planning()
+    plan = Planning(reference_image=prep.reference_image)
 
     eval_targets: list[targets.Target] = []
     if protocol.margins is not None:
@@ -135,6 +136,22 @@ def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> Non
         files["margins.seg.nrrd"] = (f"Target volumes from the protocol's margins ({m.names['CTV']}, "
                                      f"{m.names['PTV']}), on the {m.report['grid']['source']} grid; verified: "
                                      f"{str(m.report['recipe']['verified']).lower()}")
+        ref = plan.reference_image
+        if ref is not None and ref.meta.get("dicom") and m.grid.same_as(ref.grid, tol_mm=1e-4):
+            from .dicom_export import write_rtstruct  # pydicom only when DICOM is written
+            full = []
+            for key in ("GTV", "CTV", "PTV"):
+                a = np.zeros(m.grid.shape, dtype=bool)
+                a[m.box] = getattr(m, key.lower())
+                full.append(a)
+            write_rtstruct(full, [m.names[k] for k in ("GTV", "CTV", "PTV")],
+                           [MARGIN_COLORS[k] for k in ("GTV", "CTV", "PTV")], ref, stage / "margins_rtstruct.dcm",
+                           label="MARGINS", series_description="Target margins (protocol recipe)",
+                           interpreted_types=["GTV", "CTV", "PTV"])
+            del full
+            files["margins_rtstruct.dcm"] = ("The margins' GTV/CTV/PTV as a DICOM RTSTRUCT on the reference CT "
+                                             f"(contours along voxel edges); verified: "
+                                             f"{str(m.report['recipe']['verified']).lower()}")
     if plan.violations:
         box = margins.union_box([v.box for v in plan.violations])
         sub = grid.subgrid(tuple(b.start for b in box[::-1]), tuple(b.stop for b in box[::-1]))
