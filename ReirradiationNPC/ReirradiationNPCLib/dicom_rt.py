@@ -591,7 +591,7 @@ def read_rtstruct_contours(path: Path, what: str = "structures") -> tuple[list[_
             if kind != "CLOSED_PLANAR":
                 skipped[kind or "(no type)"] = skipped.get(kind or "(no type)", 0) + 1
                 continue
-            pts = floats(cont, "ContourData", src)
+            pts = _contour_points(cont, src)
             if pts.size % 3 or pts.size < 9:
                 if pts.size % 3:
                     raise InputError(f"ROI {roi.name!r}: ContourData holds {pts.size} numbers (not x, y, z triples)",
@@ -655,6 +655,36 @@ def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: 
     return parity.astype(bool)
 
 
+def _block_mean(inside: np.ndarray, n: int) -> np.ndarray:
+    """Mean of each n x n block of a bool (J n, I n) array as float32 (J, I); loops over the n offsets only."""
+    u = inside.view(np.uint8)
+    nj, ni = u.shape[0] // n, u.shape[1] // n
+    rows = u[0::n].copy()
+    for m in range(1, n):
+        rows += u[m::n]
+    s = rows[:, 0::n].copy()
+    for m in range(1, n):
+        s += rows[:, m::n]
+    return s.astype(np.float32) * np.float32(1.0 / (n * n))
+
+
+def _contour_points(cont, src: str) -> np.ndarray:
+    """ContourData as float64, parsed from the raw bytes when pydicom has not converted it yet (fast)."""
+    try:
+        elem = cont.get_item(0x30060050)
+    except Exception:  # noqa: BLE001
+        elem = None
+    raw = getattr(elem, "value", None)
+    if isinstance(raw, (bytes, bytearray)) and getattr(elem, "VR", "DS") in ("DS", None):
+        try:
+            pts = np.array(bytes(raw).replace(b"\x00", b"").strip().split(b"\\")).astype(np.float64)
+            if np.isfinite(pts).all():
+                return pts
+        except ValueError:
+            pass
+    return floats(cont, "ContourData", src)
+
+
 def rasterise_contours(contours: list[np.ndarray], lattice: Grid, slab_mm: float, *, name: str = "",
                        src: str = "") -> tuple[np.ndarray, tuple[int, int, int]] | None:
     """Closed planar contours ((N, 3) LPS mm) as a bool mask on ``lattice``'s voxel lattice.
@@ -704,7 +734,7 @@ def rasterise_contours(contours: list[np.ndarray], lattice: Grid, slab_mm: float
     sub0_j = j0 - 0.5 + 0.5 / n
     for kc, polys in planes:
         inside = evenodd_fill(polys, sub0_i, 1.0 / n, ni * n, sub0_j, 1.0 / n, nj * n)
-        cov = inside.reshape(nj, n, ni, n).mean(axis=(1, 3), dtype=np.float32)
+        cov = _block_mean(inside, n)
         for K in range(int(math.floor(kc - h + 0.5)), int(math.ceil(kc + h - 0.5)) + 1):
             w = min(K + 0.5, kc + h) - max(K - 0.5, kc - h)
             if w > 1e-9:
