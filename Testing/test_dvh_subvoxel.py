@@ -367,3 +367,57 @@ def test_very_large_structure_sampled_by_weighted_blocks(monkeypatch):
     got = dvh.metrics(d, s.sample_volume_cc, ["Dmean", "V10Gy"])
     x_centre = -30.0 + (10 + 49) / 2.0                 # mask voxels i 10..49
     assert got["Dmean"] == pytest.approx(10.0 + 0.5 * x_centre, abs=0.5 * max(s.info["sample_spacing_mm"]) / 2)
+
+
+def test_warn_through_the_run_command(tmp_path):
+    """Tiny case: uniform 48 Gy in 24 fractions (2 Gy per fraction: EQD2 = 48 Gy for any alpha/beta) on a box organ.
+    Limits 50 Gy (48 > 47.5: warn, margin 2), 48 Gy (at the limit: warn, margin 0), 60 Gy (pass) and 45 Gy (fail)
+    with a 5 % tolerance: WARN in results.json, the summary counts, the verdict and the printed table."""
+    import json
+
+    import SimpleITK as sitk
+    import yaml
+    from click.testing import CliRunner
+
+    from ReirradiationNPCLib.cli import main
+
+    def write(path, arr, spacing):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((spacing,) * 3)
+        sitk.WriteImage(img, str(path))
+
+    write(tmp_path / "dose.nrrd", np.full((12, 12, 12), 48.0, np.float32), 2.5)
+    (tmp_path / "s").mkdir()
+    m = np.zeros((20, 20, 20), np.uint8)
+    m[5:15, 5:15, 5:15] = 1
+    write(tmp_path / "s" / "Brainstem.nrrd", m, 1.0)
+    write(tmp_path / "s" / "SpinalCord.nrrd", m, 1.0)
+    con = {"scope": "cumulative", "source": "test", "verified": False}
+    protocol = {"name": "warn test", "version": "1", "alpha_beta": {"default": 3}, "recovery": {"model": "none"},
+                "warn_tolerance_percent": 5,
+                "organs": {
+                    "brainstem": {"aliases": ["Brainstem"], "alpha_beta": 2, "constraints": [
+                        {"metric": "D0.03cc", "limit_gy": 50, **con}, {"metric": "Dmax", "limit_gy": 48, **con},
+                        {"metric": "Dmean", "limit_gy": 60, **con}]},
+                    "spinal_cord": {"aliases": ["SpinalCord"], "alpha_beta": 2, "constraints": [
+                        {"metric": "D0.03cc", "limit_gy": 45, **con}]}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(protocol))
+    case = {"reference": {"structures": "s"}, "protocol": "p.yaml",
+            "courses": [{"name": "c1", "dose": "dose.nrrd", "fractions": 24}]}
+    (tmp_path / "case.yaml").write_text(yaml.safe_dump(case))
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "case.yaml"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {(c["organ"], c["metric"]): c for c in res["constraints"]}
+    assert rows[("brainstem", "D0.03cc")]["status"] == "warn"
+    assert rows[("brainstem", "D0.03cc")]["margin"] == pytest.approx(2.0, abs=1e-4)
+    assert rows[("brainstem", "Dmax")]["status"] == "warn"
+    assert rows[("brainstem", "Dmax")]["margin"] == pytest.approx(0.0, abs=1e-4)
+    assert rows[("brainstem", "Dmean")]["status"] == "pass"
+    assert rows[("spinal_cord", "D0.03cc")]["status"] == "fail"
+    assert rows[("spinal_cord", "D0.03cc")]["margin"] == pytest.approx(-3.0, abs=1e-4)
+    assert res["summary"]["counts"] == {"pass": 1, "warn": 2, "fail": 1, "no_limit": 0, "not_evaluated": 0}
+    assert res["summary"]["unverified_limits_used"] == 4
+    assert "WARN" in res["summary"]["verdict"]
+    assert sum(line.startswith("WARN") and "brainstem" in line for line in r.output.splitlines()) == 2
+    assert "2 WARN" in next(line for line in r.output.splitlines() if line.startswith("constraints:"))
