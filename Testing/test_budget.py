@@ -255,3 +255,28 @@ def test_synthetic_case_planning_outputs_and_feedback(synthetic_case, tmp_path):
     constrained = rd >= 0
     assert np.array_equal(constrained, np.isfinite(head))
     assert head[constrained].min() >= 0.0 and head[constrained].max() <= 0.1
+
+
+def test_remaining_dose_written_as_nrrd_and_rtdose(tmp_path):
+    """remaining_dose.nrrd keeps -1 for unconstrained voxels; on a DICOM reference CT, remaining_dose.dcm holds the
+    same doses with 0 there (RTDOSE pixels are unsigned)."""
+    import SimpleITK as sitk
+    from ReirradiationNPCLib import dicom_rt, planning
+    from ReirradiationNPCLib.geometry import Volume
+
+    prot, structs, courses = remaining_case(np.full(SHAPE, 45.0))
+    r = budget.remaining_dose(structs, courses, prot, SHAPE)
+    ident = {"PatientName": "Test^Budget", "PatientID": "T-003", "StudyInstanceUID": "1.2.3.4.5",
+             "FrameOfReferenceUID": "1.2.3.4.6"}
+    ct = Volume(np.zeros(SHAPE, np.int16), GRID, "ct", {"dicom": ident})
+    files: dict[str, str] = {}
+    planning.write(planning.Planning(remaining=r, reference_image=ct), GRID, tmp_path, files)
+    assert set(files) == {"remaining_dose.nrrd", "remaining_dose.dcm"}
+    img = sitk.ReadImage(str(tmp_path / "remaining_dose.nrrd"))
+    assert img.GetMetaData("unconstrained_value") == "-1" and img.GetMetaData("fractions") == "30"
+    nrrd = sitk.GetArrayFromImage(img)
+    np.testing.assert_array_equal(nrrd, r.array)
+    assert nrrd[0, 0, 5] == -1.0 and nrrd[0, 0, 20] == pytest.approx(29.3035, abs=2e-4)
+    dcm = dicom_rt.read_rtdose(tmp_path / "remaining_dose.dcm")
+    assert dcm.grid.same_as(GRID)
+    np.testing.assert_allclose(dcm.array, np.maximum(r.array, 0), atol=1e-6)

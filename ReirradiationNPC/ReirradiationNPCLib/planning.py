@@ -172,6 +172,19 @@ def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> Non
                      {"unconstrained_value": f"{budget.UNCONSTRAINED:g}", "fractions": str(r.fractions)})
         files["remaining_dose.nrrd"] = (f"Remaining physical dose (Gy) of the current course ({r.fractions} "
                                         f"fractions); {budget.UNCONSTRAINED:g} where no point-type limit applies")
+        ref = plan.reference_image
+        if ref is not None and ref.meta.get("dicom"):
+            from .dicom_export import write_rtdose  # pydicom only when DICOM is written
+            # RTDOSE pixels cannot be negative: unconstrained voxels are 0 there (the NRRD keeps -1)
+            write_rtdose(Volume(np.maximum(r.array, 0.0), grid), dict(ref.meta["dicom"]),
+                         stage / "remaining_dose.dcm",
+                         series_description="Remaining dose (Gy), current course, point-type limits",
+                         dose_comment=f"Remaining dose in {r.fractions} fx; 0 also outside limited organs",
+                         dose_type="PHYSICAL", summation="PLAN")
+            files["remaining_dose.dcm"] = (f"Remaining physical dose (Gy, {r.fractions} fractions) as DICOM RTDOSE; "
+                                           "0 where no dose is allowed AND where no point-type limit applies (read "
+                                           "it inside the limited organs only; remaining_dose.nrrd marks "
+                                           "unconstrained voxels with -1)")
 
 
 def _write_float(arr: np.ndarray, grid: Grid, path: Path, description: str, extra: dict[str, str]) -> None:
