@@ -266,3 +266,22 @@ def test_rtstruct_input(files, tmp_path):
     area = 0.5 * 64 * 9.0 * math.sin(2 * math.pi / 64)      # the 64-gon's area (mm^2)
     assert by["Circle"]["volume_cc"] == pytest.approx(area * 5.0 / 1000, rel=0.02)
     assert by["Circle"]["metrics"]["Dmean"] == pytest.approx(A + G * 0.37, rel=0.01)
+
+
+def test_slicer_segmentation_input(files, tmp_path):
+    """A .seg.nrrd with two overlapping segments on a 0.5 mm grid: volumes by hand, Dmean of a box."""
+    from ReirradiationNPCLib.geometry import Grid
+    from ReirradiationNPCLib.io import write_segmentation
+    g = Grid((40, 30, 20), (-10.25, -7.25, -5.25), (0.5, 0.5, 0.5))
+    a = np.zeros(g.shape, bool)
+    a[2:18, 4:24, 6:30] = True                   # x: -7.25+... 24 voxels = 12 mm, y 10 mm, z 8 mm -> 0.96 cc
+    b = np.zeros(g.shape, bool)
+    b[2:18, 4:24, 20:38] = True                  # overlaps a; 9 x 10 x 8 mm = 0.72 cc
+    write_segmentation([("A", a, (1, 0, 0)), ("B", b, (0, 1, 0))], g, tmp_path / "s.seg.nrrd")
+    out = tmp_path / "m.json"
+    r = run("--dose", files / "dose.nrrd", "--structures", tmp_path / "s.seg.nrrd", "-o", out)
+    assert r.exit_code == 0, r.output
+    by, _ = load(out)
+    assert by["A"]["volume_cc"] == pytest.approx(0.96) and by["B"]["volume_cc"] == pytest.approx(0.72)
+    xa = -10.25 + 0.5 * (6 + 29) / 2              # centre of voxels i 6..29 (mm)
+    assert by["A"]["metrics"]["Dmean"] == pytest.approx(A + G * xa, rel=1e-5)
