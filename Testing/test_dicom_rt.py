@@ -267,6 +267,16 @@ def test_dicom_without_preamble_is_read(tmp_path):
     assert dr.read_rtplan(raw).fractions == 30
 
 
+def test_rtstruct_hole_with_rounded_z_stays_a_hole(tmp_path):
+    """A hole contour whose z differs by 0.03 mm (export rounding) belongs to the same plane (even-odd)."""
+    contours = []
+    for z in (0.0, 3.0, 6.0):
+        contours += [square(0, 0, 10, z), square(0, 0, 5, z + 0.03)]
+    f = make_rtstruct(tmp_path / "s.dcm", {"Frame": contours})
+    [s] = dr.read_rtstruct(f, Grid((30, 30, 4), (-14.5, -14.5, 0.0), (1.0, 1.0, 3.0)))
+    assert int(s.mask.sum()) == (400 - 100) * 3                 # 20 x 20 mm minus 10 x 10 mm, three planes
+
+
 def test_rtstruct_point_and_open_contours_skipped_with_warning(tmp_path):
     rois = {"Box": [square(0, 0, 10, z) for z in (0.0, 3.0)], "Marker": [np.array([[1.0, 2.0, 3.0]])],
             "Line": [square(0, 0, 5, 0.0)]}

@@ -50,6 +50,8 @@ DEFORMABLE_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
 WHOLE_COURSE_SUMMATION = ("PLAN", "MULTI_PLAN")
 #: Tolerances (mm) for "the same" positions and spacings.
 POSITION_TOL_MM = 0.01
+#: Contours of one ROI closer than this along the slice normal (mm) are on one plane (even-odd together).
+CONTOUR_PLANE_TOL_MM = 0.1
 #: Identity attributes copied from an image into everything derived from it.
 PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
@@ -710,14 +712,14 @@ def rasterise_contours(contours: list[np.ndarray], lattice: Grid, slab_mm: float
     for cont in contours:
         idx = lattice.physical_to_index(cont)
         kspan = (idx[:, 2].max() - idx[:, 2].min()) * dz
-        if kspan > 0.05:
+        if kspan > 0.2:
             raise InputError(f"ROI {name!r}: a contour is not parallel to the slices of the evaluation grid "
                              f"(spans {kspan:.2f} mm across them)", source=src, field="ContourData")
         per.append((float(idx[:, 2].mean()), idx[:, :2]))
         allxy.append(idx[:, :2])
     per.sort(key=lambda t: t[0])
     for kc, xy in per:
-        if planes and abs(kc - planes[-1][0]) * dz <= POSITION_TOL_MM:
+        if planes and abs(kc - planes[-1][0]) * dz <= CONTOUR_PLANE_TOL_MM:
             planes[-1][1].append(xy)
         else:
             planes.append((kc, [xy]))
@@ -751,7 +753,7 @@ def plane_spacing_mm(rois: list[_Roi], normal: np.ndarray, default: float) -> fl
     if pos.size < 2:
         return float(default)
     gaps = np.diff(pos)
-    gaps = gaps[gaps > 0.05]
+    gaps = gaps[gaps > CONTOUR_PLANE_TOL_MM]
     return float(np.median(gaps)) if gaps.size else float(default)
 
 
