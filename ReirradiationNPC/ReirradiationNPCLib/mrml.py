@@ -177,6 +177,44 @@ def resampling_transform(reference_node, moving_node, reference_grid: Grid) -> s
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
+def transform_node_from_sitk(transform: sitk.Transform, name: str, scene=None):
+    """A linear transform node for prior data from an ITK transform mapping reference LPS points to prior LPS
+    points (the resampling direction): the node's 'from parent' (world -> prior local) is that map in RAS."""
+    from .registration import affine_of
+    scene = _scene(scene)
+    m, b = affine_of(transform)
+    a = np.eye(4)
+    a[:3, :3], a[:3, 3] = m, b
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformFromParent(_numpy_to_matrix(F4 @ a @ F4))
+    return node
+
+
+def register_ct_nodes(course_name: str, method: str, reference_ct_node, prior_ct_node,
+                      progress: Progress | None = None, scene=None):
+    """Register a prior course's CT to the current (reference) CT with the engine's registration; returns the
+    transform node (to put the prior dose under) and a one-paragraph QA summary. ``method``: rigid."""
+    from . import registration
+    say = progress or (lambda m: None)
+    if method != "rigid":
+        raise InputError(f"registration method {method!r} cannot be run from Slicer in this version (rigid only; "
+                         "or select an existing transform node)", field="registration.method")
+    if reference_ct_node is None or prior_ct_node is None:
+        raise InputError("rigid registration needs the current course's CT and this course's CT",
+                         source=course_name, field="courses.ct")
+    say(f"registering {course_name}")
+    outcome = registration.register_course(course_name, {"method": "rigid"}, volume_from_node(reference_ct_node),
+                                           volume_from_node(prior_ct_node))
+    node = transform_node_from_sitk(outcome.linear or outcome.transform, f"{course_name} registration", scene)
+    node.SetAttribute(ROLE_ATTRIBUTE, "registration")
+    parts = [f"{course_name}: {outcome.method} registration in {outcome.time_s:.1f} s"]
+    if outcome.metric_before is not None and outcome.metric_after is not None:
+        parts.append(f"Mattes MI {outcome.metric_before:.3f} -> {outcome.metric_after:.3f}")
+    parts += [f"Dice {k}: {v:.3f}" for k, v in (outcome.dice or {}).items() if isinstance(v, (int, float))]
+    parts += list(outcome.notes)
+    return node, "; ".join(parts)
+
+
 def _coverage(source: Grid, target: Grid, transform: sitk.Transform | None) -> np.ndarray | None:
     """Bool map on ``target``: voxels that fall inside ``source`` (None when all do)."""
     ones = sitk.Image([int(s) for s in source.size], sitk.sitkUInt8) + 1
@@ -692,6 +730,8 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
     w = worst_violation(viol, analysis.constraints)
     if w is not None:
         out.worst_violation_ras = hottest_point_ras(prep, w)
+        if out.worst_violation_ras is not None:
+            seg.SetAttribute("ReirradiationNPC.WorstViolationRAS", " ".join(f"{v:.3f}" for v in out.worst_violation_ras))
     for attr, role, label in (("headroom", "headroom", "headroom (Gy EQD2)"),
                               ("remaining", "remaining_dose", "remaining dose (Gy physical)")):
         value = getattr(plan, attr, None)
