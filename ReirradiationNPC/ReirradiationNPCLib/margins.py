@@ -1,15 +1,15 @@
 """Guideline target margins: CTV = GTV + margin, PTV = CTV + margin, with exact Euclidean distances in mm.
 
-Algorithm (see docs/science.md, "Target margins"):
+Algorithm (see docs/science.md, section 7.1):
 
-- Distances are measured between voxel centres, in millimetres, on the (possibly anisotropic) margin grid, with
-  SimpleITK's ``SignedMaurerDistanceMap`` (``useImageSpacing=True``), which is exact for the Euclidean metric. A
-  voxel joins the CTV when its centre lies within ``ctv_mm`` (inclusive, 1 µm tolerance) of a GTV voxel centre: the
-  discrete Minkowski sum of the GTV with a ball. The work is done in the GTV's bounding box padded by the total
-  margin (never the full grid).
+- A voxel joins the CTV when its centre lies within ``ctv_mm`` (inclusive, 1 µm tolerance) of the GTV's surface,
+  represented by the centres of the voxel faces separating a GTV voxel from a 6-neighbour outside it. Distances
+  are exact Euclidean millimetres on the (possibly anisotropic) margin grid: SimpleITK's
+  ``SignedMaurerDistanceMap`` (``useImageSpacing=True``) on a half-spacing grid whose even points are the voxel
+  centres. The work is done in the GTV's bounding box padded by the total margin (never the full grid).
 - The CTV is cropped to the body structure (``crop_to``), out of air (CT number < ``air_hu`` on the reference CT),
-  and away from the named critical organs (voxels whose centre is closer than ``avoid.distance_mm`` to an organ
-  voxel centre, and the organ's own voxels, are removed). The GTV itself is never removed: CTV = crop(GTV ⊕ m) ∪ GTV.
+  and away from the named critical organs (voxels whose centre is closer than ``avoid.distance_mm`` to the organ's
+  surface, same face-centre rule, and the organ's own voxels, are removed). The GTV itself is never removed: CTV = crop(GTV ⊕ m) ∪ GTV.
 - The PTV is the CTV grown by ``ptv_mm`` the same way, cropped to the body only (a PTV may reach into air), and
   always contains the CTV.
 - Margins are computed on the reference image grid when the case has a reference image, else on the evaluation
