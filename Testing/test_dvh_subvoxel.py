@@ -421,3 +421,17 @@ def test_warn_through_the_run_command(tmp_path):
     assert "WARN" in res["summary"]["verdict"]
     assert sum(line.startswith("WARN") and "brainstem" in line for line in r.output.splitlines()) == 2
     assert "2 WARN" in next(line for line in r.output.splitlines() if line.startswith("constraints:"))
+
+
+def test_mapped_samples_equal_sorting_the_mapped_doses():
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0, 70, 5000)
+    names = ["Dmax", "Dmin", "Dmean", "D0.03cc", "D2cc", "D95%", "V40Gy", "V40Gy%"]
+
+    def f(x):
+        return x * (x / 30 + 2.0) / 4.0           # EQD2, 30 fractions, alpha/beta 2 Gy (by hand)
+    direct = dvh.metrics(f(d), 0.001, names)
+    mapped = dvh.SortedSamples(d, 0.001).mapped(f, mean=float(f(d).mean())).metrics(names)
+    assert mapped == pytest.approx(direct, rel=1e-12)
+    with pytest.raises(ValueError):
+        dvh.SortedSamples(d, 0.001).mapped(lambda x: -x, mean=0.0)

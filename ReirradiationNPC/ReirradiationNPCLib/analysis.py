@@ -175,8 +175,11 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
                 credits_used[c.name] = r
             cum += (1.0 - r) * e
             if n_vox:
-                res_metrics[c.name] = dvh.metrics(e, sample_cc, names)
-                phys_metrics[c.name] = dvh.metrics(phys, sample_cc, names)
+                sorted_phys = dvh.SortedSamples(phys, sample_cc)    # EQD2 keeps the order: one sort per course
+                phys_metrics[c.name] = sorted_phys.metrics(names)
+                res_metrics[c.name] = sorted_phys.mapped(
+                    lambda d, n=c.fractions: eqd2(d, n, organ_ab),
+                    mean=float(np.average(e, weights=np.broadcast_to(sample_cc, e.shape)))).metrics(names)
                 curves[c.name] = cumulative_dvh(e, sample_cc)
                 frac_out = (samples.outside_fraction(grid) if c.coverage is None
                             else 1.0 - samples.fraction_in(c.coverage, grid))

@@ -72,6 +72,21 @@ class SortedSamples:
         else:
             self.levels = self.level_cum = self.level_above = np.zeros(0)
 
+    def mapped(self, fn, mean: float) -> "SortedSamples":
+        """The same samples with every dose passed through ``fn``, which must be strictly increasing (e.g. EQD2 of
+        a physical dose at fixed fractions and alpha/beta): the order is kept, so no new sort. ``mean``: the
+        volume-weighted mean of the mapped doses (a mean does not map through a non-linear ``fn``)."""
+        out = object.__new__(SortedSamples)
+        out.n, out.total_cc, out._mean = self.n, self.total_cc, float(mean)
+        out.levels = np.asarray(fn(self.levels), dtype=np.float64)
+        out.level_cum, out.level_above = self.level_cum, self.level_above
+        if out.levels.size > 1 and not np.all(np.diff(out.levels) <= 0):
+            raise ValueError("mapping must be increasing")
+        return out
+
+    def metrics(self, names: list[str]) -> dict[str, float | None]:
+        return {n: self.metric(parse(n)) for n in names}
+
     @property
     def dmax(self) -> float | None:
         return float(self.levels[0]) if self.n else None
