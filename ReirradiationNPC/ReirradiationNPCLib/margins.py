@@ -221,15 +221,15 @@ def build(recipe: MarginRecipe, inputs: MarginInputs, protocol: Protocol) -> tup
     grid = inputs.grid
     sp = grid.spacing
     vcc = grid.voxel_volume_cc
-    gtvs = []
+    gtvs, absent = [], []
     for name in recipe.gtv:
         found = [s for s in _find(inputs.structures, name) if s.mask.any()]
         if not found:
-            warnings.append(f"margins: GTV structure {name!r} named by the protocol is absent or empty")
+            absent.append(name)
         gtvs.extend(found)
     gtvs = list({id(s): s for s in gtvs}.values())
     if not gtvs:
-        warnings.append("margins: no GTV structure found; CTV/PTV not built")
+        warnings.append(f"margins: no GTV structure found (looked for {', '.join(recipe.gtv)}); CTV/PTV not built")
         return None, warnings
 
     total = recipe.ctv_mm + recipe.ptv_mm
@@ -311,6 +311,7 @@ def build(recipe: MarginRecipe, inputs: MarginInputs, protocol: Protocol) -> tup
                    "source": recipe.source, "verified": recipe.verified},
         "grid": {"source": inputs.grid_source, "spacing_mm": list(sp)},
         "gtv_structures": [s.name for s in gtvs],
+        "gtv_names_absent": absent,       # names of the recipe's list not present in the case (alternatives)
         "segment_names": names,
         "volumes_cc": {"GTV": float(gtv.sum()) * vcc, "CTV": float(ctv.sum()) * vcc, "PTV": float(ptv.sum()) * vcc},
         "ctv_before_crops_cc": grown_cc,
