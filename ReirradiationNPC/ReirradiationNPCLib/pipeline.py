@@ -47,7 +47,12 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
     say = progress or (lambda m: None)
     warnings: list[str] = []
     say("loading protocol")
-    protocol = load_protocol(case.protocol, base=case.path.parent)
+    try:
+        protocol = load_protocol(case.protocol, base=case.path.parent)
+    except InputError as exc:
+        if exc.source is None:  # name the case file that asked for the protocol
+            raise InputError(exc.detail, source=str(case.path), field=exc.field) from None
+        raise
 
     ref_img = None
     if case.reference_image is not None:
