@@ -435,3 +435,23 @@ def test_mapped_samples_equal_sorting_the_mapped_doses():
     assert mapped == pytest.approx(direct, rel=1e-12)
     with pytest.raises(ValueError):
         dvh.SortedSamples(d, 0.001).mapped(lambda x: -x, mean=0.0)
+
+
+def test_dose_at_samples_is_trilinear_on_an_oblique_mask_grid():
+    """Trilinear interpolation reproduces multilinear functions exactly: D = 30 + 0.002 (x+40)(y+40)(z+40) on a
+    2.5 mm grid, read at the samples of a mask on a rotated 0.7 mm grid, equals D at each sample's position."""
+    c, s_ = math.cos(0.5), math.sin(0.5)
+    direction = (c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, 1.0)
+    mgrid = Grid((12, 12, 12), (-3.0, -2.0, -4.0), (0.7, 0.7, 0.7), direction)
+    m = np.zeros(mgrid.shape, bool)
+    m[2:10, 3:9, 1:11] = True
+    dgrid = Grid((16, 16, 16), (-20.0, -20.0, -20.0), (2.5, 2.5, 2.5))
+    k, j, i = np.indices(dgrid.shape, dtype=np.float64)
+    x, y, z = -20 + 2.5 * i, -20 + 2.5 * j, -20 + 2.5 * k
+
+    def f(x, y, z):
+        return 30 + 0.002 * (x + 40) * (y + 40) * (z + 40)
+    s = sample_structure(m, mgrid)
+    p = s.points_mm
+    got = s.dose(f(x, y, z).astype(np.float64), dgrid)
+    assert got == pytest.approx(f(p[:, 0], p[:, 1], p[:, 2]), rel=1e-5)

@@ -23,7 +23,6 @@ Units: positions in LPS mm, volumes in cc (cm^3), doses in Gy.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,42 +175,6 @@ def _grid_key(grid: Grid):
     return (grid.size, grid.origin, grid.spacing, grid.direction)
 
 
-def _inside_extent(idx: np.ndarray, grid: Grid) -> np.ndarray:
-    size = np.asarray(grid.size, dtype=float)
-    tol = 1e-6
-    return np.all((idx >= -0.5 - tol) & (idx <= size - 0.5 + tol), axis=1)
-
-
-def interpolate_linear(array: np.ndarray, grid: Grid, idx: np.ndarray, outside: float = 0.0) -> np.ndarray:
-    """Trilinear interpolation of ``array`` (k, j, i) at continuous indices ``idx`` ((N, 3) as i, j, k)."""
-    n = idx.shape[0]
-    out = np.full(n, float(outside), dtype=np.float64)
-    if n == 0:
-        return out
-    size = np.asarray(grid.size)
-    inside = _inside_extent(idx, grid)
-    if not inside.any():
-        return out
-    c = np.clip(idx[inside], 0, size - 1)
-    i0 = np.minimum(np.floor(c).astype(np.intp), size - 1)
-    t = c - i0
-    i1 = np.minimum(i0 + 1, size - 1)
-    lo = i0.min(axis=0)
-    hi = i1.max(axis=0) + 1
-    sub = np.ascontiguousarray(array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]).ravel()
-    nj, ni = int(hi[1] - lo[1]), int(hi[0] - lo[0])
-    a0 = i0 - lo
-    a1 = i1 - lo
-    ti, tj, tk = t[:, 0], t[:, 1], t[:, 2]
-    val = np.zeros(c.shape[0], dtype=np.float64)
-    for ck, wk in ((a0[:, 2], 1.0 - tk), (a1[:, 2], tk)):
-        for cj, wj in ((a0[:, 1], 1.0 - tj), (a1[:, 1], tj)):
-            base = (ck * nj + cj) * ni
-            val += (wk * wj) * ((1.0 - ti) * sub[base + a0[:, 0]] + ti * sub[base + a1[:, 0]])
-    out[inside] = val
-    return out
-
-
 def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int] | None = None,
                      target: int = TARGET_SAMPLES, occupancy: str = "nearest") -> StructureSamples:
     """Sub-voxel samples of the bool ``mask`` (indexed k, j, i) on its own ``grid``.
@@ -337,11 +300,6 @@ def describe_for_dose(samples: StructureSamples, dose_grid: Grid) -> dict:
         info["samples_per_dose_voxel"] = dose_grid.voxel_volume_cc * samples.n / samples.volume_cc
     info["dose_grid_spacing_mm"] = list(dose_grid.spacing)
     return info
-
-
-def factors_summary(info: dict) -> str:
-    f = info.get("subdivision_ijk", [1, 1, 1])
-    return f"{math.prod(f)} samples per mask voxel ({'x'.join(str(v) for v in f)})"
 
 
 def crop_to_structure(mask: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
