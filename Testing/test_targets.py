@@ -151,3 +151,14 @@ def test_prescription_block_validation():
     assert e.value.field == "prescription.scope"
     no_dose = {k: v for k, v in ok.items() if k not in ("dose_gy", "fractions")}
     assert _prot(no_dose).prescription.reference_eqd2_gy == 60.0   # range minimum
+
+
+def test_protocol_show_lists_margins_prescription_and_type():
+    from click.testing import CliRunner
+    from ReirradiationNPCLib.cli import main
+    res = CliRunner().invoke(main, ["protocol", "show", "npc-reirradiation"])
+    assert res.exit_code == 0, res.output
+    lines = {ln.split(":")[0]: ln for ln in res.output.splitlines() if ":" in ln}
+    assert "+ 5 mm" in lines["margins"] and "verified: NO" in lines["margins"]
+    assert "60.69 Gy EQD2" in lines["prescription"] and "verified: NO" in lines["prescription"]
+    assert ">= 20 Gy" in lines["re-irradiation type"]

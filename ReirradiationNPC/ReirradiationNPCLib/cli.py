@@ -203,6 +203,11 @@ def protocol_show(ctx, name_or_path):
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1])
+        for label, block in (("margins", p.margins), ("prescription", p.prescription),
+                             ("re-irradiation type", p.reirradiation_type)):
+            if block is not None:
+                click.echo(f"{label}: {block.describe()} - verified: {'yes' if block.verified else 'NO'} - "
+                           f"source: {block.source}")
 
     _guard(go, ctx.obj["verbose"])
 

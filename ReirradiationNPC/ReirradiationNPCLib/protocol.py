@@ -115,6 +115,15 @@ class MarginRecipe:
     source: str
     verified: bool
 
+    def describe(self) -> str:
+        crops = [f"cropped to {self.crop_to}" if self.crop_to else "no body crop",
+                 f"out of air < {self.air_hu:g} HU" if self.air_hu is not None else "no air crop"]
+        if self.avoid_organs:
+            crops.append(f"CTV kept {self.avoid_distance_mm:g} mm from {', '.join(self.avoid_organs)}")
+        return (f"CTV = GTV ({', '.join(self.gtv)}: those present, united) + {self.ctv_mm:g} mm, "
+                f"PTV = CTV + {self.ptv_mm:g} mm; "
+                + "; ".join(crops))
+
 
 @dataclass(frozen=True)
 class Prescription:
@@ -140,6 +149,16 @@ class Prescription:
             return float(eqd2(self.dose_gy, self.fractions, self.alpha_beta))
         return self.eqd2_min_gy
 
+    def describe(self) -> str:
+        text = (f"{self.scope} course EQD2 {self.eqd2_min_gy:g}-{self.eqd2_max_gy:g} Gy at alpha/beta "
+                f"{self.alpha_beta:g} Gy")
+        if self.dose_gy is not None:
+            text += f" (nominal {self.dose_gy:g} Gy in {self.fractions} fx = {self.reference_eqd2_gy:.2f} Gy EQD2)"
+        crit = [f"{k} {v:g}%" for k, v in (("V95% >=", self.v95_min_percent), ("D95% >=", self.d95_min_percent),
+                                           ("D98% >=", self.d98_min_percent), ("D2% <=", self.d2_max_percent))
+                if v is not None]
+        return text + ("; coverage: " + ", ".join(crit) if crit else "")
+
     @property
     def reference_rule(self) -> str:
         if self.dose_gy is not None and self.fractions is not None:
@@ -155,6 +174,9 @@ class ReirradiationTypeRule:
     threshold_gy: float
     source: str
     verified: bool
+
+    def describe(self) -> str:
+        return f"Type 1 if the PTV overlaps prior physical dose >= {self.threshold_gy:g} Gy, else Type 2"
 
 
 @dataclass(frozen=True)
