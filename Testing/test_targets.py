@@ -162,3 +162,16 @@ def test_protocol_show_lists_margins_prescription_and_type():
     assert "+ 5 mm" in lines["margins"] and "verified: NO" in lines["margins"]
     assert "60.69 Gy EQD2" in lines["prescription"] and "verified: NO" in lines["prescription"]
     assert ">= 20 Gy" in lines["re-irradiation type"]
+
+
+def test_d95_criterion_when_the_protocol_gives_one():
+    from dataclasses import replace
+    rx = replace(RX, d95_min_percent=100.0)
+    box = (np.abs(X) <= 5) & (np.abs(Y) <= 5) & (Z >= -5) & (Z <= 4)
+    uniform = [course("c1", np.zeros(GRID.shape), 15, False), course("c2", np.where(box, 65.0, 0.0), 54, True)]
+    c = checks(check_targets([target("PTV", box)], uniform, rx, GRID)[0])
+    assert c["D95%"]["status"] == "pass" and c["D95%"]["threshold"] == pytest.approx(60.6867, abs=1e-4)
+    cold = np.where(box & (Z >= 0), 65.0, np.where(box, 40.0, 0.0))
+    half = [course("c1", np.zeros(GRID.shape), 15, False), course("c2", cold, 54, True)]
+    c = checks(check_targets([target("PTV", box)], half, rx, GRID)[0])
+    assert c["D95%"]["status"] == "fail" and c["D95%"]["value"] == pytest.approx(35.8025, abs=1e-3)
