@@ -6,7 +6,6 @@ the parameter node and calls the logic.
 """
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
