@@ -480,3 +480,33 @@ def test_scan_lists_and_writes_a_skeleton(dicom_case, tmp_path):
     before = target.read_text()
     r = run_cli(["scan", dicom_case.parent, "--write-case", target])
     assert r.exit_code == 2 and target.read_text() == before                           # never overwritten
+
+
+def test_folder_with_two_ct_series_and_image_series(dicom_case, tmp_path):
+    """A flat export (both CTs and the RT objects in one folder): the SeriesInstanceUID picks the CT."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    src = dicom_case.parent
+    for sub in ("ct_current", "ct_prior"):
+        for f in (src / sub).iterdir():
+            shutil.copy(f, flat / f"{sub}_{f.name}")
+    for f in ("rtplan_course1.dcm", "rtplan_course2.dcm", "rtdose_course1.dcm", "rtdose_course2.dcm",
+              "rtstruct_current.dcm", "reg_prior_to_current.dcm"):
+        shutil.copy(src / f, flat / f)
+    with pytest.raises(InputError, match="2 CT series"):
+        dr.load_image_any(flat)
+    skeleton = tmp_path / "case.yaml"
+    r = run_cli(["scan", flat, "--write-case", skeleton])
+    assert r.exit_code == 0, r.output
+    data = yaml.safe_load(skeleton.read_text())
+    cur = dr.read_ct_series(src / "ct_current").meta["dicom"]["SeriesInstanceUID"]
+    pri = dr.read_ct_series(src / "ct_prior").meta["dicom"]["SeriesInstanceUID"]
+    assert data["reference"]["image_series"] == cur and data["courses"][0]["image_series"] == pri
+    ct = dr.load_image_any(flat, series_uid=cur)
+    assert ct.meta["dicom"]["SeriesInstanceUID"] == cur and ct.array.shape == (100, 160, 160)
+    from ReirradiationNPCLib.case import parse_case
+    data["protocol"] = "synthetic-demo"
+    data["courses"][0].update(interval_months=30, registration={"method": "identity"})
+    case = parse_case(data, skeleton)
+    assert case.reference_image_series == cur and case.courses[0].image_series == pri
+    assert [c.fractions for c in case.courses] == [33, 54]

@@ -30,6 +30,7 @@ class CourseSpec:
     registration: dict = field(default_factory=lambda: {"method": "identity"})
     is_current: bool = False
     plan: Path | None = None           # RTPLAN of this course (fractions read from it; RTDOSE link checked)
+    image_series: str | None = None    # SeriesInstanceUID picking the CT when ``image`` holds several series
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CaseSpec:
     courses: list[CourseSpec]
     patient: dict = field(default_factory=dict)
     allow_different_patients: bool = False   # DICOM inputs of different PatientID/name accepted when True
+    reference_image_series: str | None = None  # SeriesInstanceUID when reference.image holds several CT series
 
     @property
     def current(self) -> CourseSpec:
@@ -89,12 +91,21 @@ def _path(base: Path, value, src: str, key: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _series_uid(value, src: str, key: str) -> str | None:
+    """An optional DICOM SeriesInstanceUID (digits and dots)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value.strip()):
+        _fail(src, key, f"must be a DICOM SeriesInstanceUID (digits and dots), got {value!r}")
+    return value.strip()
+
+
 def parse_case(data, path: Path) -> CaseSpec:
     src = str(path)
     base = path.parent
     top = _keys(data, "", src, {"reference", "grid", "protocol", "courses", "patient", "allow_different_patients"},
                 {"reference", "protocol", "courses"})
-    ref = _keys(top["reference"], "reference", src, {"image", "structures"}, {"structures"})
+    ref = _keys(top["reference"], "reference", src, {"image", "structures", "image_series"}, {"structures"})
     grid = top.get("grid", "dose")
     if grid not in ("dose", "image"):
         _fail(src, "grid", f"must be 'dose' or 'image', got {grid!r}")
@@ -109,7 +120,8 @@ def parse_case(data, path: Path) -> CaseSpec:
     courses = []
     for i, c in enumerate(courses_raw):
         k = f"courses[{i}]"
-        c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan"},
+        c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan",
+                              "image_series"},
                   {"name", "dose"})
         name = c["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -149,7 +161,8 @@ def parse_case(data, path: Path) -> CaseSpec:
         courses.append(CourseSpec(name=name, dose=_path(base, c["dose"], src, f"{k}.dose"), fractions=int(n),
                                   interval_months=interval,
                                   image=_path(base, c["image"], src, f"{k}.image") if c.get("image") else None,
-                                  registration=dict(reg), is_current=is_current, plan=plan))
+                                  registration=dict(reg), is_current=is_current, plan=plan,
+                                  image_series=_series_uid(c.get("image_series"), src, f"{k}.image_series")))
     patient = top.get("patient") or {}
     if not isinstance(patient, dict):
         _fail(src, "patient", "must be a mapping (e.g. {id: ..., name: ...})")
@@ -157,6 +170,7 @@ def parse_case(data, path: Path) -> CaseSpec:
     if not isinstance(allow, bool):
         _fail(src, "allow_different_patients", f"must be true or false, got {allow!r}")
     return CaseSpec(path=path, allow_different_patients=allow,
+                    reference_image_series=_series_uid(ref.get("image_series"), src, "reference.image_series"),
                     reference_image=_path(base, ref["image"], src, "reference.image") if ref.get("image") else None,
                     reference_structures=_path(base, ref["structures"], src, "reference.structures"),
                     grid=grid, protocol=protocol, courses=courses, patient={str(k): str(v) for k, v in patient.items()})

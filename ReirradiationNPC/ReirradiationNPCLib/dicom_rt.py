@@ -871,14 +871,16 @@ def load_structures_any(path: Path, what: str = "structures", *, lattice: Grid |
 
 # ------------------------------------------------------------------------------------- case-level checks
 
-def series_identity(folder: Path) -> dict:
-    """Identity of the first DICOM image found in ``folder`` ({} when none): a cheap header read."""
+def series_identity(folder: Path, series_uid: str | None = None) -> dict:
+    """Identity of the first CT image (of ``series_uid`` when given) in ``folder`` ({} when none): a cheap
+    header read."""
     folder = Path(folder)
     if not folder.is_dir():
         return {}
     for f in dicom_files(folder):
         ds = read_dataset(f, "image", header_only=True)
-        if str(getattr(ds, "Modality", "")).upper() == "CT":
+        if str(getattr(ds, "Modality", "")).upper() == "CT" and \
+                (series_uid is None or str(getattr(ds, "SeriesInstanceUID", "")) == series_uid):
             return identity_of(ds)
     return {}
 
@@ -907,7 +909,7 @@ def check_case_inputs(case, reference: Volume | None, doses: list[Volume], warni
         if getattr(c, "plan", None) is not None:
             items.append((str(c.plan), read_rtplan(c.plan, f"courses[{i}].plan").identity))
         if c.image is not None and Path(c.image).is_dir():
-            ident = series_identity(c.image)
+            ident = series_identity(c.image, getattr(c, "image_series", None))
             if ident:
                 items.append((str(c.image), ident))
     if case.allow_different_patients:

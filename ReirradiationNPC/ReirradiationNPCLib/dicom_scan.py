@@ -183,6 +183,11 @@ def write_case_skeleton(res: ScanResult, path: Path) -> Path:
     def of_frame(kind: str, frame: str) -> list[Item]:
         return [i for i in items if i.kind == kind and i.ident.get("FrameOfReferenceUID") == frame]
 
+    all_cts = [i for i in items if i.kind == "CT"]
+
+    def shared(ct: Item) -> bool:  # another CT series lives in (or under) the same folder
+        return any(o is not ct and Path(o.path).resolve().is_relative_to(Path(ct.path).resolve()) for o in all_cts)
+
     current = plans[-1]
     cur_frame = current.ident.get("FrameOfReferenceUID", "")
     cts = of_frame("CT", cur_frame)
@@ -200,6 +205,8 @@ def write_case_skeleton(res: ScanResult, path: Path) -> Path:
     if cts:
         out.append(f"  image: {_q(rel(cts[0].path))}   # CT series {cts[0].ident.get('SeriesDescription', '')!r}, "
                    f"{cts[0].info['slices']} slices" + ("  (more than one CT in this frame: check)" if len(cts) > 1 else ""))
+        if shared(cts[0]):
+            out.append(f"  image_series: {_q(cts[0].ident['SeriesInstanceUID'])}   # the folder holds several CT series")
     else:
         out.append("  # image: no CT series found in the current plan's frame of reference")
     if structs:
@@ -228,6 +235,8 @@ def write_case_skeleton(res: ScanResult, path: Path) -> Path:
         prior_cts = of_frame("CT", frame)
         if prior_cts:
             out.append(f"    image: {_q(rel(prior_cts[0].path))}")
+            if shared(prior_cts[0]):
+                out.append(f"    image_series: {_q(prior_cts[0].ident['SeriesInstanceUID'])}")
         if frame == cur_frame:
             out.append("    registration: {method: identity}   # same frame of reference as the current plan")
         else:

@@ -57,7 +57,7 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
     ref_img = None
     if case.reference_image is not None:
         say("loading reference image")
-        ref_img = load_image_any(case.reference_image, "reference.image")
+        ref_img = load_image_any(case.reference_image, "reference.image", series_uid=case.reference_image_series)
 
     say("loading doses")
     doses = [load_dose_any(c.dose, f"courses[{i}].dose", fractions=c.fractions,
