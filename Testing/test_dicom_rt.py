@@ -186,6 +186,23 @@ def test_rtdose_round_trip_pydicom_and_simpleitk(tmp_path):
     assert np.abs(arr - dose).max() <= 0.005 * dose.max()
 
 
+def test_rtdose_round_trip_on_a_rotated_left_handed_grid(tmp_path):
+    """Direction columns: i rotated 10 degrees about z, j likewise, k pointing against the slice normal."""
+    c, s = math.cos(math.radians(10)), math.sin(math.radians(10))
+    d = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]])      # columns are the i, j, k axes
+    grid = Grid((12, 10, 8), (5.0, -3.0, 20.0), (2.0, 2.5, 3.0), tuple(d.ravel()))
+    dose = np.arange(np.prod(grid.shape), dtype=np.float32).reshape(grid.shape) * np.float32(0.07)
+    path = tmp_path / "rot.dcm"
+    dx.write_rtdose(Volume(dose, grid), IDENT, path, series_description="rotated")
+    back = dr.read_rtdose(path)
+    # the reader orders frames along the normal (k reversed here): compare at the same physical points
+    pts = grid.index_to_physical(np.array([[0, 0, 0], [11, 9, 7], [3, 4, 5]], float))
+    for p_, ijk in zip(pts, ([0, 0, 0], [11, 9, 7], [3, 4, 5])):
+        i, j, k = np.rint(back.grid.physical_to_index(p_[None])[0]).astype(int)
+        assert back.array[k, j, i] == pytest.approx(dose[ijk[2], ijk[1], ijk[0]], abs=1e-6)
+    assert back.grid.spacing == pytest.approx((2.0, 2.5, 3.0))
+
+
 def test_plan_fractions_and_plan_dose_link(tmp_path):
     plan = dr.read_rtplan(Path(dx.write_rtplan(tmp_path / "p.dcm", IDENT, fractions=33, label="P1",
                                               prescription_gy=70, series_description="plan") and tmp_path / "p.dcm"))

@@ -136,7 +136,7 @@ def write_rtdose(dose: Volume, reference: dict, path: Path, *, series_descriptio
     Pixels are uint32 with DoseGridScaling = max / (2^32 - 1) (rounded up to a 16-character decimal);
     GridFrameOffsetVector is relative (first value 0). Returns the new SOPInstanceUID.
     """
-    arr = np.asarray(dose.array, dtype=np.float64)
+    arr = np.asarray(dose.array)
     if not np.isfinite(arr).all() or arr.min() < 0:
         raise ValueError("dose must be finite and non-negative")
     ds = _dataset(RT_DOSE_STORAGE, "RTDOSE", reference, series_description=series_description)
@@ -160,7 +160,9 @@ def write_rtdose(dose: Volume, reference: dict, path: Path, *, series_descriptio
         ds.DoseComment = dose_comment[:64]
     text, scale = dose_scaling(float(arr.max()))
     ds.DoseGridScaling = text
-    pix = np.clip(np.rint(arr / scale), 0, UINT32_MAX).astype("<u4")
+    pix = np.empty(arr.shape, dtype="<u4")
+    for k in range(nk):  # frame by frame: no full-grid float64 copy
+        pix[k] = np.clip(np.rint(arr[k].astype(np.float64) / scale), 0, UINT32_MAX)
     ds.add_new(0x7FE00010, "OW", pix.tobytes())
     if referenced_plan_uids:
         items = []
