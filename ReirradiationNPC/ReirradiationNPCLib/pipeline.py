@@ -89,7 +89,9 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
         organ = protocol.match(s.name)
         on = structure_on_grid(s, grid)
         if on is None:
-            warnings.append(f"structure {s.name!r} has no voxel on the evaluation grid (outside it or empty)")
+            warnings.append(f"structure {s.name!r} covers no voxel of the evaluation grid (empty, outside it, or "
+                            "smaller than a voxel): it takes no part in the alpha/beta and recovery maps; its "
+                            "metrics come from its own mask")
             mask, box = np.zeros((0, 0, 0), bool), (slice(0, 0),) * 3
         else:
             mask, box = on
