@@ -229,8 +229,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def format_table(result: dict, names: list[str]) -> str:
     unit = "Gy EQD2" if result["fractions"] else "Gy"
-    head = ["structure", "volume cc"] + [f"{n} {'cc' if n.startswith('V') and not n.endswith('%') else ('%' if n.startswith('V') else unit)}"
-                                         for n in names]
+    def label(n: str) -> str:
+        if n.startswith("V"):
+            return n if n.endswith("%") else f"{n} cc"
+        return f"{n} {unit}"
+    head = ["structure", "volume cc"] + [label(n) for n in names]
     rows = [head]
     for r in result["structures"]:
         rows.append([r["name"], _num(r["volume_cc"], 3)] + [_num(r["metrics"].get(n), 2) for n in names])
