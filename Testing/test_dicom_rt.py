@@ -527,3 +527,14 @@ def test_folder_with_two_ct_series_and_image_series(dicom_case, tmp_path):
     case = parse_case(data, skeleton)
     assert case.reference_image_series == cur and case.courses[0].image_series == pri
     assert [c.fractions for c in case.courses] == [33, 54]
+
+
+def test_ct_rescale_integer_and_float():
+    a = [np.array([[0, 1000], [2000, 65535]], np.uint16), np.array([[5, 6], [7, 8]], np.uint16)]
+    small = [x.clip(0, 30000) for x in a]
+    hu = dr._rescale_slices(small, [(1.0, -1024.0), (1.0, -1024.0)], True)
+    assert hu.dtype == np.int16 and hu[0, 0, 1] == -24 and hu[1, 1, 1] == -1016 and hu[0, 1, 1] == 28976
+    hu = dr._rescale_slices(a, [(1.0, -1024.0), (1.0, -1024.0)], True)   # 65535 - 1024 does not fit int16
+    assert hu.dtype == np.float32 and hu[0, 1, 1] == 64511.0
+    hu = dr._rescale_slices(a, [(0.5, -10.0), (2.0, 0.0)], False)
+    assert hu.dtype == np.float32 and hu[0, 1, 0] == 990.0 and hu[1, 0, 0] == 10.0

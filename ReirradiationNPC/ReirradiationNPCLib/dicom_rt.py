@@ -308,23 +308,33 @@ def _assemble_ct(items: list, src: str, what: str) -> Volume:
         int_ok &= slope == int(slope) and inter == int(inter)
         slopes.append((slope, inter))
         slices.append(a)
-    arr = np.stack(slices)
+    hu = _rescale_slices(slices, slopes, int_ok)
     del slices
-    s = np.asarray(slopes)
-    if int_ok:
-        hu = arr.astype(np.int32) * s[:, 0, None, None].astype(np.int32) + s[:, 1, None, None].astype(np.int32)
-        if hu.min() >= -32768 and hu.max() <= 32767:
-            hu = hu.astype(np.int16)
-        else:
-            hu = hu.astype(np.float32)
-    else:
-        hu = (arr.astype(np.float32) * s[:, 0, None, None].astype(np.float32)
-              + s[:, 1, None, None].astype(np.float32))
     ident = identity_of(items[0][1])
     ident["SOPInstanceUIDs"] = [str(getattr(ds, "SOPInstanceUID", "")) for _, ds in items]
     ident["SOPClassUID"] = str(getattr(items[0][1], "SOPClassUID", CT_IMAGE_STORAGE) or CT_IMAGE_STORAGE)
     vol = Volume(hu, grid, name=Path(src).name, meta={"path": src, "dicom": ident, "format": "dicom-ct"})
     return vol
+
+
+def _rescale_slices(slices: list[np.ndarray], slopes: list[tuple[float, float]], int_ok: bool) -> np.ndarray:
+    """HU volume (k, j, i), slice by slice: int16 when every rescale is integral and the values fit, else
+    float32. No full-volume temporary beyond the output."""
+    shape = (len(slices),) + slices[0].shape
+    if int_ok:
+        out = np.empty(shape, dtype=np.int16)
+        for k, (a, (slope, inter)) in enumerate(zip(slices, slopes)):
+            v = a.astype(np.int32) * int(slope) + int(inter)
+            if v.min() < -32768 or v.max() > 32767:
+                break
+            out[k] = v
+        else:
+            return out
+        del out
+    out = np.empty(shape, dtype=np.float32)
+    for k, (a, (slope, inter)) in enumerate(zip(slices, slopes)):
+        out[k] = a.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    return out
 
 
 def _pixels_via_sitk(path: Path) -> np.ndarray:
