@@ -240,15 +240,19 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         course = ReirradiationNPCCourse()
         course.name = f"course{len(p.courses) + 1}"
-        index = max(len(p.courses) - 1, 0)  # a new course is a prior course: the last one stays the current
-        p.courses.insert(index, course)
+        courses = list(p.courses)  # lists are written back whole (a new list is one parameter write)
+        index = max(len(courses) - 1, 0)  # a new course is a prior course: the last one stays the current
+        courses.insert(index, course)
+        p.courses = courses
         p.selectedCourse = index
 
     def onRemoveCourse(self) -> None:
         p = self._parameterNode
-        if 0 <= p.selectedCourse < len(p.courses):
-            del p.courses[p.selectedCourse]
-            p.selectedCourse = max(0, min(p.selectedCourse, len(p.courses) - 1))
+        courses = list(p.courses)
+        if 0 <= p.selectedCourse < len(courses):
+            del courses[p.selectedCourse]
+            p.courses = courses
+            p.selectedCourse = max(0, min(p.selectedCourse, len(courses) - 1))
 
     def onProtocolSelected(self, name: str) -> None:
         if not self._updating and self._parameterNode is not None and name:
@@ -262,14 +266,15 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self._updating or p is None or not (0 <= p.selectedCourse < len(p.courses)):
             return
-        c = p.courses[p.selectedCourse]
+        courses = list(p.courses)
+        c = courses[p.selectedCourse]
         c.name = self.ui.courseNameLineEdit.text.strip()
         c.dose = self.ui.courseDoseSelector.currentNode()
         c.fractions = self.ui.courseFractionsSpinBox.value
         c.intervalMonths = self.ui.courseIntervalSpinBox.value
         c.ct = self.ui.courseCTSelector.currentNode()
         c.transform = self.ui.courseTransformSelector.currentNode()
-        p.courses[p.selectedCourse] = c
+        p.courses = courses
 
     # ------------------------------------------------------------------------------------------------ actions
 
@@ -358,12 +363,14 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
     def register(self, p, progress=None) -> str:
         """Rigid registration of the selected prior course's CT to the current CT; returns the QA summary."""
         from ReirradiationNPCLib import mrml
-        course = p.courses[p.selectedCourse]
-        current = p.courses[-1]
+        courses = list(p.courses)
+        course, current = courses[p.selectedCourse], courses[-1]
+        if course is current:
+            raise ValueError(_("Select a prior course: the current course is the reference."))
         transform, summary = mrml.register_ct_nodes(course.name, p.registrationMethod, current.ct, course.ct,
                                                     progress)
         course.transform = transform
-        p.courses[p.selectedCourse] = course
+        p.courses = courses
         return summary
 
     def process(self, p, progress=None):
@@ -467,11 +474,13 @@ class ReirradiationNPCTest(ScriptedLoadableModuleTest):
         logic = ReirradiationNPCLogic()
         p = logic.getParameterNode()
         p.protocol = "synthetic-demo"
+        courses = []
         for name, node, n, months in (("course1", doses[0], 33, 30.0), ("course2", doses[1], 54, 0.0)):
             c = ReirradiationNPCCourse()
             c.name, c.dose, c.fractions, c.intervalMonths = name, node, n, months
             c.ct = ct if name == "course2" else None
-            p.courses.append(c)
+            courses.append(c)
+        p.courses = courses
         p.segmentation = seg
         self.delayDisplay("Computing")
         out = logic.process(p)

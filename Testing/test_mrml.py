@@ -28,6 +28,10 @@ def _eqd2_by_hand(dose_gy, fractions, ab):
     return dose_gy * (dose_gy / fractions + ab) / (2.0 + ab)
 
 
+def vtk_matrix(m) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def _linear_transform_node(scene, to_parent_lps_4x4, name="registration"):
     """A linear transform node whose 'to parent' map is given in LPS (converted here to Slicer's RAS)."""
     import vtk
@@ -184,6 +188,11 @@ def test_synthetic_prior_dose_in_its_own_frame_maps_like_the_registered_one(synt
     to_parent[:3, 3] = -R.T @ t
     tnode = _linear_transform_node(app.scene, to_parent)
     prior_node.SetAndObserveTransformNodeID(tnode.GetID())
+    # the engine's ITK form of the offset (current -> prior, the resampling direction) gives the same node matrix
+    from ReirradiationNPCLib.synthetic import prior_to_current_sitk_transform
+    via_sitk = mrml.transform_node_from_sitk(prior_to_current_sitk_transform(), "via sitk", app.scene)
+    a, b = vtk_matrix(tnode.GetMatrixTransformToParent()), vtk_matrix(via_sitk.GetMatrixTransformToParent())
+    assert np.allclose(a, b, atol=1e-9)
     courses = [mrml.CourseInput("course1", prior_node, 33, 30.0), mrml.CourseInput("course2", cur_node, 54)]
     prep = mrml.prepare_from_nodes(courses, seg, "synthetic-demo")
     registered = prep_ref.courses[0].dose
