@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .analysis import Analysis
 from .errors import InputError
-from .io import read_dose, read_image, read_structures
+from .dicom_rt import load_dose_any, load_image_any, load_structures_any
 from .pipeline import Prepared
 from .results import Results
 
@@ -50,7 +50,7 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
         nodes["images"]["reference"] = ct
         mrml._set_parent(sh, ct, folder)
     for i, c in enumerate(case.courses):
-        dose = read_dose(c.dose, f"courses[{i}].dose")
+        dose = load_dose_any(c.dose, f"courses[{i}].dose", fractions=c.fractions)  # NRRD or RTDOSE
         node = mrml.add_volume_node(dose, f"Dose {c.name} (physical)", scene)
         mrml._mark_dose(node, "course_dose", c.name)
         node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
@@ -58,7 +58,9 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
         nodes["doses"][c.name] = node
         mrml._set_parent(sh, node, folder)
         if c.image is not None:
-            img = mrml.add_volume_node(read_image(c.image, f"courses[{i}].image"), f"CT {c.name}", scene)
+            img = mrml.add_volume_node(load_image_any(c.image, f"courses[{i}].image",
+                                                      series_uid=getattr(c, "image_series", None)),
+                                       f"CT {c.name}", scene)
             img.SetAttribute(mrml.ROLE_ATTRIBUTE, "course_image")
             nodes["images"][c.name] = img
             mrml._set_parent(sh, img, folder)
@@ -68,7 +70,9 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
     if "reference" in nodes["images"]:
         seg.SetReferenceImageGeometryParameterFromVolumeNode(nodes["images"]["reference"])
     from .geometry import bounding_box
-    for idx, s in enumerate(read_structures(case.reference_structures, "reference.structures")):
+    lattice = prep.reference_image.grid if prep.reference_image is not None else prep.grid
+    for idx, s in enumerate(load_structures_any(case.reference_structures, "reference.structures",
+                                                lattice=lattice)):  # masks or RTSTRUCT
         box = bounding_box(s.mask)
         if box is None:
             continue
