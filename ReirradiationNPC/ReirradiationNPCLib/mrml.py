@@ -23,7 +23,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from . import budget, margins
+from . import budget
+from . import planning as planning_aids
 from .analysis import Analysis, CourseData, StructureData, compute
 from .case import CaseSpec, CourseSpec
 from .errors import InputError
@@ -400,16 +401,14 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
 
 
 def run_engine(prep: Prepared, progress: Progress | None = None):
-    """analysis.compute, the planning aids and pipeline.build_results on prepared inputs (no file is written).
+    """analysis.compute, the planning aids (margins, violations, headroom, remaining dose) and
+    pipeline.build_results on prepared inputs, as ``run`` does, without writing files.
 
     Returns (analysis, results, planning)."""
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
-    plan = compute_planning(prep, analysis, progress)
+    plan = planning_aids.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
-    if not isinstance(plan, _PlanningLite):
-        from . import planning
-        if hasattr(planning, "add_to_results"):
-            planning.add_to_results(results, plan)
+    planning_aids.add_to_results(results, plan)
     return analysis, results, plan
 
 
@@ -520,7 +519,6 @@ def constraints_table(results: Results, name: str, scene=None):
         ("Alpha/beta (Gy)", "double", [c.alpha_beta for c in rows]),
         ("Recovery credit", "string", credit),
     ])
-    node.SetUseColumnTitleAsColumnHeader(True) if hasattr(node, "SetUseColumnTitleAsColumnHeader") else None
     node.SetAttribute(ROLE_ATTRIBUTE, "constraints")
     node.SetAttribute("ReirradiationNPC.Verdict", results.summary["verdict"])
     return node
@@ -606,38 +604,6 @@ def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None):
     return table, limits, chart
 
 
-@dataclass
-class _PlanningLite:
-    """What the display needs when the engine's ``planning`` module is not available."""
-
-    margins: object = None
-    violations: list = field(default_factory=list)
-    headroom: np.ndarray | None = None
-    remaining: object = None
-    warnings: list = field(default_factory=list)
-
-
-def compute_planning(prep: Prepared, analysis: Analysis, progress: Progress | None = None):
-    """Margins, violation regions (and, with the engine's planning module, headroom and remaining dose)."""
-    try:
-        from . import planning
-    except ImportError:
-        planning = None
-    if planning is not None and hasattr(planning, "compute"):
-        return planning.compute(prep, analysis, progress)
-    plan = _PlanningLite()
-    recipe = getattr(prep.protocol, "margins", None)
-    if recipe is not None:
-        inputs = margins.gather_inputs(prep.structures, prep.reference_image, prep.grid)
-        plan.margins, w = margins.build(recipe, inputs, prep.protocol)
-        plan.warnings += w
-    else:
-        plan.warnings.append("the protocol defines no target margins: GTV/CTV/PTV are not shown")
-    plan.violations = budget.violations(analysis.constraints, prep.structures, prep.courses, prep.protocol,
-                                        prep.grid)
-    return plan
-
-
 def hottest_point_ras(prep: Prepared, violation) -> tuple[float, float, float] | None:
     """RAS (mm) of the voxel with the highest organ EQD2 inside a violation region."""
     s = next((x for x in prep.structures if x.name == violation.structure), None)
@@ -711,7 +677,7 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(cum)
     seg.SetAttribute(ROLE_ATTRIBUTE, "overlays")
-    plan = planning if planning is not None else compute_planning(prep, analysis, progress)
+    plan = planning if planning is not None else planning_aids.compute(prep, analysis, progress)
     out.planning = plan
     margins_found = plan.margins
     if margins_found is not None:
