@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Benchmarks of ReirradiationNPC on a clinical-size synthetic case, each beside a baseline measured in the same run.
+
+    .venv/bin/python benchmarks/run_benchmarks.py [--doc docs/benchmarks.md] [--keep DIR] [--skip-dicompyler]
+
+The case (built in a temporary folder from the shapes of ``synthetic.py``): current CT 512 x 512 x 150 voxels of
+0.98 x 0.98 x 2.5 mm, a prior CT with a known rigid offset, 20 structures as masks on the CT grid, two courses
+(70 Gy / 33 fx prior, 65 Gy / 54 fx current) on 2.5 mm dose grids. What is timed:
+
+- EQD2 and cumulative maps (the engine's blocked pass) vs a plain numpy add of the same arrays (the
+  memory-bandwidth floor) and vs the straightforward one-line numpy formula; on the CT grid (39 M voxels) and on
+  the evaluation (dose) grid;
+- resampling the prior dose through the known rigid transform (onto the dose grid and onto the CT grid);
+- rigid registration of the prior CT to the current CT (error against the known offset too);
+- metrics with sub-voxel sampling from an RTSTRUCT + RTDOSE (``structure_metrics``) vs dicompyler-core's
+  ``get_dvh`` on the same files (``pip install dicompyler-core``; skipped if absent);
+- target margins, report writing, the whole ``run`` (subprocess: wall time and peak memory), and ``demo``.
+
+Times are the best of a few repeats (in-process steps) or single runs (subprocesses). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ReirradiationNPC"))
+
+from ReirradiationNPCLib import synthetic as syn  # noqa: E402
+from ReirradiationNPCLib.geometry import Grid, Volume, resample_linear  # noqa: E402
+from ReirradiationNPCLib.io import write_volume  # noqa: E402
+from ReirradiationNPCLib.protocol import protocols_dir  # noqa: E402
+
+CT_GRID = Grid((512, 512, 150), (-250.39, -248.39, -200.0), (0.98, 0.98, 2.5))
+PRIOR_DOSE_GRID = Grid((73, 81, 105), (-90.0, -100.0, -150.0), (2.5, 2.5, 2.5))
+CURRENT_DOSE_GRID = Grid((72, 80, 104), (-88.75, -98.75, -148.75), (2.5, 2.5, 2.5))
+EXTRA = {  # five more organs: 14 + External + 5 = 20 structures
+    "Eye_L": syn.Ellipsoid((32.0, -64.0, 40.0), (12.0, 12.0, 12.0)),
+    "Eye_R": syn.Ellipsoid((-32.0, -64.0, 40.0), (12.0, 12.0, 12.0)),
+    "Lens_L": syn.Ellipsoid((32.0, -75.0, 40.0), (4.5, 2.0, 4.5)),
+    "Lens_R": syn.Ellipsoid((-32.0, -75.0, 40.0), (4.5, 2.0, 4.5)),
+    "Pituitary": syn.Ellipsoid((0.0, 2.0, 36.0), (5.0, 4.0, 3.5)),
+}
+SHAPES = {**syn.STRUCTURES, **EXTRA}
+SLAB = 10  # CT slices generated at a time (keeps generation memory small)
+
+
+# ------------------------------------------------------------------------------------------ the case
+
+def _slab_grid(k0: int, k1: int) -> Grid:
+    return CT_GRID.subgrid((0, 0, k0), (CT_GRID.size[0], CT_GRID.size[1], k1))
+
+
+def make_case(folder: Path, say) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "case.yaml").is_file() and (folder / "protocol.yaml").is_file():  # --keep folder from a past run
+        say("reusing the case built by an earlier run")
+        masks = {p.name[:-5]: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+                 for p in sorted((folder / "structures").glob("*.nrrd"))}
+        return _case_files(folder, masks)
+    nk = CT_GRID.size[2]
+    ct = np.empty(CT_GRID.shape, np.int16)
+    ct_prior = np.empty(CT_GRID.shape, np.int16)
+    masks = {n: np.zeros(CT_GRID.shape, np.uint8) for n in ["External", *SHAPES]}
+    R, t = syn.prior_frame_transform()
+    for k0 in range(0, nk, SLAB):
+        k1 = min(k0 + SLAB, nk)
+        g = _slab_grid(k0, k1)
+        ct[k0:k1] = syn.phantom_ct(g, seed=syn.SEED + k0)
+        ct_prior[k0:k1] = syn.phantom_ct(g, transform=lambda q: (q - t) @ R, seed=syn.SEED + 10_000 + k0)
+        x, y, z = syn._coords(g)
+        masks["External"][k0:k1] = syn._body(x, y, z)
+        for name, shape in SHAPES.items():
+            masks[name][k0:k1] = shape.inside(x, y, z)
+    say("CT, prior CT and 20 masks generated")
+    write_volume(Volume(ct, CT_GRID), folder / "ct.nrrd", description="SYNTHETIC benchmark CT (HU)")
+    write_volume(Volume(ct_prior, CT_GRID), folder / "ct_prior.nrrd", description="SYNTHETIC prior CT (HU)")
+    (folder / "structures").mkdir(exist_ok=True)
+    for name, m in masks.items():
+        write_volume(Volume(m, CT_GRID), folder / "structures" / f"{name}.nrrd")
+    del ct, ct_prior
+    px, py, pz = syn._coords(PRIOR_DOSE_GRID)
+    prior = syn._dose(px, py, pz, syn.PRIOR_TARGETS, syn.PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6,
+                      bath_mm=28.0) * syn._body(px, py, pz)
+    write_volume(Volume(prior.astype(np.float32), PRIOR_DOSE_GRID), folder / "dose_course1.nrrd", units="Gy")
+    qx, qy, qz = syn._coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
+    native = syn._dose(qx, qy, qz, syn.PRIOR_TARGETS, syn.PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6,
+                       bath_mm=28.0) * syn._body(qx, qy, qz)
+    write_volume(Volume(native.astype(np.float32), PRIOR_DOSE_GRID), folder / "dose_course1_prior_frame.nrrd",
+                 units="Gy")
+    cx, cy, cz = syn._coords(CURRENT_DOSE_GRID)
+    cur = syn._dose(cx, cy, cz, [syn.CURRENT_TARGET], syn.CURRENT_DOSE_GY, sigma_mm=3.5, bath_fraction=0.45,
+                    bath_mm=14.0) * syn._body(cx, cy, cz)
+    write_volume(Volume(cur.astype(np.float32), CURRENT_DOSE_GRID), folder / "dose_course2.nrrd", units="Gy")
+    say("doses written")
+
+    return _case_files(folder, masks)
+
+
+def _case_files(folder: Path, masks: dict) -> dict:
+    proto = yaml.safe_load((protocols_dir() / "synthetic-demo.yaml").read_text())
+    for name in EXTRA:
+        key = name.lower()
+        proto["organs"][key] = {"aliases": [name], "alpha_beta": 2 if "Pituitary" not in name else 3,
+                                "alpha_beta_source": "SYNTHETIC benchmark",
+                                "constraints": [{"metric": "Dmax", "limit_gy": 50, "scope": "cumulative",
+                                                 "verified": False, "source": "SYNTHETIC benchmark value"}]}
+    proto["name"] = "SYNTHETIC benchmark protocol"
+    (folder / "protocol.yaml").write_text(yaml.safe_dump(proto, sort_keys=False))
+
+    def case(prior: dict, name: str) -> Path:
+        data = {"patient": {"id": "SYNTHETIC-BENCH"}, "reference": {"image": "ct.nrrd", "structures": "structures"},
+                "grid": "dose", "protocol": "protocol.yaml",
+                "courses": [{"name": "course1", "fractions": 33, "interval_months": 30, **prior},
+                            {"name": "course2", "dose": "dose_course2.nrrd", "fractions": 54}]}
+        p = folder / name
+        p.write_text(yaml.safe_dump(data, sort_keys=False))
+        return p
+
+    out = {"identity": case({"dose": "dose_course1.nrrd", "registration": {"method": "identity"}}, "case.yaml"),
+           "masks": masks}
+    from ReirradiationNPCLib import case as case_mod
+    if "rigid" in case_mod.REGISTRATION_METHODS:
+        out["rigid"] = case({"dose": "dose_course1_prior_frame.nrrd", "image": "ct_prior.nrrd",
+                             "registration": {"method": "rigid"}}, "case_rigid.yaml")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ timing helpers
+
+def best_of(fn, repeat: int = 3) -> tuple[float, object]:
+    best, res = math.inf, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        res = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def run_child(args: list[str], cwd: Path) -> tuple[float, float, int, str]:
+    """Wall time (s), peak resident memory (GiB) and exit code of a command run in a fresh Python wrapper."""
+    wrapper = ("import resource, subprocess, sys, time, json\n"
+               "t0 = time.perf_counter()\n"
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "dt = time.perf_counter() - t0\n"
+               "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+               "print(json.dumps({'s': dt, 'kib': rss, 'rc': p.returncode, 'err': p.stderr[-2000:]}))\n")
+    env = dict(os.environ, CI="1")
+    out = subprocess.run([sys.executable, "-c", wrapper, *args], cwd=cwd, capture_output=True, text=True, env=env)
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    return d["s"], d["kib"] / 1024 ** 2, d["rc"], d["err"]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+                 .split()[1])
+        mem = f"{kb / 1024 ** 2:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "memory": mem, "os": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__, "SimpleITK": sitk.Version.VersionString()}
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+
+def bench_maps(d1: np.ndarray, d2: np.ndarray, ab: np.ndarray, w1, label: str) -> list[dict]:
+    from ReirradiationNPCLib.eqd2 import course_and_cumulative_eqd2, eqd2, recovery_weighted_sum
+    rows = []
+    t_add, _ = best_of(lambda: d1 + d2, 5)
+    t_line, _ = best_of(lambda: w1 * (d1 * (d1 / 33 + ab) / (2 + ab))
+                        + d2 * (d2 / 54 + ab) / (2 + ab), 3)
+    t_eng, (maps, cum) = best_of(lambda: course_and_cumulative_eqd2([d1, d2], [33, 54], ab, [w1, 1.0]), 5)
+    t_old, _ = best_of(lambda: recovery_weighted_sum([eqd2(d1, 33, ab), eqd2(d2, 54, ab)], [w1, 1.0]), 3)
+    ref = (np.asarray(w1) * (d1.astype(np.float64) * (d1 / 33.0 + ab) / (2.0 + ab))
+           + d2.astype(np.float64) * (d2 / 54.0 + ab) / (2.0 + ab))
+    err = float(np.abs(cum - ref).max())
+    del ref
+    n = d1.size
+    rows.append({"what": f"plain numpy add d1 + d2 ({label}, {n / 1e6:.1f} M voxels)", "s": t_add, "ratio": 1.0,
+                 "note": "memory-bandwidth floor"})
+    rows.append({"what": f"one-line numpy formula, cumulative only ({label})", "s": t_line, "ratio": t_line / t_add,
+                 "note": "w1*D1(D1/n1+ab)/(2+ab) + D2(D2/n2+ab)/(2+ab)"})
+    rows.append({"what": f"engine: 2 course EQD2 maps + cumulative ({label})", "s": t_eng, "ratio": t_eng / t_add,
+                 "note": f"course_and_cumulative_eqd2; max |error| vs float64 formula {err:.1e} Gy"})
+    rows.append({"what": f"engine before blocking: eqd2() x2 + recovery_weighted_sum ({label})", "s": t_old,
+                 "ratio": t_old / t_add, "note": "full-array passes"})
+    return rows
+
+
+def bench_resample(prior_native: Volume, say) -> list[dict]:
+    tx = syn.prior_to_current_sitk_transform()
+    rows = []
+    for label, target in (("dose grid", CURRENT_DOSE_GRID), ("CT grid", CT_GRID)):
+        t_rig, out = best_of(lambda: resample_linear(prior_native, target, transform=tx), 3)
+        t_id, _ = best_of(lambda: resample_linear(prior_native, target, transform=sitk.Euler3DTransform()), 3)
+        t_add, _ = best_of(lambda: out + out, 5)
+        rows.append({"what": f"resample prior dose through the rigid transform onto the {label} "
+                             f"({out.size / 1e6:.1f} M voxels)", "s": t_rig, "ratio": t_rig / t_add,
+                     "note": f"identity transform: {t_id:.3f} s; plain add of the output: {t_add:.4f} s (ratio base)"})
+    say("resampling timed")
+    return rows
+
+
+def bench_registration(folder: Path, say) -> list[dict]:
+    try:
+        from ReirradiationNPCLib import registration as reg
+    except ImportError:
+        return [{"what": "rigid registration", "s": None, "ratio": None, "note": "no registration module"}]
+    fixed = sitk.Cast(sitk.ReadImage(str(folder / "ct.nrrd")), sitk.sitkFloat32)
+    moving = sitk.Cast(sitk.ReadImage(str(folder / "ct_prior.nrrd")), sitk.sitkFloat32)
+    t0 = time.perf_counter()
+    tx, _params = reg.rigid(fixed, moving)
+    dt = time.perf_counter() - t0
+    # error against the known offset at points spread over the head (mm)
+    R, t = syn.prior_frame_transform()
+    pts = np.array([[x, y, z] for x in (-50, 0, 50) for y in (-50, 0, 50) for z in (-100, 0, 60)], float)
+    got = np.array([tx.TransformPoint(tuple(p)) for p in pts])
+    err = float(np.linalg.norm(got - (pts @ R.T + t), axis=1).max())
+    say("registration timed")
+    return [{"what": "rigid registration prior CT -> current CT (512x512x150, Mattes MI, multi-resolution)",
+             "s": dt, "ratio": None, "note": f"max error vs the known offset over the head: {err:.2f} mm"}]
+
+
+def bench_metrics(folder: Path, masks: dict, skip_dicompyler: bool, say) -> list[dict]:
+    from ReirradiationNPCLib import structure_metrics as sm
+    from ReirradiationNPCLib.dicom_export import write_rtdose, write_rtstruct
+    from ReirradiationNPCLib.io import read_dose
+    dcm = folder / "dicom"
+    dcm.mkdir(exist_ok=True)
+    dose = read_dose(folder / "dose_course2.nrrd")
+    ct_ref = Volume(np.zeros(CT_GRID.shape, np.int8), CT_GRID)
+    frame = "1.2.826.0.1.3680043.8.498.1"
+    ct_ref.meta["dicom"] = {"FrameOfReferenceUID": frame, "PatientID": "SYNTHETIC-BENCH"}
+    names = [n for n in masks if n != "External"]
+    t0 = time.perf_counter()
+    write_rtstruct([masks[n].astype(bool) for n in names], names, [(1.0, 0.0, 0.0)] * len(names), ct_ref,
+                   dcm / "RS.dcm")
+    write_rtdose(dose, {"FrameOfReferenceUID": frame, "PatientID": "SYNTHETIC-BENCH"}, dcm / "RD.dcm",
+                 series_description="benchmark current course")
+    say(f"RTSTRUCT ({len(names)} ROIs) and RTDOSE written in {time.perf_counter() - t0:.1f} s")
+    metric_names = ["Dmax", "Dmean", "Dmin", "D0.03cc", "D2cc", "D95%"]
+
+    def ours():
+        warnings: list[str] = []
+        from ReirradiationNPCLib.dicom_rt import load_dose_any
+        d = load_dose_any(dcm / "RD.dcm", "--dose")
+        structs = sm.load_structures(dcm / "RS.dcm", d.grid, warnings)
+        return sm.compute(d, structs, metric_names)
+
+    t_ours, res = best_of(ours, 1)
+    rows = [{"what": f"metrics, {len(names)} structures from RTSTRUCT + RTDOSE, sub-voxel sampling (ours)",
+             "s": t_ours, "ratio": 1.0, "note": "contour rasterisation + sampling + metrics"}]
+    vols = {r["name"]: r.get("volume_cc") for r in res.get("structures", [])} if isinstance(res, dict) else {}
+    if skip_dicompyler:
+        return rows
+    py = dicompyler_python(say)
+    if py is None:
+        rows.append({"what": "dicompyler-core get_dvh", "s": None, "ratio": None,
+                     "note": "could not set up an interpreter with dicompyler-core (see --dicompyler-python)"})
+        return rows
+    small = ["OpticChiasm", "Cochlea_L", "Lens_L", "Pituitary"]
+    out = subprocess.run([str(py), str(Path(__file__).with_name("dicompyler_dvh.py")), str(dcm / "RS.dcm"),
+                          str(dcm / "RD.dcm"), "--fine", *small], capture_output=True, text=True)
+    if out.returncode != 0:
+        rows.append({"what": "dicompyler-core get_dvh", "s": None, "ratio": None,
+                     "note": "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]})
+        return rows
+    dp = json.loads(out.stdout.strip().splitlines()[-1])
+    rows.append({"what": f"dicompyler-core get_dvh, same files, {len(dp['default'])} structures, default", "s":
+                 dp["default_s"], "ratio": dp["default_s"] / t_ours,
+                 "note": "voxel-centre rasterisation on the dose grid (2.5 mm), no sub-voxel sampling"})
+    rows.append({"what": f"dicompyler-core get_dvh with 0.5 mm in-plane interpolation, {len(dp['fine'])} small "
+                         "organs only", "s": dp["fine_s"], "ratio": dp["fine_s"] / t_ours,
+                 "note": "its sub-voxel mode (needs scikit-image); ratio to our time for all structures"})
+    vox_cc = float(np.prod(CT_GRID.spacing)) / 1000.0
+    for name in small:
+        shape = SHAPES[name]
+        exact = 4.0 / 3.0 * math.pi * float(np.prod(shape.r)) / 1000.0
+        mask_cc = float(masks[name].sum()) * vox_cc
+        d0, d1 = dp["default"].get(name, {}), dp["fine"].get(name, {})
+        rows.append({"what": f"  {name}: volume (cc) analytic {exact:.3f}, CT mask {mask_cc:.3f}", "s": None,
+                     "ratio": None,
+                     "note": f"ours {vols.get(name) or float('nan'):.3f}; dicompyler {d0.get('volume_cc', float('nan')):.3f}"
+                             f" (default), {d1.get('volume_cc', float('nan')):.3f} (interpolated)"})
+    say("metrics timed")
+    return rows
+
+
+def dicompyler_python(say) -> Path | None:
+    """An interpreter with dicompyler-core (it needs pydicom < 3, so not this project's venv): --dicompyler-python,
+    or a venv made once under benchmarks/output/ (pip install 'pydicom<3' dicompyler-core scikit-image)."""
+    if DICOMPYLER_PYTHON:
+        return Path(DICOMPYLER_PYTHON)
+    venv = ROOT / "benchmarks" / "output" / "venv-dicompyler"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        say(f"creating {venv} for dicompyler-core (once)")
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(py), "-m", "pip", "install", "-q", "pydicom<3", "dicompyler-core", "scikit-image"],
+                           check=True)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            say(f"dicompyler-core unavailable: {exc}")
+            return None
+    return py
+
+
+DICOMPYLER_PYTHON: str | None = None
+
+
+def bench_pipeline_steps(case_path: Path, say) -> list[dict]:
+    """In-process: prepare, analysis, margins, report writing."""
+    from ReirradiationNPCLib import margins as mg
+    from ReirradiationNPCLib import planning
+    from ReirradiationNPCLib.analysis import compute
+    from ReirradiationNPCLib.case import load_case
+    from ReirradiationNPCLib.pipeline import build_results, prepare
+    from ReirradiationNPCLib.report import write_report
+    rows = []
+    t0 = time.perf_counter()
+    prep = prepare(load_case(case_path))
+    rows.append({"what": "load + resample (prepare: CT, 20 masks 512x512x150, 2 doses)", "s": time.perf_counter() - t0,
+                 "ratio": None, "note": ""})
+    t0 = time.perf_counter()
+    analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol)
+    rows.append({"what": "analysis (alpha/beta map, EQD2 maps, sub-voxel metrics of 20 structures, constraints)",
+                 "s": time.perf_counter() - t0, "ratio": None, "note": ""})
+    if prep.protocol.margins is not None:
+        t0 = time.perf_counter()
+        inputs = mg.gather_inputs(prep.structures, prep.reference_image, prep.grid)
+        m, _w = mg.build(prep.protocol.margins, inputs, prep.protocol)
+        dt = time.perf_counter() - t0
+        note = f"on the {inputs.grid_source} ({inputs.grid.size[0]}x{inputs.grid.size[1]}x{inputs.grid.size[2]})"
+        if m is not None:
+            note += f"; PTV {m.report['volumes_cc'].get('PTV', float('nan')):.1f} cc"
+        rows.append({"what": "target margins GTV -> CTV -> PTV (exact Euclidean, crops)", "s": dt, "ratio": None,
+                     "note": note})
+    t0 = time.perf_counter()
+    plan = planning.compute(prep, analysis)
+    results = build_results(prep, analysis)
+    planning.add_to_results(results, plan)
+    rows.append({"what": "planning aids (margins, target checks, type, violations, remaining dose)",
+                 "s": time.perf_counter() - t0, "ratio": None, "note": ""})
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        files = write_report(results, Path(tmp), analysis=analysis, prepared=prep, planning=plan, pdf=False)
+        dt = time.perf_counter() - t0
+        size = (Path(tmp) / "report.html").stat().st_size / 1e6
+    rows.append({"what": "report.html (3 figures, self-contained)", "s": dt, "ratio": None,
+                 "note": f"{size:.1f} MB; {', '.join(files)}"})
+    say("pipeline steps timed")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def fmt_s(v) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--doc", type=Path, help="write the results as Markdown here (e.g. docs/benchmarks.md)")
+    ap.add_argument("--keep", type=Path, help="build the case in this folder and keep it")
+    ap.add_argument("--skip-dicompyler", action="store_true")
+    ap.add_argument("--dicompyler-python", help="interpreter that has dicompyler-core (default: a venv made under "
+                                                "benchmarks/output/)")
+    ap.add_argument("--skip-registration", action="store_true", help="skip the in-process rigid registration")
+    args = ap.parse_args(argv)
+    global DICOMPYLER_PYTHON
+    DICOMPYLER_PYTHON = args.dicompyler_python
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    tmp = None
+    if args.keep:
+        folder = args.keep
+    else:
+        tmp = tempfile.mkdtemp(prefix="reirradiation-bench-")
+        folder = Path(tmp)
+    try:
+        say(f"building the clinical-size case in {folder}")
+        case = make_case(folder, say)
+        masks = case.pop("masks")
+        sections: dict[str, list[dict]] = {}
+
+        # maps on the CT grid and on the evaluation grid
+        from ReirradiationNPCLib.analysis import StructureData, alpha_beta_map, credit_map
+        from ReirradiationNPCLib.geometry import bounding_box
+        from ReirradiationNPCLib.io import read_dose
+        from ReirradiationNPCLib.protocol import load_protocol
+        proto = load_protocol(str(folder / "protocol.yaml"))
+        d1v, d2v = read_dose(folder / "dose_course1.nrrd"), read_dose(folder / "dose_course2.nrrd")
+        rows = []
+        for label, grid in (("CT grid 512x512x150", CT_GRID), ("dose grid", CURRENT_DOSE_GRID)):
+            d1 = resample_linear(d1v, grid)
+            d2 = resample_linear(d2v, grid)
+            structs = []
+            for name, m in masks.items():
+                mm = m if grid is CT_GRID else (resample_linear(Volume(m, CT_GRID), grid) >= 0.5)
+                box = bounding_box(mm)
+                if box is not None:
+                    structs.append(StructureData(name, mm[box].astype(bool), box, proto.match(name)))
+            ab = alpha_beta_map(grid.shape, structs, proto.default_alpha_beta)
+            r = credit_map(grid.shape, structs, proto, 30.0)
+            w1 = 1.0 - r if isinstance(r, np.ndarray) else 1.0 - r
+            rows += bench_maps(d1, d2, ab, w1, label)
+            del d1, d2, ab, r, w1, structs
+        sections["EQD2 and cumulative maps"] = rows
+        say("maps timed")
+        from ReirradiationNPCLib.io import read_dose as _rd
+        def guarded(title, fn):
+            try:
+                sections[title] = fn()
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                say(f"{title} failed: {exc!r}")
+                sections[title] = [{"what": title, "s": None, "ratio": None, "note": f"failed: {exc!r}"}]
+
+        guarded("Resampling", lambda: bench_resample(_rd(folder / "dose_course1_prior_frame.nrrd"), say))
+        if not args.skip_registration:
+            guarded("Registration", lambda: bench_registration(folder, say))
+        guarded("Dose metrics", lambda: bench_metrics(folder, masks, args.skip_dicompyler, say))
+        del masks
+        guarded("Pipeline steps (in process, identity registration)",
+                lambda: bench_pipeline_steps(case["identity"], say))
+
+        exe = str(Path(sys.executable).with_name("reirradiation-npc"))
+        cmd = [exe] if Path(exe).exists() else [sys.executable, "-m", "ReirradiationNPCLib.cli"]
+        rows = []
+        for label, key in (("whole run, identity registration", "identity"),
+                           ("whole run, rigid registration", "rigid")):
+            if key not in case:
+                rows.append({"what": label, "s": None, "ratio": None,
+                             "note": "rigid registration is not available from the case file in this version"})
+                continue
+            out = folder / f"out_{key}"
+            s, gib, rc, err = run_child([*cmd, "--quiet", "run", str(case[key]), "--output", str(out),
+                                         "--overwrite"], folder)
+            rows.append({"what": label, "s": s, "ratio": None, "peak_gib": gib,
+                         "note": f"exit {rc}" + (f": {err.strip().splitlines()[-1]}" if rc and err.strip() else "")})
+            say(f"{label}: {s:.1f} s, {gib:.2f} GiB")
+        s, gib, rc, err = run_child([*cmd, "--quiet", "demo", "--output", str(folder / "demo"), "--overwrite"],
+                                    folder)
+        rows.append({"what": "demo (generate the small synthetic case + run + report)", "s": s, "ratio": None,
+                     "peak_gib": gib, "note": f"exit {rc}"})
+        sections["End to end (subprocess; peak resident memory)"] = rows
+        say("done")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    text = render(sections, machine(), time.perf_counter() - t_start)
+    print(text)
+    if args.doc:
+        args.doc.write_text(text, encoding="utf-8")
+    return 0
+
+
+TARGETS = [
+    ("cumulative EQD2 maps within 3x of the plain add (CT grid)", "EQD2 and cumulative maps", "engine: 2 course",
+     "ratio", 3.0),
+    ("whole run with rigid registration < 60 s", "End to end (subprocess; peak resident memory)",
+     "whole run, rigid", "s", 60.0),
+    ("whole run with rigid registration < 4 GiB peak", "End to end (subprocess; peak resident memory)",
+     "whole run, rigid", "peak_gib", 4.0),
+    ("demo < 30 s", "End to end (subprocess; peak resident memory)", "demo", "s", 30.0),
+]
+
+
+def render(sections: dict, mach: dict, total_s: float) -> str:
+    lines = ["# Benchmarks", "",
+             "Measured by `benchmarks/run_benchmarks.py` in one run; every ratio compares two timings of that same run "
+             "on the same machine. Case: current CT 512×512×150 voxels of 0.98×0.98×2.5 mm, prior CT with a known "
+             "rigid offset (2° about z, (6, −4, 7.5) mm), 20 structures as masks on the CT grid, prior course "
+             "70 Gy / 33 fx and current course 65 Gy / 54 fx on 2.5 mm dose grids (evaluation grid = current dose "
+             "grid, 72×80×104). Regenerate with `.venv/bin/python benchmarks/run_benchmarks.py --doc "
+             "docs/benchmarks.md` (dicompyler-core for the comparison: `.venv/bin/pip install dicompyler-core`).", "",
+             "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in mach.items()]
+    lines += [f"- benchmark wall time: {total_s:.0f} s", "", "## Targets", ""]
+    for label, sec, prefix, key, limit in TARGETS:
+        row = next((r for r in sections.get(sec, []) if r["what"].startswith(prefix)), None)
+        v = None if row is None else row.get(key)
+        if v is None:
+            lines.append(f"- {label}: **not measured** ({row['note'] if row else 'missing'})")
+        else:
+            ok = v < limit
+            unit = {"ratio": "×", "s": " s", "peak_gib": " GiB"}[key]
+            lines.append(f"- {label}: **{v:.2f}{unit}** — {'met' if ok else 'MISSED'}")
+    for sec, rows in sections.items():
+        lines += ["", f"## {sec}", "", "| what | time (s) | ratio | peak memory (GiB) | note |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for r in rows:
+            ratio = "" if r.get("ratio") is None else f"{r['ratio']:.2f}×"
+            peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+            lines.append(f"| {r['what']} | {fmt_s(r.get('s'))} | {ratio} | {peak} | {r.get('note', '')} |")
+    lines += ["", "Ratios in the maps table are to the plain add of the same two arrays on the same grid (it reads two "
+              "arrays and writes one; the engine reads two doses, the α/β map and the credit map and writes three "
+              "maps). Resampling ratios are to a plain add of the output array. Metric ratios are to our time.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
