@@ -382,17 +382,18 @@ def test_offscreen_3d_view_shows_the_violation_in_red(built, engine_run):
 
 # -------------------------------------------------------------------------------------------- scene
 
-def test_run_scene_writes_a_bundle_that_loads_back_with_its_references(synthetic_case, tmp_path):
-    """``reirradiation-npc run CASE -o OUT --scene`` writes scene.mrb; a fresh slicer-core scene reads it with every
-    node and reference: dose volumes with their attribute and colour table, segments, table rows, chart series and
-    their tables, the slice views' CT background and EQD2 foreground, all outputs under the analysis folder."""
+def test_demo_scene_bundle_loads_back_with_every_reference(tmp_path):
+    """``reirradiation-npc demo`` (which runs the case like ``run --scene``) writes results/scene.mrb; a fresh
+    slicer-core scene reads it with every node and reference: each node reference resolves to a node of the loaded
+    scene; dose volumes keep their attribute and colour table; segments, table rows, chart series and their tables,
+    the slice views' CT background and EQD2 foreground, and all outputs under the analysis folder."""
     import slicer
     from click.testing import CliRunner
     from ReirradiationNPCLib import mrml, mrml_headless
     from ReirradiationNPCLib.cli import main
-    out_dir = tmp_path / "out"
-    res = CliRunner().invoke(main, ["--quiet", "run", str(synthetic_case), "-o", str(out_dir), "--scene"])
+    res = CliRunner().invoke(main, ["--quiet", "demo", "-o", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
+    out_dir = tmp_path / "demo" / "results"
     bundle = out_dir / "scene.mrb"
     assert bundle.is_file() and bundle.stat().st_size > 100_000
     import json
@@ -400,6 +401,17 @@ def test_run_scene_writes_a_bundle_that_loads_back_with_its_references(synthetic
     app = mrml_headless.start()
     assert app.scene.ReadFromMRB(str(bundle.resolve()), True)
     scene = app.scene
+    checked = 0
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        for r in range(node.GetNumberOfNodeReferenceRoles()):
+            role = node.GetNthNodeReferenceRole(r)
+            for k in range(node.GetNumberOfNodeReferences(role)):
+                ref_id = node.GetNthNodeReferenceID(role, k)
+                if ref_id:
+                    assert scene.GetNodeByID(ref_id) is not None, (node.GetName(), role, ref_id)
+                    checked += 1
+    assert checked > 50
     by_role = {}
     for node in slicer.util.getNodes("*", scene=scene).values():
         role = node.GetAttribute(mrml.ROLE_ATTRIBUTE) if hasattr(node, "GetAttribute") else None
