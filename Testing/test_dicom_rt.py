@@ -538,3 +538,22 @@ def test_ct_rescale_integer_and_float():
     assert hu.dtype == np.float32 and hu[0, 1, 1] == 64511.0
     hu = dr._rescale_slices(a, [(0.5, -10.0), (2.0, 0.0)], False)
     assert hu.dtype == np.float32 and hu[0, 1, 0] == 990.0 and hu[1, 0, 0] == 10.0
+
+
+def test_third_party_files_from_pydicom_test_data(tmp_path):
+    """Files written by other software (pydicom's bundled test data): a RELATIVE/BEAM dose is refused; with its
+    units and summation changed it reads as pixel x 1e-6 Gy (also RLE-compressed and big-endian copies); the
+    plan has 30 fractions; the structure set's isocentre POINT ROIs are skipped with warnings."""
+    from pydicom.data import get_testdata_file
+    with pytest.raises(InputError, match="RELATIVE"):
+        dr.read_rtdose(get_testdata_file("rtdose.dcm"))
+    for name in ("rtdose.dcm", "rtdose_rle.dcm", "rtdose_expb.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.DoseUnits, ds.DoseSummationType = "GY", "PLAN"
+        ds.save_as(tmp_path / name)
+        vol = dr.read_rtdose(tmp_path / name)
+        assert vol.grid.size == (10, 10, 15) and vol.grid.spacing == (10.0, 10.0, 5.0)
+        np.testing.assert_allclose(vol.array, ds.pixel_array.astype(np.float64) * 1e-6, rtol=1e-6)
+    assert dr.read_rtplan(get_testdata_file("rtplan.dcm")).fractions == 30
+    rois, _, warns = dr.read_rtstruct_contours(get_testdata_file("rtstruct.dcm"))
+    assert [r.name for r in rois] == ["patient"] and sum("POINT" in w for w in warns) == 2
