@@ -421,7 +421,7 @@ def test_case_file_fractions_from_plan_and_disagreement(dicom_case, tmp_path):
 def test_pipeline_writes_cumulative_rtdose(dicom_case, tmp_path):
     from ReirradiationNPCLib.pipeline import run_case
     out = tmp_path / "out"
-    run_case(dicom_case.parent / "case_identity.yaml", out)
+    run_case(dicom_case.parent / "case_identity.yaml", out, dicom_courses=True)
     ct = dr.read_ct_series(dicom_case.parent / "ct_current").meta["dicom"]
     path = out / "cumulative_eqd2.dcm"
     ds = pydicom.dcmread(path)
@@ -437,6 +437,16 @@ def test_pipeline_writes_cumulative_rtdose(dicom_case, tmp_path):
     via_sitk = sitk.GetArrayFromImage(img) * float(img.GetMetaData("3004|000e"))
     assert np.allclose(img.GetOrigin(), back.grid.origin) and np.allclose(img.GetSpacing(), back.grid.spacing)
     assert np.abs(via_sitk - nrrd).max() <= 0.005 * nrrd.max()
+    for course in ("course1", "course2"):                     # run --dicom-courses
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"eqd2_{course}.nrrd")))
+        got = dr.read_rtdose(out / f"eqd2_{course}.dcm", accept_effective=True)
+        assert np.abs(got.array - ref).max() <= 0.005 * ref.max()
+        assert pydicom.dcmread(out / f"eqd2_{course}.dcm").DoseSummationType == "PLAN"
+
+
+def test_dicom_courses_needs_a_dicom_reference(synthetic_case, tmp_path):
+    r = run_cli(["run", synthetic_case, "-o", tmp_path / "o", "--dicom-courses"])
+    assert r.exit_code == 2 and "--dicom-courses" in r.output
 
 
 def test_different_patient_refused_unless_allowed(dicom_case, tmp_path):

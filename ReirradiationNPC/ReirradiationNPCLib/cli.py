@@ -118,12 +118,15 @@ def main(ctx, quiet, verbose):
 @click.option("--overwrite", is_flag=True, help="Replace outputs in a non-empty output directory.")
 @click.option("--scene", is_flag=True, help="Also write scene.mrb, a 3D Slicer scene bundle for review "
                                             "(needs the optional slicer-core package: pip install '.[slicer]').")
+@click.option("--dicom-courses", is_flag=True, help="Also write each course's EQD2 as an RTDOSE (eqd2_<course>.dcm) "
+                                                    "when the reference image is a DICOM CT series.")
 @click.pass_context
-def run(ctx, case, output, overwrite, scene):
+def run(ctx, case, output, overwrite, scene, dicom_courses):
     """Run the analysis described by the CASE file (YAML or JSON)."""
     from .pipeline import run_case
     prog = _Progress(not ctx.obj["quiet"])
-    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog, scene=scene),
+    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog, scene=scene,
+                                      dicom_courses=dicom_courses),
                      ctx.obj["verbose"])
     prog.finish()
     print_summary(results, output)

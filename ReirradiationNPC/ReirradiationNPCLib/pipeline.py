@@ -157,7 +157,8 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
 
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
-                  progress: Progress | None = None, planning=None, scene: bool = False) -> dict[str, str]:
+                  progress: Progress | None = None, planning=None, scene: bool = False,
+                  dicom_courses: bool = False) -> dict[str, str]:
     """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last.
 
     ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
@@ -189,7 +190,7 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
         if prep.reference_image is not None and prep.reference_image.meta.get("dicom"):
             say("writing DICOM RTDOSE")
             from .dicom_export import write_eqd2_rtdose
-            files.update(write_eqd2_rtdose(prep, analysis, stage))
+            files.update(write_eqd2_rtdose(prep, analysis, stage, per_course=dicom_courses))
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
         files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
@@ -208,7 +209,7 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
 
 
 def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,
-             scene: bool = False) -> Results:
+             scene: bool = False, dicom_courses: bool = False) -> Results:
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
     if scene:
@@ -218,10 +219,14 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
         (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
     case = load_case(Path(case_path))
     prep = prepare(case, progress)
+    if dicom_courses and not (prep.reference_image is not None and prep.reference_image.meta.get("dicom")):
+        raise InputError("each course's EQD2 as RTDOSE needs a DICOM CT series as reference.image",
+                         source=str(case.path), field="--dicom-courses")
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
     from . import planning as _planning
     plan = _planning.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
     _planning.add_to_results(results, plan)
-    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan, scene=scene)
+    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan, scene=scene,
+                  dicom_courses=dicom_courses)
     return results
