@@ -124,10 +124,16 @@ def test_fraction_summation_is_multiplied_by_fractions_and_said(tmp_path):
     px = known_pixels()
     f = make_rtdose(tmp_path / "d.dcm", px, "0.0001", DoseSummationType="FRACTION")
     vol = dr.read_rtdose(f, fractions=30)
-    np.testing.assert_allclose(vol.array, px * 0.0001 * 30, rtol=1e-6)   # max 3.35 Gy/fx x 30 = 100.4 Gy
+    np.testing.assert_allclose(vol.array, px * 0.0001 * 30, rtol=1e-6)   # max 0.3438 Gy/fx x 30 = 10.31 Gy
     assert any("FRACTION" in n and "30" in n for n in vol.meta["notes"])
     with pytest.raises(InputError, match="DoseSummationType"):
         dr.read_rtdose(f)                                   # fractions unknown: refused
+    session = make_rtdose(tmp_path / "s.dcm", px, "0.0001", DoseSummationType="FRACTION_SESSION")
+    np.testing.assert_allclose(dr.read_rtdose(session, fractions=30).array, px * 0.0001 * 30, rtol=1e-6)
+    # maximum 3438 x 0.01 = 34.4 Gy "per fraction": a fraction-group total, not one fraction -> refused
+    group = make_rtdose(tmp_path / "g.dcm", px, "0.01", DoseSummationType="FRACTION")
+    with pytest.raises(InputError, match="whole fraction group"):
+        dr.read_rtdose(group, fractions=30)
 
 
 @pytest.mark.parametrize("attrs, field", [({"DoseUnits": "RELATIVE"}, "DoseUnits"),

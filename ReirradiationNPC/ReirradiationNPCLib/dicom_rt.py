@@ -48,6 +48,12 @@ DEFORMABLE_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
 
 #: Dose summation types that are a whole course's dose (FRACTION is handled by multiplication).
 WHOLE_COURSE_SUMMATION = ("PLAN", "MULTI_PLAN")
+#: Dose summation types read as the dose of one fraction (multiplied by the course's fractions). The project
+#: convention takes FRACTION as per fraction; DICOM PS3.3 defines FRACTION as "a single fraction group" and
+#: FRACTION_SESSION as "a single session of a fraction group", so an implausible per-fraction maximum is refused.
+PER_FRACTION_SUMMATION = ("FRACTION", "FRACTION_SESSION")
+#: Largest plausible dose (Gy) of one fraction anywhere in the grid (hypofractionated hot spots included).
+MAX_PLAUSIBLE_FRACTION_DOSE_GY = 20.0
 #: Tolerances (mm) for "the same" positions and spacings.
 POSITION_TOL_MM = 0.01
 #: Contours of one ROI closer than this along the slice normal (mm) are on one plane (even-odd together).
@@ -473,9 +479,9 @@ def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None,
     if dtype not in ("PHYSICAL", "EFFECTIVE"):
         raise InputError(f"unknown DoseType {dtype!r}", source=src, field="DoseType")
     summation = str(attr(ds, "DoseSummationType", src)).strip().upper()
-    if summation not in WHOLE_COURSE_SUMMATION + ("FRACTION",):
-        raise InputError(f"DoseSummationType {summation} is a part of a course, not its dose (PLAN, MULTI_PLAN or "
-                         "FRACTION needed)", source=src, field="DoseSummationType")
+    if summation not in WHOLE_COURSE_SUMMATION + PER_FRACTION_SUMMATION:
+        raise InputError(f"DoseSummationType {summation} is a part of a course, not its dose (PLAN, MULTI_PLAN, "
+                         "FRACTION or FRACTION_SESSION needed)", source=src, field="DoseSummationType")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     grid, flip = _dose_geometry(ds, src, frames)
     scaling = float(floats(ds, "DoseGridScaling", src, 1)[0])
@@ -494,13 +500,19 @@ def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None,
     if flip:
         dose = np.ascontiguousarray(dose[::-1])
     notes = []
-    if summation == "FRACTION":
+    if summation in PER_FRACTION_SUMMATION:
         if fractions is None:
-            raise InputError("DoseSummationType FRACTION is the dose of one fraction; the number of fractions "
-                             "(fractions: or plan:) is needed", source=src, field="DoseSummationType")
+            raise InputError(f"DoseSummationType {summation} is taken as the dose of one fraction; the number of "
+                             "fractions (fractions: or plan:) is needed", source=src, field="DoseSummationType")
+        per_fx = float(dose.max())
+        if per_fx > MAX_PLAUSIBLE_FRACTION_DOSE_GY:
+            raise InputError(f"DoseSummationType {summation} with a maximum of {per_fx:.4g} Gy: too high for the "
+                             "dose of one fraction; this looks like the dose of a whole fraction group (DICOM "
+                             "defines FRACTION as 'a single fraction group'); re-export the dose as PLAN",
+                             source=src, field="DoseSummationType")
         dose *= np.float32(fractions)
-        notes.append(f"{Path(src).name}: DoseSummationType FRACTION (dose per fraction) multiplied by {fractions} "
-                     "fractions")
+        notes.append(f"{Path(src).name}: DoseSummationType {summation} taken as the dose of one fraction "
+                     f"(maximum {per_fx:.3g} Gy) and multiplied by {fractions} fractions")
     lo, hi = float(dose.min()), float(dose.max())
     if lo < 0:
         raise InputError(f"dose contains negative values (minimum {lo:.4g} Gy)", source=src, field="PixelData")
@@ -520,7 +532,7 @@ def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None,
     ident.update(DoseSummationType=summation, DoseType=dtype, ReferencedRTPlanUIDs=refs)
     vol = Volume(dose, grid, name=Path(src).stem,
                  meta={"path": src, "dicom": ident, "notes": notes, "format": "dicom-rtdose",
-                       "fractions_multiplied": fractions if summation == "FRACTION" else None})
+                       "fractions_multiplied": fractions if summation in PER_FRACTION_SUMMATION else None})
     log.info("%s: RTDOSE %s/%s, max %.3f Gy, grid %s", src, summation, dtype, hi, grid.size)
     return vol
 
