@@ -11,7 +11,8 @@ from typing import Annotated
 
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
+from slicer import (vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode,
+                    vtkMRMLTransformNode)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper, parameterPack
@@ -80,8 +81,8 @@ class ReirradiationNPCParameterNode:
     # results (written by the logic)
     cumulativeEQD2: vtkMRMLScalarVolumeNode
     overlays: vtkMRMLSegmentationNode
-    constraintsTable: slicer.vtkMRMLTableNode
-    dvhChart: slicer.vtkMRMLPlotChartNode
+    constraintsTable: vtkMRMLTableNode
+    dvhChart: vtkMRMLPlotChartNode
     status: str = ""
 
 
@@ -309,6 +310,7 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         ensureDependencies()
+        self._protocols = {}
 
     def getParameterNode(self):
         return ReirradiationNPCParameterNode(super().getParameterNode())
@@ -318,12 +320,15 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
         from ReirradiationNPCLib.protocol import shipped_protocols
         return shipped_protocols()
 
-    @staticmethod
-    def loadProtocol(p):
-        from ReirradiationNPCLib.protocol import load_protocol
-        if p.customProtocolFile and str(p.customProtocolFile) not in ("", "."):
-            return load_protocol(str(p.customProtocolFile))
-        return load_protocol(p.protocol)
+    def loadProtocol(self, p):
+        """The selected protocol (custom file if set, else the shipped one), re-read when its file changes."""
+        from ReirradiationNPCLib.protocol import load_protocol, resolve_protocol
+        custom = str(p.customProtocolFile) if p.customProtocolFile else ""
+        path = Path(custom) if custom not in ("", ".") else resolve_protocol(p.protocol)
+        key = (str(path), path.stat().st_mtime if path.is_file() else None)
+        if key not in self._protocols:
+            self._protocols = {key: load_protocol(str(path))}
+        return self._protocols[key]
 
     def protocolRows(self, p) -> list:
         try:
