@@ -612,7 +612,7 @@ def read_rtstruct_contours(path: Path, what: str = "structures") -> tuple[list[_
         skipped: dict[str, int] = {}
         for ci, cont in enumerate(getattr(item, "ContourSequence", None) or []):
             kind = str(getattr(cont, "ContourGeometricType", "") or "").upper()
-            if kind != "CLOSED_PLANAR":
+            if kind not in ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR"):  # XOR: explicit even-odd combination
                 skipped[kind or "(no type)"] = skipped.get(kind or "(no type)", 0) + 1
                 continue
             pts = _contour_points(cont, src)
