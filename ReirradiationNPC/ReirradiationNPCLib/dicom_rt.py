@@ -682,7 +682,6 @@ def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: 
 def _block_mean(inside: np.ndarray, n: int) -> np.ndarray:
     """Mean of each n x n block of a bool (J n, I n) array as float32 (J, I); loops over the n offsets only."""
     u = inside.view(np.uint8)
-    nj, ni = u.shape[0] // n, u.shape[1] // n
     rows = u[0::n].copy()
     for m in range(1, n):
         rows += u[m::n]
