@@ -50,8 +50,6 @@ def _linear_transform_node(scene, to_parent_lps_4x4, name="registration"):
 def engine_run(synthetic_case):
     from ReirradiationNPCLib.case import load_case
     from ReirradiationNPCLib.pipeline import prepare
-    from ReirradiationNPCLib import mrml_headless
-    mrml_headless.start()  # mrml imports need the slicer package; the scene is replaced per test below
     from ReirradiationNPCLib import mrml
     prep = prepare(load_case(synthetic_case))
     analysis, results, plan = mrml.run_engine(prep)
