@@ -556,6 +556,7 @@ def test_ct_rescale_integer_and_float():
     assert hu.dtype == np.float32 and hu[0, 1, 0] == 990.0 and hu[1, 0, 0] == 10.0
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")   # that test file holds a non-conformant UID
 def test_third_party_files_from_pydicom_test_data(tmp_path):
     """Files written by other software (pydicom's bundled test data): a RELATIVE/BEAM dose is refused; with its
     units and summation changed it reads as pixel x 1e-6 Gy (also RLE-compressed and big-endian copies); the
