@@ -54,3 +54,18 @@ def test_bad_alpha_beta_refused():
         lq.course_and_cumulative_eqd2([d], [10], ab, [1.0])
     with pytest.raises(InputError):
         lq.course_and_cumulative_eqd2([d], [0], 3.0, [1.0])
+
+
+def test_cumulative_only_and_non_contiguous(monkeypatch):
+    monkeypatch.setattr(lq, "BLOCK", 64)
+    rng = np.random.default_rng(3)
+    d1 = (rng.random((5, 6, 7)) * 60).astype(np.float32)
+    d2 = (rng.random((5, 6, 7)) * 60).astype(np.float32)
+    maps, cum = lq.course_and_cumulative_eqd2([d1, d2], [30, 20], 2.0, [0.75, 1.0], keep_courses=False)
+    assert maps == []
+    assert np.abs(cum - (0.75 * _hand(d1, 30, 2.0) + _hand(d2, 20, 2.0))).max() < 1e-4
+    # a transposed (non-contiguous) dose takes the full-array path with the same result
+    t1, t2 = d1.transpose(2, 1, 0), d2.transpose(2, 1, 0)
+    maps, cum = lq.course_and_cumulative_eqd2([t1, t2], [30, 20], 2.0, [0.75, 1.0])
+    assert np.abs(maps[0] - _hand(t1, 30, 2.0)).max() < 1e-4
+    assert np.abs(cum - (0.75 * _hand(t1, 30, 2.0) + _hand(t2, 20, 2.0))).max() < 1e-4

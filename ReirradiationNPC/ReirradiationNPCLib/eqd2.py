@@ -163,8 +163,8 @@ BLOCK = 1 << 17
 
 def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], alpha_beta: ArrayLike,
                                weights: list[ArrayLike], course_out: list[np.ndarray] | None = None,
-                               out: np.ndarray | None = None, threads: int | None = None
-                               ) -> tuple[list[np.ndarray], np.ndarray]:
+                               out: np.ndarray | None = None, threads: int | None = None,
+                               keep_courses: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
     """Every course's EQD2 map and the cumulative map Σ weight_c · EQD2_c, in one pass over memory.
 
     The same arithmetic as :func:`eqd2` and :func:`recovery_weighted_sum` (``weight_c = 1 - r_c``), evaluated in
@@ -173,7 +173,8 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
     pass per arithmetic step. ``doses`` (Gy, same shape), ``alpha_beta`` (Gy, scalar or array of that shape),
     ``weights`` (scalar or array) per course. Returns (course EQD2 maps, cumulative map), dtype of the first dose
     (float32 or float64). Differences to :func:`eqd2` are float rounding only (the division by 2 + α/β is done as
-    a multiplication by its reciprocal).
+    a multiplication by its reciprocal). ``keep_courses=False``: only the cumulative map is produced (the course
+    maps live in per-block buffers; the returned list is empty).
     """
     if not doses or len(doses) != len(fractions) or len(doses) != len(weights):
         raise ValueError("one dose, fraction count and weight per course are needed")
@@ -189,22 +190,26 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
             raise ValueError("alpha_beta map must have the dose's shape")
     else:
         alpha_beta = _check_alpha_beta(float(np.asarray(alpha_beta)))
-    course_out = course_out if course_out is not None else [np.empty(shape, dtype) for _ in doses]
+    if keep_courses:
+        course_out = course_out if course_out is not None else [np.empty(shape, dtype) for _ in doses]
+    else:
+        course_out = []
     out = out if out is not None else np.empty(shape, dtype)
     arrays = list(doses) + list(course_out) + [out] + ([alpha_beta] if ab_is_array else []) \
         + [w for w in weights if isinstance(w, np.ndarray) and w.ndim > 0]
     if any(a.shape != shape for a in arrays) or not all(a.flags.c_contiguous for a in arrays):
         # unusual layout: the plain full-array path
+        maps = course_out if keep_courses else [np.empty(shape, dtype) for _ in doses]
         for i, (d, n) in enumerate(zip(doses, fractions)):
-            eqd2(d, n, alpha_beta, out=course_out[i])
-        recovery_weighted_sum(course_out, weights, out=out)
+            eqd2(d, n, alpha_beta, out=maps[i])
+        recovery_weighted_sum(maps, weights, out=out)
         return course_out, out
 
     def flat(a):
         return a.reshape(-1) if isinstance(a, np.ndarray) and a.ndim > 0 else a
 
     D = [flat(np.asarray(d)) for d in doses]
-    E = [flat(e) for e in course_out]
+    E = [flat(e) for e in course_out] if keep_courses else [None] * len(D)
     O = flat(out)
     AB = flat(alpha_beta)
     W = [flat(w) if isinstance(w, np.ndarray) else float(w) for w in weights]
@@ -214,6 +219,7 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
     def work(lo: int, hi: int) -> None:
         inv = np.empty(BLOCK, dtype)
         tmp = np.empty(BLOCK, dtype)
+        own = np.empty(BLOCK, dtype)  # the course's EQD2 when it is not kept
         for a in range(lo, hi, BLOCK):
             b = min(a + BLOCK, hi)
             m = b - a
@@ -230,7 +236,7 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
                 abc, iv = alpha_beta, 1.0 / (alpha_beta + 2.0)
             acc = O[a:b]
             for i, (d, e, w) in enumerate(zip(D, E, W)):
-                dc, ec = d[a:b], e[a:b]
+                dc, ec = d[a:b], (e[a:b] if e is not None else own[:m])
                 np.multiply(dc, inv_n[i], out=ec)  # each voxel's own dose per fraction
                 ec += abc
                 ec *= dc
