@@ -179,13 +179,16 @@ def resampling_transform(reference_node, moving_node, reference_grid: Grid) -> s
 
 
 def transform_node_from_sitk(transform: sitk.Transform, name: str, scene=None):
-    """A linear transform node for prior data from an ITK transform mapping reference LPS points to prior LPS
-    points (the resampling direction): the node's 'from parent' (world -> prior local) is that map in RAS."""
-    from .registration import affine_of
+    """A linear transform node for prior data from an affine ITK transform mapping reference LPS points to prior
+    LPS points (the resampling direction): the node's 'from parent' (world -> prior local) is that map in RAS."""
     scene = _scene(scene)
-    m, b = affine_of(transform)
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
     a = np.eye(4)
-    a[:3, :3], a[:3, 3] = m, b
+    for axis in range(3):  # exact for an affine map: columns are the images of the unit vectors minus the origin's
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        a[:3, axis] = np.asarray(transform.TransformPoint(tuple(unit))) - origin
+    a[:3, 3] = origin
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
     node.SetMatrixTransformFromParent(_numpy_to_matrix(F4 @ a @ F4))
     return node
