@@ -285,7 +285,7 @@ def test_dicom_without_preamble_is_read(tmp_path):
     ds.preamble = None
     raw = tmp_path / "raw.dcm"
     ds.save_as(raw, implicit_vr=True, little_endian=True) if int(pydicom.__version__.split(".")[0]) >= 3 else \
-        pydicom.filewriter.write_file(raw, ds, write_like_original=True)
+        pydicom.dcmwrite(raw, ds, write_like_original=True)
     assert raw.read_bytes()[:2] == b"\x08\x00" and dr.is_dicom_file(raw)
     assert dr.read_rtplan(raw).fractions == 30
 
