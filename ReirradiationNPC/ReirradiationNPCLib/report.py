@@ -414,7 +414,51 @@ def _remaining(res: dict) -> str:
     return out
 
 
-_SPECIFIC = {"target_checks": _target_checks, "margins": _target_checks, "reirradiation_type": _reirradiation_type,
+def _registration(res: dict) -> str | None:
+    """Registration QA per prior course (the registration module's qa_dict), AAPM TG-132 style figures."""
+    reg = next(res[k] for k in OPTIONAL_SECTIONS["registration"][1] if res.get(k))
+    if isinstance(reg, dict) and reg and all(isinstance(v, dict) for v in reg.values()):
+        items = list(reg.items())
+    elif isinstance(reg, list) and all(isinstance(v, dict) for v in reg):
+        items = [(v.get("course", f"course {i + 1}"), v) for i, v in enumerate(reg)]
+    else:
+        return None
+    out = ""
+    for course, q in items:
+        rows = [["method", _e(q.get("method"))]]
+        if q.get("mattes_mi_before") is not None or q.get("mattes_mi_after") is not None:
+            rows.append(["Mattes MI before \u2192 after", f"{_e(fmt(q.get('mattes_mi_before'), 3))} \u2192 "
+                                                          f"{_e(fmt(q.get('mattes_mi_after'), 3))} (higher = better)"])
+        if q.get("rotation_deg") is not None:
+            rows.append(["rotation (deg)", _e(fmt(q.get("rotation_deg")))])
+        if q.get("translation_mm") is not None:
+            rows.append(["translation (mm)", _e(", ".join(fmt(v) for v in q["translation_mm"]))])
+        if q.get("max_bspline_displacement_mm") is not None:
+            rows.append(["max B-spline displacement (mm)", _e(fmt(q["max_bspline_displacement_mm"]))])
+        if q.get("jacobian_determinant") is not None:
+            rows.append(["Jacobian determinant", _generic(q["jacobian_determinant"])])
+        if q.get("dice"):
+            rows.append(["Dice of mapped prior structures", _generic(q["dice"])])
+        if q.get("time_s") is not None:
+            rows.append(["time (s)", _e(fmt(q["time_s"], 1))])
+        if q.get("source_file"):
+            rows.append(["transform file", _e(q["source_file"])])
+        for n in q.get("notes") or []:
+            rows.append(["note", _e(n)])
+        shown = {"method", "mattes_mi_before", "mattes_mi_after", "rotation_deg", "translation_mm", "notes",
+                 "max_bspline_displacement_mm", "jacobian_determinant", "dice", "time_s", "source_file", "course",
+                 "direction", "parameters", "similarity_metric", "matrix", "matrix_4x4", "linear_part"}
+        for k, v in q.items():
+            if k not in shown:
+                rows.append([_e(k), _generic(v)])
+        out += (f"<h3>{_e(course)}</h3>" + '<table class="kv">'
+                + "".join(f"<tr><th>{a}</th><td>{b}</td></tr>" for a, b in rows) + "</table>")
+    return out + ('<p class="note">Review the registration visually as well: the cumulative dose is only as good as '
+                  'the mapping of prior doses onto today\u2019s anatomy (AAPM TG-132).</p>')
+
+
+_SPECIFIC = {"registration": _registration, "registration_qa": _registration, "registrations": _registration,
+             "target_checks": _target_checks, "margins": _target_checks, "reirradiation_type": _reirradiation_type,
              "remaining_dose": _remaining}
 
 
