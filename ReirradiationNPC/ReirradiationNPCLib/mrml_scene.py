@@ -1,5 +1,5 @@
-"""A Slicer scene bundle (``scene.mrb``) from a command-line run: the CT(s), the course doses as read, the
-structures, the EQD2 volumes, targets and violation segments, the constraint table and the DVH chart, with slice
+"""A Slicer scene bundle (``scene.mrb``) from a command-line run: the reference CT, the course doses as the
+analysis used them, the structures, the EQD2 volumes, targets and violation segments, the constraint table and the DVH chart, with slice
 views set up for review (CT behind, cumulative EQD2 as a colour wash) and a layout with the DVH plot.
 
 Needs ``slicer-core`` (see :mod:`.mrml_headless`). The bundle is written to a temporary name then moved.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .analysis import Analysis
 from .errors import InputError
-from .dicom_rt import load_dose_any, load_image_any, load_structures_any
+from .geometry import Volume
 from .pipeline import Prepared
 from .results import Results
 
@@ -32,7 +32,9 @@ def check_available() -> None:
 
 
 def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict:
-    """The case's own inputs as nodes (each dose and image on its own grid), under a folder ``folder_name``."""
+    """The analysis inputs as nodes, under a folder ``folder_name``: the reference CT, each course's physical dose
+    as the analysis used it (mapped onto the evaluation grid, registration applied) and the structures as read.
+    Nothing is read again from disk: what is shown is what was computed on."""
     import slicer
 
     from . import mrml
@@ -40,7 +42,6 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     folder = sh.CreateFolderItem(sh.GetSceneItemID(), folder_name)
     nodes: dict = {"folder": folder, "doses": {}, "images": {}}
-    case = prep.case
     if prep.reference_image is not None:
         ct = mrml.add_volume_node(prep.reference_image, "CT (reference)", scene)
         ct.SetAttribute(mrml.ROLE_ATTRIBUTE, "reference_image")
@@ -49,38 +50,32 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
         ct.GetDisplayNode().SetWindowLevel(400.0, 40.0)
         nodes["images"]["reference"] = ct
         mrml._set_parent(sh, ct, folder)
-    for i, c in enumerate(case.courses):
-        dose = load_dose_any(c.dose, f"courses[{i}].dose", fractions=c.fractions)  # NRRD or RTDOSE
-        node = mrml.add_volume_node(dose, f"Dose {c.name} (physical)", scene)
+    for c in prep.courses:
+        node = mrml.add_volume_node(Volume(c.dose, prep.grid), f"Dose {c.name} (physical, evaluation grid)", scene)
         mrml._mark_dose(node, "course_dose", c.name)
         node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
-        mrml._dose_display(node, mrml.dose_color_table(scene), float(dose.array.max()))
+        node.SetAttribute("ReirradiationNPC.Registration", c.registration)
+        mrml._dose_display(node, mrml.dose_color_table(scene), float(c.dose.max()) if c.dose.size else 1.0)
         nodes["doses"][c.name] = node
         mrml._set_parent(sh, node, folder)
-        if c.image is not None:
-            img = mrml.add_volume_node(load_image_any(c.image, f"courses[{i}].image",
-                                                      series_uid=getattr(c, "image_series", None)),
-                                       f"CT {c.name}", scene)
-            img.SetAttribute(mrml.ROLE_ATTRIBUTE, "course_image")
-            nodes["images"][c.name] = img
-            mrml._set_parent(sh, img, folder)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
     seg.CreateDefaultDisplayNodes()
     seg.SetAttribute(mrml.ROLE_ATTRIBUTE, "structures")
     if "reference" in nodes["images"]:
         seg.SetReferenceImageGeometryParameterFromVolumeNode(nodes["images"]["reference"])
-    from .geometry import bounding_box
-    lattice = prep.reference_image.grid if prep.reference_image is not None else prep.grid
-    for idx, s in enumerate(load_structures_any(case.reference_structures, "reference.structures",
-                                                lattice=lattice)):  # masks or RTSTRUCT
-        box = bounding_box(s.mask)
-        if box is None:
+    for idx, s in enumerate(prep.structures):
+        mask, grid = s.source_mask, s.source_grid  # the structure as read (cropped to its bounding box)
+        if mask is None or grid is None:
+            if not s.mask.size or not s.mask.any():
+                continue
+            mask, box, grid = s.mask, s.box, prep.grid
+        else:
+            box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
+        if not mask.any():
             continue
-        color = s.color or mrml.PALETTE[idx % len(mrml.PALETTE)]
-        organ = prep.protocol.match(s.name)
-        opacity = 0.15 if organ is not None and organ.role == "body" else 0.6
-        mrml.add_segment(seg, s.name, s.mask[box], box, s.grid, color, opacity)
-    seg.GetDisplayNode().SetVisibility3D(False)  # the overlays segmentation is the one shown in 3D
+        opacity = 0.15 if s.organ is not None and s.organ.role == "body" else 0.6
+        mrml.add_segment(seg, s.name, mask, box, grid, mrml.PALETTE[idx % len(mrml.PALETTE)], opacity)
+    seg.GetDisplayNode().SetVisibility3D(False)  # the targets-and-violations segmentation is the one shown in 3D
     nodes["structures"] = seg
     mrml._set_parent(sh, seg, folder)
     return nodes
