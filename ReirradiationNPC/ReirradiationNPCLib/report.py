@@ -134,7 +134,8 @@ def render_3d(res: dict, analysis, prepared, colors: dict[str, str], planning=No
     from . import report_figures as rf
     layers = rf.layers_3d(prepared.grid, prepared.structures, colors, _violations(res, analysis, prepared, planning),
                           getattr(planning, "margins", None) if planning is not None else None)
-    return rf.view3d_figure(layers)
+    focus = [lay[0] for lay in layers if lay[4] in ("#ff8c00", "#ffd700", "#00bfff")]  # targets and margins
+    return rf.view3d_figure(layers, focus=focus)
 
 
 # ------------------------------------------------------------------------------------------ sections

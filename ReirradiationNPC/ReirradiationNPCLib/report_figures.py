@@ -325,9 +325,11 @@ def boundary_faces(mask: np.ndarray, box, grid: Grid, step: int = 1) -> tuple[np
     return np.concatenate(verts), np.concatenate(normals)
 
 
-def view3d_figure(layers: list[tuple], max_faces: int = 60000) -> bytes:
+def view3d_figure(layers: list[tuple], max_faces: int = 60000, focus: list[str] = (), focus_pad_mm: float = 45.0
+                  ) -> bytes:
     """A simple 3D view (matplotlib, offscreen). ``layers``: (label, crop mask, box, grid, colour, alpha) drawn
-    as voxel-face surfaces lit by a fixed light; a label starting with "violation" is not put in the legend."""
+    as voxel-face surfaces lit by a fixed light; a label starting with "violation" is not put in the legend.
+    ``focus``: labels whose extent (padded by ``focus_pad_mm``) bounds the view; faces outside are not drawn."""
     plt = _plt()
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
@@ -345,8 +347,17 @@ def view3d_figure(layers: list[tuple], max_faces: int = 60000) -> bytes:
     hi = np.full(3, -np.inf)
     legend = []
     has_violation = False
-    for name, m, box, grid, col, alpha in layers:
-        v, n = boundary_faces(m, box, grid, step=step)
+    faces = [(name, *boundary_faces(m, box, grid, step=step), col, alpha) for name, m, box, grid, col, alpha in layers]
+    f_lo, f_hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for name, v, _n, _c, _a in faces:
+        if len(v) and (name in focus or name.startswith("violation")):
+            f_lo = np.minimum(f_lo, v.reshape(-1, 3).min(axis=0) - focus_pad_mm)
+            f_hi = np.maximum(f_hi, v.reshape(-1, 3).max(axis=0) + focus_pad_mm)
+    for name, v, n, col, alpha in faces:
+        if len(v) and np.all(np.isfinite(f_lo)):
+            c = v.mean(axis=1)
+            keep = np.all((c >= f_lo) & (c <= f_hi), axis=1)
+            v, n = v[keep], n[keep]
         if len(v) == 0:
             continue
         shade = 0.55 + 0.45 * np.clip(n @ light, 0, None)
@@ -371,7 +382,7 @@ def view3d_figure(layers: list[tuple], max_faces: int = 60000) -> bytes:
     ax.set_ylabel("y (mm, posterior)", fontsize=8)
     ax.set_zlabel("z (mm, superior)", fontsize=8)
     ax.tick_params(labelsize=6)
-    ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False)
     return _png(fig, dpi=100)
 
 
