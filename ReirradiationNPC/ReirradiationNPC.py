@@ -69,7 +69,7 @@ class ReirradiationNPCParameterNode:
 
     courses: list[ReirradiationNPCCourse]
     selectedCourse: int = 0
-    registrationMethod: Annotated[str, Choice(["existing transform", "rigid"])] = "existing transform"
+    registrationMethod: Annotated[str, Choice(["existing transform", "rigid", "deformable"])] = "existing transform"
     protocol: str = "npc-reirradiation"
     customProtocolFile: Path
     segmentation: vtkMRMLSegmentationNode

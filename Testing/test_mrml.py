@@ -123,10 +123,13 @@ def test_segments_round_trip_with_their_geometry():
 
 # ---------------------------------------------------------------------------------------- transforms
 
-def test_prior_dose_under_a_translation_is_read_through_it_by_hand():
+@pytest.mark.parametrize("kind", ["linear", "grid"])
+def test_prior_dose_under_a_translation_is_read_through_it_by_hand(kind):
     """Prior dose = 30 + 0.5 x Gy (x = LPS mm in its own frame), under a transform whose 'to parent' shifts it by
     +5 mm in LPS x. At an evaluation point p the prior's local point is p - 5 mm, so the dose there is
-    30 + 0.5 (x_p - 5) Gy: at x_p = 0 mm, 27.5 Gy; at x_p = 8 mm, 31.5 Gy."""
+    30 + 0.5 (x_p - 5) Gy: at x_p = 0 mm, 27.5 Gy; at x_p = 8 mm, 31.5 Gy. ``grid``: the same shift as a
+    displacement-field (grid) transform node, as SlicerRT loads a deformable registration."""
+    import SimpleITK as sitk
     from ReirradiationNPCLib import mrml_headless
     from ReirradiationNPCLib.geometry import Grid, Volume
     app = mrml_headless.start()
@@ -138,9 +141,16 @@ def test_prior_dose_under_a_translation_is_read_through_it_by_hand():
     prior_node = mrml.add_volume_node(Volume(prior.copy(), prior_grid), "prior dose", app.scene)
     cur_node = mrml.add_volume_node(Volume(np.full(cur_grid.shape, 2.0, np.float32), cur_grid), "current dose",
                                     app.scene)
-    shift = np.eye(4)
-    shift[0, 3] = 5.0
-    prior_node.SetAndObserveTransformNodeID(_linear_transform_node(app.scene, shift).GetID())
+    if kind == "linear":
+        shift = np.eye(4)
+        shift[0, 3] = 5.0
+        tnode = _linear_transform_node(app.scene, shift)
+    else:  # world -> prior local is p - 5 mm in LPS x (the resampling direction)
+        field_grid = Grid((12, 8, 8), (-11.0, -7.0, -7.0), (2.0, 2.0, 2.0))
+        tnode = mrml.grid_transform_node_from_sitk(sitk.TranslationTransform(3, (-5.0, 0.0, 0.0)), field_grid,
+                                                   "deformable", app.scene)
+        assert tnode.IsA("vtkMRMLGridTransformNode")
+    prior_node.SetAndObserveTransformNodeID(tnode.GetID())
     seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "structures")
     seg.CreateDefaultDisplayNodes()
     mrml.add_segment(seg, "Brainstem", np.ones((1, 1, 1), bool), (slice(2, 3), slice(2, 3), slice(4, 5)),
@@ -152,7 +162,7 @@ def test_prior_dose_under_a_translation_is_read_through_it_by_hand():
     assert x_eval[4] == 0.0 and d[2, 2, 4] == pytest.approx(27.5, abs=1e-4)
     assert x_eval[8] == 8.0 and d[2, 2, 8] == pytest.approx(31.5, abs=1e-4)
     assert np.allclose(d, (30.0 + 0.5 * (x_eval - 5.0))[None, None, :], atol=1e-4)
-    assert prep.courses[0].registration == "transform node registration"
+    assert prep.courses[0].registration == f"transform node {tnode.GetName()}"
     # brainstem voxel at x = 0: prior 27.5 Gy / 30 fx and current 2 Gy / 10 fx at a/b 2 Gy, no credit
     analysis, results, _ = mrml.run_engine(prep)
     expected = _eqd2_by_hand(27.5, 30, 2.0) + _eqd2_by_hand(2.0, 10, 2.0)

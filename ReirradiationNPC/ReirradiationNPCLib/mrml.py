@@ -194,26 +194,65 @@ def transform_node_from_sitk(transform: sitk.Transform, name: str, scene=None):
     return node
 
 
+def grid_transform_node_from_sitk(transform: sitk.Transform, reference_grid: Grid, name: str, scene=None):
+    """A grid (displacement-field) transform node for prior data from any ITK transform mapping reference LPS
+    points to prior LPS points, sampled at the voxel centres of ``reference_grid`` (a deformable registration,
+    like the grid transforms SlicerRT makes from a DICOM deformable registration)."""
+    scene = _scene(scene)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, list(reference_grid.size),
+                                              reference_grid.origin, reference_grid.spacing,
+                                              reference_grid.direction)
+    disp_lps = sitk.GetArrayFromImage(field).reshape(-1, 3)  # T(p) - p at each voxel centre, LPS mm
+    disp_ras = disp_lps @ F3  # the same vectors in RAS (F3 is its own inverse and transpose)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*reference_grid.size)
+    image.SetSpacing(*reference_grid.spacing)
+    image.SetOrigin(*(F3 @ np.asarray(reference_grid.origin)))
+    arr = numpy_support.numpy_to_vtk(np.ascontiguousarray(disp_ras, dtype=np.float64), deep=True)
+    arr.SetNumberOfComponents(3)
+    image.GetPointData().SetScalars(arr)
+    grid_tf = slicer.vtkOrientedGridTransform()
+    grid_tf.SetDisplacementGridData(image)
+    direction = np.eye(4)
+    direction[:3, :3] = F3 @ reference_grid.direction_matrix
+    grid_tf.SetGridDirectionMatrix(_numpy_to_matrix(direction))
+    grid_tf.SetInterpolationModeToLinear()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(grid_tf)
+    return node
+
+
 def register_ct_nodes(course_name: str, method: str, reference_ct_node, prior_ct_node,
                       progress: Progress | None = None, scene=None):
-    """Register a prior course's CT to the current (reference) CT with the engine's registration; returns the
-    transform node (to put the prior dose under) and a one-paragraph QA summary. ``method``: rigid."""
+    """Register a prior course's CT to the current (reference) CT with the engine's registration
+    (``registration.register_course``, method ``rigid`` or ``deformable``); returns the transform node to put the
+    prior dose under (linear, or a displacement grid on the reference CT's grid) and a one-line QA summary."""
     from . import registration
     say = progress or (lambda m: None)
-    if method != "rigid":
-        raise InputError(f"registration method {method!r} cannot be run from Slicer in this version (rigid only; "
-                         "or select an existing transform node)", field="registration.method")
+    if method not in ("rigid", "deformable"):
+        raise InputError(f"registration method {method!r} is not one Slicer can run (rigid, deformable; or select "
+                         "an existing transform node)", field="registration.method")
     if reference_ct_node is None or prior_ct_node is None:
-        raise InputError("rigid registration needs the current course's CT and this course's CT",
+        raise InputError(f"{method} registration needs the current course's CT and this course's CT",
                          source=course_name, field="courses.ct")
-    say(f"registering {course_name}")
-    outcome = registration.register_course(course_name, {"method": "rigid"}, volume_from_node(reference_ct_node),
+    say(f"registering {course_name} ({method})")
+    reference = volume_from_node(reference_ct_node)
+    outcome = registration.register_course(course_name, {"method": method}, reference,
                                            volume_from_node(prior_ct_node))
-    node = transform_node_from_sitk(outcome.linear or outcome.transform, f"{course_name} registration", scene)
+    if method == "rigid":
+        node = transform_node_from_sitk(outcome.linear or outcome.transform, f"{course_name} registration", scene)
+    else:
+        node = grid_transform_node_from_sitk(outcome.transform, reference.grid, f"{course_name} registration",
+                                             scene)
     node.SetAttribute(ROLE_ATTRIBUTE, "registration")
     parts = [f"{course_name}: {outcome.method} registration in {outcome.time_s:.1f} s"]
     if outcome.metric_before is not None and outcome.metric_after is not None:
         parts.append(f"Mattes MI {outcome.metric_before:.3f} -> {outcome.metric_after:.3f}")
+    if outcome.max_deformation_mm:
+        parts.append(f"max deformation beyond the rigid part {outcome.max_deformation_mm:.1f} mm")
+    if outcome.jacobian:
+        parts.append("Jacobian " + ", ".join(f"{k} {v}" for k, v in outcome.jacobian.items()
+                                            if isinstance(v, (int, float, str))))
     parts += [f"Dice {k}: {v:.3f}" for k, v in (outcome.dice or {}).items() if isinstance(v, (int, float))]
     parts += list(outcome.notes)
     return node, "; ".join(parts)
