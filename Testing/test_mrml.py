@@ -124,7 +124,7 @@ def test_segments_round_trip_with_their_geometry():
 # ---------------------------------------------------------------------------------------- transforms
 
 @pytest.mark.parametrize("kind", ["linear", "grid"])
-def test_prior_dose_under_a_translation_is_read_through_it_by_hand(kind):
+def test_prior_dose_under_a_translation_is_read_through_it_by_hand(kind, monkeypatch):
     """Prior dose = 30 + 0.5 x Gy (x = LPS mm in its own frame), under a transform whose 'to parent' shifts it by
     +5 mm in LPS x. At an evaluation point p the prior's local point is p - 5 mm, so the dose there is
     30 + 0.5 (x_p - 5) Gy: at x_p = 0 mm, 27.5 Gy; at x_p = 8 mm, 31.5 Gy. ``grid``: the same shift as a
@@ -146,6 +146,7 @@ def test_prior_dose_under_a_translation_is_read_through_it_by_hand(kind):
         shift[0, 3] = 5.0
         tnode = _linear_transform_node(app.scene, shift)
     else:  # world -> prior local is p - 5 mm in LPS x (the resampling direction)
+        monkeypatch.setattr(mrml, "SLAB_POINTS", 100)  # sample the grid transform in several blocks of slices
         field_grid = Grid((12, 8, 8), (-11.0, -7.0, -7.0), (2.0, 2.0, 2.0))
         tnode = mrml.grid_transform_node_from_sitk(sitk.TranslationTransform(3, (-5.0, 0.0, 0.0)), field_grid,
                                                    "deformable", app.scene)

@@ -52,6 +52,8 @@ ROLE_ATTRIBUTE = "ReirradiationNPC.Role"
 COURSE_ATTRIBUTE = "ReirradiationNPC.Course"
 DOSE_COLOR_TABLE_NAME = "ReirradiationNPC EQD2 dose"
 MARGIN_OPACITY = 0.35
+#: points per block when a non-linear transform is sampled on the evaluation grid (bounds the memory used)
+SLAB_POINTS = 2_000_000
 PALETTE = [(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.58, 0.40, 0.74), (0.55, 0.34, 0.29),
            (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81), (0.68, 0.78, 0.91),
            (1.0, 0.73, 0.47), (0.60, 0.87, 0.54), (0.77, 0.69, 0.84), (0.77, 0.61, 0.58)]
@@ -163,16 +165,21 @@ def resampling_transform(reference_node, moving_node, reference_grid: Grid) -> s
         return t
     general = vtk.vtkGeneralTransform()
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(src, dst, general)
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reference_grid.shape), indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
-    del i, j, k
-    pts_lps = reference_grid.index_to_physical(ijk)
-    pts = vtk.vtkPoints()
-    pts.SetData(numpy_support.numpy_to_vtk(pts_lps @ F3, deep=True))
-    out = vtk.vtkPoints()
-    general.TransformPoints(pts, out)
-    moved_lps = numpy_support.vtk_to_numpy(out.GetData()).astype(float) @ F3
-    disp = (moved_lps - pts_lps).reshape(reference_grid.shape + (3,))
+    nk, nj, ni = reference_grid.shape
+    disp = np.empty((nk, nj, ni, 3), dtype=np.float64)
+    j, i = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
+    slab = max(1, SLAB_POINTS // max(nj * ni, 1))  # a few slices at a time: bounded memory on large grids
+    for k0 in range(0, nk, slab):
+        k1 = min(k0 + slab, nk)
+        k = np.repeat(np.arange(k0, k1, dtype=float), nj * ni)
+        ijk = np.stack([np.tile(i.ravel(), k1 - k0), np.tile(j.ravel(), k1 - k0), k], axis=1)
+        pts_lps = reference_grid.index_to_physical(ijk)
+        pts = vtk.vtkPoints()
+        pts.SetData(numpy_support.numpy_to_vtk(pts_lps @ F3, deep=True))
+        out = vtk.vtkPoints()
+        general.TransformPoints(pts, out)
+        moved_lps = numpy_support.vtk_to_numpy(out.GetData()).astype(float) @ F3
+        disp[k0:k1] = (moved_lps - pts_lps).reshape(k1 - k0, nj, ni, 3)
     field = sitk.GetImageFromArray(disp, isVector=True)
     reference_grid.apply_to(field)
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
