@@ -16,7 +16,7 @@ import pytest
 from ReirradiationNPCLib.mrml_headless import unavailable_reason
 
 _REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"slicer-core not available: {_REASON}")
+needs_slicer = pytest.mark.skipif(_REASON is not None, reason=f"slicer-core not available: {_REASON}")
 
 OUTPUT = Path(__file__).resolve().parent / "output"
 F3 = np.diag([-1.0, -1.0, 1.0])
@@ -71,6 +71,7 @@ def built(engine_run):
 
 # ------------------------------------------------------------------------------------------- geometry
 
+@needs_slicer
 def test_lps_grid_becomes_ras_node_geometry_by_hand():
     """Origin (10, 20, 30) mm LPS, spacing (2, 3, 4) mm, identity LPS axes -> RAS origin (-10, -20, 30) and
     IJK-to-RAS diagonal (-2, -3, 4); voxel (1, 1, 1) lies at LPS (12, 23, 34) = RAS (-12, -23, 34)."""
@@ -87,6 +88,7 @@ def test_lps_grid_becomes_ras_node_geometry_by_hand():
     assert np.array_equal(mrml.volume_from_node(node).array, arr)
 
 
+@needs_slicer
 def test_oblique_grid_round_trips_through_a_node():
     """A rotated (oblique) grid: node -> engine grid gives back the same LPS geometry and voxel positions."""
     from ReirradiationNPCLib import mrml_headless
@@ -103,6 +105,7 @@ def test_oblique_grid_round_trips_through_a_node():
     assert F3 @ ras[:3] == pytest.approx(grid.index_to_physical(np.array([[4.0, 3.0, 2.0]]))[0])
 
 
+@needs_slicer
 def test_segments_round_trip_with_their_geometry():
     """A 2x2x2-voxel box segment written onto an offset grid comes back as 8 voxels at the same LPS place."""
     from ReirradiationNPCLib import mrml_headless
@@ -123,6 +126,7 @@ def test_segments_round_trip_with_their_geometry():
 
 # ---------------------------------------------------------------------------------------- transforms
 
+@needs_slicer
 @pytest.mark.parametrize("kind", ["linear", "grid"])
 def test_prior_dose_under_a_translation_is_read_through_it_by_hand(kind, monkeypatch):
     """Prior dose = 30 + 0.5 x Gy (x = LPS mm in its own frame), under a transform whose 'to parent' shifts it by
@@ -171,6 +175,7 @@ def test_prior_dose_under_a_translation_is_read_through_it_by_hand(kind, monkeyp
     assert brainstem.metrics["cumulative"]["Dmean"] == pytest.approx(expected, abs=0.02)
 
 
+@needs_slicer
 def test_synthetic_prior_dose_in_its_own_frame_maps_like_the_registered_one(synthetic_case, engine_run):
     """The synthetic prior dose rendered in the prior CT's frame, under a transform node holding the known offset
     (prior -> current: p = R^T (q - t)), gives the prior dose of the already-registered file within resampling
@@ -222,6 +227,7 @@ def test_synthetic_prior_dose_in_its_own_frame_maps_like_the_registered_one(synt
 
 # ------------------------------------------------------------------------------------------- outputs
 
+@needs_slicer
 def test_eqd2_volumes_are_dose_volumes_with_the_engine_values(built, engine_run):
     from ReirradiationNPCLib import mrml
     prep, analysis, results, _ = engine_run
@@ -246,6 +252,7 @@ def test_eqd2_volumes_are_dose_volumes_with_the_engine_values(built, engine_run)
     assert rgba[:3] == pytest.approx([1, 0, 0])
 
 
+@needs_slicer
 def test_everything_sits_under_one_analysis_folder(built):
     import slicer
     from ReirradiationNPCLib import mrml
@@ -259,6 +266,7 @@ def test_everything_sits_under_one_analysis_folder(built):
         assert len(roles.get(role, [])) == n, role
 
 
+@needs_slicer
 def test_violation_segments_are_red_where_organ_eqd2_exceeds_the_limit(built, engine_run, synthetic_case):
     """Brainstem D0.03cc cumulative limit 50 Gy fails in the demo. Its red segment must hold exactly the
     brainstem voxels whose cumulative EQD2 at a/b 2 Gy, computed here by hand from the two course doses
@@ -295,6 +303,7 @@ def test_violation_segments_are_red_where_organ_eqd2_exceeds_the_limit(built, en
         assert display.GetSegmentOpacity3D(seg.GetSegmentIdBySegmentName(t.name)) == pytest.approx(0.35)
 
 
+@needs_slicer
 def test_constraint_table_rows_equal_the_engine_results(built, engine_run):
     from ReirradiationNPCLib import mrml
     _, _, results, _ = engine_run
@@ -315,6 +324,7 @@ def test_constraint_table_rows_equal_the_engine_results(built, engine_run):
     assert out.constraints_table.GetAttribute("ReirradiationNPC.Verdict") == results.summary["verdict"]
 
 
+@needs_slicer
 def test_dvh_chart_has_a_curve_per_organ_and_limit_markers(built, engine_run):
     prep, analysis, _, _ = engine_run
     _, _, out = built
@@ -340,6 +350,7 @@ def test_dvh_chart_has_a_curve_per_organ_and_limit_markers(built, engine_run):
 
 # -------------------------------------------------------------------------------------------- render
 
+@needs_slicer
 def test_offscreen_3d_view_shows_the_violation_in_red(built, engine_run):
     """Render the targets-and-violations segmentation offscreen, looking at the brainstem violation from its side
     away from the PTV (the violation lies on the brainstem's face toward the target), save the PNG, and find the
@@ -391,6 +402,7 @@ def test_offscreen_3d_view_shows_the_violation_in_red(built, engine_run):
 
 # -------------------------------------------------------------------------------------------- scene
 
+@needs_slicer
 def test_demo_scene_bundle_loads_back_with_every_reference(tmp_path):
     """``reirradiation-npc demo`` (which runs the case like ``run --scene``) writes results/scene.mrb; a fresh
     slicer-core scene reads it with every node and reference: each node reference resolves to a node of the loaded

@@ -21,14 +21,16 @@ INSTALL_HINT = "pip install 'reirradiation-npc[slicer]' (the PyPI package slicer
 
 def unavailable_reason() -> str | None:
     """None when slicer-core can be imported here, otherwise a one-line reason."""
-    if importlib.util.find_spec("slicer") is None:
-        return f"the Python package slicer-core is not installed ({INSTALL_HINT})"
     try:
-        import slicer  # noqa: F401
-        if not hasattr(slicer, "vtkMRMLScene"):
-            return "the 'slicer' package found here has no MRML classes (not slicer-core?)"
+        if importlib.util.find_spec("slicer") is None:
+            return f"the Python package slicer-core is not installed ({INSTALL_HINT})"
+        import slicer
+    except ImportError as exc:
+        return f"the Python package slicer-core cannot be imported ({exc}; {INSTALL_HINT})"
     except Exception as exc:  # noqa: BLE001 - a broken binary install must become a readable reason
         return f"slicer-core cannot be imported: {type(exc).__name__}: {exc}"
+    if not hasattr(slicer, "vtkMRMLScene"):
+        return "the 'slicer' package found here has no MRML classes (not slicer-core?)"
     return None
 
 
