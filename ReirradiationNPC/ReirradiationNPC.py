@@ -391,8 +391,9 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
         p.cumulativeEQD2, p.overlays = out.cumulative, out.overlays
         p.constraintsTable, p.dvhChart = out.constraints_table, out.dvh_chart
         p.status = results.summary["verdict"]
-        slicer.util.setSliceViewerLayers(background=p.courses[-1].ct, foreground=out.cumulative,
-                                         foregroundOpacity=0.5)
+        ct = p.courses[-1].ct
+        slicer.util.setSliceViewerLayers(background=ct if ct is not None else "keep-current",
+                                         foreground=out.cumulative, foregroundOpacity=0.5)
         return out
 
     @staticmethod
