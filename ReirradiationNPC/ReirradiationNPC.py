@@ -102,6 +102,7 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updating = False
 
     def setup(self) -> None:
+        import qt
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/ReirradiationNPC.ui"))
         self.layout.addWidget(uiWidget)
@@ -124,6 +125,8 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                           (self.ui.courseTransformSelector, "currentNodeChanged(vtkMRMLNode*)")):
             w.connect(signal, self.onCourseEdited)
         self.ui.protocolComboBox.connect("currentTextChanged(QString)", self.onProtocolSelected)
+        self.ui.protocolTable.setEditTriggers(qt.QAbstractItemView.DoubleClicked | qt.QAbstractItemView.EditKeyPressed)
+        self.ui.protocolTable.connect("itemChanged(QTableWidgetItem*)", self.onProtocolItemChanged)
         self.ui.registerButton.connect("clicked(bool)", self.onRegister)
         self.ui.computeButton.connect("clicked(bool)", self.onCompute)
         self.ui.jumpToWorstButton.connect("clicked(bool)", self.onJumpToWorst)
@@ -201,9 +204,22 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updating = False
 
     def _fillProtocolTable(self) -> None:
-        rows = self.logic.protocolRows(self._parameterNode)
-        self._fillTable(self.ui.protocolTable, [_("Organ"), _("Role"), _("a/b (Gy)"), _("Metric"), _("Scope"),
-                                                _("Limit"), _("Verified"), _("Source")], rows)
+        import qt
+        rows = [row for _keys, row in self.logic.protocolRows(self._parameterNode)]
+        self._fillTable(self.ui.protocolTable, [_(h) for h in self.logic.PROTOCOL_COLUMNS], rows)
+        editable = self.logic.EDITABLE_PROTOCOL_COLUMNS
+        for r in range(self.ui.protocolTable.rowCount):
+            for c in range(self.ui.protocolTable.columnCount):
+                item = self.ui.protocolTable.item(r, c)
+                if item is not None and c not in editable:
+                    item.setFlags(item.flags() & ~qt.Qt.ItemIsEditable)
+
+    def onProtocolItemChanged(self, item) -> None:
+        if self._updating or self._parameterNode is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The protocol value was not changed."), waitCursor=True):
+            self.logic.editProtocolValue(self._parameterNode, item.row(), item.column(), item.text())
+        self.updateGUIFromParameterNode()  # shows the saved value (or the unchanged one after an error)
 
     def _fillMappingTable(self) -> None:
         rows = self.logic.structureMapping(self._parameterNode)
@@ -330,18 +346,41 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
             self._protocols = {key: load_protocol(str(path))}
         return self._protocols[key]
 
+    PROTOCOL_COLUMNS = ("Organ", "Role", "a/b (Gy)", "Metric", "Scope", "Limit", "Verified", "Source")
+    EDITABLE_PROTOCOL_COLUMNS = {2: "alpha_beta", 5: "limit", 6: "verified", 7: "source"}
+
     def protocolRows(self, p) -> list:
+        """((organ key, constraint index or None), display row) for every organ / constraint of the protocol."""
         try:
             protocol = self.loadProtocol(p)
         except Exception as exc:  # shown in the table; Compute reports the full error
-            return [(f"cannot load protocol: {exc}",)]
+            return [((None, None), (f"cannot load protocol: {exc}",))]
         rows = []
         for o in protocol.organs.values():
-            for c in o.constraints or [None]:
-                rows.append((o.key, o.role, f"{o.alpha_beta:g}", c.metric.name if c else "-", c.scope if c else "-",
-                             "-" if c is None or c.limit is None else f"{c.limit:g} {c.unit}",
-                             "-" if c is None else ("yes" if c.verified else "NO"), c.source if c else ""))
+            for i, c in enumerate(o.constraints or [None]):
+                rows.append(((o.key, i if c is not None else None),
+                             (o.key, o.role, f"{o.alpha_beta:g}", c.metric.name if c else "-", c.scope if c else "-",
+                              "-" if c is None or c.limit is None else f"{c.limit:g} {c.unit}",
+                              "-" if c is None else ("yes" if c.verified else "NO"), c.source if c else "")))
         return rows
+
+    def editProtocolValue(self, p, row: int, column: int, text: str) -> None:
+        """Apply one edit of the protocol table: the first edit of a shipped protocol writes an edited copy in
+        Slicer's default scene folder and selects it as the custom protocol file; the file is validated first."""
+        from ReirradiationNPCLib.protocol import resolve_protocol
+        from ReirradiationNPCLib.protocol_edit import edit_protocol
+        field = self.EDITABLE_PROTOCOL_COLUMNS.get(column)
+        (organ, index), _row = self.protocolRows(p)[row]
+        if field is None or organ is None or (field != "alpha_beta" and index is None):
+            raise ValueError(_("This cell cannot be edited."))
+        custom = str(p.customProtocolFile) if p.customProtocolFile else ""
+        if custom not in ("", "."):
+            src = dst = Path(custom)
+        else:
+            src = resolve_protocol(p.protocol)
+            dst = Path(slicer.app.defaultScenePath) / "ReirradiationNPC" / f"{src.stem}-edited.yaml"
+        edit_protocol(src, dst, organ, field, text, index)
+        p.customProtocolFile = dst
 
     def structureMapping(self, p) -> list:
         """(segment name, organ key or None) for every segment of the selected segmentation."""
