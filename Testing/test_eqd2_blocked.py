@@ -28,6 +28,10 @@ def test_blocked_maps_equal_hand_formula(monkeypatch, threads):
     assert maps[0].dtype == np.float32 and cum.shape == shape
     assert np.abs(maps[0] - e1).max() < 1e-4 and np.abs(maps[1] - e2).max() < 1e-4
     assert np.abs(cum - ((1.0 - r) * e1 + e2)).max() < 1e-4
+    # the cumulative map alone (one division of the weighted sum by 2 + ab) is the same map
+    none, cum_only = lq.course_and_cumulative_eqd2([d1, d2], [33, 54], ab, [1.0 - r, 1.0], threads=threads,
+                                                   keep_courses=False)
+    assert none == [] and np.abs(cum_only - ((1.0 - r) * e1 + e2)).max() < 1e-4
 
 
 def test_worked_values_and_scalar_alpha_beta():

@@ -231,16 +231,19 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
                     return
                 iv = inv[:m]
                 np.add(abc, 2.0, out=iv)
-                np.reciprocal(iv, out=iv)
+                if keep_courses:
+                    np.divide(1.0, iv, out=iv)  # 1 / (2 + ab)   (else 2 + ab: one division of the sum below)
             else:
-                abc, iv = alpha_beta, 1.0 / (alpha_beta + 2.0)
+                abc = alpha_beta
+                iv = 1.0 / (alpha_beta + 2.0) if keep_courses else alpha_beta + 2.0
             acc = O[a:b]
             for i, (d, e, w) in enumerate(zip(D, E, W)):
                 dc, ec = d[a:b], (e[a:b] if e is not None else own[:m])
                 np.multiply(dc, inv_n[i], out=ec)  # each voxel's own dose per fraction
                 ec += abc
-                ec *= dc
-                ec *= iv
+                ec *= dc                           # D (d + ab); the course's EQD2 once divided by 2 + ab
+                if keep_courses:
+                    ec *= iv
                 if isinstance(w, np.ndarray):
                     if i == 0:
                         np.multiply(ec, w[a:b], out=acc)
@@ -256,6 +259,11 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
                     t = tmp[:m]
                     np.multiply(ec, w, out=t)
                     acc += t
+            if not keep_courses:  # sum_c w_c D_c (d_c + ab) / (2 + ab): the same ab divides every course
+                if ab_is_array:
+                    acc /= iv
+                else:
+                    acc *= 1.0 / iv
 
     n_threads = max(1, min(threads or os.cpu_count() or 1, 4, -(-size // BLOCK)))
     if n_threads == 1:
