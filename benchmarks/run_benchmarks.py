@@ -555,9 +555,9 @@ def render(sections: dict, mach: dict, total_s: float) -> str:
     lines += ["", "Reading these numbers:", ""]
     lines.append("- The machine is shared: the load average above counts other programs competing for the 2 cores. "
                  "The plain add is memory-bound and barely slowed by them; the engine's blocked pass is partly "
-                 "compute-bound, so its wall-time ratio moves with the load (earlier runs on this machine under a "
-                 "load of about 5 gave 4.8-5.2x for the cumulative map). The CPU-time ratio (one thread) is the "
-                 "load-independent figure; with both cores free the 2-thread wall-time ratio is about half of it.")
+                 "compute-bound, so its wall-time ratio moves with the load (runs minutes apart on this machine, "
+                 "with the same code, differed by more than 2x). The CPU-time ratio (one thread) is the steadier "
+                 "figure; with both cores free the 2-thread wall-time ratio is lower than it.")
     if reg and rig and ident:
         lines.append(f"- The whole run with rigid registration ({rig['s']:.0f} s) is the identity run "
                      f"({ident['s']:.0f} s) plus the registration: the rigid registration of the two 512×512×150 CTs "
