@@ -69,11 +69,12 @@ def _results_dict(results) -> dict:
 
 # ------------------------------------------------------------------------------------------ figures
 
-def _img(png: bytes | None, alt: str, caption: str, placeholder: str) -> str:
+def _img(png: bytes | None, alt: str, caption: str, placeholder: str, tall: bool = False) -> str:
     if not png:
         return f'<div class="placeholder">{_e(placeholder)}</div>'
     b64 = base64.b64encode(png).decode("ascii")
-    return (f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+    cls = ' class="tall"' if tall else ""
+    return (f'<figure><img{cls} alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
             f'<figcaption>{caption}</figcaption></figure>')
 
 
@@ -509,6 +510,7 @@ header .sub{color:#444;font-size:9.5pt}
  tr,figure,.verdict,.disclaimer{break-inside:avoid;page-break-inside:avoid}
  thead{display:table-header-group}
  section.figure{break-before:page;page-break-before:always}
+ figure img.tall{height:148mm;width:auto;max-width:100%}
  a{color:inherit;text-decoration:none}
 }
 """
@@ -552,7 +554,8 @@ def render_html(results, figures: dict | None = None) -> str:
         "applied, the structure's own \u03b1/\u03b2); grey dashed/dotted = each course's EQD2 without credit. "
         "Vertical lines: dose limits (solid = cumulative scope, dashed = current course; red = failed, green = "
         "met); triangles: volume limits. Curves are for reading shapes; the numbers are in the tables above.",
-        "DVH plots not available (no dose arrays were passed to the report, or matplotlib is not installed).")
+        "DVH plots not available (no dose arrays were passed to the report, or matplotlib is not installed).",
+        tall=True)
         + "</section>")
     focus = figs.get("focus")
     if focus is not None:
@@ -576,7 +579,7 @@ def render_html(results, figures: dict | None = None) -> str:
         figs.get("view3d"), "3D view of organs, targets and violations",
         "Organs at risk (translucent), targets and margins (orange/yellow) and the voxels above a failed limit "
         "(red), seen from anterior-left; surfaces are voxel faces of the evaluation grid. Offscreen rendering.",
-        "3D view not available (no arrays passed to the report, or no renderer).") + "</section>")
+        "3D view not available (no arrays passed to the report, or no renderer).", tall=True) + "</section>")
     parts.append(f'<section id="assumptions"><h2>Model assumptions</h2>{_assumptions(res)}</section>')
     parts.append(f'<section id="disclaimer"><div class="disclaimer">{_e(DISCLAIMER)}</div></section>')
     parts.append("</body></html>")
