@@ -73,3 +73,21 @@ def test_cumulative_only_and_non_contiguous(monkeypatch):
     maps, cum = lq.course_and_cumulative_eqd2([t1, t2], [30, 20], 2.0, [0.75, 1.0])
     assert np.abs(maps[0] - _hand(t1, 30, 2.0)).max() < 1e-4
     assert np.abs(cum - (0.75 * _hand(t1, 30, 2.0) + _hand(t2, 20, 2.0))).max() < 1e-4
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_uniform_and_mixed_alpha_beta_blocks(monkeypatch, keep):
+    """Blocks with one alpha/beta take scalar arithmetic, mixed blocks the per-voxel one: same map."""
+    monkeypatch.setattr(lq, "BLOCK", 128)
+    rng = np.random.default_rng(11)
+    shape = (6, 16, 16)                       # 1536 voxels: 12 blocks
+    d1 = (rng.random(shape) * 75).astype(np.float32)
+    d2 = (rng.random(shape) * 65).astype(np.float32)
+    ab = np.full(shape, 3.0, np.float32)
+    ab[2:4, 5:9, 5:9] = 2.0                   # an organ: some blocks mixed, most uniform
+    maps, cum = lq.course_and_cumulative_eqd2([d1, d2], [33, 54], ab, [0.5, 1.0], threads=2, keep_courses=keep)
+    abd = ab.astype(np.float64)
+    expect = 0.5 * _hand(d1, 33, abd) + _hand(d2, 54, abd)
+    assert np.abs(cum - expect).max() < 1e-4
+    if keep:
+        assert np.abs(maps[0] - _hand(d1, 33, abd)).max() < 1e-4

@@ -223,19 +223,22 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
         for a in range(lo, hi, BLOCK):
             b = min(a + BLOCK, hi)
             m = b - a
+            uniform = False
             if ab_is_array:
                 abc = AB[a:b]
                 lo_ab, hi_ab = abc.min(), abc.max()
                 if not (lo_ab > 0 and np.isfinite(hi_ab)):  # NaN fails both
                     bad.append("alpha/beta must be finite and > 0 in every voxel")
                     return
+                uniform = lo_ab == hi_ab  # one alpha/beta in the whole block (most blocks): scalar arithmetic
+            if ab_is_array and not uniform:
                 iv = inv[:m]
                 np.add(abc, 2.0, out=iv)
                 if keep_courses:
                     np.divide(1.0, iv, out=iv)  # 1 / (2 + ab)   (else 2 + ab: one division of the sum below)
             else:
-                abc = alpha_beta
-                iv = 1.0 / (alpha_beta + 2.0) if keep_courses else alpha_beta + 2.0
+                abc = float(lo_ab) if ab_is_array else alpha_beta
+                iv = 1.0 / (abc + 2.0) if keep_courses else abc + 2.0
             acc = O[a:b]
             for i, (d, e, w) in enumerate(zip(D, E, W)):
                 dc, ec = d[a:b], (e[a:b] if e is not None else own[:m])
@@ -260,7 +263,7 @@ def course_and_cumulative_eqd2(doses: list[np.ndarray], fractions: list[float], 
                     np.multiply(ec, w, out=t)
                     acc += t
             if not keep_courses:  # sum_c w_c D_c (d_c + ab) / (2 + ab): the same ab divides every course
-                if ab_is_array:
+                if ab_is_array and not uniform:
                     acc /= iv
                 else:
                     acc *= 1.0 / iv
