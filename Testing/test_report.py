@@ -166,3 +166,47 @@ def test_display_dvh_curve_hand_values():
     assert at[0.0] == 2.0 and at[0.1] == 1.5 and at[1.0] == 1.5 and at[1.1] == 0.5
     assert at[2.5] == 0.5 and at[2.6] == 0.0
     assert c.total_cc == 2.0 and c.volume_percent[0] == 100.0
+
+
+def test_focus_is_the_worst_violation_and_its_hottest_voxel():
+    from ReirradiationNPCLib.analysis import StructureData
+    from ReirradiationNPCLib.report_figures import choose_focus
+
+    cum = np.zeros((10, 10, 10), np.float32)
+    cum[2, 3, 4] = 58.0          # hottest voxel of A
+    cum[7, 7, 7] = 130.0         # hottest voxel of B
+    a_mask = np.zeros((4, 4, 4), bool)
+    a_mask[:] = True             # A occupies [0:4, 1:5, 2:6]
+    b_mask = np.ones((3, 3, 3), bool)  # B occupies [6:9, 6:9, 6:9]
+    structs = [StructureData("A", a_mask, (slice(0, 4), slice(1, 5), slice(2, 6)), None),
+               StructureData("B", b_mask, (slice(6, 9), slice(6, 9), slice(6, 9)), None)]
+    cons = [  # A exceeds its limit by 16% (58 vs 50), B by 8% (130 vs 120): A is the worst violation
+        {"organ": "a", "structure": "A", "metric": "D0.03cc", "scope": "cumulative", "value": 58.0, "limit": 50.0,
+         "unit": "Gy", "status": "fail", "margin": -8.0},
+        {"organ": "b", "structure": "B", "metric": "D0.03cc", "scope": "cumulative", "value": 130.0, "limit": 120.0,
+         "unit": "Gy", "status": "fail", "margin": -10.0},
+        {"organ": "b", "structure": "B", "metric": "Dmean", "scope": "cumulative", "value": 10.0, "limit": 100.0,
+         "unit": "Gy", "status": "pass", "margin": 90.0}]
+    f = choose_focus({"constraints": cons, "assumptions": {"courses": [{"name": "c1"}]}}, structs, cum, {})
+    assert f.structure == "A" and f.index == (2, 3, 4) and f.failing and f.threshold_gy == 50.0
+    # nothing fails: the constraint closest to its limit (B D0.03cc: 10% margin left) is shown instead
+    cons[0].update(status="pass", margin=40.0, value=10.0)
+    cons[1].update(status="pass", margin=12.0, value=108.0)
+    f = choose_focus({"constraints": cons, "assumptions": {"courses": [{"name": "c1"}]}}, structs, cum, {})
+    assert f.structure == "B" and f.index == (7, 7, 7) and not f.failing
+
+
+def test_voxel_faces_of_one_voxel_in_mm():
+    from ReirradiationNPCLib.geometry import Grid
+    from ReirradiationNPCLib.report_figures import boundary_faces
+
+    grid = Grid((5, 5, 5), (10.0, 20.0, 30.0), (1.0, 2.0, 3.0))
+    mask = np.ones((1, 1, 1), bool)
+    verts, normals = boundary_faces(mask, (slice(2, 3), slice(1, 2), slice(3, 4)), grid)
+    assert verts.shape == (6, 4, 3) and normals.shape == (6, 3)
+    # voxel (k, j, i) = (2, 1, 3): centre (10 + 3, 20 + 2, 30 + 6) mm, half sizes (0.5, 1, 1.5) mm
+    pts = verts.reshape(-1, 3)
+    assert np.allclose(pts.min(axis=0), [12.5, 21.0, 34.5]) and np.allclose(pts.max(axis=0), [13.5, 23.0, 37.5])
+    # two voxels side by side share no face: 10 faces
+    verts, _ = boundary_faces(np.ones((1, 1, 2), bool), (slice(0, 1), slice(0, 1), slice(0, 2)), grid)
+    assert len(verts) == 10
