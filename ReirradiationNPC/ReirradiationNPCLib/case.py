@@ -17,7 +17,7 @@ import yaml
 from .errors import InputError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-REGISTRATION_METHODS = ("identity",)
+REGISTRATION_METHODS = ("identity", "rigid", "deformable", "file")  # see registration.py
 
 
 @dataclass
@@ -31,6 +31,7 @@ class CourseSpec:
     is_current: bool = False
     plan: Path | None = None           # RTPLAN of this course (fractions read from it; RTDOSE link checked)
     image_series: str | None = None    # SeriesInstanceUID picking the CT when ``image`` holds several series
+    structures: Path | None = None     # this (prior) course's own structures, in its frame (registration QA: Dice)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def parse_case(data, path: Path) -> CaseSpec:
     for i, c in enumerate(courses_raw):
         k = f"courses[{i}]"
         c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan",
-                              "image_series"},
+                              "image_series", "structures"},
                   {"name", "dose"})
         name = c["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -154,15 +155,18 @@ def parse_case(data, path: Path) -> CaseSpec:
                 _fail(src, f"{k}.interval_months", f"must be a number of months >= 0, got {interval!r}")
             interval = float(interval)
         reg = c.get("registration", {"method": "identity"})
-        reg = _keys(reg, f"{k}.registration", src, {"method"}, {"method"})
-        if reg["method"] not in REGISTRATION_METHODS:
-            _fail(src, f"{k}.registration.method",
-                  f"unsupported method {reg['method']!r} (this version supports: {', '.join(REGISTRATION_METHODS)})")
+        from .registration import validate_options
+        reg = validate_options(reg, src, f"{k}.registration", base)
+        if is_current and reg["method"] != "identity":
+            _fail(src, f"{k}.registration.method", "the current (last) course defines the reference frame: "
+                                                   "its registration must be identity")
         courses.append(CourseSpec(name=name, dose=_path(base, c["dose"], src, f"{k}.dose"), fractions=int(n),
                                   interval_months=interval,
                                   image=_path(base, c["image"], src, f"{k}.image") if c.get("image") else None,
                                   registration=dict(reg), is_current=is_current, plan=plan,
-                                  image_series=_series_uid(c.get("image_series"), src, f"{k}.image_series")))
+                                  image_series=_series_uid(c.get("image_series"), src, f"{k}.image_series"),
+                                  structures=_path(base, c["structures"], src, f"{k}.structures")
+                                  if c.get("structures") is not None else None))
     patient = top.get("patient") or {}
     if not isinstance(patient, dict):
         _fail(src, "patient", "must be a mapping (e.g. {id: ..., name: ...})")

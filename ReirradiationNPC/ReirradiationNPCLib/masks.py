@@ -47,15 +47,23 @@ def structure_on_grid(structure: Structure, grid: Grid) -> tuple[np.ndarray, tup
     return m[inner].copy(), box
 
 
-def coverage_map(source: Grid, target: Grid) -> np.ndarray | None:
-    """Bool map on ``target``: voxels inside ``source``'s extent. None when ``source`` covers all of ``target``."""
-    lo, hi = target.bounds_mm()
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    idx = source.physical_to_index(corners)
-    if np.all(idx >= -0.5 + 1e-6) and np.all(idx <= np.asarray(source.size) - 0.5 - 1e-6):
-        return None
+def coverage_map(source: Grid, target: Grid, transform: sitk.Transform | None = None) -> np.ndarray | None:
+    """Bool map on ``target``: voxels inside ``source``'s extent. None when ``source`` covers all of ``target``.
+
+    ``transform`` (ITK convention, as in ``geometry.resample_linear``) maps ``target`` points into ``source``'s
+    space; the shortcut (all of ``target`` covered) is taken only for linear transforms, whose image of the
+    target's corner box is exact.
+    """
+    if transform is None or transform.IsLinear():
+        lo, hi = target.bounds_mm()
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        if transform is not None:
+            corners = np.array([transform.TransformPoint(tuple(float(v) for v in c)) for c in corners])
+        idx = source.physical_to_index(corners)
+        if np.all(idx >= -0.5 + 1e-6) and np.all(idx <= np.asarray(source.size) - 0.5 - 1e-6):
+            return None
     ones = sitk.Image([int(s) for s in source.size], sitk.sitkUInt8) + 1
     source.apply_to(ones)
-    out = sitk.Resample(ones, target.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+    out = sitk.Resample(ones, target.reference_image(), transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                         sitk.sitkUInt8)
     return sitk.GetArrayViewFromImage(out) > 0

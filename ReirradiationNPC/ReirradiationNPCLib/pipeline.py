@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class Prepared:
     structures: list[StructureData]
     reference_image: Volume | None
     warnings: list[str]
+    registrations: dict = field(default_factory=dict)  # prior course name -> registration.RegistrationOutcome
 
 
 def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
@@ -67,14 +68,26 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
     grid = doses[-1].grid if case.grid == "dose" else ref_img.grid
 
     courses = []
+    registrations = {}
     for i, (c, dose) in enumerate(zip(case.courses, doses)):
-        if not grids_overlap(dose.grid, grid):
+        transform = None
+        if not c.is_current:
+            say(f"registration of {c.name} ({c.registration['method']})")
+            from .registration import register_prior_course
+            registrations[c.name] = outcome = register_prior_course(c, i, ref_img, dose, case.path)
+            warnings.extend(f"registration of {c.name}: {n}" for n in outcome.notes
+                            if "fold" in n or "not checked" in n)
+            transform = None if outcome.method == "identity" else outcome.transform
+        if transform is None and not grids_overlap(dose.grid, grid):
             raise InputError("dose grid does not overlap the evaluation grid "
                              f"({'current dose' if case.grid == 'dose' else 'reference image'})",
                              source=str(c.dose), field=f"courses[{i}].dose")
         say(f"resampling dose of {c.name}")
-        arr = resample_linear(dose, grid)
-        cov = coverage_map(dose.grid, grid)
+        arr = resample_linear(dose, grid, transform)  # transform: evaluation-grid points -> prior dose's frame
+        cov = coverage_map(dose.grid, grid, transform)
+        if transform is not None and cov is not None and not cov.any():
+            raise InputError("after registration the dose grid does not overlap the evaluation grid (check the "
+                             "registration)", source=str(c.dose), field=f"courses[{i}].dose")
         courses.append(CourseData(name=c.name, dose=arr, fractions=c.fractions, interval_months=c.interval_months,
                                   is_current=c.is_current, registration=c.registration["method"],
                                   dose_file=str(c.dose), coverage=cov))
@@ -104,7 +117,18 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                                 "a larger dose grid)")
         src_mask, src_grid = crop_to_structure(s.mask, s.grid)
         structures.append(StructureData(s.name, mask, box, organ, source_mask=src_mask, source_grid=src_grid))
-    return Prepared(case, protocol, grid, courses, structures, ref_img, warnings)
+    for i, c in enumerate(case.courses):
+        if c.name in registrations and getattr(c, "structures", None) is not None:
+            say(f"registration QA of {c.name}: prior structures")
+            from .registration import prior_structure_dice
+            outcome = registrations[c.name]
+            lattice = outcome.moving_image.grid if outcome.moving_image is not None else doses[i].grid
+            prior_raw = load_structures_any(c.structures, f"courses[{i}].structures", lattice=lattice,
+                                            warnings=warnings, expected_frame_uid=(
+                                                (outcome.moving_image or doses[i]).meta.get("dicom") or {}
+                                            ).get("FrameOfReferenceUID"))
+            outcome.dice = prior_structure_dice(outcome, prior_raw, structures, grid, protocol)
+    return Prepared(case, protocol, grid, courses, structures, ref_img, warnings, registrations)
 
 
 def _clipped(box, grid: Grid) -> bool:
@@ -153,7 +177,20 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
         unmatched_structures=analysis.unmatched,
         summary={"verdict": verdict, "counts": counts, "unverified_limits_used": unverified_used},
         warnings=prep.warnings + analysis.warnings,
+        registration=_registration_results(prep),
     )
+
+
+def _registration_results(prep: Prepared) -> dict:
+    from .registration import qa_dict
+    out = {}
+    for name, o in prep.registrations.items():
+        out[name] = qa_dict(o)
+        if o.method != "identity":
+            out[name]["transform_file"] = f"transform_{name}.tfm"
+        if o.moving_image is not None and prep.reference_image is not None:
+            out[name]["registered_prior_ct"] = f"prior_ct_{name}_registered.nrrd"
+    return out
 
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
@@ -183,6 +220,19 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
                 f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit")
         vol("alpha_beta.nrrd", analysis.alpha_beta, "Voxel alpha/beta map (Gy) used for the EQD2 maps")
+        if prep.registrations:
+            say("writing registration transforms and registered prior CTs")
+            from .registration import registered_image, write_transform
+            for name, o in prep.registrations.items():
+                if o.method != "identity":
+                    write_transform(o, stage / f"transform_{name}.tfm")
+                    files[f"transform_{name}.tfm"] = (f"ITK transform of course {name} ({o.method}): maps reference-"
+                                                      "image points (LPS mm) to the prior course's frame")
+                if o.moving_image is not None and prep.reference_image is not None:
+                    fname = f"prior_ct_{name}_registered.nrrd"
+                    write_volume(registered_image(o, prep.reference_image.grid), stage / fname,
+                                 description=f"CT of course {name} mapped onto the reference CT ({o.method})")
+                    files[fname] = f"CT of course {name} on the reference CT grid through its registration (HU)"
         if planning is not None:
             say("writing margins, violation, headroom and remaining-dose maps")
             from .planning import write as write_planning

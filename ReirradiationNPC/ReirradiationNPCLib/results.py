@@ -72,6 +72,9 @@ class Results:
     reirradiation_type: dict | None = None
     violations: list[dict] = field(default_factory=list)
     remaining_dose: dict | None = None
+    # registration of each prior course (registration.qa_dict): method, transform matrix/translation (reference ->
+    # prior frame), Mattes MI before/after, time, Jacobian determinant range and folded voxels, Dice, notes
+    registration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))
