@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "ReirradiationNPC"))
 
 @pytest.fixture(scope="session")
 def synthetic_case(tmp_path_factory) -> Path:
-    """Path of the generated synthetic case file (case.yaml)."""
+    """Path of the generated synthetic case file with the prior dose pre-registered (case_identity.yaml: exact and
+    fast). The demo's case.yaml (rigid registration of the prior CT) sits beside it."""
     from ReirradiationNPCLib.synthetic import generate
-    return generate(tmp_path_factory.mktemp("synthetic") / "case")
+    return generate(tmp_path_factory.mktemp("synthetic") / "case").parent / "case_identity.yaml"

@@ -6,7 +6,9 @@ reason about it. Nothing large is committed: the case is generated in seconds.
 - Current planning CT (HU) with External, Brainstem, SpinalCord, OpticChiasm, OpticNrv_L/R, Lobe_Temporal_L/R,
   A_Carotid_L/R, Cochlea_L/R, Parotid_L/R and a recurrent GTVp at the skull base.
 - Prior course: 70 Gy in 33 fractions to the nasopharynx and upper neck, with a realistic fall-off, on a 3 mm
-  grid in the current CT's frame (already registered: ``registration: identity``).
+  grid, written twice: in the prior CT's frame (``dose_course1_prior_frame.nrrd``, used by ``case.yaml`` with
+  ``registration: rigid`` of ``ct_prior.nrrd``, as the demo runs it) and in the current CT's frame
+  (``dose_course1.nrrd``, used by ``case_identity.yaml`` with ``registration: identity``).
 - Current course: 65 Gy in 54 twice-daily fractions to the recurrence plus margin, on a 2.5 mm grid.
 - The prior course's CT, rendered with a known rigid offset from the current CT (``KNOWN_PRIOR_OFFSET``), for
   registration work.
@@ -79,10 +81,10 @@ class Cylinder:
         return (t >= 0) & (t <= 1) & (dist2 <= self.r ** 2)
 
 
-GTV = Ellipsoid((6.0, -2.0, 16.0), (14.0, 12.0, 13.0))
+GTV = Ellipsoid((6.0, -8.0, 16.0), (14.0, 12.0, 13.0))
 STRUCTURES = {
     "Brainstem": Ellipsoid((0.0, 30.0, 30.0), (13.0, 12.0, 25.0)),
-    "SpinalCord": Cylinder((0.0, 36.0, -150.0), (0.0, 36.0, 5.0), 5.0),
+    "SpinalCord": Cylinder((0.0, 36.0, -140.0), (0.0, 36.0, 5.0), 5.0),  # inside both dose grids
     "OpticChiasm": Ellipsoid((0.0, -12.0, 46.0), (7.0, 4.0, 2.5)),
     "OpticNrv_L": Cylinder((6.0, -14.0, 46.0), (17.0, -50.0, 44.0), 2.5),
     "OpticNrv_R": Cylinder((-6.0, -14.0, 46.0), (-17.0, -50.0, 44.0), 2.5),
@@ -106,7 +108,9 @@ CANAL = Cylinder((0.0, 36.0, -150.0), (0.0, 36.0, 6.0), 7.5)
 PRIOR_TARGETS = [Ellipsoid((0.0, -2.0, 12.0), (34.0, 24.0, 32.0)),
                  Ellipsoid((30.0, 12.0, -40.0), (22.0, 22.0, 42.0)),
                  Ellipsoid((-30.0, 12.0, -40.0), (22.0, 22.0, 42.0))]
-CURRENT_TARGET = Ellipsoid(GTV.c, tuple(a + 7.0 for a in GTV.r))  # recurrence + margin (the treated volume)
+# the current plan covers the PTV (GTV + 5 mm CTV + 3 mm PTV in the demo protocol) with a 2.5 mm penumbra
+CURRENT_TARGET = Ellipsoid(GTV.c, tuple(a + 12.5 for a in GTV.r))
+CURRENT_NORMALISATION = 1.03  # hot spot ~103 %, as a clinical plan normalised to PTV coverage
 
 
 def _coords(grid: Grid, transform=None):
@@ -165,6 +169,28 @@ def prior_frame_transform():
     return R, t
 
 
+def prior_dose(in_prior_frame: bool = False) -> np.ndarray:
+    """Prior course physical dose (Gy, float32) on ``PRIOR_DOSE_GRID``: in the current CT's frame (already
+    registered) or, with ``in_prior_frame``, in the prior CT's frame (the grid placed there)."""
+    if in_prior_frame:
+        R, t = prior_frame_transform()
+        x, y, z = _coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
+    else:
+        x, y, z = _coords(PRIOR_DOSE_GRID)
+    dose = _dose(x, y, z, PRIOR_TARGETS, PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
+    dose *= _body(x, y, z)
+    return dose
+
+
+def current_dose() -> np.ndarray:
+    """Current course physical dose (Gy, float32) on ``CURRENT_DOSE_GRID`` (current CT's frame)."""
+    x, y, z = _coords(CURRENT_DOSE_GRID)
+    dose = _dose(x, y, z, [CURRENT_TARGET], CURRENT_DOSE_GY * CURRENT_NORMALISATION, sigma_mm=2.5,
+                 bath_fraction=0.45, bath_mm=14.0)
+    dose *= _body(x, y, z)
+    return dose
+
+
 def prior_to_current_sitk_transform() -> sitk.Transform:
     """The known offset as an ITK transform mapping current-CT points to prior-CT points (resampling direction)."""
     R, t = prior_frame_transform()
@@ -192,22 +218,13 @@ def generate(out_dir: Path) -> Path:
     for name, shape in STRUCTURES.items():
         write_volume(Volume(shape.inside(x, y, z).astype(np.uint8), g), masks / f"{name}.nrrd")
     del x, y, z
-    px, py, pz = _coords(PRIOR_DOSE_GRID)
-    prior = _dose(px, py, pz, PRIOR_TARGETS, PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
-    prior *= _body(px, py, pz)
-    write_volume(Volume(prior, PRIOR_DOSE_GRID), out_dir / "dose_course1.nrrd", units="Gy",
+    write_volume(Volume(prior_dose(), PRIOR_DOSE_GRID), out_dir / "dose_course1.nrrd", units="Gy",
                  description="SYNTHETIC prior course physical dose (Gy), 70 Gy / 33 fx, in the current CT frame")
     # the same prior dose as the planning system of the first course saw it: in the prior CT's frame
-    R, t = prior_frame_transform()
-    qx, qy, qz = _coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
-    prior_native = _dose(qx, qy, qz, PRIOR_TARGETS, PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
-    prior_native *= _body(qx, qy, qz)
-    write_volume(Volume(prior_native, PRIOR_DOSE_GRID), out_dir / "dose_course1_prior_frame.nrrd", units="Gy",
+    write_volume(Volume(prior_dose(in_prior_frame=True), PRIOR_DOSE_GRID), out_dir / "dose_course1_prior_frame.nrrd",
+                 units="Gy",
                  description="SYNTHETIC prior course physical dose (Gy) in the prior CT's frame (needs registration)")
-    del qx, qy, qz
-    cx, cy, cz = _coords(CURRENT_DOSE_GRID)
-    cur = _dose(cx, cy, cz, [CURRENT_TARGET], CURRENT_DOSE_GY, sigma_mm=3.5, bath_fraction=0.45, bath_mm=14.0)
-    cur *= _body(cx, cy, cz)
+    cur = current_dose()
     write_volume(Volume(cur, CURRENT_DOSE_GRID), out_dir / "dose_course2.nrrd", units="Gy",
                  description="SYNTHETIC current course physical dose (Gy), 65 Gy / 54 fx twice daily")
     shutil.copyfile(protocols_dir() / "synthetic-demo.yaml", out_dir / "synthetic-demo.yaml")
@@ -217,14 +234,22 @@ def generate(out_dir: Path) -> Path:
         "grid": "dose",
         "protocol": "synthetic-demo.yaml",
         "courses": [
-            {"name": "course1", "dose": "dose_course1.nrrd", "fractions": PRIOR_FRACTIONS,
-             "interval_months": INTERVAL_MONTHS, "registration": {"method": "identity"}},
+            # the prior course as its planning system saw it: its own CT and its dose in that CT's frame,
+            # registered rigidly onto the current CT (not the known offset)
+            {"name": "course1", "dose": "dose_course1_prior_frame.nrrd", "fractions": PRIOR_FRACTIONS,
+             "interval_months": INTERVAL_MONTHS, "image": "ct_prior.nrrd", "registration": {"method": "rigid"}},
             {"name": "course2", "dose": "dose_course2.nrrd", "fractions": CURRENT_FRACTIONS},
         ],
     }
     case_path = out_dir / "case.yaml"
     case_path.write_text("# SYNTHETIC NPC re-irradiation case generated by reirradiation-npc (not a patient)\n"
                          + yaml.safe_dump(case, sort_keys=False), encoding="utf-8")
+    # the same case with the prior dose already in the current frame (no registration): exact, fast, for tests
+    case["courses"][0] = {"name": "course1", "dose": "dose_course1.nrrd", "fractions": PRIOR_FRACTIONS,
+                          "interval_months": INTERVAL_MONTHS, "registration": {"method": "identity"}}
+    (out_dir / "case_identity.yaml").write_text(
+        "# SYNTHETIC NPC re-irradiation case (prior dose pre-registered with the known offset; not a patient)\n"
+        + yaml.safe_dump(case, sort_keys=False), encoding="utf-8")
     (out_dir / "known_prior_offset.json").write_text(json.dumps(
         {"description": "current-CT point p lies at R p + t in the prior CT (LPS mm)",
          **KNOWN_PRIOR_OFFSET}, indent=2), encoding="utf-8")
