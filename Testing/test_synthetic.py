@@ -72,7 +72,8 @@ def test_demo_case_courses(demo):
     d2 = arr(out / "case" / current["dose"])
     # 70 Gy in 33 fractions and 65 Gy in 54 fractions, with fall-off (prescription reached inside the targets)
     assert 0.97 * 70 <= d1.max() <= 70.0 + 1e-3 and d1.min() >= 0
-    assert 0.97 * 65 <= d2.max() <= 65.0 + 1e-3 and d2.min() >= 0
+    # the current plan is normalised to cover its PTV: hot spot 103 % (synthetic.CURRENT_NORMALISATION)
+    assert 0.97 * 65 * 1.03 <= d2.max() <= 65.0 * 1.03 + 1e-3 and d2.min() >= 0
     assert (d1 < 0.5 * 70).mean() > 0.3 and (d2 < 0.5 * 65).mean() > 0.3
     ct = arr(out / "case" / "ct.nrrd")
     assert ct.min() <= -990 and ct.max() >= 500  # HU: air and bone

@@ -94,23 +94,14 @@ def generate_dicom(out_dir: Path, *, prior_structures: bool = True) -> Path:
                          prescription_gy=syn.CURRENT_DOSE_GY, series_description="SYNTHETIC re-irradiation plan")
 
     dg = syn.PRIOR_DOSE_GRID
-    qx, qy, qz = syn._coords(dg, transform=to_current)  # the prior dose grid placed in the prior CT's frame
-    d1 = syn._dose(qx, qy, qz, syn.PRIOR_TARGETS, syn.PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
-    d1 *= syn._body(qx, qy, qz)
-    del qx, qy, qz
+    d1 = syn.prior_dose(in_prior_frame=True)  # the prior dose grid placed in the prior CT's frame
     write_rtdose(Volume(d1, dg), pri, out_dir / "rtdose_course1.dcm",
                  series_description="SYNTHETIC course 1 physical dose", referenced_plan_uids=[plan1])
-    px, py, pz = syn._coords(dg)
-    d1r = syn._dose(px, py, pz, syn.PRIOR_TARGETS, syn.PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6,
-                    bath_mm=28.0) * syn._body(px, py, pz)
-    del px, py, pz
+    d1r = syn.prior_dose()
     write_rtdose(Volume(d1r.astype(np.float32), dg), cur, out_dir / "rtdose_course1_registered.dcm",
                  series_description="SYNTHETIC course 1 dose in current frame", referenced_plan_uids=[plan1])
     cg = syn.CURRENT_DOSE_GRID
-    cx, cy, cz = syn._coords(cg)
-    d2 = syn._dose(cx, cy, cz, [syn.CURRENT_TARGET], syn.CURRENT_DOSE_GY, sigma_mm=3.5, bath_fraction=0.45,
-                   bath_mm=14.0) * syn._body(cx, cy, cz)
-    del cx, cy, cz
+    d2 = syn.current_dose()
     write_rtdose(Volume(d2.astype(np.float32), cg), cur, out_dir / "rtdose_course2.dcm",
                  series_description="SYNTHETIC course 2 physical dose", referenced_plan_uids=[plan2])
 
