@@ -60,8 +60,9 @@ DEFORMABLE_DEFAULTS = {
 }
 # Finest-level polish after the pyramid (tuned on the synthetic phantom, 2 mm and 1.5x1.5x2.5 mm voxels, rotations
 # up to 5 deg, shifts up to 15 mm): regular-step gradient descent with 3x the samples, then 10 conjugate-gradient
-# line-search iterations, which recover weakly constrained rotations (e.g. about the cranio-caudal axis) that
-# step-halving stops short of.
+# line-search iterations, which recover weakly constrained rotations (e.g. about the cranio-caudal axis of the
+# nearly symmetric phantom) that step-halving stops short of. Measured max displacement error over the head box:
+# <= 0.42 mm at 1.5x1.5x2.5 mm voxels; up to 0.7 mm at 2 mm isotropic voxels (rotation about z).
 REFINE_ITERATIONS = 40                 # polish: at most this many regular-step iterations
 REFINE_STEP = 1.0                      # polish: first step (scaled units, about mm at the image's far corner)
 REFINE_SIGMA_MM = None                 # polish smoothing (mm); None: the last level's
@@ -163,13 +164,12 @@ def validate_options(reg, src: str, key: str, base: Path) -> dict:
     if method == "file" and "transform" not in reg:
         fail("transform", "missing (an ITK transform file .tfm/.h5 or a DICOM Spatial Registration object)")
     for a, b in (("shrink_factors", "smoothing_sigmas_mm"), ("bspline_shrink_factors", "bspline_smoothing_sigmas_mm")):
-        if method != "identity" and (a in reg) != (b in reg) and (a in reg or b in reg):
-            n_other = len((RIGID_DEFAULTS | DEFORMABLE_DEFAULTS)[b if a in reg else a])
-            n_this = len(out[a] if a in reg else out[b])
-            if n_this != n_other:
-                fail(a if a in reg else b, f"must have one value per level ({n_other}), or give both {a} and {b}")
-        if a in reg and b in reg and len(out[a]) != len(out[b]):
-            fail(b, f"must have as many values as {a} ({len(out[a])})")
+        if b in reg:
+            n_levels = len(out[a]) if a in reg else len((RIGID_DEFAULTS | DEFORMABLE_DEFAULTS)[a])
+            if len(out[b]) != n_levels:
+                fail(b, f"must have one value per level of {a} ({n_levels})")
+        elif a in reg and a.startswith("bspline") and len(out[a]) != len(DEFORMABLE_DEFAULTS[b]):
+            fail(b, f"missing: give one smoothing value (mm) per level of {a}")
     return out
 
 
@@ -356,7 +356,7 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
                    REFINE_INTERPOLATOR, "rsgd")
     if REFINE_OPTIMIZER == "cg":
         tx, stop = run(tx, [p["shrink_factors"][-1]], [polish_sigma], p["samples_per_level"], 1.0, 1e-3,
-                       CG_ITERATIONS, REFINE_INTERPOLATOR, "cg")
+                       CG_ITERATIONS, REFINE_INTERPOLATOR, REFINE_OPTIMIZER)
     p["stop_condition"] = stop
     p["iterations_per_level"] = iters
     return tx, p
