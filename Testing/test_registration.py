@@ -328,3 +328,43 @@ def test_rigid_without_the_prior_ct_is_a_clear_error(tmp_path):
     ref = Volume(np.zeros((4, 4, 4), np.int16), Grid((4, 4, 4), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     with pytest.raises(InputError, match=r"courses\[0\]\.image"):
         reg.register_course("a", {"method": "rigid"}, ref, None, key="courses[0].registration")
+
+
+# ------------------------------------------------------------------------------- deformable QA machinery
+
+def _mask_image(grid: Grid) -> sitk.Image:
+    m = sitk.GetImageFromArray(np.ones(grid.shape, np.uint8))
+    return grid.apply_to(m)
+
+
+def test_jacobian_check_of_known_transforms():
+    g = Grid((20, 20, 20), (0.0, 0.0, 0.0), (2.0, 2.0, 2.0))
+    mask = _mask_image(g)
+    scale = sitk.AffineTransform(3)
+    scale.SetMatrix((1.1, 0, 0, 0, 1.1, 0, 0, 0, 1.1))
+    jac = reg.jacobian_check(scale, mask)
+    assert jac["min"] == pytest.approx(1.331, abs=1e-6) and jac["max"] == pytest.approx(1.331, abs=1e-6)
+    assert jac["folded_voxels"] == 0 and jac["voxels_checked"] == 20 ** 3
+    # a B-spline whose one control point is pulled 150 mm along x across a 12.7 mm mesh: it folds
+    img = _mask_image(g)
+    b = sitk.BSplineTransformInitializer(img, [3, 3, 3], 3)
+    params = np.zeros(len(b.GetParameters()))
+    n = len(params) // 3
+    params[2 + 6 * 2 + 36 * 2] = 150.0                   # x-coefficient of control point (2, 2, 2), inside
+    b.SetParameters(tuple(params))
+    jac = reg.jacobian_check(reg.compose(sitk.Euler3DTransform(), b), mask)
+    assert jac["min"] <= 0 and jac["folded_voxels"] > 0
+    assert reg.bspline_max_displacement_mm(b) == pytest.approx(150.0)
+
+
+def test_compose_applies_the_bspline_first():
+    g = Grid((10, 10, 10), (0.0, 0.0, 0.0), (2.0, 2.0, 2.0))
+    b = sitk.BSplineTransformInitializer(_mask_image(g), [2, 2, 2], 3)
+    params = np.zeros(len(b.GetParameters()))
+    params[: len(params) // 3] = 1.5                     # every control point displaces x by 1.5 mm
+    b.SetParameters(tuple(params))
+    rot = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, math.radians(90.0), (0.0, 0.0, 0.0))
+    c = reg.compose(rot, b)
+    p = (5.0, 6.0, 7.0)
+    # b(p) = (6.5, 6, 7); rotation by 90 deg about z: (x, y) -> (-y, x)
+    assert np.allclose(c.TransformPoint(p), (-6.0, 6.5, 7.0), atol=1e-9)

@@ -11,6 +11,7 @@ Methods (case file ``registration.method``):
 - ``rigid``: Euler (3 rotations + 3 translations), Mattes mutual information, multi-resolution gradient
   descent; the reference CT is the fixed image, the prior course's CT (``image:``) the moving image.
 - ``deformable``: ``rigid`` followed by a cubic B-spline free-form deformation (L-BFGS-B), SimpleITK.
+  EXPERIMENTAL: not validated against a known deformation (a warning says so in the results).
 - ``file``: ``transform:`` an ITK transform file (.tfm/.txt/.h5, read as mapping reference -> prior unless
   ``invert: true``) or a DICOM Spatial Registration object (rigid REG; its matrix maps the registered frame to
   the REG's own frame, PS3.3 C.20.2.1.1, and is inverted or not according to the frames of reference).
@@ -423,13 +424,29 @@ def jacobian_check(transform: sitk.Transform, mask: sitk.Image) -> dict:
     ref = check.reference_image()
     disp = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
                                              ref.GetSpacing(), ref.GetDirection())
-    det = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(disp, True))
+    det = _jacobian_determinant(sitk.GetArrayFromImage(disp), check)
     m = sitk.GetArrayFromImage(sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
     vals = det[m]
     if vals.size == 0:
         return {"min": None, "max": None, "folded_voxels": 0, "voxels_checked": 0}
     return {"min": float(vals.min()), "max": float(vals.max()), "folded_voxels": int((vals <= 0).sum()),
             "voxels_checked": int(vals.size), "spacing_mm": [float(v) for v in sp]}
+
+
+def _jacobian_determinant(u: np.ndarray, grid: Grid) -> np.ndarray:
+    """det(I + du/dx) of a displacement field ``u`` (k, j, i, 3; mm, LPS components) on ``grid``, float32.
+
+    Derivatives by central differences (one-sided at the border) along the index axes, turned into physical
+    derivatives with the grid's direction and spacing: du/dx = (du/di) diag(1/spacing) D^T.
+    """
+    d_idx = [np.gradient(u, axis=a) for a in (2, 1, 0)]     # du/di, du/dj, du/dk: each (k, j, i, 3)
+    D = grid.direction_matrix / np.asarray(grid.spacing)     # column c: axis c direction / spacing
+    # J[..., r, c] = delta_rc + sum_a du_r/d(idx_a) * dIdx_a/dx_c, with dIdx_a/dx_c = D[c, a]
+    J = np.zeros(u.shape[:3] + (3, 3), dtype=np.float64)
+    for a in range(3):
+        J += d_idx[a][..., :, None] * D[:, a][None, None, None, None, :]
+    J += np.eye(3)
+    return np.linalg.det(J).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ file method
@@ -635,6 +652,9 @@ def register_course(course: str, options: dict, reference: Volume | None, prior_
             out.transform = compose(rig, b)
             out.parameters |= bparams
             out.max_deformation_mm = bspline_max_displacement_mm(b)
+            out.notes.append("deformable registration (B-spline) is experimental in this version: it has not been "
+                             "validated against a known deformation (on the synthetic phantom it did not recover one); "
+                             "review the registered prior CT before using the mapped dose")
     else:  # validated earlier
         raise InputError(f"unsupported method {method!r}", source=src, field=f"{key}.method")
     out.time_s = time.perf_counter() - t0
