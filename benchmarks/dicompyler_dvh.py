@@ -1,6 +1,14 @@
 """Run by a separate interpreter that has dicompyler-core (which needs pydicom < 3): time get_dvh on every ROI.
 
-    python dicompyler_dvh.py RS.dcm RD.dcm [--fine NAME ...]   -> JSON on stdout
+    python dicompyler_dvh.py RS.dcm RD.dcm [--modes default,interpolated] [--resolution MM] [--segments N]
+        -> JSON on stdout
+
+Modes (each timed over every ROI of the structure set):
+- ``default``: ``get_dvh(rs, rd, roi)`` -- the contour is rasterised by voxel-centre inclusion on the dose grid's
+  own pixels (no sub-voxel sampling);
+- ``interpolated``: dicompyler-core's sub-voxel mode, ``interpolation_resolution=(MM, MM)`` (the dose plane is
+  interpolated in-plane to MM mm pixels before the contour is rasterised; needs scikit-image) and
+  ``interpolation_segments_between_planes=N`` (N extra contour/dose planes between each pair of contour planes).
 
 Used by run_benchmarks.py for the contour-based DVH baseline; imports nothing from this project.
 """
@@ -12,24 +20,28 @@ import time
 from dicompylercore import dicomparser, dvhcalc
 
 
+def _arg(argv, name, default):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
 def main(argv):
     rs, rd = argv[0], argv[1]
-    fine_names = set(argv[argv.index("--fine") + 1:]) if "--fine" in argv else set()
+    modes = _arg(argv, "--modes", "default,interpolated").split(",")
+    res = float(_arg(argv, "--resolution", "0.5"))
+    seg = int(_arg(argv, "--segments", "2"))
     rois = dicomparser.DicomParser(rs).GetStructures()
-    out = {"default": {}, "fine": {}}
-    t0 = time.perf_counter()
-    for num, s in rois.items():
-        d = dvhcalc.get_dvh(rs, rd, num)
-        out["default"][s["name"]] = {"volume_cc": float(d.volume), "max_gy": float(d.max), "mean_gy": float(d.mean)}
-    out["default_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for num, s in rois.items():
-        if s["name"] in fine_names:
-            d = dvhcalc.get_dvh(rs, rd, num, interpolation_resolution=(0.5, 0.5),
-                                interpolation_segments_between_planes=2)
-            out["fine"][s["name"]] = {"volume_cc": float(d.volume), "max_gy": float(d.max),
-                                      "mean_gy": float(d.mean)}
-    out["fine_s"] = time.perf_counter() - t0
+    kwargs = {"default": {}, "interpolated": {"interpolation_resolution": (res, res),
+                                              "interpolation_segments_between_planes": seg}}
+    out = {"resolution_mm": res, "segments_between_planes": seg}
+    for mode in modes:
+        rows = {}
+        t0 = time.perf_counter()
+        for num, s in rois.items():
+            d = dvhcalc.get_dvh(rs, rd, num, **kwargs[mode])
+            rows[s["name"]] = {"volume_cc": float(d.volume), "max_gy": float(d.max), "mean_gy": float(d.mean),
+                               "min_gy": float(d.min)}
+        out[mode] = rows
+        out[mode + "_s"] = time.perf_counter() - t0
     print(json.dumps(out))
 
 

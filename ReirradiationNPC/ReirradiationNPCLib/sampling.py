@@ -13,6 +13,10 @@ structure is described by many sample points, each standing for an equal volume:
    x voxel volume). Optionally (``occupancy="linear"``) the mask is linearly interpolated at the sub-voxel
    centres and thresholded at 0.5, which rounds the staircase; this rounds true edges too (a box), so it is not
    the default.
+   A mask much finer than the sample edge in-plane and coarser along z (an RTSTRUCT rasterised on a fine
+   in-plane lattice with one plane per contour plane) is instead merged in-plane (blocks of fine voxels, sample
+   edge <= ``MAX_MERGED_EDGE_MM``) and split along z; each sample is weighted by the volume of the mask voxels it
+   stands for, so the volume stays exactly the mask's (see :func:`_anisotropic_factors`).
 3. The dose is interpolated trilinearly at each sample's physical position (vectorised numpy, any dose grid and
    orientation; only the dose voxels around the samples are read).
 
@@ -43,6 +47,10 @@ MAX_BOX_SAMPLES = 4_000_000
 MAX_SAMPLES = 400_000
 #: Sub-voxel edges are not made finer than this (mm): below it, dose interpolation gains nothing.
 MIN_SAMPLE_SPACING_MM = 0.1
+
+#: Merged samples (fine mask voxels merged into one sample) have edges no longer than this (mm): a sample centre
+#: then lies within a quarter of this from every mask voxel it stands for, which bounds how far Dmax can fall short.
+MAX_MERGED_EDGE_MM = 0.5
 
 OCCUPANCY_RULE = "mask linearly interpolated at sub-voxel centres; inside when >= 0.5"
 
@@ -114,6 +122,8 @@ class StructureSamples:
         """Fraction of the samples beyond ``grid``'s extent (voxel centres +- half a voxel)."""
         if self.n == 0:
             return 0.0
+        if self._within(grid):
+            return 0.0
         key = ("inside", _grid_key(grid))
         if key not in self._cache:
             self._cache[key] = self._resample(None, grid, sitk.sitkNearestNeighbor, 0.0, whole=True) > 0
@@ -149,6 +159,17 @@ class StructureSamples:
         vals = sitk.GetArrayViewFromImage(res).ravel()[self.flat].copy()
         del res
         return vals
+
+    def _within(self, grid: Grid) -> bool:
+        """True when every sample centre lies within ``grid``'s extent (voxel centres +- half a voxel, less a
+        1e-6 voxel margin): the corners of the sampling grid's centre box, mapped into ``grid``'s index space,
+        all do (the box is convex, so every centre inside it does too)."""
+        g = self.grid
+        corners = np.array([[a, b, c] for a in (0, g.size[0] - 1) for b in (0, g.size[1] - 1)
+                            for c in (0, g.size[2] - 1)], dtype=np.float64)
+        idx = grid.physical_to_index(g.index_to_physical(corners))
+        size = np.asarray(grid.size, dtype=np.float64)
+        return bool(np.all(idx >= -0.5 + 1e-6) and np.all(idx <= size - 0.5 - 1e-6))
 
     def _region(self, grid: Grid):
         """Index box [lo, hi) (i, j, k) of ``grid`` around the sampling grid, one voxel margin; None if disjoint.
@@ -202,6 +223,10 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
     n_vox = int(np.count_nonzero(crop))
     mask_cc = n_vox * grid.voxel_volume_cc
     box_ijk = np.array([crop.shape[2], crop.shape[1], crop.shape[0]])
+    if factors is None and occupancy == "nearest":
+        mixed = _anisotropic_factors(sp, n_vox, target)
+        if mixed is not None:
+            return _merged_samples(crop, box, grid, n_vox, *mixed)
     if factors is None and n_vox > MAX_SAMPLES:
         return _block_samples(crop, box, grid, n_vox)
     if factors is None:
@@ -252,6 +277,70 @@ def sample_structure(mask: np.ndarray, grid: Grid, factors: tuple[int, int, int]
     }
     log.debug("sampled structure: %s", info)
     return StructureSamples(sgrid, flat, sample_cc, info)
+
+
+def _anisotropic_factors(sp: np.ndarray, n_vox: int, target: int):
+    """Merge and split factors (i, j, k) for a mask much finer than the sample edge along some axis and coarser
+    along another (an RTSTRUCT rasterised on a fine in-plane lattice with one plane per contour plane); None
+    otherwise (then the mask voxels are subdivided, or blocked when very many, as before).
+
+    Sample edge aimed at: ``h = (V / target)^(1/3)`` (as :func:`choose_factors`). Along an axis with spacing
+    <= h / 2, ``floor(h / spacing)`` mask voxels merge into one sample edge; along an axis with spacing > h, each
+    mask voxel splits into ``ceil(spacing / h)`` (at most ``MAX_FACTOR``).
+    """
+    vol_mm3 = n_vox * float(np.prod(sp))
+    h = min(max((vol_mm3 / target) ** (1.0 / 3.0), MIN_SAMPLE_SPACING_MM), MAX_MERGED_EDGE_MM)
+    merge = np.maximum(np.floor(h / sp + 1e-9), 1).astype(int)
+    split = np.clip(np.ceil(sp / h - 1e-9), 1, MAX_FACTOR).astype(int)
+    split = np.minimum(split, np.maximum(np.floor(sp / MIN_SAMPLE_SPACING_MM), 1).astype(int))
+    if not (np.any(merge >= 2) and np.any(split >= 2)):
+        return None
+    split[merge >= 2] = 1
+    return merge, split
+
+
+def _merged_samples(crop: np.ndarray, box, grid: Grid, n_vox: int, merge: np.ndarray, split: np.ndarray
+                    ) -> StructureSamples:
+    """Blocks of ``merge`` (i, j, k) mask voxels, each split into ``split`` (i, j, k) sub-blocks; one sample at the
+    centre of every sub-block that holds mask voxels, weighted by the volume of those voxels (so the structure
+    volume stays exactly the mask's; the dose is read at the sub-block centre)."""
+    sp = np.asarray(grid.spacing, dtype=float)
+    bk, bj, bi = int(merge[2]), int(merge[1]), int(merge[0])
+    fk, fj, fi = int(split[2]), int(split[1]), int(split[0])
+    K, J, I = crop.shape
+    nk, nj, ni = -(-K // bk), -(-J // bj), -(-I // bi)
+    if (nk * bk, nj * bj, ni * bi) != crop.shape:
+        padded = np.zeros((nk * bk, nj * bj, ni * bi), dtype=bool)
+        padded[:K, :J, :I] = crop
+    else:
+        padded = crop
+    counts = padded.reshape(nk, bk, nj, bj, ni, bi).sum(axis=(1, 3, 5), dtype=np.uint32)
+    del padded
+    if fk * fj * fi > 1:
+        counts = _upsample(counts, fk, fj, fi)
+    flat = np.flatnonzero(counts)
+    nsub = fk * fj * fi
+    weights = counts.ravel()[flat].astype(np.float64) * (grid.voxel_volume_cc / nsub)
+    del counts
+    lo_ijk = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+    step = merge / split                         # sample edge in mask voxels
+    first = lo_ijk - 0.5 + step / 2.0            # continuous mask index of the first sample centre
+    sgrid = Grid((ni * fi, nj * fj, nk * fk), tuple(float(v) for v in grid.index_to_physical(first[None])[0]),
+                 tuple(float(v) for v in sp * step), grid.direction)
+    info = {
+        "method": "merged/split mask voxels (mask finer than the sample edge along some axes)",
+        "merge_ijk": merge.tolist(),
+        "subdivision_ijk": split.tolist(),
+        "sample_spacing_mm": (sp * step).tolist(),
+        "mask_spacing_mm": sp.tolist(),
+        "samples": int(flat.size),
+        "mask_volume_cc": n_vox * grid.voxel_volume_cc,
+        "volume_cc": float(weights.sum()),
+        "occupancy": "each sample weighted by the volume of the mask voxels it stands for; dose at its centre",
+        "dose_interpolation": "trilinear at sample centres",
+    }
+    log.debug("sampled structure: %s", info)
+    return StructureSamples(sgrid, flat, weights, info)
 
 
 def _block_samples(crop: np.ndarray, box, grid: Grid, n_vox: int) -> StructureSamples:
