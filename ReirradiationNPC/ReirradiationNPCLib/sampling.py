@@ -284,9 +284,10 @@ def _anisotropic_factors(sp: np.ndarray, n_vox: int, target: int):
     along another (an RTSTRUCT rasterised on a fine in-plane lattice with one plane per contour plane); None
     otherwise (then the mask voxels are subdivided, or blocked when very many, as before).
 
-    Sample edge aimed at: ``h = (V / target)^(1/3)`` (as :func:`choose_factors`). Along an axis with spacing
-    <= h / 2, ``floor(h / spacing)`` mask voxels merge into one sample edge; along an axis with spacing > h, each
-    mask voxel splits into ``ceil(spacing / h)`` (at most ``MAX_FACTOR``).
+    Sample edge aimed at: ``h = (V / target)^(1/3)`` (as :func:`choose_factors`), at most
+    ``MAX_MERGED_EDGE_MM``. Along an axis with spacing <= h / 2, ``floor(h / spacing)`` mask voxels merge into one
+    sample edge; along an axis with spacing > h, each mask voxel splits into ``ceil(spacing / h)`` (at most
+    ``MAX_FACTOR``). Masks on CT or dose grids (spacing > 0.25 mm in-plane) never merge.
     """
     vol_mm3 = n_vox * float(np.prod(sp))
     h = min(max((vol_mm3 / target) ** (1.0 / 3.0), MIN_SAMPLE_SPACING_MM), MAX_MERGED_EDGE_MM)
