@@ -324,6 +324,9 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
         if mask is not None:
             R.SetMetricFixedMask(mask)
         R.SetInterpolator(interpolator)
+        # image gradients at the sample points only (a gradient image of every level costs more than the samples)
+        R.SetMetricUseMovingImageGradientFilter(False)
+        R.SetMetricUseFixedImageGradientFilter(False)
         if optimizer == "rsgd":
             R.SetOptimizerAsRegularStepGradientDescent(learningRate=lr, minStep=min_step,
                                                        numberOfIterations=iterations, relaxationFactor=0.5,
