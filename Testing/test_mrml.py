@@ -299,8 +299,40 @@ def test_violation_segments_are_red_where_organ_eqd2_exceeds_the_limit(built, en
     m_names = out.planning.margins.names
     gtv, ctv, ptv = (structs[m_names[k]] for k in ("GTV", "CTV", "PTV"))
     assert int(gtv.mask.sum()) < int(ctv.mask.sum()) < int(ptv.mask.sum())
-    for t in (gtv, ctv, ptv):
-        assert display.GetSegmentOpacity3D(seg.GetSegmentIdBySegmentName(t.name)) == pytest.approx(0.35)
+    # every voxel survives: nested segments written into one shared labelmap layer would erase each other
+    for key, t in zip(("GTV", "CTV", "PTV"), (gtv, ctv, ptv)):
+        assert int(t.mask.sum()) == int(getattr(out.planning.margins, key.lower()).sum())
+    for t, want in ((gtv, 0.45), (ctv, 0.2), (ptv, 0.15)):
+        assert display.GetSegmentOpacity3D(seg.GetSegmentIdBySegmentName(t.name)) == pytest.approx(want)
+    for v in out.violations:  # opaque, so that they stand out through the see-through margins and organs
+        assert display.GetSegmentOpacity3D(seg.GetSegmentIdBySegmentName(v.name)) == 1.0
+
+
+@needs_slicer
+def test_structure_segments_keep_every_voxel_and_show_the_organs_in_3d(built, engine_run):
+    """Each structure segment holds exactly its mask's voxels (the body overlaps every organ: in one shared
+    labelmap layer it erased the brainstem, carotids and cochleae); organs at risk are shown in 3D,
+    semi-transparent, in their organ colours; the body and the targets are not shown in 3D."""
+    from ReirradiationNPCLib import mrml
+    from ReirradiationNPCLib.mrml_scene import ORGAN_OPACITY_3D
+    prep = engine_run[0]
+    _, inputs, _ = built
+    node = inputs["structures"]
+    display = node.GetDisplayNode()
+    got = {s.name: int(s.mask.sum()) for s in mrml.structures_from_segmentation(node)}
+    for s in prep.structures:
+        want = int((s.source_mask if s.source_mask is not None else s.mask).sum())
+        assert want > 0 and got[s.name] == want, s.name
+        sid = node.GetSegmentation().GetSegmentIdBySegmentName(s.name)
+        role = s.organ.role if s.organ is not None else None
+        assert display.GetSegmentVisibility3D(sid) == (role not in ("body", "target")), s.name
+    assert display.GetVisibility3D()
+    brain = node.GetSegmentation().GetSegmentIdBySegmentName("Brainstem")
+    assert display.GetSegmentOpacity3D(brain) == pytest.approx(ORGAN_OPACITY_3D) and ORGAN_OPACITY_3D < 1
+    assert node.GetSegmentation().GetSegment(brain).GetColor() == pytest.approx(mrml.ORGAN_COLORS["brainstem"])
+    left, right = (node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName(n)).GetColor()
+                   for n in ("OpticNrv_L", "OpticNrv_R"))
+    assert left == pytest.approx(right)  # one colour per organ, both sides
 
 
 @needs_slicer
@@ -370,14 +402,17 @@ def test_offscreen_3d_view_shows_the_violation_in_red(built, engine_run):
         a = a.astype(int)
         return int(((a[..., 0] > 150) & (a[..., 1] < 60) & (a[..., 2] < 60)).sum())
 
+    structures = built[1]["structures"].GetDisplayNode()
+    structures.SetVisibility3D(False)  # this close-up is of the targets-and-violations segmentation alone
     view = mrml_render.open_view(app.app_logic, app.scene, size=(640, 480))
     if not view.render_window.SupportsOpenGL():
         view.close()
+        structures.SetVisibility3D(True)
         pytest.skip("no OpenGL for offscreen rendering (VTK found neither EGL nor OSMesa: see .ci/run's Mesa packages)")
     try:
         view.look_from(centre - ptv_centre, focus_ras=centre, distance_mm=160.0)
         OUTPUT.mkdir(exist_ok=True)
-        png = view.save_png(OUTPUT / "mrml_3d_view.png")
+        png = view.save_png(OUTPUT / "mrml_3d_violation_closeup.png")
         assert png.stat().st_size > 1000
         px = view.pixels()
         col, row = view.world_to_pixel(centre)
@@ -396,6 +431,68 @@ def test_offscreen_3d_view_shows_the_violation_in_red(built, engine_run):
         for sid in sids:
             display.SetSegmentVisibility(sid, True)
         view.render()
+    finally:
+        view.close()
+        structures.SetVisibility3D(True)
+
+
+@needs_slicer
+def test_review_3d_view_fits_organs_and_targets_and_shows_the_carotid_violation(built, engine_run):
+    """The review picture (the README/extension screenshot): anterior-left-superior camera fitted to the organs at
+    risk, targets and violations shown in 3D; white background; the A_Carotid_L violation (the largest fail
+    region) red where the camera projects its voxels, and not red there with the violation segments hidden."""
+    from ReirradiationNPCLib import mrml_render
+    prep = engine_run[0]
+    app, inputs, out = built
+
+    def reds(a):
+        a = a.astype(int)
+        return int(((a[..., 0] > 150) & (a[..., 1] < 60) & (a[..., 2] < 60)).sum())
+
+    view = mrml_render.open_view(app.app_logic, app.scene, size=(800, 600))
+    if not view.render_window.SupportsOpenGL():
+        view.close()
+        pytest.skip("no OpenGL for offscreen rendering (VTK found neither EGL nor OSMesa: see .ci/run's Mesa packages)")
+    try:
+        points = mrml_render.review_camera(view, inputs["structures"], out.overlays)
+        OUTPUT.mkdir(exist_ok=True)
+        view.save_png(OUTPUT / "mrml_3d_view.png")
+        px = view.pixels()
+        assert px.shape == (600, 800, 3)
+        # the camera sits anterior (+A), left (-R) and superior (+S) of what it looks at
+        cam = view.renderer.GetActiveCamera()
+        look = np.subtract(cam.GetPosition(), cam.GetFocalPoint())
+        assert look[0] < 0 and look[1] > 0 and look[2] > 0
+        # fitted: the brainstem, both temporal lobes and the cord's lower end are among the surface points, every
+        # point projects inside the picture, and the points span most of its height or width
+        names = {inputs["structures"].GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(inputs["structures"].GetSegmentation().GetNumberOfSegments())}
+        assert {"Brainstem", "Lobe_Temporal_L", "SpinalCord", "A_Carotid_L", "Cochlea_L"} <= names
+        proj = np.array([view.world_to_pixel(p) for p in points[:: max(1, len(points) // 4000)]])
+        assert proj[:, 0].min() >= 0 and proj[:, 0].max() < 800 and proj[:, 1].min() >= 0 and proj[:, 1].max() < 600
+        span = max(np.ptp(proj[:, 0]) / 800, np.ptp(proj[:, 1]) / 600)
+        assert span > 0.8
+        assert (px[:5, :5] >= 250).all() and (px[-5:, -5:] >= 250).all()  # white background
+        # the carotid violation: red inside the box its voxel centres project to (from the camera, not guessed)
+        v = max((v for v in out.violations if v.status == "fail"), key=lambda v: int(v.mask.sum()))
+        assert v.structure == "A_Carotid_L"
+        kji = np.argwhere(v.mask) + [b.start for b in v.box]
+        ras = (F3 @ prep.grid.index_to_physical(kji[:, ::-1].astype(float)).T).T
+        cols, rows = np.array([view.world_to_pixel(p) for p in ras]).T
+        window = (slice(rows.min() - 2, rows.max() + 3), slice(cols.min() - 2, cols.max() + 3))
+        shown = reds(px[window])
+        assert shown >= 30, f"no violation red in rows {window[0]}, columns {window[1]}"
+        display = out.overlays.GetDisplayNode()
+        sids = [out.overlays.GetSegmentation().GetSegmentIdBySegmentName(x.name) for x in out.violations]
+        for sid in sids:
+            display.SetSegmentVisibility(sid, False)
+        view.render()
+        try:
+            assert reds(view.pixels()[window]) == 0
+        finally:
+            for sid in sids:
+                display.SetSegmentVisibility(sid, True)
+            view.render()
     finally:
         view.close()
 

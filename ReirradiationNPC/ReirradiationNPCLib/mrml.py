@@ -51,12 +51,34 @@ DOSE_UNIT_VALUE_ATTRIBUTE = "DicomRtImport.DoseUnitValue"
 ROLE_ATTRIBUTE = "ReirradiationNPC.Role"
 COURSE_ATTRIBUTE = "ReirradiationNPC.Course"
 DOSE_COLOR_TABLE_NAME = "ReirradiationNPC EQD2 dose"
-MARGIN_OPACITY = 0.35
+#: 3D opacity of the target segments: the nested margins stay see-through so organs and violations behind them show
+MARGIN_OPACITY = {"GTV": 0.45, "CTV": 0.2, "PTV": 0.15}
 #: points per block when a non-linear transform is sampled on the evaluation grid (bounds the memory used)
 SLAB_POINTS = 2_000_000
 PALETTE = [(0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.58, 0.40, 0.74), (0.55, 0.34, 0.29),
            (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81), (0.68, 0.78, 0.91),
            (1.0, 0.73, 0.47), (0.60, 0.87, 0.54), (0.77, 0.69, 0.84), (0.77, 0.61, 0.58)]
+#: Organ colours (RGB 0-1) by protocol organ key without its _l/_r side, used for the structure segments and their
+#: DVH curves. No reds or ambers: in the 3D view those mean a failed (red) or warned (amber) limit.
+ORGAN_COLORS = {
+    "brainstem": (0.47, 0.36, 0.80), "spinal_cord": (0.13, 0.62, 0.30), "optic_chiasm": (0.05, 0.66, 0.74),
+    "optic_nerve": (0.05, 0.66, 0.74), "temporal_lobe": (0.72, 0.62, 0.86), "carotid": (0.58, 0.22, 0.50),
+    "cochlea": (0.36, 0.52, 0.14), "parotid": (0.55, 0.80, 0.55), "mandible": (0.80, 0.80, 0.72),
+    "tm_joint": (0.70, 0.70, 0.60), "pituitary": (0.55, 0.45, 0.35), "eye": (0.50, 0.72, 0.95),
+    "lens": (0.70, 0.88, 1.00),
+}
+#: PALETTE entries for structures without an organ colour (the oranges of PALETTE are left out: amber = warn)
+_STRUCTURE_PALETTE = [c for c in PALETTE if not (c[0] > 0.9 and c[2] < 0.6)]
+
+
+def structure_color(structure, index: int) -> tuple[float, float, float]:
+    """Display colour (RGB 0-1) of a structure: its organ's colour, else a palette colour by ``index``."""
+    organ = getattr(structure, "organ", None)
+    key = getattr(organ, "key", "") or ""
+    for suffix in ("_l", "_r"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+    return ORGAN_COLORS.get(key, _STRUCTURE_PALETTE[index % len(_STRUCTURE_PALETTE)])
 
 
 def _scene(scene=None):
@@ -322,6 +344,9 @@ def add_segment(segmentation_node, name: str, mask: np.ndarray, box: tuple[slice
     """Add a segment from a bool crop ``mask`` at ``box`` (k, j, i) of ``grid``; returns the segment ID."""
     seg = segmentation_node.GetSegmentation()
     sid = seg.AddEmptySegment("", name, list(color))
+    # its own labelmap layer: segments overlap (organs inside the body, margins nested, violations inside organs),
+    # and writing into a shared layer would erase the other segments' voxels where they overlap
+    seg.SeparateSegmentLabelmap(sid)
     lo = tuple(b.start for b in box[::-1])
     hi = tuple(b.stop for b in box[::-1])
     image = _oriented_image(mask, grid.subgrid(lo, hi))
@@ -598,8 +623,9 @@ def dvh_chart(prep: Prepared, analysis: Analysis, name: str, scene=None):
     chart.SetYAxisTitle("Volume (%)")
     chart.SetAttribute(ROLE_ATTRIBUTE, "dvh_chart")
     colors = {}
-    for idx, s in enumerate(shown):
-        color = PALETTE[idx % len(PALETTE)]
+    order = {id(x): i for i, x in enumerate(prep.structures)}  # same colours as the structure segments
+    for s in shown:
+        color = structure_color(s, order[id(s)])
         colors[s.name] = color
         series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"DVH {s.name}")
         series.SetAndObserveTableNodeID(table.GetID())
@@ -734,7 +760,7 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
             mask = getattr(margins_found, key.lower())
             if mask.any():
                 add_segment(seg, margins_found.names.get(key, key), mask, margins_found.box, margins_found.grid,
-                            MARGIN_COLORS[key], MARGIN_OPACITY, {"ReirradiationNPC.Kind": "margin",
+                            MARGIN_COLORS[key], MARGIN_OPACITY[key], {"ReirradiationNPC.Kind": "margin",
                                                                 "ReirradiationNPC.Target": key})
     viol = [v for v in plan.violations if v.mask.any()]
     for v in viol:

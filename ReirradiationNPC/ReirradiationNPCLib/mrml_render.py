@@ -58,6 +58,31 @@ class OffscreenView:
         self.renderer.ResetCameraClippingRange()
         self.render()
 
+    def look_at_points(self, points_ras, direction_ras, view_up_ras=(0.0, 0.0, 1.0), margin: float = 1.06) -> None:
+        """Look at the points ``points_ras`` (N x 3, RAS mm) from ``direction_ras`` (from the points toward the
+        camera), centred and as close as keeps every point in the picture.
+
+        ``view_up_ras`` is made perpendicular to the direction; ``margin`` > 1 leaves a border (a fraction of the
+        field of view). Perspective camera with the renderer camera's (vertical) view angle."""
+        p = np.asarray(points_ras, dtype=float).reshape(-1, 3)
+        d = np.asarray(direction_ras, dtype=float)
+        d /= np.linalg.norm(d)
+        up = np.asarray(view_up_ras, dtype=float)
+        up = up - up.dot(d) * d
+        up /= np.linalg.norm(up)
+        right = np.cross(up, d)  # screen x (the camera looks along -d)
+        x, y, z = p @ right, p @ up, p @ d
+        # focus: the middle of the points across the screen, at the depth of their middle
+        centre = (x.max() + x.min()) / 2 * right + (y.max() + y.min()) / 2 * up + (z.max() + z.min()) / 2 * d
+        x, y, z = x - centre @ right, y - centre @ up, z - centre @ d
+        w, h = self.render_window.GetSize()
+        tan_v = np.tan(np.radians(self.renderer.GetActiveCamera().GetViewAngle()) / 2.0) / margin
+        tan_h = tan_v * w / h
+        # a point at screen offsets (x, y) and depth z toward the camera is in the picture when |x| <= tan_h (D - z)
+        # and |y| <= tan_v (D - z), D being the camera's distance from the focus
+        distance = float(np.max(np.maximum(np.abs(x) / tan_h, np.abs(y) / tan_v) + z))
+        self.look_from(d, focus_ras=centre, distance_mm=distance, view_up_ras=tuple(up))
+
     def world_to_pixel(self, ras) -> tuple[int, int]:
         """(column, row) of a RAS point in the saved image (row 0 at the top)."""
         self.renderer.SetWorldPoint(*ras, 1.0)
@@ -123,9 +148,59 @@ def open_view(app_logic, scene, size=(800, 600), name: str = "1", background=(1.
     view_node.SetAxisLabelsVisible(False)
     view_node.SetBackgroundColor(*background)
     view_node.SetBackgroundColor2(*background)
+    view_node.SetUseDepthPeeling(True)  # nested semi-transparent surfaces drawn in depth order
     group.SetMRMLDisplayableNode(view_node)
     view = OffscreenView(view_node, window, renderer, group)
     view._keep = (interactor, view_logic)  # keep the VTK objects alive with the view
     log.debug("offscreen render window: %s", window.GetClassName())
     view.render()
     return view
+
+
+#: Camera direction of the review picture, from the scene toward the camera (RAS): anterior-left-superior, so the
+#: left temporal lobe, the optic apparatus and the brainstem behind the target are seen at an angle.
+REVIEW_DIRECTION_RAS = (-1.0, 1.2, 0.5)
+
+
+def shown_surface_points(*segmentation_nodes) -> np.ndarray:
+    """Vertices (N x 3, RAS mm) of the closed surfaces of the segments shown in 3D (segmentation and segment
+    visible in 3D) of ``segmentation_nodes``; empty (0 x 3) when none is shown. Closed surfaces are created where
+    missing. The nodes must not sit under transforms (the MRML layer's segmentations do not)."""
+    chunks = [np.zeros((0, 3))]
+    for node in segmentation_nodes:
+        display = node.GetDisplayNode() if node is not None else None
+        if display is None or not display.GetVisibility() or not display.GetVisibility3D():
+            continue
+        node.CreateClosedSurfaceRepresentation()
+        seg = node.GetSegmentation()
+        for n in range(seg.GetNumberOfSegments()):
+            sid = seg.GetNthSegmentID(n)
+            if not display.GetSegmentVisibility(sid) or not display.GetSegmentVisibility3D(sid):
+                continue
+            surface = node.GetClosedSurfaceInternalRepresentation(sid)
+            if surface is not None and surface.GetNumberOfPoints():
+                chunks.append(numpy_support.vtk_to_numpy(surface.GetPoints().GetData()).astype(float))
+    return np.concatenate(chunks)
+
+
+def review_camera(view: OffscreenView, *segmentation_nodes, direction_ras=REVIEW_DIRECTION_RAS) -> np.ndarray:
+    """Point the camera of ``view`` from ``direction_ras`` at everything shown in 3D of ``segmentation_nodes``
+    (organs at risk, targets, violations), fitted to the picture. Returns the surface points fitted (RAS mm)."""
+    points = shown_surface_points(*segmentation_nodes)
+    if len(points):
+        view.look_at_points(points, direction_ras)
+    return points
+
+
+def save_review_png(app_logic, scene, structures_node, overlays_node, path: Path, size=(800, 600),
+                    background=(1.0, 1.0, 1.0)) -> Path:
+    """Render the 3D review picture (organs at risk semi-transparent, targets see-through, violations opaque red
+    / amber) offscreen from anterior-left-superior and save it as a PNG at ``path``."""
+    view = open_view(app_logic, scene, size=size, background=background)
+    try:
+        if not view.render_window.SupportsOpenGL():
+            raise RuntimeError("no OpenGL for offscreen rendering (VTK found neither EGL nor OSMesa)")
+        review_camera(view, structures_node, overlays_node)
+        return view.save_png(Path(path))
+    finally:
+        view.close()

@@ -22,6 +22,9 @@ from .results import Results
 
 log = logging.getLogger(__name__)
 
+#: 3D opacity of the organ-at-risk surfaces: violation segments inside them stay visible through them
+ORGAN_OPACITY_3D = 0.3
+
 
 def check_available() -> None:
     """Raise InputError with an install hint when slicer-core is missing (call before any work)."""
@@ -73,9 +76,16 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
             box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
         if not mask.any():
             continue
-        opacity = 0.15 if s.organ is not None and s.organ.role == "body" else 0.6
-        mrml.add_segment(seg, s.name, mask, box, grid, mrml.PALETTE[idx % len(mrml.PALETTE)], opacity)
-    seg.GetDisplayNode().SetVisibility3D(False)  # the targets-and-violations segmentation is the one shown in 3D
+        role = s.organ.role if s.organ is not None else None
+        sid = mrml.add_segment(seg, s.name, mask, box, grid, mrml.structure_color(s, idx),
+                               0.15 if role == "body" else ORGAN_OPACITY_3D)
+        seg.GetDisplayNode().SetSegmentOpacity2DFill(sid, 0.15 if role == "body" else 0.5)
+        # in 3D: the organs at risk, semi-transparent; not the body (it would hide everything) nor the targets
+        # (the targets-and-violations segmentation shows GTV/CTV/PTV)
+        seg.GetDisplayNode().SetSegmentVisibility3D(sid, role not in ("body", "target"))
+    if seg.GetSegmentation().GetNumberOfSegments():
+        seg.CreateClosedSurfaceRepresentation()
+    seg.GetDisplayNode().SetVisibility3D(True)
     nodes["structures"] = seg
     mrml._set_parent(sh, seg, folder)
     return nodes
