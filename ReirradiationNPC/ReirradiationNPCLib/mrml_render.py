@@ -158,8 +158,8 @@ def open_view(app_logic, scene, size=(800, 600), name: str = "1", background=(1.
 
 
 #: Camera direction of the review picture, from the scene toward the camera (RAS): anterior-left-superior, so the
-#: left temporal lobe, the optic apparatus and the brainstem behind the target are seen at an angle.
-REVIEW_DIRECTION_RAS = (-1.0, 1.2, 0.5)
+#: left carotid, the spinal cord and the brainstem behind the target are seen apart, the temporal lobes at an angle.
+REVIEW_DIRECTION_RAS = (-1.5, 1.0, 0.5)
 
 
 def shown_surface_points(*segmentation_nodes) -> np.ndarray:
