@@ -74,8 +74,8 @@ def test_violation_voxels_are_exactly_those_above_the_limit_in_a_gradient():
             cresult("Brainstem", "brainstem", "V40Gy", 1.0, "fail")]
     cons[3].unit = "cc"
     v = budget.violations(cons, [s], courses, prot, GRID)
-    assert [x.status for x in v] == ["fail", "warn"]          # pass and volume metrics give no segment
-    fail, warn = v
+    assert [x.status for x in v] == ["fail", "warn", "fail"]  # a pass gives no segment
+    fail, warn, vol = v
     assert fail.name == "Brainstem D0.03cc > 50 Gy" and fail.color == budget.RED
     full = np.zeros(SHAPE, bool)
     full[fail.box] = fail.mask
@@ -87,6 +87,14 @@ def test_violation_voxels_are_exactly_those_above_the_limit_in_a_gradient():
     full[:] = False
     full[warn.box] = warn.mask
     assert np.array_equal(full, X >= 45)
+    # V40Gy > 1 cc: the region is the organ volume receiving >= 40 Gy EQD2. At x Gy in 20 fx (ab 2),
+    # EQD2 = x (x / 20 + 2) / 4 = 40 exactly at x = 40 (2 Gy per fraction), so the region is x >= 40.
+    assert vol.name == "Brainstem V40Gy > 1 cc" and vol.color == budget.RED
+    assert vol.unit == "cc" and vol.limit == 1.0 and vol.limit_gy is None and vol.threshold_gy == 40.0
+    full[:] = False
+    full[vol.box] = vol.mask
+    assert np.array_equal(full, X >= 40)
+    assert vol.volume_cc == pytest.approx(60 * 16 / 1000.0)
 
 
 def test_violation_uses_organ_credit_and_current_scope():
@@ -231,12 +239,11 @@ def test_synthetic_case_planning_outputs_and_feedback(synthetic_case, tmp_path):
     gtvp = sitk.GetArrayFromImage(sitk.ReadImage(str(synthetic_case.parent / "structures" / "GTVp.nrrd")))
     assert int(segs[0].mask.sum()) == int(gtvp.sum())
     assert plan.reirradiation_type["type"] == 1                   # the recurrence sits in the prior high dose
-    fails = {(c.structure, c.metric, c.limit) for c in analysis.constraints if c.status in ("fail", "warn")
-             and c.unit == "Gy"}
+    fails = {(c.structure, c.metric, c.limit) for c in analysis.constraints if c.status in ("fail", "warn")}
     vsegs = read_segmentation(tmp_path / "violations.seg.nrrd")
-    assert len(vsegs) == len(fails) == len(plan.violations)
+    assert len(vsegs) == len(fails) == len(plan.violations)     # dose and volume limits alike
     for v in plan.violations:
-        assert (v.structure, v.metric, v.limit_gy) in fails
+        assert (v.structure, v.metric, v.limit) in fails
     # feedback: the remaining-dose map as the current course keeps every point-type limit, reaching the binding one
     rd = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remaining_dose.nrrd")))
     assert np.array_equal(rd, plan.remaining.array)

@@ -474,8 +474,7 @@ def test_review_3d_view_fits_organs_and_targets_and_shows_the_carotid_violation(
         assert span > 0.8
         assert (px[:5, :5] >= 250).all() and (px[-5:, -5:] >= 250).all()  # white background
         # the carotid violation: red inside the box its voxel centres project to (from the camera, not guessed)
-        v = max((v for v in out.violations if v.status == "fail"), key=lambda v: int(v.mask.sum()))
-        assert v.structure == "A_Carotid_L"
+        v = next(v for v in out.violations if v.status == "fail" and v.structure == "A_Carotid_L")
         kji = np.argwhere(v.mask) + [b.start for b in v.box]
         ras = (F3 @ prep.grid.index_to_physical(kji[:, ::-1].astype(float)).T).T
         cols, rows = np.array([view.world_to_pixel(p) for p in ras]).T

@@ -31,7 +31,7 @@ import numpy as np
 from .analysis import CourseData, StructureData
 from .eqd2 import eqd2, physical_dose_for_eqd2
 from .geometry import Grid
-from .protocol import Protocol
+from .protocol import Protocol, parse_metric
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,23 @@ class Violation:
     metric: str
     scope: str
     status: str               # fail | warn
-    limit_gy: float
-    threshold_gy: float       # EQD2 above which voxels are marked (the limit, or the warning threshold)
+    limit: float              # the constraint's limit, in ``unit``
+    threshold_gy: float       # EQD2 from which voxels are marked (D metrics: the limit or the warning threshold;
+                              # V<x>Gy metrics: x, the dose level whose volume exceeds its limit)
     color: tuple[float, float, float]
     mask: np.ndarray          # bool crop over ``box``
     box: tuple[slice, slice, slice]
     volume_cc: float
+    unit: str = "Gy"          # Gy (dose metrics) | cc | % (volume metrics)
+
+    @property
+    def limit_gy(self) -> float | None:
+        return self.limit if self.unit == "Gy" else None
 
     def summary(self) -> dict:
         return {"segment": self.name, "structure": self.structure, "organ": self.organ, "metric": self.metric,
-                "scope": self.scope, "status": self.status, "limit_gy": self.limit_gy,
-                "threshold_gy": self.threshold_gy, "volume_cc": self.volume_cc,
+                "scope": self.scope, "status": self.status, "limit": self.limit, "unit": self.unit,
+                "limit_gy": self.limit_gy, "threshold_gy": self.threshold_gy, "volume_cc": self.volume_cc,
                 "color": "red" if self.status == "fail" else "amber"}
 
 
@@ -99,12 +105,20 @@ def warn_threshold(limit: float, constraint, protocol: Protocol) -> float:
 
 def violations(constraints, structures: list[StructureData], courses: list[CourseData], protocol: Protocol,
                grid: Grid) -> list[Violation]:
-    """One :class:`Violation` per ``fail``/``warn`` constraint on a dose metric of a present structure."""
+    """One :class:`Violation` per ``fail``/``warn`` constraint of a present structure.
+
+    Dose metrics (Dmax, D<x>cc, ...): the organ voxels whose EQD2 exceeds the limit (fail) or the warning threshold
+    (warn). Volume metrics V<x>Gy: the organ voxels receiving at least x Gy EQD2, i.e. the volume whose size breaks
+    (or nears) the limit. Dmin-type metrics are lower bounds and get no region.
+    """
     by_name = {s.name: s for s in structures}
     out = []
     cache: dict[tuple[str, str], np.ndarray] = {}
     for c in constraints:
-        if c.status not in ("fail", "warn") or c.unit != "Gy" or c.limit is None or c.structure is None:
+        if c.status not in ("fail", "warn") or c.limit is None or c.structure is None:
+            continue
+        metric = parse_metric(c.metric)
+        if c.unit == "Gy" and metric.kind == "min":
             continue
         s = by_name.get(c.structure)
         if s is None or s.mask.size == 0:
@@ -113,6 +127,18 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
         if key not in cache:
             cache[key] = organ_eqd2(s, courses, protocol, c.scope)
         dose = cache[key]
+        if metric.is_volume:
+            thr = float(metric.param)
+            name = f"{s.name} {c.metric} > {c.limit:g} {c.unit}"
+            if c.status == "warn":
+                name += " (warn: within tolerance)"
+            if c.scope == "current":
+                name += " (current course)"
+            mask = s.mask & (dose >= thr)
+            out.append(Violation(name, s.name, c.organ, c.metric, c.scope, c.status, float(c.limit), thr,
+                                 RED if c.status == "fail" else AMBER, mask, s.box,
+                                 float(mask.sum()) * grid.voxel_volume_cc, unit=c.unit))
+            continue
         if c.status == "fail":
             thr = float(c.limit)
             name = f"{s.name} {c.metric} > {c.limit:g} Gy"

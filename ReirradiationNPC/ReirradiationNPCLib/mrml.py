@@ -703,7 +703,7 @@ def worst_violation(violations: list, constraints: list):
     return None
 
 
-MARGIN_COLORS = {"GTV": (0.85, 0.10, 0.55), "CTV": (0.95, 0.75, 0.10), "PTV": (0.20, 0.55, 0.95)}
+MARGIN_COLORS = planning_aids.MARGIN_COLORS  # one source for the target colours
 
 
 def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, name: str, scene=None,

@@ -25,7 +25,8 @@ from .masks import structure_on_grid
 
 log = logging.getLogger(__name__)
 
-MARGIN_COLORS = {"GTV": (0.85, 0.10, 0.10), "CTV": (1.00, 0.55, 0.00), "PTV": (0.20, 0.45, 1.00)}
+#: Target colours (RGB 0-1). No red or amber: those mean fail / warn in violation segments.
+MARGIN_COLORS = {"GTV": (0.85, 0.10, 0.55), "CTV": (0.10, 0.70, 0.45), "PTV": (0.20, 0.55, 0.95)}
 
 
 @dataclass
@@ -157,8 +158,9 @@ def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> Non
         sub = grid.subgrid(tuple(b.start for b in box[::-1]), tuple(b.stop for b in box[::-1]))
         segs = [(v.name, margins.paste(v.mask, v.box, box), v.color) for v in plan.violations]
         write_segmentation(segs, sub, stage / "violations.seg.nrrd")
-        files["violations.seg.nrrd"] = ("One segment per fail (red) / warn (amber) dose constraint: the organ's "
-                                        "voxels whose EQD2 exceeds the limit (warn: the warning threshold)")
+        files["violations.seg.nrrd"] = ("One segment per fail (red) / warn (amber) constraint: the organ's "
+                                        "voxels whose EQD2 exceeds the limit (warn: the warning threshold); "
+                                        "for V<x>Gy limits the voxels receiving at least x Gy")
     if plan.headroom is not None:
         _write_float(plan.headroom, grid, stage / "headroom.nrrd",
                      "Headroom (Gy EQD2) = cumulative limit - cumulative organ EQD2 (organ alpha/beta and credit); "
