@@ -51,6 +51,7 @@ RIGID_DEFAULTS = {
     "samples_per_level": 50000,       # random metric samples per level (inside the mask)
     "iterations": 200,                # maximum optimizer iterations per level
     "histogram_bins": 50,             # Mattes mutual information
+    "metric": "correlation",          # final full-resolution stage: correlation (same modality, CT-CT) | mattes
 }
 DEFORMABLE_DEFAULTS = {
     "mesh_size": 6,                   # B-spline mesh elements per axis over the body's bounding box
@@ -62,8 +63,12 @@ DEFORMABLE_DEFAULTS = {
 # Finest-level polish after the pyramid (tuned on the synthetic phantom, 2 mm and 1.5x1.5x2.5 mm voxels, rotations
 # up to 5 deg, shifts up to 15 mm): regular-step gradient descent with 3x the samples, then 10 conjugate-gradient
 # line-search iterations, which recover weakly constrained rotations (e.g. about the cranio-caudal axis of the
-# nearly symmetric phantom) that step-halving stops short of. Measured max displacement error over the head box:
-# <= 0.42 mm at 1.5x1.5x2.5 mm voxels; up to 0.7 mm at 2 mm isotropic voxels (rotation about z).
+# nearly symmetric phantom) that step-halving stops short of. Then (metric: correlation, the default) a final
+# full-resolution stage with normalised correlation, images smoothed by 1.5 voxels: without smoothing, the
+# aliased edges of the analytic phantom bias every metric's optimum (up to 0.87 mm at the head-box corners
+# for 1 deg about z); with it the optimum is within 0.2-0.35 mm of the truth. Measured over 14 seeded
+# random transforms at 2 mm isotropic voxels: max displacement error over the head box 0.47 mm, mean 0.30 mm
+# (MI only: up to 0.87 mm), 8-13 s on 2 busy cores.
 REFINE_ITERATIONS = 40                 # polish: at most this many regular-step iterations
 REFINE_STEP = 1.0                      # polish: first step (scaled units, about mm at the image's far corner)
 REFINE_SIGMA_MM = None                 # polish smoothing (mm); None: the last level's
@@ -71,6 +76,13 @@ REFINE_INTERPOLATOR = sitk.sitkLinear
 REFINE_OPTIMIZER = "cg"                # "cg": add the conjugate-gradient stage; "rsgd": regular-step only
 CG_ITERATIONS = 10
 REFINE_SAMPLES = 3                     # polish: this many times samples_per_level
+FINAL_SAMPLES = 200_000                # final correlation stage: random samples in the body mask (fixed seed)
+FINAL_STEP = 2.0                       # final stage: first step (scaled units, ~mm at the far corner)
+FINAL_ITERATIONS = 100
+FINAL_OPTIMIZER = "rsgd"
+FINAL_SIGMA_VOXELS = 1.5
+FINAL_SAMPLING = "random"
+BSPLINE_METRIC = "meansquares"
 _SEED = 20211                          # fixed: the same inputs give the same registration
 _QA_SAMPLES = 200000                   # metric QA samples (regular grid, fixed seed)
 _JACOBIAN_SPACING_MM = 2.0             # coarsest spacing of the Jacobian check grid
@@ -132,6 +144,8 @@ def validate_options(reg, src: str, key: str, base: Path) -> dict:
             continue
         if k == "mask" and reg[k] not in ("body", "none"):
             fail(k, f"must be 'body' or 'none', got {reg[k]!r}")
+        elif k == "metric" and reg[k] not in ("correlation", "mattes"):
+            fail(k, f"must be 'correlation' (CT to CT) or 'mattes' (mutual information only), got {reg[k]!r}")
         elif k == "initialization" and reg[k] not in ("geometry", "moments", "none"):
             fail(k, f"must be 'geometry', 'moments' or 'none', got {reg[k]!r}")
         elif k == "body_threshold_hu":
@@ -316,10 +330,15 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
     iters: list[int] = []
 
     def run(initial, shrink, sigmas, samples, lr, min_step, iterations, interpolator=sitk.sitkLinear,
-            optimizer="rsgd"):
+            optimizer="rsgd", metric="mattes", sampling="random"):
         R = sitk.ImageRegistrationMethod()
-        R.SetMetricAsMattesMutualInformation(int(p["histogram_bins"]))
-        R.SetMetricSamplingStrategy(R.RANDOM)
+        if metric == "mattes":
+            R.SetMetricAsMattesMutualInformation(int(p["histogram_bins"]))
+        elif metric == "correlation":
+            R.SetMetricAsCorrelation()
+        else:
+            R.SetMetricAsMeanSquares()
+        R.SetMetricSamplingStrategy(R.RANDOM if sampling == "random" else R.REGULAR)
         R.SetMetricSamplingPercentagePerLevel(_sampling_percentages(fixed, mask, shrink, samples), _SEED)
         if mask is not None:
             R.SetMetricFixedMask(mask)
@@ -361,6 +380,12 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
     if REFINE_OPTIMIZER == "cg":
         tx, stop = run(tx, [p["shrink_factors"][-1]], [polish_sigma], p["samples_per_level"], 1.0, 1e-3,
                        CG_ITERATIONS, REFINE_INTERPOLATOR, REFINE_OPTIMIZER)
+    if p["metric"] == "correlation":
+        # same-modality final stage: normalised correlation at full resolution, unsmoothed (sharper than mutual
+        # information for CT-to-CT; insensitive to a linear HU recalibration between the scans)
+        final_sigma = FINAL_SIGMA_VOXELS * max(fixed.GetSpacing())
+        tx, stop = run(tx, [1], [final_sigma], FINAL_SAMPLES, FINAL_STEP, 1e-3, FINAL_ITERATIONS, sitk.sitkLinear, FINAL_OPTIMIZER,
+                       "correlation", FINAL_SAMPLING)
     p["stop_condition"] = stop
     p["iterations_per_level"] = iters
     return tx, p
@@ -378,7 +403,10 @@ def bspline(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, opti
     p["mesh_size"] = mesh
     tx = sitk.BSplineTransformInitializer(fixed, mesh, 3)
     R = sitk.ImageRegistrationMethod()
-    R.SetMetricAsMattesMutualInformation(50)
+    if BSPLINE_METRIC == "meansquares":
+        R.SetMetricAsMeanSquares()
+    else:
+        R.SetMetricAsMattesMutualInformation(50)
     R.SetMetricSamplingStrategy(R.RANDOM)
     R.SetMetricSamplingPercentagePerLevel(_sampling_percentages(fixed, mask, p["bspline_shrink_factors"],
                                                                 p["bspline_samples_per_level"]), _SEED)
