@@ -344,6 +344,10 @@ def test_run_writes_the_transform_and_the_registered_prior_ct(tmp_path):
     ({"method": "rigid", "mask": "head"}, "courses[0].registration.mask"),
     ({"method": "file"}, "courses[0].registration.transform"),
     ({"method": "deformable", "mesh_size": 0}, "courses[0].registration.mesh_size"),
+    ({"method": "rigid", "metric": "mutual"}, "courses[0].registration.metric"),
+    ({"method": "deformable", "algorithm": "syn"}, "courses[0].registration.algorithm"),
+    ({"method": "rigid", "algorithm": "demons"}, "courses[0].registration.algorithm"),
+    ({"method": "deformable", "demons_iterations": [10, 10]}, "courses[0].registration.demons_iterations"),
     ({"method": "rigid", "shrink_factors": [4, 2], "smoothing_sigmas_mm": [1.0]},
      "courses[0].registration.smoothing_sigmas_mm"),
 ])
@@ -402,3 +406,67 @@ def test_compose_applies_the_bspline_first():
     p = (5.0, 6.0, 7.0)
     # b(p) = (6.5, 6, 7); rotation by 90 deg about z: (x, y) -> (-y, x)
     assert np.allclose(c.TransformPoint(p), (-6.0, 6.5, 7.0), atol=1e-9)
+
+
+# ------------------------------------------------------------------------------- deformable: known deformation
+
+DEFORM_GRID = Grid((80, 80, 84), (-118.5, -118.5, -150.0), (3.0, 3.0, 3.0))
+
+
+def _known_u(x, y, z, amplitude=4.0):
+    """Smooth known displacement (mm): reference point p maps to p + u(p) in the prior frame (|u| up to ~4.9 mm)."""
+    ux = amplitude * np.sin(2 * np.pi * (z + 20) / 180.0) * np.cos(2 * np.pi * y / 240.0)
+    uy = 0.8 * amplitude * np.cos(2 * np.pi * x / 200.0) * np.sin(2 * np.pi * (z - 30) / 200.0)
+    uz = 0.7 * amplitude * np.sin(2 * np.pi * (x + y) / 220.0)
+    return ux, uy, uz
+
+
+def _inverse_of_known(q):
+    """T^-1(q) for T(p) = p + u(p), by fixed-point iteration x = q - u(x) (|grad u| << 1: converges)."""
+    x = q.copy()
+    for _ in range(30):
+        x = q - np.stack(_known_u(x[:, 0], x[:, 1], x[:, 2]), axis=1)
+    return x
+
+
+@pytest.fixture(scope="module")
+def deformed_pair_result():
+    g = DEFORM_GRID
+    ref = Volume(synthetic.phantom_ct(g).astype(np.int16), g)
+    # the prior voxel at q shows the anatomy at T^-1(q), so prior(T(p)) = ref(p)
+    prior = Volume(synthetic.phantom_ct(g, transform=_inverse_of_known, seed=99).astype(np.int16), g)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in g.shape), indexing="ij")
+    pts = g.index_to_physical(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+    truth = np.stack(_known_u(pts[:, 0], pts[:, 1], pts[:, 2]), axis=1)
+    body = (sitk.GetArrayFromImage(reg.body_mask(reg._float_image(ref), -400.0, 0.0)) > 0).ravel()
+    t0 = time.perf_counter()
+    out = reg.register_course("c1", {"method": "deformable"}, ref, prior)
+    wall = time.perf_counter() - t0
+    ref_img = g.reference_image()
+    disp = sitk.TransformToDisplacementField(out.transform, sitk.sitkVectorFloat64, ref_img.GetSize(),
+                                             ref_img.GetOrigin(), ref_img.GetSpacing(), ref_img.GetDirection())
+    found = sitk.GetArrayFromImage(disp).reshape(-1, 3)
+    err = np.linalg.norm(found[body] - truth[body], axis=1)
+    identity_err = np.linalg.norm(truth[body], axis=1)
+    return out, wall, err, identity_err
+
+
+def test_deformable_demons_moves_towards_a_known_deformation_without_folding(deformed_pair_result):
+    """What holds today: no folding, the error against the true forward field (reference -> prior) is reduced
+    (a field of the wrong direction or sign would increase it), under a minute, and the results warn."""
+    out, wall, err, identity_err = deformed_pair_result
+    assert identity_err.mean() > 2.5                          # the deformation is not trivial: 3.1 mm mean
+    assert out.parameters["algorithm"] == "demons"
+    assert out.jacobian["folded_voxels"] == 0 and out.jacobian["min"] > 0
+    assert err.mean() < identity_err.mean() - 0.3, (err.mean(), identity_err.mean())   # measured 2.6 vs 3.1 mm
+    assert wall < 60.0
+    assert any("experimental" in n for n in out.notes)
+    qa = reg.qa_dict(out)
+    assert qa["jacobian_determinant"]["folded_voxels"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="deformable registration does not yet reach the 1.5 mm mean-error target on "
+                                       "the phantom (measured about 2.6 mm); see registration.py")
+def test_deformable_recovers_a_known_smooth_deformation_within_1_5_mm(deformed_pair_result):
+    _, _, err, _ = deformed_pair_result
+    assert err.mean() < 1.5
