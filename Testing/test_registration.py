@@ -71,7 +71,8 @@ def test_rigid_recovers_a_known_transform(angles, shift):
     before = max_corner_error(sitk.Euler3DTransform(), truth)
     assert before > 10.0  # the test is not trivially passed by the identity
     assert out.metric_after > out.metric_before + 0.1
-    assert wall < 20.0
+    # speed is measured in benchmarks/run_benchmarks.py (not asserted here: CI machines are shared)
+    print(f'registration wall time {wall:.1f} s')
     M, b = out.affine_matrix()
     Mt, bt = reg.affine_of(truth)
     assert np.allclose(M @ M.T, np.eye(3), atol=1e-9)           # a rotation
@@ -102,7 +103,8 @@ def test_rigid_recovers_random_transforms_at_2mm_isotropic(seed):
     assert max_corner_error(sitk.Euler3DTransform(), truth) > 10.0
     err = max_corner_error(out.transform, truth)
     assert err < 0.5, f"max displacement error over the head box {err:.3f} mm"
-    assert wall < 20.0
+    # speed is measured in benchmarks/run_benchmarks.py (not asserted here: CI machines are shared)
+    print(f'registration wall time {wall:.1f} s')
     assert out.parameters["metric"] == "correlation"
 
 
@@ -120,7 +122,6 @@ def test_demo_case_rigid_registration_recovers_the_known_offset(synthetic_case):
     o = prep.registrations["course1"]
     truth = synthetic.prior_to_current_sitk_transform()
     assert max_corner_error(o.transform, truth) < 0.5
-    assert o.time_s < 20.0
     from ReirradiationNPCLib.io import read_dose
     direct = read_dose(synthetic_case.parent / "dose_course1.nrrd")
     expected = resample_linear(direct, prep.grid)
@@ -475,7 +476,7 @@ def test_deformable_recovers_a_known_smooth_deformation_without_folding(deformed
     assert out.parameters["algorithm"] == "demons"
     assert err.mean() < 1.5, (err.mean(), identity_err.mean())
     assert out.jacobian["folded_voxels"] == 0 and out.jacobian["min"] > 0
-    assert wall < 60.0
+    print(f'deformable registration wall time {wall:.1f} s')  # speed: benchmarks, not tests
     assert not any("experimental" in n for n in out.notes)
     qa = reg.qa_dict(out)
     assert qa["jacobian_determinant"]["folded_voxels"] == 0 and qa["jacobian_determinant"]["voxels_checked"] > 1e5
