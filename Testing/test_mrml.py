@@ -7,7 +7,6 @@ Skipped (with the reason) when slicer-core is not importable; CI installs it thr
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +61,8 @@ def built(engine_run):
     from ReirradiationNPCLib import mrml_headless, mrml_scene
     prep, analysis, results, plan = engine_run
     app = mrml_headless.start()
-    t0 = time.perf_counter()
     inputs, outputs = mrml_scene.build_scene(prep, analysis, results, name="Synthetic analysis", scene=app.scene,
                                              planning=plan)
-    assert time.perf_counter() - t0 < 30
     return app, inputs, outputs
 
 
