@@ -76,7 +76,7 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
             from .registration import register_prior_course
             registrations[c.name] = outcome = register_prior_course(c, i, ref_img, dose, case.path)
             warnings.extend(f"registration of {c.name}: {n}" for n in outcome.notes
-                            if "fold" in n or "not checked" in n or "experimental" in n)
+                            if "fold" in n or "not checked" in n or "experimental" in n or "deformable" in n)
             transform = None if outcome.method == "identity" else outcome.transform
         if transform is None and not grids_overlap(dose.grid, grid):
             raise InputError("dose grid does not overlap the evaluation grid "
