@@ -412,6 +412,17 @@ def write_rtplan(path: Path, identity: dict, *, fractions: int, label: str, pres
     return ds.SOPInstanceUID
 
 
+def _ct_references(uids) -> Sequence:
+    """A sequence of (CT Image Storage, SOP Instance UID) references."""
+    refs = []
+    for uid in uids:
+        r = Dataset()
+        r.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+        r.ReferencedSOPInstanceUID = uid
+        refs.append(r)
+    return Sequence(refs)
+
+
 def write_spatial_registration(path: Path, identity: dict, *, fixed_frame_uid: str, moving_frame_uid: str,
                                moving_to_fixed: np.ndarray, series_description: str,
                                fixed_series: tuple[str, list[str]] | None = None,
@@ -438,13 +449,7 @@ def write_spatial_registration(path: Path, identity: dict, *, fixed_frame_uid: s
         it = Dataset()
         it.FrameOfReferenceUID = frame
         if series:
-            refs = []
-            for uid in series[1]:
-                r = Dataset()
-                r.ReferencedSOPClassUID = CT_IMAGE_STORAGE
-                r.ReferencedSOPInstanceUID = uid
-                refs.append(r)
-            it.ReferencedImageSequence = Sequence(refs)
+            it.ReferencedImageSequence = _ct_references(series[1])
         mx = Dataset()
         mx.FrameOfReferenceTransformationMatrixType = "RIGID"
         mx.FrameOfReferenceTransformationMatrix = [_ds_str(v) for v in matrix.ravel()]
@@ -461,14 +466,7 @@ def write_spatial_registration(path: Path, identity: dict, *, fixed_frame_uid: s
         if series:
             s = Dataset()
             s.SeriesInstanceUID = series[0]
-            s.ReferencedInstanceSequence = Sequence([])
-            refs = []
-            for uid in series[1]:
-                r = Dataset()
-                r.ReferencedSOPClassUID = CT_IMAGE_STORAGE
-                r.ReferencedSOPInstanceUID = uid
-                refs.append(r)
-            s.ReferencedInstanceSequence = Sequence(refs)
+            s.ReferencedInstanceSequence = _ct_references(series[1])
             others.append(s)
     if others:
         ds.ReferencedSeriesSequence = Sequence(others)
