@@ -129,21 +129,6 @@ def resample_linear(volume: Volume, target: Grid, transform: sitk.Transform | No
     return sitk.GetArrayFromImage(out).astype(dtype, copy=False)
 
 
-def coverage_fraction(source: Grid, target: Grid, mask: np.ndarray,
-                      transform: sitk.Transform | None = None) -> float:
-    """Fraction of ``mask`` voxels (on ``target``) whose centres fall outside ``source``'s voxel-centre box."""
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return 0.0
-    pts = target.index_to_physical(idx[:, ::-1].astype(float))
-    if transform is not None:
-        pts = np.array([transform.TransformPoint(tuple(p)) for p in pts])
-    cont = source.physical_to_index(pts)
-    tol = 1e-3
-    inside = np.all((cont >= -tol) & (cont <= np.asarray(source.size) - 1 + tol), axis=1)
-    return float(1.0 - inside.mean())
-
-
 def grids_overlap(a: Grid, b: Grid) -> bool:
     alo, ahi = a.bounds_mm()
     blo, bhi = b.bounds_mm()
