@@ -165,13 +165,7 @@ def write_rtdose(dose: Volume, reference: dict, path: Path, *, series_descriptio
         pix[k] = np.clip(np.rint(arr[k].astype(np.float64) / scale), 0, UINT32_MAX)
     ds.add_new(0x7FE00010, "OW", pix.tobytes())
     if referenced_plan_uids:
-        items = []
-        for uid in referenced_plan_uids:
-            it = Dataset()
-            it.ReferencedSOPClassUID = RT_PLAN_STORAGE
-            it.ReferencedSOPInstanceUID = uid
-            items.append(it)
-        ds.ReferencedRTPlanSequence = Sequence(items)
+        ds.ReferencedRTPlanSequence = _references(referenced_plan_uids, RT_PLAN_STORAGE)
     save(ds, path)
     log.info("wrote RTDOSE %s (max %.3f Gy, scaling %s)", path, float(arr.max()), text)
     return ds.SOPInstanceUID
@@ -412,15 +406,19 @@ def write_rtplan(path: Path, identity: dict, *, fractions: int, label: str, pres
     return ds.SOPInstanceUID
 
 
-def _ct_references(uids) -> Sequence:
-    """A sequence of (CT Image Storage, SOP Instance UID) references."""
+def _references(uids, sop_class_uid: str) -> Sequence:
+    """A sequence of (Referenced SOP Class UID, Referenced SOP Instance UID) items."""
     refs = []
     for uid in uids:
         r = Dataset()
-        r.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+        r.ReferencedSOPClassUID = sop_class_uid
         r.ReferencedSOPInstanceUID = uid
         refs.append(r)
     return Sequence(refs)
+
+
+def _ct_references(uids) -> Sequence:
+    return _references(uids, CT_IMAGE_STORAGE)
 
 
 def write_spatial_registration(path: Path, identity: dict, *, fixed_frame_uid: str, moving_frame_uid: str,
