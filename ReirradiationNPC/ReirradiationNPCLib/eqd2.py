@@ -23,6 +23,7 @@ and keep float32 inputs in float32 with at most one full-size temporary.
 from __future__ import annotations
 
 import numbers
+from typing import Union
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from .errors import InputError
 
-ArrayLike = np.ndarray | float
+ArrayLike = Union[np.ndarray, float]  # typing.Union: Slicer 5.8 runs Python 3.9
 
 
 def _check_fractions(fractions: float) -> float:
