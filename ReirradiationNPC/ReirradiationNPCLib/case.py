@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
+from .prescription import Schedule, parse_schedule
+from .selection import Clinical, parse_clinical
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REGISTRATION_METHODS = ("identity", "rigid", "deformable", "file")  # see registration.py
@@ -32,6 +34,7 @@ class CourseSpec:
     plan: Path | None = None           # RTPLAN of this course (fractions read from it; RTDOSE link checked)
     image_series: str | None = None    # SeriesInstanceUID picking the CT when ``image`` holds several series
     structures: Path | None = None     # this (prior) course's own structures, in its frame (registration QA: Dice)
+    schedule: Schedule | None = None   # fractions per day, gap between them, prescribed dose (prescription.py)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class CaseSpec:
     patient: dict = field(default_factory=dict)
     allow_different_patients: bool = False   # DICOM inputs of different PatientID/name accepted when True
     reference_image_series: str | None = None  # SeriesInstanceUID when reference.image holds several CT series
+    clinical: Clinical | None = None   # patient selection factors (selection.py); None = block absent
 
     @property
     def current(self) -> CourseSpec:
@@ -104,7 +108,8 @@ def _series_uid(value, src: str, key: str) -> str | None:
 def parse_case(data, path: Path) -> CaseSpec:
     src = str(path)
     base = path.parent
-    top = _keys(data, "", src, {"reference", "grid", "protocol", "courses", "patient", "allow_different_patients"},
+    top = _keys(data, "", src, {"reference", "grid", "protocol", "courses", "patient", "allow_different_patients",
+                                "clinical"},
                 {"reference", "protocol", "courses"})
     ref = _keys(top["reference"], "reference", src, {"image", "structures", "image_series"}, {"structures"})
     grid = top.get("grid", "dose")
@@ -122,7 +127,7 @@ def parse_case(data, path: Path) -> CaseSpec:
     for i, c in enumerate(courses_raw):
         k = f"courses[{i}]"
         c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan",
-                              "image_series", "structures"},
+                              "image_series", "structures", "schedule"},
                   {"name", "dose"})
         name = c["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -166,14 +171,15 @@ def parse_case(data, path: Path) -> CaseSpec:
                                   registration=dict(reg), is_current=is_current, plan=plan,
                                   image_series=_series_uid(c.get("image_series"), src, f"{k}.image_series"),
                                   structures=_path(base, c["structures"], src, f"{k}.structures")
-                                  if c.get("structures") is not None else None))
+                                  if c.get("structures") is not None else None,
+                                  schedule=parse_schedule(c.get("schedule"), src, f"{k}.schedule")))
     patient = top.get("patient") or {}
     if not isinstance(patient, dict):
         _fail(src, "patient", "must be a mapping (e.g. {id: ..., name: ...})")
     allow = top.get("allow_different_patients", False)
     if not isinstance(allow, bool):
         _fail(src, "allow_different_patients", f"must be true or false, got {allow!r}")
-    return CaseSpec(path=path, allow_different_patients=allow,
+    return CaseSpec(path=path, allow_different_patients=allow, clinical=parse_clinical(top.get("clinical"), src),
                     reference_image_series=_series_uid(ref.get("image_series"), src, "reference.image_series"),
                     reference_image=_path(base, ref["image"], src, "reference.image") if ref.get("image") else None,
                     reference_structures=_path(base, ref["structures"], src, "reference.structures"),

@@ -215,6 +215,50 @@ def protocol_show(ctx, name_or_path):
     _guard(go, ctx.obj["verbose"])
 
 
+@protocol.command("template")
+@click.option("--from", "from_", default="npc-reirradiation", show_default=True,
+              help="Shipped protocol name or protocol file whose organs and rows the template lists.")
+@click.pass_context
+def protocol_template(ctx, from_):
+    """Write a protocol template to stdout: every organ and row with empty limit, basis, source and verified
+    fields and comments saying what to transcribe (reirradiation-npc protocol template > my-centre.yaml)."""
+    from .protocol_tools import template_text
+    click.echo(_guard(lambda: template_text(from_, base=Path.cwd()), ctx.obj["verbose"]), nl=False)
+
+
+@protocol.command("validate")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.pass_context
+def protocol_validate(ctx, file):
+    """Check a protocol file and print its provenance summary. Exit 2 (one line) for a schema error, a limit
+    without a source, a cumulative limit without a recovery basis or a recovery credit without a source."""
+    from .protocol_tools import format_validation, validate, validation_error
+
+    def go():
+        report = validate(str(file), base=Path.cwd())
+        err = validation_error(report)
+        if err is not None:
+            raise err
+        return report
+
+    click.echo(format_validation(_guard(go, ctx.obj["verbose"])))
+
+
+@protocol.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+@click.pass_context
+def protocol_diff(ctx, a, b, as_json):
+    """Rows added, removed and changed (limit, basis, conditions, source, verified) from protocol A to B (shipped
+    names or files), with changed organ alpha/beta and protocol blocks."""
+    import json as _json
+
+    from .protocol_tools import diff, format_diff
+    d = _guard(lambda: diff(a, b, base=Path.cwd()), ctx.obj["verbose"])
+    click.echo(_json.dumps(d, indent=2, default=list) if as_json else format_diff(d))
+
+
 @main.command()
 @click.option("--dose", "dose_path", required=True, type=click.Path(path_type=Path),
               help="Dose file (physical Gy): NRRD/NIfTI or DICOM RTDOSE.")

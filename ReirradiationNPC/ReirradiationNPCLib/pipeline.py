@@ -155,7 +155,7 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
         verdict += "; SYNTHETIC demo protocol, not for clinical use"
     alpha_beta = {o.key: {"alpha_beta_gy": o.alpha_beta, "source": o.alpha_beta_source}
                   for o in p.organs.values()}
-    return Results(
+    results = Results(
         software={"name": SOFTWARE_NAME, "version": __version__},
         protocol=p.summary() | {"description": p.description},
         case={"file": str(prep.case.path), "patient": prep.case.patient,
@@ -179,6 +179,10 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
         warnings=prep.warnings + analysis.warnings,
         registration=_registration_results(prep),
     )
+    from . import prescription, selection  # issue 16: information and checks beside the verdict, never in it
+    selection.add_to_results(results, prep.case, p)
+    prescription.add_to_results(results, prep.case, p)
+    return results
 
 
 def _registration_results(prep: Prepared) -> dict:

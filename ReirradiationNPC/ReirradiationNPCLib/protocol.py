@@ -126,6 +126,23 @@ class MarginRecipe:
 
 
 @dataclass(frozen=True)
+class Fractionation:
+    """Fractionation requirements of the prescription (``prescription.fractionation``), each with its provenance.
+
+    ``min_hours_between_fractions``: fractions given on the same day (twice daily or more) at least this many hours
+    apart (You R et al. Lancet 2023: >= 6 h). ``dose_per_fraction_gy``: (min, max) physical Gy per fraction of the
+    current course's prescription. Checked by :mod:`.prescription` against the case's ``schedule``.
+    """
+
+    min_hours_between_fractions: float | None = None
+    min_hours_source: str = ""
+    min_hours_verified: bool = False
+    dose_per_fraction_gy: tuple[float, float] | None = None
+    dose_per_fraction_source: str = ""
+    dose_per_fraction_verified: bool = False
+
+
+@dataclass(frozen=True)
 class Prescription:
     """Target prescription as an EQD2 range (Gy) at the target alpha/beta, with optional coverage criteria."""
 
@@ -141,6 +158,7 @@ class Prescription:
     d2_max_percent: float | None         # near-maximum D2% <= this % of the reference EQD2
     source: str
     verified: bool
+    fractionation: Fractionation | None = None   # fractionation requirements (schedule checks), optional
 
     @property
     def reference_eqd2_gy(self) -> float:
@@ -412,7 +430,8 @@ def _parse_margins(v: _V, raw, organs: dict[str, Organ]) -> MarginRecipe:
 def _parse_prescription(v: _V, raw) -> Prescription:
     k = "prescription"
     p = v.mapping(raw, k, {"scope", "alpha_beta", "eqd2_gy", "dose_gy", "fractions", "coverage", "source",
-                           "verified", "note"}, {"scope", "alpha_beta", "eqd2_gy", "source", "verified"})
+                           "verified", "note", "fractionation"},
+                  {"scope", "alpha_beta", "eqd2_gy", "source", "verified"})
     if p["scope"] not in SCOPES:
         v.fail(f"{k}.scope", f"must be one of {', '.join(SCOPES)}, got {p['scope']!r}")
     ab = v.number(p["alpha_beta"], f"{k}.alpha_beta", positive=True)
@@ -443,11 +462,36 @@ def _parse_prescription(v: _V, raw) -> Prescription:
                                              maximum=200)
     out = Prescription(p["scope"], ab, lo, hi, dose, n, cov.get("v95_min_percent"), cov.get("d95_min_percent"),
                        cov.get("d98_min_percent"), cov.get("d2_max_percent"), v.string(p["source"], f"{k}.source"),
-                       v.boolean(p["verified"], f"{k}.verified"))
+                       v.boolean(p["verified"], f"{k}.verified"),
+                       _parse_fractionation(v, p["fractionation"]) if p.get("fractionation") is not None else None)
     if dose is not None and not lo - 1e-9 <= out.reference_eqd2_gy <= hi + 1e-9:
         v.fail(f"{k}.dose_gy", f"{dose:g} Gy in {n} fractions is {out.reference_eqd2_gy:.2f} Gy EQD2 (alpha/beta "
                                f"{ab:g}), outside the prescribed range {lo:g}-{hi:g} Gy")
     return out
+
+
+def _parse_fractionation(v: _V, raw) -> Fractionation:
+    k = "prescription.fractionation"
+    f = v.mapping(raw, k, {"min_hours_between_fractions", "dose_per_fraction_gy", "note"})
+    out = {}
+    if f.get("min_hours_between_fractions") is not None:
+        kk = f"{k}.min_hours_between_fractions"
+        g = v.mapping(f["min_hours_between_fractions"], kk, {"value", "source", "verified", "note"},
+                      {"value", "source", "verified"})
+        out.update(min_hours_between_fractions=v.number(g["value"], f"{kk}.value", positive=True, maximum=24),
+                   min_hours_source=v.string(g["source"], f"{kk}.source"),
+                   min_hours_verified=v.boolean(g["verified"], f"{kk}.verified"))
+    if f.get("dose_per_fraction_gy") is not None:
+        kk = f"{k}.dose_per_fraction_gy"
+        g = v.mapping(f["dose_per_fraction_gy"], kk, {"min", "max", "source", "verified", "note"},
+                      {"min", "max", "source", "verified"})
+        lo = v.number(g["min"], f"{kk}.min", positive=True, maximum=30)
+        hi = v.number(g["max"], f"{kk}.max", positive=True, maximum=30)
+        if hi < lo:
+            v.fail(kk, f"max ({hi:g}) is below min ({lo:g})")
+        out.update(dose_per_fraction_gy=(lo, hi), dose_per_fraction_source=v.string(g["source"], f"{kk}.source"),
+                   dose_per_fraction_verified=v.boolean(g["verified"], f"{kk}.verified"))
+    return Fractionation(**out)
 
 
 def _parse_reirradiation_type(v: _V, raw) -> ReirradiationTypeRule:

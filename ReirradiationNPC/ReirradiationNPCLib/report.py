@@ -545,6 +545,8 @@ def render_html(results, figures: dict | None = None) -> str:
         opt = _optional(res, key)
         if opt:
             parts.append(opt)
+    from .report_workflow import patient_selection_section, prescription_section  # issue 16 sections
+    parts.extend(s for s in (prescription_section(res), patient_selection_section(res)) if s)
     parts.append(f'<section id="structures"><h2>Structure metrics</h2>{_structures(res)}</section>')
     parts.append(f'<section id="warnings"><h2>Warnings</h2>{_warnings(res)}</section>')
 

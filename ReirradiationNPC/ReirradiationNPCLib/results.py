@@ -75,6 +75,13 @@ class Results:
     # registration of each prior course (registration.qa_dict): method, transform matrix/translation (reference ->
     # prior frame), Mattes MI before/after, time, Jacobian determinant range and folded voxels, Dice, notes
     registration: dict = field(default_factory=dict)
+    # issue 16 (selection.py, prescription.py): patient selection factors {factor, label, value, unit, adverse,
+    # threshold, source, note} and their counts (information only, never the verdict); prescription and
+    # fractionation checks of the current course {check, label, course, criterion, required, actual, unit, met,
+    # status, source, verified, message}
+    patient_selection: list[dict] = field(default_factory=list)
+    patient_selection_summary: dict | None = None
+    prescription_checks: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))

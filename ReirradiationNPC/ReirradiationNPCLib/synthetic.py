@@ -233,12 +233,15 @@ def generate(out_dir: Path) -> Path:
         "reference": {"image": "ct.nrrd", "structures": "structures"},
         "grid": "dose",
         "protocol": "synthetic-demo.yaml",
+        # patient selection factors (selection.py): SYNTHETIC values, shown in the report's selection panel
+        "clinical": {"kps": 80, "age": 56, "rT_stage": "rT3", "rN_stage": "rN0", "late_complications": ["xerostomia"]},
         "courses": [
             # the prior course as its planning system saw it: its own CT and its dose in that CT's frame,
             # registered rigidly onto the current CT (not the known offset)
             {"name": "course1", "dose": "dose_course1_prior_frame.nrrd", "fractions": PRIOR_FRACTIONS,
              "interval_months": INTERVAL_MONTHS, "image": "ct_prior.nrrd", "registration": {"method": "rigid"}},
-            {"name": "course2", "dose": "dose_course2.nrrd", "fractions": CURRENT_FRACTIONS},
+            {"name": "course2", "dose": "dose_course2.nrrd", "fractions": CURRENT_FRACTIONS,
+             "schedule": {"fractions_per_day": 2, "min_hours_between_fractions": 6, "prescribed_dose_gy": 65}},
         ],
     }
     case_path = out_dir / "case.yaml"
