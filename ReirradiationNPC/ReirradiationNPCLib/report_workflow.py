@@ -32,10 +32,10 @@ def patient_selection_section(res: dict) -> str | None:
     body = []
     for r in rows:
         adv = r.get("adverse")
-        cls = "st-warn" if adv is True else ("st-not_evaluated" if adv is None else "st-pass")
-        label = "not recorded" if adv is None else ("ADVERSE" if adv else "no")
-        body.append(f'<tr class="{cls}"><td>{_e(r.get("label", r.get("factor")))}</td>'
-                    f'<td class="num">{_e(format_value(r))}</td><td class="status">{_e(label)}</td>'
+        # information, not a verdict: no pass/fail colours; an adverse factor is set in bold
+        label = "not recorded" if adv is None else ("<b>ADVERSE</b>" if adv else "no")
+        body.append(f'<tr><td>{_e(r.get("label", r.get("factor")))}</td>'
+                    f'<td class="num">{_e(format_value(r))}</td><td>{label}</td>'
                     f'<td>{_e(r.get("threshold"))}</td><td class="src">{_e(r.get("source"))}</td>'
                     f'<td class="src">{_e(r.get("note"))}</td></tr>')
     head = (f'<p><b>{_e(summ.get("adverse_count", sum(1 for r in rows if r.get("adverse") is True)))} adverse '

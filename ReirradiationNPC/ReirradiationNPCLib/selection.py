@@ -6,7 +6,7 @@ structure (the sub-voxel structure volume of the analysis), the interval from th
 
 Factors and thresholds (one table, :data:`FACTORS`, with its sources):
 
-- Tian YM et al., Br J Cancer 2014;110:297-303 (PMC3899759), adverse prognostic factors for re-irradiation of
+- Tian YM et al., Br J Cancer 2014 (PMC3899759), adverse prognostic factors for re-irradiation of
   locally recurrent NPC: KPS <= 70, age > 50 years, rT3-4, nasopharyngeal GTV > 30 cm3, existing late complications
   of the first course, synchronous nodal recurrence.
 - Trial eligibility of the randomised trial of hyperfractionation (ClinicalTrials.gov NCT02456506; You R et al.,
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 
-TIAN_2014 = ("Tian YM et al. Br J Cancer 2014;110:297-303 (PMC3899759): adverse prognostic factor for "
+TIAN_2014 = ("Tian YM et al. Br J Cancer 2014 (PMC3899759): adverse prognostic factor for "
              "re-irradiation of locally recurrent NPC")
 TRIAL_2023 = ("Trial eligibility: interval from first treatment to relapse > 1 year (ClinicalTrials.gov NCT02456506; "
               "You R et al. Lancet 2023;401:917-927)")
