@@ -463,7 +463,8 @@ def _parse_prescription(v: _V, raw) -> Prescription:
     out = Prescription(p["scope"], ab, lo, hi, dose, n, cov.get("v95_min_percent"), cov.get("d95_min_percent"),
                        cov.get("d98_min_percent"), cov.get("d2_max_percent"), v.string(p["source"], f"{k}.source"),
                        v.boolean(p["verified"], f"{k}.verified"),
-                       _parse_fractionation(v, p["fractionation"]) if p.get("fractionation") is not None else None)
+                       fractionation=(_parse_fractionation(v, p["fractionation"])
+                                      if p.get("fractionation") is not None else None))
     if dose is not None and not lo - 1e-9 <= out.reference_eqd2_gy <= hi + 1e-9:
         v.fail(f"{k}.dose_gy", f"{dose:g} Gy in {n} fractions is {out.reference_eqd2_gy:.2f} Gy EQD2 (alpha/beta "
                                f"{ab:g}), outside the prescribed range {lo:g}-{hi:g} Gy")
