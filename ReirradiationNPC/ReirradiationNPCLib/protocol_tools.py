@@ -156,6 +156,8 @@ def validate(name_or_path: str, base: Path | None = None) -> dict:
         "no_limit_rows": no_limit,
         "organs_without_rows": [o.key for o in protocol.organs.values() if not o.constraints and o.role == "oar"],
         "alpha_beta_without_source": [o.key for o in protocol.organs.values() if not o.alpha_beta_source.strip()],
+        "alpha_beta_unverified": [o.key for o in protocol.organs.values()
+                                  if getattr(o, "alpha_beta_verified", None) is False],
         "recovery": {"model": rec.model, "description": rec.describe(), "source": rec.source,
                      "verified": getattr(rec, "verified", None)},
         "blocks": blocks, "errors": errors,
@@ -185,6 +187,8 @@ def format_validation(report: dict) -> str:
         lines.append("organs at risk without any row: " + ", ".join(report["organs_without_rows"]))
     if report["alpha_beta_without_source"]:
         lines.append("alpha/beta without a source: " + ", ".join(report["alpha_beta_without_source"]))
+    if report["alpha_beta_unverified"]:
+        lines.append("alpha/beta not verified: " + ", ".join(report["alpha_beta_unverified"]))
     r = report["recovery"]
     ver = "" if r["verified"] is None else f", verified: {_fmt(r['verified'])}"
     lines.append(f"recovery: {r['description']}{ver}; source: {r['source'] or '-'}")
@@ -241,7 +245,7 @@ def diff(a: str, b: str, base: Path | None = None) -> dict:
         if oa is None or ob is None:
             organs.append({"organ": key, "change": "added" if oa is None else "removed"})
             continue
-        for f in ("role", "alpha_beta", "alpha_beta_source", "aliases"):
+        for f in (f.name for f in dataclasses.fields(oa) if f.name not in ("key", "constraints")):
             x, y = getattr(oa, f), getattr(ob, f)
             if x != y:
                 organs.append({"organ": key, "change": f, "old": list(x) if isinstance(x, tuple) else x,
@@ -367,13 +371,9 @@ def template_text(name_or_path: str = "npc-reirradiation", base: Path | None = N
     for o in protocol.organs.values():
         ro = raw_organs.get(o.key) or {}
         out.append(f"  {o.key}:")
-        if "role" in ro:
-            out.append(f"    role: {_y(ro['role'])}")
-        out.append(f"    aliases: {_y(list(ro.get('aliases') or []))}")
-        out.append(f"    alpha_beta: {_y(ro.get('alpha_beta'))}")
-        out.append(f"    alpha_beta_source: {_y(str(ro.get('alpha_beta_source', '')))}")
-        if ro.get("note"):
-            out.append(f"    note: {_y(str(ro['note']))}")
+        for k, v in ro.items():  # the organ's own keys as written (aliases, alpha/beta and its provenance, ...)
+            if k != "constraints":
+                out.extend("    " + ln for ln in _block(str(k), v).splitlines())
         if not o.constraints:
             if o.role == "oar":
                 out.append("    # no limit row: add one if the guideline gives a limit, e.g.")
