@@ -157,7 +157,7 @@ def validate(name_or_path: str, base: Path | None = None) -> dict:
         "organs_without_rows": [o.key for o in protocol.organs.values() if not o.constraints and o.role == "oar"],
         "alpha_beta_without_source": [o.key for o in protocol.organs.values() if not o.alpha_beta_source.strip()],
         "alpha_beta_unverified": [o.key for o in protocol.organs.values()
-                                  if getattr(o, "alpha_beta_verified", None) is False],
+                                  if o.role == "oar" and getattr(o, "alpha_beta_verified", None) is False],
         "recovery": {"model": rec.model, "description": rec.describe(), "source": rec.source,
                      "verified": getattr(rec, "verified", None)},
         "blocks": blocks, "errors": errors,
@@ -188,7 +188,7 @@ def format_validation(report: dict) -> str:
     if report["alpha_beta_without_source"]:
         lines.append("alpha/beta without a source: " + ", ".join(report["alpha_beta_without_source"]))
     if report["alpha_beta_unverified"]:
-        lines.append("alpha/beta not verified: " + ", ".join(report["alpha_beta_unverified"]))
+        lines.append("alpha/beta not verified (organs at risk): " + ", ".join(report["alpha_beta_unverified"]))
     r = report["recovery"]
     ver = "" if r["verified"] is None else f", verified: {_fmt(r['verified'])}"
     lines.append(f"recovery: {r['description']}{ver}; source: {r['source'] or '-'}")
