@@ -41,7 +41,8 @@ class ReirradiationNPC(ScriptedLoadableModule):
             "and the cumulative DVH.<br>Protocol limits follow Ng WT et al., International Recommendations on "
             "Reirradiation by IMRT for Locally Recurrent Nasopharyngeal Carcinoma, Int J Radiat Oncol Biol Phys "
             "2021;110(3):682-695 (doi:10.1016/j.ijrobp.2021.01.041); limits not yet transcribed from its tables "
-            "are marked unverified.<br><b>This tool supports a decision; the treating clinician decides.</b>")
+            "are marked unverified.<br>Requires 3D Slicer 5.8 or later (Python 3.9) and the SlicerRT extension."
+            "<br><b>This tool supports a decision; the treating clinician decides.</b>")
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer and SlicerRT. Linear-quadratic and recovery conventions: see docs/science.md.")
 

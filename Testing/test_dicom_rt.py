@@ -347,7 +347,7 @@ def test_write_rtstruct_round_trip_is_voxel_exact(tmp_path):
 
 @pytest.fixture(scope="module")
 def dicom_case(tmp_path_factory) -> Path:
-    from ReirradiationNPCLib.synthetic import generate_dicom
+    from ReirradiationNPCLib.synthetic_dicom import generate_dicom
     return generate_dicom(tmp_path_factory.mktemp("dicom") / "case")
 
 

@@ -112,6 +112,16 @@ def main(ctx, quiet, verbose):
     ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
+def _scene_outputs(scene: bool) -> list:
+    """The Slicer scene writer as an extra output of the run (called here, at the edge: the pipeline never imports
+    the MRML layer). A missing slicer-core is reported before any work."""
+    if not scene:
+        return []
+    from .mrml_scene import check_available, scene_output
+    check_available()
+    return [scene_output]
+
+
 @main.command()
 @click.argument("case", type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
@@ -125,8 +135,8 @@ def run(ctx, case, output, overwrite, scene, dicom_courses):
     """Run the analysis described by the CASE file (YAML or JSON)."""
     from .pipeline import run_case
     prog = _Progress(not ctx.obj["quiet"])
-    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog, scene=scene,
-                                      dicom_courses=dicom_courses),
+    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog, dicom_courses=dicom_courses,
+                                      extra_outputs=_scene_outputs(scene)),
                      ctx.obj["verbose"])
     prog.finish()
     print_summary(results, output)
@@ -151,11 +161,12 @@ def demo(ctx, output, overwrite, dicom):
         ensure_writable_dir(output, overwrite)
         prog("generating the synthetic NPC case")
         if dicom:
-            from .synthetic import generate_dicom
+            from .synthetic_dicom import generate_dicom
             case_path = generate_dicom(output / "case")
         else:
             case_path = generate(output / "case")
-        return run_case(case_path, output / "results", overwrite=True, progress=prog, scene=scene)
+        return run_case(case_path, output / "results", overwrite=True, progress=prog,
+                        extra_outputs=_scene_outputs(scene))
 
     from .mrml_headless import unavailable_reason
     no_scene = unavailable_reason()  # the demo writes scene.mrb whenever slicer-core is installed

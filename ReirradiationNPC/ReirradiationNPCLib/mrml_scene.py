@@ -166,6 +166,19 @@ def write_bundle(scene, path: Path) -> Path:
     return path
 
 
+SCENE_FILE = "scene.mrb"
+SCENE_DESCRIPTION = ("3D Slicer scene bundle: CT, course doses, EQD2 volumes under the patient's study, structures, "
+                     "targets and violations, isodose lines, constraint table, DVH chart, the protocol used")
+
+
+def scene_output(stage: Path, prep: Prepared, analysis: Analysis, results: Results, planning=None,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """An extra-output writer for ``pipeline.write_outputs``/``run_case``: ``scene.mrb`` in the staging folder.
+    Called at the edge (the CLI passes it), so the pipeline never imports the MRML layer."""
+    write_scene(prep, analysis, results, Path(stage) / SCENE_FILE, progress, planning=planning)
+    return {SCENE_FILE: SCENE_DESCRIPTION}
+
+
 def write_scene(prep: Prepared, analysis: Analysis, results: Results, path: Path,
                 progress: Callable[[str], None] | None = None, planning=None) -> Path:
     """Build a fresh headless scene for this analysis and write it to ``path`` (.mrb)."""

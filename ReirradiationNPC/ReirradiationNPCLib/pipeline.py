@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from .results import Results
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: an extra output writer (see write_outputs): (staging dir, prep, analysis, results, planning, progress) -> files
+ExtraOutput = Callable[..., "dict[str, str]"]
 
 
 @dataclass
@@ -198,12 +200,14 @@ def _registration_results(prep: Prepared) -> dict:
 
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
-                  progress: Progress | None = None, planning=None, scene: bool = False,
-                  dicom_courses: bool = False) -> dict[str, str]:
+                  progress: Progress | None = None, planning=None, dicom_courses: bool = False,
+                  extra_outputs: Sequence[ExtraOutput] = ()) -> dict[str, str]:
     """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last.
 
     ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
-    ``scene`` adds ``scene.mrb``, a 3D Slicer scene bundle (needs slicer-core: :mod:`.mrml_scene`).
+    ``extra_outputs``: writers called with (staging folder, prep, analysis, results, planning, progress) that write
+    their files into the staging folder and return {file name: description}; the caller at the edge passes e.g.
+    the Slicer scene writer (``mrml_scene.scene_output``), so this module never imports the MRML layer.
     """
     say = progress or (lambda m: None)
     out_dir = Path(out_dir)
@@ -248,11 +252,8 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
         files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
-        if scene:
-            from .mrml_scene import write_scene  # imports slicer-core only when a scene is asked for
-            write_scene(prep, analysis, results, stage / "scene.mrb", progress, planning=planning)
-            files["scene.mrb"] = ("3D Slicer scene bundle: CT, course doses, EQD2 volumes, structures, targets and "
-                                  "violations, constraint table, DVH chart")
+        for writer in extra_outputs:
+            files.update(writer(stage, prep, analysis, results, planning, progress))
         results.outputs = files
         (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
         for name in list(files) + ["results.json"]:
@@ -263,12 +264,11 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
 
 
 def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,
-             scene: bool = False, dicom_courses: bool = False) -> Results:
+             dicom_courses: bool = False, extra_outputs: Sequence[ExtraOutput] = ()) -> Results:
+    """Load, compute and write a case. ``extra_outputs``: see :func:`write_outputs` (check that they can run
+    before calling: nothing here knows what they need)."""
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
-    if scene:
-        from .mrml_scene import check_available
-        check_available()  # a missing slicer-core is reported before any work
     if overwrite and (out_dir / "results.json").exists():
         (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
     case = load_case(Path(case_path))
@@ -281,6 +281,6 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     plan = _planning.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
     _planning.add_to_results(results, plan)
-    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan, scene=scene,
-                  dicom_courses=dicom_courses)
+    write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan,
+                  dicom_courses=dicom_courses, extra_outputs=extra_outputs)
     return results

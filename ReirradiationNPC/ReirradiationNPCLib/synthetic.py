@@ -258,9 +258,5 @@ def generate(out_dir: Path) -> Path:
          **KNOWN_PRIOR_OFFSET}, indent=2), encoding="utf-8")
     return case_path
 
-
-def generate_dicom(out_dir: Path) -> Path:
-    """Write the synthetic case as DICOM RT (CT series, RTPLAN, RTDOSE, RTSTRUCT, REG) into ``out_dir``; return
-    the path of its case file. See :mod:`synthetic_dicom`."""
-    from .synthetic_dicom import generate_dicom as _generate_dicom
-    return _generate_dicom(out_dir)
+# The DICOM RT version of this case is written by synthetic_dicom.generate_dicom (it imports this module; this
+# module does not import it, so the two never import each other).
