@@ -250,17 +250,140 @@ def test_eqd2_volumes_are_dose_volumes_with_the_engine_values(built, engine_run)
 
 
 @needs_slicer
-def test_everything_sits_under_one_analysis_folder(built):
+def test_everything_sits_under_one_analysis_folder_in_the_patients_study(built):
+    """The analysis folder is a child of a study item (subject hierarchy level Study) that carries the dose-unit
+    attributes SlicerRT reads from a dose volume's study ancestor; every output node, plot series included, is
+    under that folder; nothing of the analysis sits at the scene root."""
     import slicer
     from ReirradiationNPCLib import mrml
-    app, _, out = built
+    app, inputs, out = built
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
     assert sh.GetItemName(out.folder_item) == "Synthetic analysis"
-    assert sh.GetItemAttribute(out.folder_item, mrml.DOSE_UNIT_NAME_ATTRIBUTE) == "GY"
+    study = sh.GetItemParent(out.folder_item)
+    assert study == out.study_item and sh.GetItemLevel(study) == "Study"
+    assert sh.GetItemLevel(sh.GetItemParent(study)) == "Patient"
+    assert sh.GetItemAncestorAtLevel(sh.GetItemByDataNode(out.cumulative), "Study") == study
+    assert sh.GetItemAttribute(study, "DicomRtImport.DoseUnitName") == "GY"
+    assert sh.GetItemAttribute(study, "DicomRtImport.DoseUnitValue") == "1.0"
+    assert sh.GetItemParent(inputs["folder"]) == study
     roles = mrml.find_output_nodes(out.folder_item, app.scene)
     for role, n in (("cumulative_eqd2", 1), ("course_eqd2", 2), ("alpha_beta", 1), ("overlays", 1),
-                    ("constraints", 1), ("dvh_data", 1), ("dvh_chart", 1), ("dvh_limits", 1)):
+                    ("constraints", 1), ("dvh_data", 1), ("dvh_chart", 1), ("dvh_limits", 1), ("isodose", 1),
+                    ("protocol", 1)):
         assert len(roles.get(role, [])) == n, role
+    chart = out.dvh_chart
+    under = {id(n) for nodes in roles.values() for n in nodes}
+    for i in range(chart.GetNumberOfPlotSeriesNodes()):
+        series = chart.GetNthPlotSeriesNode(i)
+        assert sh.GetItemParent(sh.GetItemByDataNode(series)) == out.folder_item, series.GetName()
+    for cls in ("vtkMRMLPlotSeriesNode", "vtkMRMLTableNode", "vtkMRMLPlotChartNode"):
+        for node in slicer.util.getNodesByClass(cls, app.scene):
+            item = sh.GetItemByDataNode(node)
+            assert item and sh.GetItemParent(item) == out.folder_item, node.GetName()
+    assert len(under) >= 8
+
+
+@needs_slicer
+def test_dose_volumes_use_the_dose_colour_table_windowed_at_a_high_percentile(built, engine_run):
+    """SlicerRT's dose colour table name (Dose_ColorTable, its singleton tag too); the window's top is the 99.5th
+    percentile of the cumulative EQD2 voxels >= 0.5 Gy (computed here with numpy), not the maximum; a colour legend."""
+    import slicer
+    from ReirradiationNPCLib import mrml
+    _, analysis, _, _ = engine_run
+    _, _, out = built
+    assert out.color_table.GetName() == "Dose_ColorTable" and out.color_table.GetSingletonTag() == "Dose_ColorTable"
+    a = analysis.cumulative
+    expected_top = float(np.percentile(a[a >= 0.5], 99.5))
+    assert expected_top < float(a.max())
+    display = out.cumulative.GetDisplayNode()
+    assert display.GetWindowLevelMax() if hasattr(display, "GetWindowLevelMax") else True
+    assert display.GetWindow() == pytest.approx(expected_top, rel=1e-4)
+    assert display.GetLevel() == pytest.approx(expected_top / 2, rel=1e-4)
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(out.cumulative)
+    assert legend is not None and "EQD2" in legend.GetTitleText()
+    assert mrml.display_top_gy(np.zeros((2, 2, 2))) == 1.0
+
+
+@needs_slicer
+def test_isodose_lines_at_the_protocols_cumulative_gy_limits(built, engine_run):
+    """One isodose segment per distinct cumulative Gy limit reached; each holds exactly the voxels with cumulative
+    EQD2 >= its level; outline only in slice views, hidden in 3D."""
+    from ReirradiationNPCLib import mrml
+    prep, analysis, _, _ = engine_run
+    _, _, out = built
+    levels = sorted({float(c.limit) for c in analysis.constraints
+                     if c.scope == "cumulative" and c.unit == "Gy" and c.limit})
+    reached = [lv for lv in levels if (analysis.cumulative >= lv).any()]
+    seg = out.isodose.GetSegmentation()
+    assert seg.GetNumberOfSegments() == len(reached) > 2
+    structures = {s.name: s for s in mrml.structures_from_segmentation(out.isodose)}
+    display = out.isodose.GetDisplayNode()
+    for lv in reached:
+        name = f"Isodose {lv:g} Gy EQD2"
+        s = structures[name]
+        from ReirradiationNPCLib.masks import structure_on_grid
+        mask, box = structure_on_grid(s, prep.grid)
+        full = np.zeros(prep.grid.shape, bool)
+        full[box] = mask
+        assert np.array_equal(full, analysis.cumulative >= lv), name
+        sid = seg.GetSegmentIdBySegmentName(name)
+        assert display.GetSegmentOpacity2DFill(sid) == 0.0 and not display.GetSegmentVisibility3D(sid)
+
+
+@needs_slicer
+def test_rerun_replaces_its_own_previous_results(engine_run):
+    """Creating the outputs twice under the same analysis name leaves one folder and one set of nodes (the first
+    set removed); another name adds a second analysis beside it."""
+    import slicer
+    from ReirradiationNPCLib import mrml, mrml_headless
+    prep, analysis, results, plan = engine_run
+    app = mrml_headless.start()
+    first = mrml.create_output_nodes(prep, analysis, results, "A", app.scene, planning=plan)
+    n_nodes = app.scene.GetNumberOfNodes()
+    second = mrml.create_output_nodes(prep, analysis, results, "A", app.scene, planning=plan)
+    assert second.replaced == 1 and first.replaced == 0
+    assert mrml.analysis_folders(app.scene, "A") == [second.folder_item]
+    assert app.scene.GetNumberOfNodes() == n_nodes
+    assert not app.scene.IsNodePresent(first.cumulative) and app.scene.IsNodePresent(second.cumulative)
+    assert second.study_item == first.study_item  # the same study is reused
+    third = mrml.create_output_nodes(prep, analysis, results, "B", app.scene, planning=plan)
+    assert sorted(mrml.analysis_folders(app.scene)) == sorted([second.folder_item, third.folder_item])
+    assert len(slicer.util.getNodesByClass("vtkMRMLPlotChartNode", app.scene)) == 2
+
+
+@needs_slicer
+def test_outputs_go_under_the_study_of_a_dicom_loaded_dose_and_keep_its_unit_value(engine_run):
+    """A current dose under a DICOM study (as SlicerRT loads it, with DoseUnitValue = its DoseGridScaling): the
+    analysis goes under that study and the study's existing dose-unit value is not overwritten."""
+    import slicer
+    from ReirradiationNPCLib import mrml, mrml_headless
+    prep, analysis, results, plan = engine_run
+    app = mrml_headless.start()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Anon")
+    study = sh.CreateStudyItem(patient, "CT study")
+    sh.SetItemAttribute(study, "DicomRtImport.DoseUnitName", "GY")
+    sh.SetItemAttribute(study, "DicomRtImport.DoseUnitValue", "2.5e-05")
+    dose = mrml.add_volume_node(prep_volume(prep), "RTDOSE", app.scene)
+    sh.CreateItem(study, dose)
+    out = mrml.create_output_nodes(prep, analysis, results, "R", app.scene, planning=plan, reference_node=dose)
+    assert out.study_item == study and sh.GetItemParent(out.folder_item) == study
+    assert sh.GetItemAttribute(study, "DicomRtImport.DoseUnitValue") == "2.5e-05"
+
+
+def prep_volume(prep):
+    from ReirradiationNPCLib.geometry import Volume
+    return Volume(prep.courses[-1].dose.astype(np.float32), prep.grid)
+
+
+@needs_slicer
+def test_protocol_text_travels_with_the_analysis(built, engine_run):
+    import hashlib
+    prep, _, _, _ = engine_run
+    _, _, out = built
+    data = Path(prep.protocol.path).read_bytes()
+    assert out.protocol_text.GetText() == data.decode("utf-8")
+    assert out.protocol_text.GetAttribute("ReirradiationNPC.ProtocolSHA256") == hashlib.sha256(data).hexdigest()
 
 
 @needs_slicer
@@ -561,6 +684,23 @@ def test_demo_scene_bundle_loads_back_with_every_reference(tmp_path):
     folder = sh.GetItemParent(sh.GetItemByDataNode(by_role["cumulative_eqd2"][0]))
     assert sh.GetItemAttribute(folder, mrml.ROLE_ATTRIBUTE) == "analysis"
     assert len(mrml.find_output_nodes(folder, scene)["course_eqd2"]) == 2
+    # SlicerRT conventions: the cumulative EQD2 under a study item carrying the dose-unit attributes SlicerRT reads
+    # (GetAttributeFromItemAncestor(..., "DicomRtImport.DoseUnitName", Study)); dose colour table Dose_ColorTable
+    study = sh.GetItemAncestorAtLevel(sh.GetItemByDataNode(by_role["cumulative_eqd2"][0]), "Study")
+    assert study and sh.GetItemParent(folder) == study
+    assert sh.GetItemAttribute(study, "DicomRtImport.DoseUnitName") == "GY"
+    assert float(sh.GetItemAttribute(study, "DicomRtImport.DoseUnitValue")) == 1.0
+    for node in by_role["course_dose"] + by_role["course_eqd2"] + by_role["cumulative_eqd2"]:
+        assert node.GetDisplayNode().GetColorNode().GetName() == "Dose_ColorTable"
+        assert sh.GetItemAncestorAtLevel(sh.GetItemByDataNode(node), "Study") == study
+    # every plot series, chart and table of the scene is under the analysis folder (none at the scene root)
+    for cls in ("vtkMRMLPlotSeriesNode", "vtkMRMLPlotChartNode", "vtkMRMLTableNode"):
+        nodes = slicer.util.getNodesByClass(cls, scene)
+        assert nodes, cls
+        for node in nodes:
+            assert sh.GetItemParent(sh.GetItemByDataNode(node)) == folder, node.GetName()
+    assert len(by_role["isodose"]) == 1 and len(by_role["protocol"]) == 1
+    assert "protocol_version" in by_role["protocol"][0].GetText() or by_role["protocol"][0].GetText()
 
 
 def test_scene_flag_without_slicer_core_is_one_clear_line(synthetic_case, tmp_path, monkeypatch):

@@ -50,7 +50,17 @@ DOSE_UNIT_VALUE_ATTRIBUTE = "DicomRtImport.DoseUnitValue"
 #: Our own attributes, so that nodes can be found again (and a saved scene keeps what they are).
 ROLE_ATTRIBUTE = "ReirradiationNPC.Role"
 COURSE_ATTRIBUTE = "ReirradiationNPC.Course"
-DOSE_COLOR_TABLE_NAME = "ReirradiationNPC EQD2 dose"
+#: SlicerRT's dose colour table (vtkSlicerRtCommon::DEFAULT_DOSE_COLOR_TABLE_NAME, also its singleton tag): used when
+#: SlicerRT made it; without SlicerRT (slicer-core) an equivalent continuous table of the same name is made here, so
+#: that SlicerRT finds and reuses it when the scene is opened in Slicer
+DOSE_COLOR_TABLE_NAME = "Dose_ColorTable"
+HEADROOM_COLOR_TABLE_NAME = "ReirradiationNPC headroom"
+#: Subject-hierarchy level of the study item (vtkMRMLSubjectHierarchyConstants::GetDICOMLevelStudy())
+STUDY_LEVEL = "Study"
+#: Attribute of the analysis folder naming the analysis: a re-run with the same name replaces that folder
+ANALYSIS_NAME_ATTRIBUTE = "ReirradiationNPC.AnalysisName"
+#: Percentile of the dose voxels (above the display threshold) used as the top of the colour window
+WINDOW_PERCENTILE = 99.5
 #: 3D opacity of the target segments: the nested margins stay see-through so organs and violations behind them show
 MARGIN_OPACITY = {"GTV": 0.45, "CTV": 0.2, "PTV": 0.15}
 #: points per block when a non-linear transform is sampled on the evaluation grid (bounds the memory used)
@@ -504,26 +514,71 @@ class OutputNodes:
     headroom: object = None                           # volume node (Gy EQD2), if the engine computed it
     remaining: object = None                          # volume node (physical Gy), if the engine computed it
     worst_violation_ras: tuple | None = None          # RAS mm of the hottest voxel of the worst violation
+    study_item: int = 0                               # subject-hierarchy study the analysis folder sits in
+    isodose: object = None                            # segmentation node: isodose lines at the limit levels
+    protocol_text: object = None                      # text node: the protocol file used, verbatim
+    replaced: int = 0                                 # previous analysis folders of the same name removed
 
 
 def dose_color_table(scene=None):
-    """A continuous dose colour table (blue -> cyan -> green -> yellow -> red), created once per scene."""
+    """The dose colour table: SlicerRT's ``Dose_ColorTable`` when SlicerRT is loaded (its Isodose logic makes it),
+    else an equivalent continuous table of that name (blue -> cyan -> green -> yellow -> red), made once per scene."""
     scene = _scene(scene)
     existing = scene.GetFirstNodeByName(DOSE_COLOR_TABLE_NAME)
     if existing is not None:
         return existing
-    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DOSE_COLOR_TABLE_NAME)
+    isodose_logic = getattr(slicer, "vtkSlicerIsodoseModuleLogic", None)  # SlicerRT's, in Slicer with SlicerRT
+    if isodose_logic is not None:
+        try:
+            node = isodose_logic.CreateDefaultDoseColorTable(scene)
+            if node is not None:
+                return node
+        except Exception:  # noqa: BLE001 - SlicerRT present but its default tables missing: use ours
+            log.debug("SlicerRT's dose colour table could not be made; using an equivalent one", exc_info=True)
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(DOSE_COLOR_TABLE_NAME)
+    node.SetSingletonTag(DOSE_COLOR_TABLE_NAME)  # the same node ID as SlicerRT's: SlicerRT reuses it
     node.SetTypeToUser()
-    n = 256
+    _ramp(node, [[0.0, 0, 0, 1], [0.25, 0, 1, 1], [0.5, 0, 1, 0], [0.75, 1, 1, 0], [1.0, 1, 0, 0]])
+    node.SetAttribute(ROLE_ATTRIBUTE, "dose_color_table")
+    scene.AddNode(node)
+    return node
+
+
+def _ramp(node, stops, n: int = 256) -> None:
     node.SetNumberOfColors(n)
-    stops = np.array([[0.0, 0, 0, 1], [0.25, 0, 1, 1], [0.5, 0, 1, 0], [0.75, 1, 1, 0], [1.0, 1, 0, 0]])
+    stops = np.asarray(stops, dtype=float)
     x = np.linspace(0, 1, n)
     rgb = np.stack([np.interp(x, stops[:, 0], stops[:, c]) for c in (1, 2, 3)], axis=1)
     for i in range(n):
         node.SetColor(i, f"{i}", *rgb[i], 1.0)
-    node.SetAttribute(ROLE_ATTRIBUTE, "dose_color_table")
-    node.SetSingletonTag(DOSE_COLOR_TABLE_NAME)
+
+
+def headroom_color_table(scene=None):
+    """Diverging table for headroom (Gy EQD2 left below the tightest limit): red at and below 0 (over a limit),
+    white at the window's middle, green with room to spare."""
+    scene = _scene(scene)
+    existing = scene.GetFirstNodeByName(HEADROOM_COLOR_TABLE_NAME)
+    if existing is not None:
+        return existing
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(HEADROOM_COLOR_TABLE_NAME)
+    node.SetSingletonTag(HEADROOM_COLOR_TABLE_NAME)
+    node.SetTypeToUser()
+    _ramp(node, [[0.0, 0.8, 0.0, 0.0], [0.5, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.1]])
+    node.SetAttribute(ROLE_ATTRIBUTE, "headroom_color_table")
+    scene.AddNode(node)
     return node
+
+
+def display_top_gy(array: np.ndarray, threshold_gy: float = 0.5, percentile: float = WINDOW_PERCENTILE) -> float:
+    """Top of the colour window: the ``percentile`` of the voxels at or above ``threshold_gy`` (a few hot voxels
+    must not wash out the rest, as the maximum would); at least 1 Gy."""
+    a = np.asarray(array)
+    shown = a[a >= threshold_gy]
+    if shown.size == 0:
+        return 1.0
+    return max(float(np.percentile(shown, percentile)), 1.0)
 
 
 def _dose_display(node, color_table, top_gy: float, threshold_gy: float = 0.5) -> None:
@@ -532,8 +587,22 @@ def _dose_display(node, color_table, top_gy: float, threshold_gy: float = 0.5) -
     display.SetAndObserveColorNodeID(color_table.GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, max(top_gy, 1.0))
+    display.AutoThresholdOff()
     display.SetThreshold(threshold_gy, max(top_gy, 1.0) * 10)
     display.SetApplyThreshold(1)
+
+
+def add_color_legend(node, title: str):
+    """A colour legend for ``node`` in the slice and 3D views (Slicer's colour legend display node); None when the
+    scene cannot make one."""
+    try:
+        legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node)
+    except Exception:  # noqa: BLE001 - a missing legend must not stop the analysis
+        legend = None
+    if legend is not None:
+        legend.SetTitleText(title)
+        legend.SetLabelFormat("%.0f")
+    return legend
 
 
 def _mark_dose(node, role: str, course: str | None = None) -> None:
@@ -595,6 +664,7 @@ def constraints_table(results: Results, name: str, scene=None):
     ])
     node.SetAttribute(ROLE_ATTRIBUTE, "constraints")
     node.SetAttribute("ReirradiationNPC.Verdict", results.summary["verdict"])
+    node.SetAttribute("ReirradiationNPC.VerdictCode", str(results.summary.get("verdict_code") or ""))
     return node
 
 
@@ -706,49 +776,201 @@ def worst_violation(violations: list, constraints: list):
 MARGIN_COLORS = planning_aids.MARGIN_COLORS  # one source for the target colours
 
 
-def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, name: str, scene=None,
-                        progress: Progress | None = None, planning=None) -> OutputNodes:
-    """Every result as nodes under one subject-hierarchy folder called ``name``.
+# ------------------------------------------------------------------------------------ subject hierarchy
 
+def study_of(node, scene=None) -> int:
+    """The subject-hierarchy study item above ``node`` (0 when it has none: e.g. a volume loaded from a file)."""
+    if node is None:
+        return 0
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(_scene(scene))
+    item = sh.GetItemByDataNode(node)
+    return sh.GetItemAncestorAtLevel(item, STUDY_LEVEL) if item else 0
+
+
+def ensure_study(scene=None, node=None, patient: dict | None = None) -> int:
+    """The study item the analysis goes under: the study of ``node`` (the current dose or CT; SlicerRT puts the
+    RTDOSE it loads under its DICOM study), else a study this module made before in this scene, else a new patient
+    and study named from ``patient`` (``name``/``id``; DICOM ``StudyInstanceUID`` as the study's UID when known).
+
+    The study carries SlicerRT's dose-unit attributes (``DicomRtImport.DoseUnitName`` GY,
+    ``DicomRtImport.DoseUnitValue`` 1.0): set when absent, never overwritten (SlicerRT puts the RTDOSE's
+    DoseGridScaling in the value; its modules read both from the study)."""
+    scene = _scene(scene)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = study_of(node, scene)
+    if not study:
+        ids = vtk.vtkIdList()
+        sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+        ours = [ids.GetId(i) for i in range(ids.GetNumberOfIds())
+                if sh.GetItemAttribute(ids.GetId(i), ROLE_ATTRIBUTE) == "study"]
+        study = ours[0] if ours else 0
+    if not study:
+        patient = patient or {}
+        subject = sh.CreateSubjectItem(sh.GetSceneItemID(), str(patient.get("name") or patient.get("id")
+                                                                or "Patient"))
+        study = sh.CreateStudyItem(subject, str(patient.get("study") or "Reirradiation study"))
+        sh.SetItemAttribute(study, ROLE_ATTRIBUTE, "study")
+        if patient.get("study_uid"):
+            sh.SetItemUID(study, "DICOM", str(patient["study_uid"]))
+        if patient.get("id"):
+            sh.SetItemUID(subject, "DICOM", str(patient["id"]))
+    if not sh.GetItemAttribute(study, DOSE_UNIT_NAME_ATTRIBUTE):
+        sh.SetItemAttribute(study, DOSE_UNIT_NAME_ATTRIBUTE, "GY")
+    if not sh.GetItemAttribute(study, DOSE_UNIT_VALUE_ATTRIBUTE):
+        sh.SetItemAttribute(study, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+    return study
+
+
+def _items_below(sh, parent: int) -> list[int]:
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(parent, ids, True)
+    return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
+
+
+def analysis_folders(scene=None, name: str | None = None) -> list[int]:
+    """Analysis folders in the scene (all, or those of analysis ``name``)."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(_scene(scene))
+    return [i for i in _items_below(sh, sh.GetSceneItemID())
+            if sh.GetItemAttribute(i, ROLE_ATTRIBUTE) == "analysis"
+            and (name is None or sh.GetItemAttribute(i, ANALYSIS_NAME_ATTRIBUTE) == name)]
+
+
+def remove_analysis(folder_item: int, scene=None) -> None:
+    """Remove an analysis folder with every node under it (a re-run replaces its own previous results)."""
+    scene = _scene(scene)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    nodes = [sh.GetItemDataNode(i) for i in _items_below(sh, folder_item)]
+    nodes = [n for n in nodes if n is not None]
+    helpers = []  # display (colour legends included) and storage nodes go with their data node
+    for node in nodes:
+        for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+            helpers.append(node.GetNthDisplayNode(i))
+        if hasattr(node, "GetStorageNode"):
+            helpers.append(node.GetStorageNode())
+    for node in nodes + helpers:  # the subject hierarchy drops the items of removed nodes
+        if node is not None and scene.IsNodePresent(node):
+            scene.RemoveNode(node)
+    if sh.GetItemName(folder_item):
+        sh.RemoveItem(folder_item, False, True)
+
+
+def _limit_levels(constraints) -> list[float]:
+    """Distinct Gy limits of the cumulative dose constraints (the isodose levels), lowest first."""
+    levels = set()
+    for c in constraints:
+        if c.scope == "cumulative" and c.unit == "Gy" and c.limit is not None and c.limit > 0:
+            levels.add(round(float(c.limit), 3))
+    return sorted(levels)
+
+
+def isodose_segmentation(cumulative: np.ndarray, grid: Grid, levels: list[float], color_table, top_gy: float,
+                         name: str, scene=None):
+    """Isodose lines of the cumulative EQD2 at ``levels`` (Gy): one segment per level holding the voxels at or
+    above it, shown as an outline in the slice views (no fill) and hidden in 3D. None without a level reached."""
+    scene = _scene(scene)
+    seg = None
+    for level in levels:
+        mask = cumulative >= level
+        if not mask.any():
+            continue
+        if seg is None:
+            seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            seg.CreateDefaultDisplayNodes()
+            seg.SetAttribute(ROLE_ATTRIBUTE, "isodose")
+        idx = np.nonzero(mask)
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in idx)
+        rgba = [0.0] * 4
+        color_table.GetColor(int(round(255 * min(level / max(top_gy, 1e-6), 1.0))), rgba)
+        sid = add_segment(seg, f"Isodose {level:g} Gy EQD2", mask[box], box, grid, tuple(rgba[:3]), 1.0,
+                          {"ReirradiationNPC.Kind": "isodose", "ReirradiationNPC.LevelGy": f"{level:g}"})
+        display = seg.GetDisplayNode()
+        display.SetSegmentOpacity2DFill(sid, 0.0)
+        display.SetSegmentOpacity2DOutline(sid, 1.0)
+        display.SetSegmentVisibility3D(sid, False)
+    return seg
+
+
+def protocol_text_node(protocol, name: str, scene=None):
+    """The protocol file used, verbatim, as a text node saved with the scene (with its path and SHA-256), so that a
+    saved scene reproduces the analysis even when the file has changed or is gone. None if it cannot be read."""
+    import hashlib
+    path = Path(getattr(protocol, "path", "") or "")
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    node = _scene(scene).AddNewNodeByClass("vtkMRMLTextNode", name)
+    node.SetText(data.decode("utf-8"))
+    node.SetAttribute(ROLE_ATTRIBUTE, "protocol")
+    node.SetAttribute("ReirradiationNPC.ProtocolPath", str(path))
+    node.SetAttribute("ReirradiationNPC.ProtocolSHA256", hashlib.sha256(data).hexdigest())
+    return node
+
+
+def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, name: str, scene=None,
+                        progress: Progress | None = None, planning=None, study_item: int | None = None,
+                        reference_node=None) -> OutputNodes:
+    """Every result as nodes under one analysis folder called ``name``, inside the patient's study.
+
+    ``study_item``: the study to use; else that of ``reference_node`` (the current dose or CT), else one made by
+    :func:`ensure_study`. A previous analysis folder of the same name is removed first, with all its nodes: a
+    re-run replaces its own previous results (other analyses are left alone; give another name to keep both).
     ``planning``: the engine's planning aids (margins, violations, headroom, remaining dose) when already
     computed (``planning.compute``); computed here otherwise.
     """
     scene = _scene(scene)
     say = progress or (lambda m: None)
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+    replaced = 0
+    for old in analysis_folders(scene, name):
+        remove_analysis(old, scene)
+        replaced += 1
+    study = study_item or ensure_study(scene, reference_node, getattr(prep.case, "patient", None))
+    if not sh.GetItemAttribute(study, DOSE_UNIT_NAME_ATTRIBUTE):
+        sh.SetItemAttribute(study, DOSE_UNIT_NAME_ATTRIBUTE, "GY")
+    if not sh.GetItemAttribute(study, DOSE_UNIT_VALUE_ATTRIBUTE):
+        sh.SetItemAttribute(study, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+    folder = sh.CreateFolderItem(study, name)
     sh.SetItemAttribute(folder, ROLE_ATTRIBUTE, "analysis")
-    sh.SetItemAttribute(folder, DOSE_UNIT_NAME_ATTRIBUTE, "GY")
-    sh.SetItemAttribute(folder, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
-    out = OutputNodes(folder_item=folder)
+    sh.SetItemAttribute(folder, ANALYSIS_NAME_ATTRIBUTE, name)
+    sh.SetItemAttribute(folder, "ReirradiationNPC.Verdict", str(results.summary.get("verdict", "")))
+    sh.SetItemAttribute(folder, "ReirradiationNPC.VerdictCode", str(results.summary.get("verdict_code") or ""))
+    out = OutputNodes(folder_item=folder, study_item=study, replaced=replaced)
     ctab = dose_color_table(scene)
     out.color_table = ctab
     grid = prep.grid
 
+    def keep(node):
+        if node is not None:
+            _set_parent(sh, node, folder)
+        return node
+
     say("creating EQD2 volumes")
-    top = float(analysis.cumulative.max()) if analysis.cumulative.size else 1.0
-    cum = add_volume_node(Volume(analysis.cumulative.astype(np.float32, copy=False), grid),
-                          f"{name} cumulative EQD2", scene)
+    top = display_top_gy(analysis.cumulative)
+    cum = keep(add_volume_node(Volume(analysis.cumulative.astype(np.float32, copy=False), grid),
+                               f"{name} cumulative EQD2", scene))
     _mark_dose(cum, "cumulative_eqd2")
     _dose_display(cum, ctab, top)
+    add_color_legend(cum, "Cumulative EQD2 (Gy)")
     out.cumulative = cum
-    _set_parent(sh, cum, folder)
     for c in prep.courses:
-        node = add_volume_node(Volume(analysis.course_eqd2[c.name].astype(np.float32, copy=False), grid),
-                               f"{name} EQD2 {c.name}", scene)
+        node = keep(add_volume_node(Volume(analysis.course_eqd2[c.name].astype(np.float32, copy=False), grid),
+                                    f"{name} EQD2 {c.name}", scene))
         _mark_dose(node, "course_eqd2", c.name)
         node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
         _dose_display(node, ctab, top)
         out.course_eqd2[c.name] = node
-        _set_parent(sh, node, folder)
-    ab = add_volume_node(Volume(analysis.alpha_beta.astype(np.float32, copy=False), grid), f"{name} alpha-beta map",
-                         scene)
+    ab = keep(add_volume_node(Volume(analysis.alpha_beta.astype(np.float32, copy=False), grid),
+                              f"{name} alpha-beta map", scene))
     ab.SetAttribute(ROLE_ATTRIBUTE, "alpha_beta")
-    _set_parent(sh, ab, folder)
     out.alpha_beta = ab
 
+    say("creating isodose lines at the protocol's limit levels")
+    out.isodose = keep(isodose_segmentation(analysis.cumulative, grid, _limit_levels(analysis.constraints), ctab,
+                                            top, f"{name} isodose lines", scene))
+
     say("creating target and violation segments")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} targets and violations")
+    seg = keep(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} targets and violations"))
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(cum)
     seg.SetAttribute(ROLE_ATTRIBUTE, "overlays")
@@ -778,27 +1000,38 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
         value = getattr(plan, attr, None)
         arr = getattr(value, "array", value)
         if isinstance(arr, np.ndarray) and arr.shape == grid.shape:
-            node = add_volume_node(Volume(arr.astype(np.float32, copy=False), grid), f"{name} {label}", scene)
+            node = keep(add_volume_node(Volume(arr.astype(np.float32, copy=False), grid), f"{name} {label}", scene))
             node.SetAttribute(ROLE_ATTRIBUTE, role)
-            node.GetDisplayNode().SetVisibility(False)
+            finite = arr[np.isfinite(arr)]
+            if role == "headroom":
+                span = float(np.percentile(np.abs(finite), WINDOW_PERCENTILE)) if finite.size else 1.0
+                display = node.GetDisplayNode()
+                display.SetAndObserveColorNodeID(headroom_color_table(scene).GetID())
+                display.AutoWindowLevelOff()
+                display.SetWindowLevelMinMax(-max(span, 1.0), max(span, 1.0))
+            else:
+                _dose_display(node, ctab, display_top_gy(finite) if finite.size else 1.0, threshold_gy=0.0)
             setattr(out, attr, node)
-            _set_parent(sh, node, folder)
     if seg.GetSegmentation().GetNumberOfSegments():
         # no smoothing: a violation of a few voxels must be shown as those voxels, not shrunk away
         seg.GetSegmentation().SetConversionParameter("Smoothing factor", "0.0")
         seg.CreateClosedSurfaceRepresentation()
     seg.GetDisplayNode().SetVisibility3D(True)
     out.overlays = seg
-    _set_parent(sh, seg, folder)
 
     say("creating constraint table and DVH chart")
-    out.constraints_table = constraints_table(results, f"{name} constraints", scene)
-    _set_parent(sh, out.constraints_table, folder)
+    out.constraints_table = keep(constraints_table(results, f"{name} constraints", scene))
     table, limits, chart = dvh_chart(prep, analysis, name, scene)
     out.dvh_table, out.dvh_chart = table, chart
     for node in (table, limits, chart):
-        if node is not None:
-            _set_parent(sh, node, folder)
+        keep(node)
+    if chart is not None:  # every plot series too: nothing of the analysis at the scene root
+        for i in range(chart.GetNumberOfPlotSeriesNodes()):
+            keep(chart.GetNthPlotSeriesNode(i))
+    out.protocol_text = keep(protocol_text_node(prep.protocol, f"{name} protocol", scene))
+    if out.protocol_text is not None:
+        sh.SetItemAttribute(folder, "ReirradiationNPC.ProtocolSHA256",
+                            out.protocol_text.GetAttribute("ReirradiationNPC.ProtocolSHA256"))
     return out
 
 

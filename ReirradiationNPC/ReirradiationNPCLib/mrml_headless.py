@@ -90,6 +90,11 @@ def start(install: bool = True) -> HeadlessSlicer:
     crosshair = slicer.vtkMRMLCrosshairNode()
     crosshair.SetCrosshairName("default")
     scene.AddNode(crosshair)
+    # node classes Slicer's Qt modules register (colour legends: the Colors module)
+    for cls_name in ("vtkMRMLColorLegendDisplayNode",):
+        cls = getattr(slicer, cls_name, None)
+        if cls is not None:
+            scene.RegisterNodeClass(cls())
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
     app.GetColorLogic().SetMRMLScene(scene)

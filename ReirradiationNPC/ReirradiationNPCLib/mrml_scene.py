@@ -34,16 +34,30 @@ def check_available() -> None:
         raise InputError(f"--scene needs slicer-core: {reason}", field="--scene")
 
 
-def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict:
-    """The analysis inputs as nodes, under a folder ``folder_name``: the reference CT, each course's physical dose
-    as the analysis used it (mapped onto the evaluation grid, registration applied) and the structures as read.
-    Nothing is read again from disk: what is shown is what was computed on."""
+def patient_of(prep: Prepared) -> dict:
+    """Patient and study naming for the subject hierarchy: the case file's ``patient`` (id, name), completed from
+    the reference CT's DICOM header when it has one (PatientID, PatientName, StudyInstanceUID, StudyDescription)."""
+    dicom = (prep.reference_image.meta.get("dicom") or {}) if prep.reference_image is not None else {}
+    patient = dict(getattr(prep.case, "patient", None) or {})
+    patient.setdefault("id", dicom.get("PatientID") or "")
+    patient.setdefault("name", dicom.get("PatientName") or patient.get("id") or "")
+    if dicom.get("StudyInstanceUID"):
+        patient["study_uid"] = dicom["StudyInstanceUID"]
+    patient["study"] = dicom.get("StudyDescription") or "Reirradiation study"
+    return patient
+
+
+def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_item: int | None = None) -> dict:
+    """The analysis inputs as nodes, under a folder ``folder_name`` in the patient's study: the reference CT, each
+    course's physical dose as the analysis used it (mapped onto the evaluation grid, registration applied) and the
+    structures as read. Nothing is read again from disk: what is shown is what was computed on."""
     import slicer
 
     from . import mrml
     scene = scene or slicer.mrmlScene
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    folder = sh.CreateFolderItem(sh.GetSceneItemID(), folder_name)
+    study = study_item or mrml.ensure_study(scene, None, patient_of(prep))
+    folder = sh.CreateFolderItem(study, folder_name)
     nodes: dict = {"folder": folder, "doses": {}, "images": {}}
     if prep.reference_image is not None:
         ct = mrml.add_volume_node(prep.reference_image, "CT (reference)", scene)
@@ -58,7 +72,7 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None) -> dict
         mrml._mark_dose(node, "course_dose", c.name)
         node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
         node.SetAttribute("ReirradiationNPC.Registration", c.registration)
-        mrml._dose_display(node, mrml.dose_color_table(scene), float(c.dose.max()) if c.dose.size else 1.0)
+        mrml._dose_display(node, mrml.dose_color_table(scene), mrml.display_top_gy(c.dose))
         nodes["doses"][c.name] = node
         mrml._set_parent(sh, node, folder)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
@@ -133,8 +147,10 @@ def build_scene(prep: Prepared, analysis: Analysis, results: Results, name: str 
 
     from . import mrml
     scene = scene or slicer.mrmlScene
-    inputs = load_inputs(prep, scene=scene)
-    outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress, planning=planning)
+    study = mrml.ensure_study(scene, None, patient_of(prep))
+    inputs = load_inputs(prep, scene=scene, study_item=study)
+    outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress, planning=planning,
+                                       study_item=study)
     background = inputs["images"].get("reference")
     _review_layout(scene, background, outputs.cumulative, outputs.dvh_chart)
     return inputs, outputs
