@@ -177,13 +177,20 @@ def _parent_transform(node):
     return node.GetParentTransformNode() if node is not None else None
 
 
-def resampling_transform(reference_node, moving_node, reference_grid: Grid) -> sitk.Transform | None:
+_PARENT = object()
+
+
+def resampling_transform(reference_node, moving_node, reference_grid: Grid,
+                         moving_frame=_PARENT) -> sitk.Transform | None:
     """ITK transform mapping reference-local LPS points to ``moving_node``-local LPS points (None: identity).
 
+    ``moving_frame``: the transform node whose frame the moving data is in (default: its parent transform node).
+    A course's transform is given this way, so the user's dose node is never re-parented.
     Linear transforms become an exact affine transform; others are sampled at the voxel centres of
     ``reference_grid`` into a displacement field.
     """
-    src, dst = _parent_transform(reference_node), _parent_transform(moving_node)
+    src = _parent_transform(reference_node)
+    dst = _parent_transform(moving_node) if moving_frame is _PARENT else moving_frame
     if src is dst:
         return None
     m = vtk.vtkMatrix4x4()
@@ -381,6 +388,11 @@ class CourseInput:
     dose_node: object
     fractions: int
     interval_months: float | None = None
+    #: the course's transform node (prior courses): the dose is read through it as if it were under it; the dose
+    #: node itself is not re-parented. None: the dose node's own parent transform (if any) is used.
+    transform_node: object = None
+    #: factor applied to the voxels (the fractions for a per-fraction RTDOSE, from mrml_provenance)
+    multiplier: float = 1.0
 
 
 def _check_course_inputs(courses: list[CourseInput]) -> None:
@@ -440,6 +452,8 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
     doses = []
     for i, c in enumerate(courses):
         vol = volume_from_node(c.dose_node)
+        if c.multiplier != 1.0:
+            vol.array *= np.float32(c.multiplier)
         _check_dose(vol, c.dose_node.GetName(), f"courses[{i}].dose")
         doses.append(vol)
     grid = doses[-1].grid
@@ -447,7 +461,14 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
     for i, (c, dose) in enumerate(zip(courses, doses)):
         is_current = i == len(courses) - 1
         say(f"mapping dose of {c.name}")
-        t = None if is_current else resampling_transform(ref_node, c.dose_node, grid)
+        frame = _parent_transform(c.dose_node)
+        if c.transform_node is not None and not is_current:
+            if frame is not None and frame is not c.transform_node:
+                raise InputError(f"the dose is under transform {frame.GetName()!r} and the course's transform is "
+                                 f"{c.transform_node.GetName()!r}: use one of them", source=c.dose_node.GetName(),
+                                 field=f"courses[{i}].transform")
+            frame = c.transform_node
+        t = None if is_current else resampling_transform(ref_node, c.dose_node, grid, moving_frame=frame)
         if t is None and not grids_overlap(dose.grid, grid):
             raise InputError("dose grid does not overlap the current dose grid", source=c.dose_node.GetName(),
                              field=f"courses[{i}].dose")
@@ -456,7 +477,7 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
         if cov is not None and not cov.any():
             raise InputError("after its transform, this dose does not overlap the current dose grid",
                              source=c.dose_node.GetName(), field=f"courses[{i}].dose")
-        method = "identity" if t is None else f"transform node {_parent_transform(c.dose_node).GetName()}"
+        method = "identity" if t is None else f"transform node {frame.GetName() if frame else '(reference)'}"
         course_data.append(CourseData(name=c.name, dose=arr, fractions=int(c.fractions),
                                       interval_months=None if is_current else float(c.interval_months),
                                       is_current=is_current, registration=method, dose_file=c.dose_node.GetName(),

@@ -1,0 +1,173 @@
+"""Where a dose volume in the scene came from, and the RTDOSE checks of the command line applied to it.
+
+The command line reads an RTDOSE itself and refuses what is not a course's total physical dose (DoseUnits,
+DoseType, DoseSummationType) and fractions that disagree with the plan. Inside Slicer the RTDOSE has been read by
+SlicerRT, which keeps only the voxels (times DoseGridScaling). This module finds the RTDOSE file again through the
+DICOM database (the series UID SlicerRT puts on the volume's subject-hierarchy item), reads its header and the
+referenced plan's fractions, and applies the same rules. A dose volume with no DICOM provenance (e.g. loaded from an
+NRRD file) cannot be checked: it is flagged, and the module asks the user to confirm it before computing.
+
+``database`` is anything with ctkDICOMDatabase's ``filesForSeries(seriesUID)`` and ``fileForInstance(sopUID)``
+(``slicer.dicomDatabase`` in Slicer; a small stand-in in the tests). No Qt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import slicer
+
+from . import dicom_rt
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"
+#: subject-hierarchy UID name of DICOM UIDs (vtkMRMLSubjectHierarchyConstants::GetDICOMUIDName())
+DICOM_UID_NAME = "DICOM"
+#: SlicerRT puts the referenced RTPLAN's SOPInstanceUID in this attribute of the RTDOSE series item
+REFERENCED_UIDS_ATTRIBUTE = "DICOM.ReferencedInstanceUIDs"
+
+
+@dataclass
+class DoseProvenance:
+    """What is known of a course's dose volume.
+
+    ``kind``: ``rtdose`` (the RTDOSE header was read and passed the checks), ``dicom_unreadable`` (a DICOM series
+    UID but no file in the database: unchecked), ``none`` (no DICOM provenance: unchecked).
+    ``multiplier``: factor to apply to the voxels (the fractions for a per-fraction RTDOSE; else 1).
+    """
+
+    kind: str
+    node_name: str
+    series_uid: str = ""
+    rtdose_file: str = ""
+    plan_file: str = ""
+    header: dict = field(default_factory=dict)
+    multiplier: float = 1.0
+    notes: list = field(default_factory=list)
+
+    @property
+    def checked(self) -> bool:
+        return self.kind == "rtdose"
+
+    def unchecked_reason(self) -> str:
+        if self.kind == "none":
+            return (f"dose {self.node_name!r} has no DICOM provenance (not an RTDOSE loaded from the DICOM database): "
+                    "its DoseUnits, DoseType, DoseSummationType and the plan's fractions cannot be checked")
+        if self.kind == "dicom_unreadable":
+            return (f"dose {self.node_name!r}: the RTDOSE file of series {self.series_uid} is not in the DICOM "
+                    "database: its header cannot be checked")
+        return ""
+
+
+def check_rtdose_header(ds, fractions: int | None, plan: dicom_rt.PlanInfo | None = None,
+                        src: str = "RTDOSE") -> tuple[float, list[str]]:
+    """The command line's RTDOSE header rules on a dataset (or a dict of its keywords) whose voxels were already
+    scaled by DoseGridScaling (as SlicerRT loads them). Returns (multiplier for the voxels, notes); raises
+    InputError for a dose that is not a course's total physical dose in Gy, or fractions that disagree with the plan.
+
+    Adapter owned here until ``dicom_rt`` offers one header check for both paths; the rules and constants are
+    dicom_rt's (WHOLE_COURSE_SUMMATION, PER_FRACTION_SUMMATION).
+    """
+    get = ds.get if isinstance(ds, dict) else (lambda k, d=None: getattr(ds, k, d))
+
+    def value(keyword):
+        v = get(keyword, None)
+        if v is None or str(v).strip() == "":
+            raise InputError("missing in the RTDOSE header", source=src, field=keyword)
+        return str(v).strip().upper()
+
+    units = value("DoseUnits")
+    if units == "RELATIVE":
+        raise InputError("DoseUnits RELATIVE cannot be converted to Gy without the reference dose; export the dose "
+                         "in GY", source=src, field="DoseUnits")
+    if units != "GY":
+        raise InputError(f"DoseUnits {units!r} is not GY", source=src, field="DoseUnits")
+    dtype = value("DoseType")
+    if dtype == "EFFECTIVE":
+        raise InputError("DoseType EFFECTIVE (biologically weighted, e.g. an EQD2 or RBE-weighted dose): the "
+                         "physical dose of the course is required", source=src, field="DoseType")
+    if dtype != "PHYSICAL":
+        raise InputError(f"DoseType {dtype!r} is not a physical dose", source=src, field="DoseType")
+    summation = value("DoseSummationType")
+    notes = []
+    if plan is not None:
+        dicom_rt.fractions_from_plan(plan, fractions, src, "fractions")
+        notes.append(f"{Path(src).name}: fractions {fractions} agree with the plan {Path(plan.path).name}")
+    if summation in dicom_rt.WHOLE_COURSE_SUMMATION:
+        return 1.0, notes
+    if summation in dicom_rt.PER_FRACTION_SUMMATION:
+        if not fractions:
+            raise InputError(f"DoseSummationType {summation} is the dose of one fraction; enter the course's "
+                             "fractions", source=src, field="DoseSummationType")
+        notes.append(f"{Path(src).name}: DoseSummationType {summation} taken as the dose of one fraction and "
+                     f"multiplied by {fractions} fractions")
+        return float(fractions), notes
+    raise InputError(f"DoseSummationType {summation} is a part of a course, not its dose (PLAN, MULTI_PLAN, "
+                     "FRACTION or FRACTION_SESSION needed)", source=src, field="DoseSummationType")
+
+
+def _series_uid(node, scene) -> str:
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(node)
+    uid = sh.GetItemUID(item, DICOM_UID_NAME) if item else ""
+    return uid or ""
+
+
+def _referenced_uids(node, scene) -> list[str]:
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(node)
+    text = sh.GetItemAttribute(item, REFERENCED_UIDS_ATTRIBUTE) if item else ""
+    return [u for u in (text or "").split() if u]
+
+
+def _dataset(path: str):
+    import pydicom
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def dose_provenance(node, fractions: int | None, database=None, scene=None) -> DoseProvenance:
+    """Read the RTDOSE header (and its plan) of ``node`` through ``database`` and check it (InputError when the
+    header shows it is not a course's total physical dose, or the fractions disagree with the plan)."""
+    scene = scene or node.GetScene() or slicer.mrmlScene
+    name = node.GetName()
+    uid = _series_uid(node, scene)
+    if not uid:
+        return DoseProvenance("none", name)
+    files = list(database.filesForSeries(uid)) if database is not None else []
+    rtdose = None
+    for f in files:
+        try:
+            ds = _dataset(f)
+        except Exception:  # noqa: BLE001 - an unreadable file is skipped (reported below if none is readable)
+            continue
+        if str(getattr(ds, "Modality", "")).upper() == "RTDOSE":
+            rtdose = (f, ds)
+            break
+    if rtdose is None:
+        return DoseProvenance("dicom_unreadable", name, series_uid=uid)
+    path, ds = rtdose
+    plan = None
+    plan_uids = _referenced_uids(node, scene) or [str(getattr(item, "ReferencedSOPInstanceUID", "")) for item in
+                                                  (getattr(ds, "ReferencedRTPlanSequence", None) or [])]
+    notes = []
+    for plan_uid in plan_uids:
+        plan_file = database.fileForInstance(plan_uid) if plan_uid else ""
+        if plan_file:
+            plan = dicom_rt.read_rtplan(Path(plan_file))
+            break
+    if plan_uids and plan is None:
+        notes.append(f"{name}: the referenced plan is not in the DICOM database; fractions not checked against it")
+    multiplier, more = check_rtdose_header(ds, fractions, plan, src=path)
+    header = {k: str(getattr(ds, k, "")) for k in ("DoseUnits", "DoseType", "DoseSummationType", "DoseGridScaling",
+                                                    "SeriesInstanceUID", "SOPInstanceUID")}
+    return DoseProvenance("rtdose", name, series_uid=uid, rtdose_file=str(path),
+                          plan_file=plan.path if plan is not None else "", header=header, multiplier=multiplier,
+                          notes=notes + more)
+
+
+def is_dose_volume(node) -> bool:
+    return node is not None and node.GetAttribute(DOSE_VOLUME_ATTRIBUTE) == "1"
