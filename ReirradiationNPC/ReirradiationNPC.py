@@ -66,13 +66,15 @@ class ReirradiationNPCCourse:
 @parameterNodeWrapper
 class ReirradiationNPCParameterNode:
     """Everything the analysis depends on, so a saved scene reproduces it. Courses oldest first; the last is the
-    current course (its dose grid is the evaluation grid)."""
+    current course (its dose grid is the evaluation grid). ``protocolSHA256``: the protocol file's hash at the last
+    computation (its text is saved with the analysis, see ReirradiationNPCLib.mrml.protocol_text_node)."""
 
     courses: list[ReirradiationNPCCourse]
     selectedCourse: int = 0
-    registrationMethod: Annotated[str, Choice(["existing transform", "rigid", "deformable"])] = "existing transform"
+    registrationMethod: Annotated[str, Choice(["rigid", "deformable", "existing transform"])] = "rigid"
     protocol: str = "npc-reirradiation"
     customProtocolFile: Path
+    protocolSHA256: str = ""
     segmentation: vtkMRMLSegmentationNode
     analysisName: str = "Reirradiation analysis"
     showMargins: bool = True
@@ -88,19 +90,71 @@ class ReirradiationNPCParameterNode:
 
 
 #
+# Dependencies
+#
+
+REQUIREMENTS = ["PyYAML>=6.0"]  # the same as Resources/requirements.txt
+
+
+def missingDependencies() -> list:
+    """Python packages the engine needs that Slicer does not ship, not importable here."""
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        return list(REQUIREMENTS)
+    return []
+
+
+def ensureDependencies(ask: bool = True) -> str:
+    """Install missing packages (PyYAML) on first use. ``ask``: confirm with the user first. Returns "" when
+    everything is there, else a one-line reason (declined, or the install failed, e.g. offline): the caller shows
+    it and keeps the panel open."""
+    missing = missingDependencies()
+    if not missing:
+        return ""
+    if ask and not slicer.util.confirmOkCancelDisplay(
+            _("ReirradiationNPC needs the Python package(s) {packages}, not shipped with Slicer. Install them now "
+              "from the Python Package Index (needs internet access)?").format(packages=", ".join(missing)),
+            windowTitle=_("Install Python packages")):
+        return _("Python package(s) {packages} not installed (declined). Restart the module to install them, or "
+                 "install them offline: see docs/slicer.md.").format(packages=", ".join(missing))
+    try:
+        slicer.util.pip_install(missing)
+    except Exception as exc:  # noqa: BLE001 - offline hospital PCs: the panel must stay usable to say so
+        logging.warning("ReirradiationNPC: pip install %s failed: %s", missing, exc)
+        return _("Could not install {packages} (no internet access?): {error}. Install them offline: see "
+                 "docs/slicer.md, 'Offline installation'.").format(packages=", ".join(missing), error=exc)
+    if missingDependencies():
+        return _("{packages} installed but not importable: restart Slicer.").format(packages=", ".join(missing))
+    return ""
+
+
+#
 # ReirradiationNPCWidget
 #
 
 class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    STATUS_COLORS = {"fail": "#f4b6b6", "warn": "#ffd89a", "pass": "#c9ecc9"}
+    """Binds the panel to the parameter node and to the Qt-free presenter (ReirradiationNPCLib.presenter): every
+    decision (course order and names, transforms, checks, run state, display) is the presenter's."""
+
+    STATUS_COLORS = {"fail": "#f4b6b6", "warn": "#ffd89a", "pass": "#c9ecc9", "condition_not_met": "#f4b6b6"}
+    ACTION_BUTTONS = {"add": "addCourseButton", "remove": "removeCourseButton", "up": "moveCourseUpButton",
+                      "down": "moveCourseDownButton", "register": "registerButton", "review": "reviewButton",
+                      "compute": "computeButton", "export": "exportRtDoseButton", "report": "saveReportButton"}
+    ADJUST_SPINBOXES = ("adjustTxSpinBox", "adjustTySpinBox", "adjustTzSpinBox", "adjustRxSpinBox",
+                        "adjustRySpinBox", "adjustRzSpinBox")
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.presenter = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._updating = False
+        self._dependencyProblem = ""
+        self._displayKey = None
+        self._doseChoices = [None]
 
     def setup(self) -> None:
         import qt
@@ -109,36 +163,54 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        # the panel opens even without PyYAML (offline PC): it then says why it cannot work
+        self._dependencyProblem = ensureDependencies(ask=True)
+        if self._dependencyProblem:
+            self.ui.statusLabel.text = self._dependencyProblem
+            for name in self.ACTION_BUTTONS.values():
+                getattr(self.ui, name).enabled = False
+            return
         self.logic = ReirradiationNPCLogic()
         self.ui.protocolComboBox.addItems(self.logic.shippedProtocols())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodesChanged)
 
         self.ui.addCourseButton.connect("clicked(bool)", self.onAddCourse)
         self.ui.removeCourseButton.connect("clicked(bool)", self.onRemoveCourse)
+        self.ui.moveCourseUpButton.connect("clicked(bool)", lambda: self.onMoveCourse(-1))
+        self.ui.moveCourseDownButton.connect("clicked(bool)", lambda: self.onMoveCourse(+1))
         self.ui.courseList.connect("currentRowChanged(int)", self.onSelectCourse)
-        for w, signal in ((self.ui.courseNameLineEdit, "editingFinished()"),
-                          (self.ui.courseDoseSelector, "currentNodeChanged(vtkMRMLNode*)"),
-                          (self.ui.courseFractionsSpinBox, "valueChanged(int)"),
+        self.ui.courseNameLineEdit.connect("editingFinished()", self.onCourseRenamed)
+        self.ui.courseDoseSelector.connect("currentIndexChanged(int)", self.onCourseEdited)
+        for w, signal in ((self.ui.courseFractionsSpinBox, "valueChanged(int)"),
                           (self.ui.courseIntervalSpinBox, "valueChanged(double)"),
-                          (self.ui.courseCTSelector, "currentNodeChanged(vtkMRMLNode*)"),
-                          (self.ui.courseTransformSelector, "currentNodeChanged(vtkMRMLNode*)")):
+                          (self.ui.courseCTSelector, "currentNodeChanged(vtkMRMLNode*)")):
             w.connect(signal, self.onCourseEdited)
+        self.ui.courseTransformSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTransformChanged)
         self.ui.protocolComboBox.connect("currentTextChanged(QString)", self.onProtocolSelected)
         self.ui.protocolTable.setEditTriggers(qt.QAbstractItemView.DoubleClicked | qt.QAbstractItemView.EditKeyPressed)
         self.ui.protocolTable.connect("itemChanged(QTableWidgetItem*)", self.onProtocolItemChanged)
         self.ui.registerButton.connect("clicked(bool)", self.onRegister)
+        self.ui.reviewButton.connect("clicked(bool)", self.onReview)
+        for name in self.ADJUST_SPINBOXES:
+            getattr(self.ui, name).connect("valueChanged(double)", self.onAdjust)
+        self.ui.adjustResetButton.connect("clicked(bool)", self.onAdjustReset)
         self.ui.computeButton.connect("clicked(bool)", self.onCompute)
         self.ui.jumpToWorstButton.connect("clicked(bool)", self.onJumpToWorst)
         self.ui.showDVHButton.connect("clicked(bool)", self.onShowDVH)
+        self.ui.exportRtDoseButton.connect("clicked(bool)", self.onExportRtDose)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -153,6 +225,10 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onNodesChanged(self, caller=None, event=None) -> None:
+        if self._parameterNode is not None and not self._updating and not self.logic.busy():
+            self.updateGUIFromParameterNode()
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
 
@@ -161,6 +237,7 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
+        self.presenter = self.logic.presenter(inputParameterNode) if inputParameterNode else None
         if self._parameterNode:
             # widgets with a SlicerParameterName property in the .ui are bound both ways here
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -175,34 +252,61 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updating = True
         try:
-            names = [c.name or _("(unnamed)") for c in p.courses]
-            if names:
-                names[-1] += "  " + _("(current)")
-            if [self.ui.courseList.item(i).text() for i in range(self.ui.courseList.count)] != names:
+            labels = self.presenter.course_labels()
+            if [self.ui.courseList.item(i).text() for i in range(self.ui.courseList.count)] != labels:
                 self.ui.courseList.clear()
-                self.ui.courseList.addItems(names)
+                self.ui.courseList.addItems(labels)
             index = min(p.selectedCourse, len(p.courses) - 1)
             self.ui.courseList.setCurrentRow(index)
             self.ui.courseEditor.enabled = index >= 0
+            self._fillDoseChoices(p.courses[index].dose if index >= 0 else None)
             if index >= 0:
                 c = p.courses[index]
                 self.ui.courseNameLineEdit.text = c.name
-                self.ui.courseDoseSelector.setCurrentNode(c.dose)
                 self.ui.courseFractionsSpinBox.value = c.fractions
                 self.ui.courseIntervalSpinBox.value = c.intervalMonths
-                self.ui.courseIntervalSpinBox.enabled = index < len(p.courses) - 1
+                self.ui.courseIntervalSpinBox.enabled = not self.presenter.is_current(index)
                 self.ui.courseCTSelector.setCurrentNode(c.ct)
                 self.ui.courseTransformSelector.setCurrentNode(c.transform)
+                self.ui.courseTransformSelector.enabled = not self.presenter.is_current(index)
+                self._showAdjustment(c.transform)
             self.ui.protocolComboBox.setCurrentText(p.protocol)
-            self.ui.computeButton.enabled = len(p.courses) > 0 and p.segmentation is not None
             self.ui.statusLabel.text = p.status
             self._fillProtocolTable()
             self._fillMappingTable()
             self._fillResultsTable()
-            self.logic.applyDisplayToggles(p)
-            self.ui.jumpToWorstButton.enabled = self.logic.worstViolationPosition(p) is not None
+            key = (p.showMargins, p.showViolations, p.showHeadroom, p.showRemainingDose,
+                   p.cumulativeEQD2.GetID() if p.cumulativeEQD2 is not None else None)
+            if key != self._displayKey:  # only on a toggle or a new result: a review's fused layers stay
+                self._displayKey = key
+                self.presenter.apply_display()
+            self._updateButtons()
         finally:
             self._updating = False
+
+    def _updateButtons(self) -> None:
+        states = self.presenter.button_states()
+        for key, name in self.ACTION_BUTTONS.items():
+            getattr(self.ui, name).enabled = bool(states.get(key))
+        self.ui.jumpToWorstButton.enabled = (not states["cancel"]
+                                             and self.logic.worstViolationPosition(self._parameterNode) is not None)
+        self.ui.adjustGroupBox.enabled = states["review"]
+
+    def _fillDoseChoices(self, selected) -> None:
+        box = self.ui.courseDoseSelector
+        choices = self.presenter.dose_choices()
+        self._doseChoices = [None] + [c.node for c in choices]
+        box.clear()
+        box.addItem(_("(none)"))
+        for c in choices:
+            box.addItem(c.label)
+        box.setCurrentIndex(self._doseChoices.index(selected) if selected in self._doseChoices else 0)
+
+    def _showAdjustment(self, transform) -> None:
+        from ReirradiationNPCLib import mrml_review
+        values = mrml_review.adjustment_of(transform)
+        for name, v in zip(self.ADJUST_SPINBOXES, values):
+            getattr(self.ui, name).value = v
 
     def _fillProtocolTable(self) -> None:
         import qt
@@ -252,25 +356,16 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item.setBackground(qt.QColor(colors[r]))
                 table.setItem(r, c, item)
 
-    # ---------------------------------------------------------------------------------- GUI -> parameter node
+    # ---------------------------------------------------------------------------------- GUI -> presenter
 
     def onAddCourse(self) -> None:
-        p = self._parameterNode
-        course = ReirradiationNPCCourse()
-        course.name = f"course{len(p.courses) + 1}"
-        courses = list(p.courses)  # lists are written back whole (a new list is one parameter write)
-        index = max(len(courses) - 1, 0)  # a new course is a prior course: the last one stays the current
-        courses.insert(index, course)
-        p.courses = courses
-        p.selectedCourse = index
+        self.presenter.add_course()
 
     def onRemoveCourse(self) -> None:
-        p = self._parameterNode
-        courses = list(p.courses)
-        if 0 <= p.selectedCourse < len(courses):
-            del courses[p.selectedCourse]
-            p.courses = courses
-            p.selectedCourse = max(0, min(p.selectedCourse, len(courses) - 1))
+        self.presenter.remove_course()
+
+    def onMoveCourse(self, delta: int) -> None:
+        self.presenter.move_course(self._parameterNode.selectedCourse, delta)
 
     def onProtocolSelected(self, name: str) -> None:
         if not self._updating and self._parameterNode is not None and name:
@@ -280,33 +375,88 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._updating and row >= 0:
             self._parameterNode.selectedCourse = row
 
+    def onCourseRenamed(self) -> None:
+        p = self._parameterNode
+        if self._updating or p is None or not (0 <= p.selectedCourse < len(p.courses)):
+            return
+        with slicer.util.tryWithErrorDisplay(_("The course was not renamed.")):
+            self.presenter.rename_course(p.selectedCourse, self.ui.courseNameLineEdit.text)
+        self.updateGUIFromParameterNode()
+
     def onCourseEdited(self, *args) -> None:
         p = self._parameterNode
         if self._updating or p is None or not (0 <= p.selectedCourse < len(p.courses)):
             return
-        courses = list(p.courses)
-        c = courses[p.selectedCourse]
-        c.name = self.ui.courseNameLineEdit.text.strip()
-        c.dose = self.ui.courseDoseSelector.currentNode()
-        c.fractions = self.ui.courseFractionsSpinBox.value
-        c.intervalMonths = self.ui.courseIntervalSpinBox.value
-        c.ct = self.ui.courseCTSelector.currentNode()
-        c.transform = self.ui.courseTransformSelector.currentNode()
-        p.courses = courses
+        index = self.ui.courseDoseSelector.currentIndex
+        dose = self._doseChoices[index] if 0 <= index < len(self._doseChoices) else None
+        self.presenter.set_course_fields(p.selectedCourse, dose=dose, fractions=self.ui.courseFractionsSpinBox.value,
+                                         intervalMonths=self.ui.courseIntervalSpinBox.value,
+                                         ct=self.ui.courseCTSelector.currentNode())
+
+    def onTransformChanged(self, node) -> None:
+        p = self._parameterNode
+        if self._updating or p is None or not (0 <= p.selectedCourse < len(p.courses)):
+            return
+        self.presenter.set_transform(p.selectedCourse, node)  # None clears it
 
     # ------------------------------------------------------------------------------------------------ actions
 
-    def _progress(self, message: str) -> None:
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()
+    def _runLong(self, title: str, work):
+        """Run ``work(progress)`` with a progress dialog (Cancel asks the presenter to stop at its next step),
+        every action button disabled; errors are shown, never raised into Qt."""
+        from ReirradiationNPCLib.presenter import Cancelled
+        dialog = slicer.util.createProgressDialog(labelText=title, windowTitle=_("ReirradiationNPC"), maximum=0)
+        dialog.connect("canceled()", self.presenter.run.cancel)
+        for name in self.ACTION_BUTTONS.values():
+            getattr(self.ui, name).enabled = False
+
+        def progress(message):
+            dialog.labelText = message
+            self.ui.statusLabel.text = message
+            slicer.app.processEvents()  # the dialog's Cancel; the action buttons stay disabled meanwhile
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("{title} failed.").format(title=title), waitCursor=True):
+                try:
+                    return work(progress)
+                except Cancelled:
+                    self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
+                    return None
+        finally:
+            dialog.close()
+            self.updateGUIFromParameterNode()
 
     def onRegister(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-            self.ui.registrationQALabel.text = self.logic.register(self._parameterNode, progress=self._progress)
+        summary = self._runLong(_("Registration"), lambda progress: self.presenter.register(progress=progress))
+        if summary:
+            self.ui.registrationQALabel.text = summary
+
+    def onReview(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The registration cannot be reviewed.")):
+            self.presenter.review()
+
+    def onAdjust(self, *args) -> None:
+        p = self._parameterNode
+        if self._updating or p is None or not (0 <= p.selectedCourse < len(p.courses) - 1):
+            return
+        values = [getattr(self.ui, name).value for name in self.ADJUST_SPINBOXES]
+        with slicer.util.tryWithErrorDisplay(_("The transform was not adjusted.")):
+            self.presenter.adjust(p.selectedCourse, *values)
+
+    def onAdjustReset(self) -> None:
+        for name in self.ADJUST_SPINBOXES:
+            getattr(self.ui, name).value = 0.0
+        self.onAdjust()
 
     def onCompute(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("The analysis could not be computed."), waitCursor=True):
-            self.logic.process(self._parameterNode, progress=self._progress)
+        def confirm(messages):
+            return slicer.util.confirmOkCancelDisplay(
+                _("These doses cannot be checked (no DICOM RTDOSE header):") + "\n\n- " + "\n- ".join(messages)
+                + "\n\n" + _("Confirm that each is the course's TOTAL PHYSICAL dose in Gy (not per fraction, not "
+                             "per beam, not EQD2). The results will say they were not checked."),
+                windowTitle=_("Unchecked doses"))
+        self._runLong(_("Computing the analysis"), lambda progress: self.logic.process(
+            self._parameterNode, self.presenter, confirm=confirm, progress=progress))
 
     def onJumpToWorst(self) -> None:
         self.logic.jumpToWorstViolation(self._parameterNode)
@@ -314,34 +464,80 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowDVH(self) -> None:
         self.logic.showDVH(self._parameterNode)
 
+    def onExportRtDose(self) -> None:
+        import qt
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the RTDOSE file"))
+        if folder:
+            path = self._runLong(_("Exporting the cumulative EQD2 as RTDOSE"),
+                                 lambda progress: self.logic.exportRtDose(self._parameterNode, self.presenter,
+                                                                          Path(folder)))
+            if path:
+                self.ui.statusLabel.text = _("RTDOSE written: {path}").format(path=path)
+
+    def onSaveReport(self) -> None:
+        import qt
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Empty folder for report.html"))
+        if folder:
+            path = self._runLong(_("Writing the report"), lambda progress: self.presenter.save_report(Path(folder)))
+            if path:
+                self.ui.statusLabel.text = _("Report written: {path}").format(path=path)
+
 
 #
 # ReirradiationNPCLogic
 #
 
 class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
-    """Thin Slicer-side logic: reads the parameter node, calls the engine through the MRML adapter, writes result
-    node references back. Never opens a dialog; reports progress through a callback; errors are exceptions
-    (``ReirradiationNPCLib.errors.InputError`` for inputs the user can fix)."""
+    """Thin Slicer-side logic: the parameter node, protocol loading and editing, and the few Slicer-only calls
+    (DICOM database, layouts). The panel's decisions are in ReirradiationNPCLib.presenter (tested headless). Never
+    opens a dialog; errors are exceptions (``ReirradiationNPCLib.errors.InputError`` for inputs the user can fix)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        ensureDependencies()
         self._protocols = {}
+        self._presenters = {}
 
     def getParameterNode(self):
         return ReirradiationNPCParameterNode(super().getParameterNode())
+
+    def presenter(self, p):
+        """The presenter of this parameter node (one per node: it keeps the run state and the last results)."""
+        from ReirradiationNPCLib.presenter import Presenter
+        key = p.parameterNode.GetID() if hasattr(p, "parameterNode") else id(p)
+        if key not in self._presenters:
+            self._presenters[key] = Presenter(p, course_factory=ReirradiationNPCCourse, scene=slicer.mrmlScene,
+                                              dicom_database=getattr(slicer, "dicomDatabase", None))
+        self._presenters[key].p = p
+        return self._presenters[key]
+
+    def busy(self) -> bool:
+        return any(pr.run.running for pr in self._presenters.values())
 
     @staticmethod
     def shippedProtocols() -> list:
         from ReirradiationNPCLib.protocol import shipped_protocols
         return shipped_protocols()
 
-    def loadProtocol(self, p):
-        """The selected protocol (custom file if set, else the shipped one), re-read when its file changes."""
-        from ReirradiationNPCLib.protocol import load_protocol, resolve_protocol
+    def protocolPath(self, p) -> Path:
+        """The protocol file to use: the custom file if set, else the shipped one. When the scene's analysis saved
+        a copy whose hash differs from the file now there (edited since, or gone), the saved copy is written to a
+        new file and used, so that a saved scene reproduces its analysis."""
+        from ReirradiationNPCLib.presenter import restore_protocol
+        from ReirradiationNPCLib.protocol import resolve_protocol
         custom = str(p.customProtocolFile) if p.customProtocolFile else ""
         path = Path(custom) if custom not in ("", ".") else resolve_protocol(p.protocol)
+        if p.protocolSHA256:
+            restored = restore_protocol(path, p.protocolSHA256, slicer.mrmlScene,
+                                        Path(slicer.app.defaultScenePath) / "ReirradiationNPC")
+            if restored != path:
+                p.customProtocolFile = restored
+                path = restored
+        return path
+
+    def loadProtocol(self, p):
+        """The selected protocol, re-read when its file changes."""
+        from ReirradiationNPCLib.protocol import load_protocol
+        path = self.protocolPath(p)
         key = (str(path), path.stat().st_mtime if path.is_file() else None)
         if key not in self._protocols:
             self._protocols = {key: load_protocol(str(path))}
@@ -366,20 +562,19 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
         return rows
 
     def editProtocolValue(self, p, row: int, column: int, text: str) -> None:
-        """Apply one edit of the protocol table: the first edit of a shipped protocol writes an edited copy in
-        Slicer's default scene folder and selects it as the custom protocol file; the file is validated first."""
-        from ReirradiationNPCLib.protocol import resolve_protocol
+        """Apply one edit of the protocol table. Every edit writes a NEW file (``<protocol>-edited.yaml``, then
+        ``-edited-2``, ...) in Slicer's default scene folder and selects it: a file another saved scene uses is never
+        overwritten, and the shipped protocols are never changed. The file is validated before it is written."""
+        from ReirradiationNPCLib.presenter import next_free_path
         from ReirradiationNPCLib.protocol_edit import edit_protocol
         field = self.EDITABLE_PROTOCOL_COLUMNS.get(column)
         (organ, index), _row = self.protocolRows(p)[row]
         if field is None or organ is None or (field != "alpha_beta" and index is None):
             raise ValueError(_("This cell cannot be edited."))
-        custom = str(p.customProtocolFile) if p.customProtocolFile else ""
-        if custom not in ("", "."):
-            src = dst = Path(custom)
-        else:
-            src = resolve_protocol(p.protocol)
-            dst = Path(slicer.app.defaultScenePath) / "ReirradiationNPC" / f"{src.stem}-edited.yaml"
+        src = self.protocolPath(p)
+        base = src.stem.split("-edited")[0]
+        dst = next_free_path(Path(slicer.app.defaultScenePath) / "ReirradiationNPC" / f"{base}-edited.yaml")
+        dst.parent.mkdir(parents=True, exist_ok=True)
         edit_protocol(src, dst, organ, field, text, index)
         p.customProtocolFile = dst
 
@@ -395,61 +590,33 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
         names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
         return [(n, protocol.match(n).key if protocol.match(n) else None) for n in names]
 
-    def courseInputs(self, p) -> list:
-        from ReirradiationNPCLib import mrml
-        out = []
-        for i, c in enumerate(p.courses):
-            if c.transform is not None and c.dose is not None:
-                c.dose.SetAndObserveTransformNodeID(c.transform.GetID())  # the prior dose is read through it
-            current = i == len(p.courses) - 1
-            out.append(mrml.CourseInput(c.name, c.dose, int(c.fractions), None if current else float(c.intervalMonths)))
-        return out
-
-    def register(self, p, progress=None) -> str:
-        """Rigid registration of the selected prior course's CT to the current CT; returns the QA summary."""
-        from ReirradiationNPCLib import mrml
-        courses = list(p.courses)
-        course, current = courses[p.selectedCourse], courses[-1]
-        if course is current:
-            raise ValueError(_("Select a prior course: the current course is the reference."))
-        transform, summary = mrml.register_ct_nodes(course.name, p.registrationMethod, current.ct, course.ct,
-                                                    progress)
-        course.transform = transform
-        p.courses = courses
-        return summary
-
-    def process(self, p, progress=None):
-        """Run the analysis and create the result nodes (one subject-hierarchy folder)."""
-        from ReirradiationNPCLib import mrml
-        say = progress or (lambda m: None)
+    def process(self, p, presenter=None, confirm=None, progress=None):
+        """Run the analysis through the presenter and show it (CT behind, the cumulative EQD2 as a colour wash)."""
+        import hashlib
+        presenter = presenter or self.presenter(p)
         protocol = self.loadProtocol(p)
-        prep = mrml.prepare_from_nodes(self.courseInputs(p), p.segmentation, protocol,
-                                       reference_image_node=p.courses[-1].ct if p.courses else None, progress=say)
-        analysis, results, planning = mrml.run_engine(prep, say)
-        out = mrml.create_output_nodes(prep, analysis, results, p.analysisName or "Reirradiation analysis",
-                                       slicer.mrmlScene, say, planning=planning)
-        p.cumulativeEQD2, p.overlays = out.cumulative, out.overlays
-        p.constraintsTable, p.dvhChart = out.constraints_table, out.dvh_chart
-        p.status = results.summary["verdict"]
+        out = presenter.compute(protocol, confirm=confirm, progress=progress)
+        p.protocolSHA256 = hashlib.sha256(Path(protocol.path).read_bytes()).hexdigest()
         ct = p.courses[-1].ct
         slicer.util.setSliceViewerLayers(background=ct if ct is not None else "keep-current",
                                          foreground=out.cumulative, foregroundOpacity=0.5)
+        presenter.apply_display()
         return out
 
-    @staticmethod
-    def applyDisplayToggles(p) -> None:
-        from ReirradiationNPCLib import mrml
-        if p.overlays is not None and p.overlays.GetDisplayNode() is not None:
-            seg, display = p.overlays.GetSegmentation(), p.overlays.GetDisplayNode()
-            for i in range(seg.GetNumberOfSegments()):
-                kind = vtk.reference("")
-                seg.GetNthSegment(i).GetTag("ReirradiationNPC.Kind", kind)
-                show = p.showMargins if str(kind) == "margin" else p.showViolations
-                display.SetSegmentVisibility(seg.GetNthSegmentID(i), bool(show))
-        for role, show in (("headroom", p.showHeadroom), ("remaining_dose", p.showRemainingDose)):
-            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-                if node.GetAttribute(mrml.ROLE_ATTRIBUTE) == role and node.GetDisplayNode():
-                    node.GetDisplayNode().SetVisibility(bool(show))
+    def exportRtDose(self, p, presenter, folder: Path) -> Path:
+        """The cumulative EQD2 as an RTDOSE (DoseType EFFECTIVE) in the current CT's patient and study, imported
+        into the DICOM database so it appears under that study. Written by this module's DICOM writer, not
+        SlicerRT's exporter: SlicerRT's writer labels every dose DoseType PHYSICAL, and an EQD2 read back as a
+        physical dose would be converted to EQD2 again."""
+        from ReirradiationNPCLib.mrml_provenance import reference_identity
+        ct = p.courses[-1].ct if p.courses else None
+        identity = reference_identity(ct, getattr(slicer, "dicomDatabase", None), slicer.mrmlScene)
+        path = presenter.export_rtdose_file(folder, identity)
+        db = getattr(slicer, "dicomDatabase", None)
+        if db is not None:
+            from DICOMLib import DICOMUtils
+            DICOMUtils.importDicom(str(path.parent), db)
+        return path
 
     @staticmethod
     def worstViolationPosition(p):
@@ -469,28 +636,24 @@ class ReirradiationNPCLogic(ScriptedLoadableModuleLogic):
             slicer.modules.plots.logic().ShowChartInLayout(p.dvhChart)
 
 
-def ensureDependencies() -> None:
-    """Install the engine's extra Python packages on first use (Resources/requirements.txt)."""
-    try:
-        import yaml  # noqa: F401
-    except ImportError:
-        logging.info("ReirradiationNPC: installing Python packages from Resources/requirements.txt")
-        slicer.util.pip_install(["-r", str(MODULE_DIR / "Resources" / "requirements.txt")])
-
-
 #
 # ReirradiationNPCTest
 #
 
 class ReirradiationNPCTest(ScriptedLoadableModuleTest):
     """Runs the synthetic case inside Slicer: loads it as nodes, computes, and checks the verdict and nodes
-    against the engine run from files (the same case, the same numbers)."""
+    against the engine run from files (the same case, the same numbers). Installs PyYAML if missing (no
+    question: a test run) and is skipped, saying why, when it cannot."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        problem = ensureDependencies(ask=False)
+        if problem:
+            import unittest
+            raise unittest.SkipTest(problem)
         self.test_SyntheticCase()
 
     def test_SyntheticCase(self):
@@ -520,18 +683,17 @@ class ReirradiationNPCTest(ScriptedLoadableModuleTest):
         logic = ReirradiationNPCLogic()
         p = logic.getParameterNode()
         p.protocol = "synthetic-demo"
-        courses = []
-        for name, node, n, months in (("course1", doses[0], 33, 30.0), ("course2", doses[1], 54, 0.0)):
-            c = ReirradiationNPCCourse()
-            c.name, c.dose, c.fractions, c.intervalMonths = name, node, n, months
-            c.ct = ct if name == "course2" else None
-            courses.append(c)
-        p.courses = courses
+        presenter = logic.presenter(p)
+        for node, n, months in ((doses[0], 33, 30.0), (doses[1], 54, 0.0)):
+            i = presenter.add_course()
+            presenter.set_course_fields(i, dose=node, fractions=n, intervalMonths=months)
+        presenter.set_course_fields(1, ct=ct)
+        self.assertEqual([c.name for c in p.courses], ["course1", "course2"])
         p.segmentation = seg
         self.delayDisplay("Computing")
-        out = logic.process(p)
+        out = logic.process(p, presenter, confirm=lambda messages: True)  # NRRD doses: no DICOM header
         self.assertEqual(out.cumulative.GetAttribute("DicomRtImport.DoseVolume"), "1")
-        self.assertEqual(p.status, results_files.summary["verdict"])
+        self.assertIn(results_files.summary["verdict"], p.status)
         table = out.constraints_table.GetTable()
         self.assertEqual(table.GetNumberOfRows(), len(results_files.constraints))
         for r, c in enumerate(results_files.constraints):

@@ -188,3 +188,29 @@ def test_engine_never_imports_the_mrml_layer():
     allowed = mrml | {"cli", "presenter"}
     offenders = {m: sorted(graph[m] & mrml) for m in graph if m not in allowed and graph[m] & mrml}
     assert offenders == {}
+
+
+# --------------------------------------------------------------------------------------- the panel file
+
+def test_every_widget_the_module_binds_exists_in_the_ui_file():
+    """No Slicer GUI runs here: at least every ``self.ui.<name>`` (and the button tables) must name a widget of the
+    .ui file, and the parameter-bound widgets must name parameters of the parameter node."""
+    import xml.etree.ElementTree as ET
+    ui = ET.parse(MODULE / "Resources" / "UI" / "ReirradiationNPC.ui")
+    widgets = {w.get("name") for w in ui.iter("widget")}
+    source = (MODULE / "ReirradiationNPC.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") in ("ACTION_BUTTONS", "ADJUST_SPINBOXES")
+                                                for t in node.targets):
+            value = ast.literal_eval(node.value)
+            used |= set(value.values() if isinstance(value, dict) else value)
+    assert used and used - widgets == set()
+    params = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "ReirradiationNPCParameterNode":
+            params = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    bound = {p.findtext("string") for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound and bound - params == set()
+    assert "registrationMethod: Annotated[str, Choice([\"rigid\"" in source  # Register works by default

@@ -444,3 +444,73 @@ def test_status_shows_the_verdict_code_when_present():
     assert status_text({"verdict": "LIMITS EXCEEDED", "verdict_code": "limits_exceeded"}) == \
         "[limits_exceeded] LIMITS EXCEEDED"
     assert status_text({"verdict": "x"}) == "x"  # before issue 9's field exists
+
+
+def test_registration_reports_progress_and_sets_the_course_transform(monkeypatch):
+    """Registration stages reach the progress callback (the widget's progress dialog); the resulting transform is
+    set on the course, the CT and dose nodes are not re-parented; a cancel at a stage stops it. The optimiser
+    itself is replaced by an identity stub here: its accuracy is tested in test_registration.py."""
+    import SimpleITK as sitk
+
+    from ReirradiationNPCLib import mrml, mrml_headless, registration
+    from ReirradiationNPCLib.errors import InputError
+    from ReirradiationNPCLib.geometry import Grid, Volume
+    from ReirradiationNPCLib.presenter import Cancelled
+    monkeypatch.setattr(registration, "rigid", lambda fixed, moving, opts=None, mask=None:
+                        (sitk.Euler3DTransform(), {"stub": True}))
+    app = mrml_headless.start()
+    grid = Grid((16, 16, 8), (-16.0, -16.0, -8.0), (2.0, 2.0, 2.0))
+    ct = np.full(grid.shape, -1000.0, np.float32)
+    ct[2:6, 4:12, 4:12] = 40.0
+    cur_ct = mrml.add_volume_node(Volume(ct, grid), "current CT", app.scene)
+    prior_ct = mrml.add_volume_node(Volume(ct.copy(), grid), "prior CT", app.scene)
+    pr = _presenter(app.scene)
+    pr.add_course()
+    pr.add_course()
+    pr.set_course_fields(0, ct=prior_ct)
+    pr.set_course_fields(1, ct=cur_ct)
+    pr.p.registrationMethod = "existing transform"
+    with pytest.raises(InputError, match="existing transform"):
+        pr.register(0)
+    pr.p.registrationMethod = "rigid"
+    messages = []
+    summary = pr.register(0, progress=messages.append)
+    assert messages[:3] == ["registering course1 (rigid)", "course1: rigid registration", "course1: registration QA"]
+    assert "course1: rigid registration" in summary
+    assert pr.p.courses[0].transform is not None and pr.p.courses[0].transform.IsLinear()
+    assert prior_ct.GetParentTransformNode() is None
+    with pytest.raises(Cancelled):
+        pr.register(0, progress=lambda m: pr.run.cancel())
+    assert pr.run.running == ""
+
+
+def test_saved_scene_reproduces_its_protocol_even_after_the_file_changed(tmp_path):
+    """The analysis saved the protocol text with its hash: if the file is later edited or removed, the saved copy
+    is written to a NEW file and used; the edited file is left as it is; another chosen file is not replaced."""
+    import hashlib
+
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.mrml import protocol_text_node
+    from ReirradiationNPCLib.presenter import restore_protocol
+    app = mrml_headless.start()
+    original = (ROOT / "Resources" / "Protocols" / "synthetic-demo.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "mine.yaml"
+    path.write_text(original, encoding="utf-8")
+    sha = hashlib.sha256(original.encode("utf-8")).hexdigest()
+
+    class P:
+        pass
+    proto = P()
+    proto.path = str(path)
+    protocol_text_node(proto, "A protocol", app.scene)
+    assert restore_protocol(path, sha, app.scene, tmp_path / "restored") == path  # unchanged file: itself
+    path.write_text(original + "\n# edited later\n", encoding="utf-8")
+    restored = restore_protocol(path, sha, app.scene, tmp_path / "restored")
+    assert restored != path and restored.read_text(encoding="utf-8") == original
+    assert path.read_text(encoding="utf-8").endswith("# edited later\n")  # never overwritten
+    path.unlink()
+    again = restore_protocol(path, sha, app.scene, tmp_path / "restored")
+    assert again != restored and again.read_text(encoding="utf-8") == original  # a new file each time
+    other = tmp_path / "other.yaml"
+    other.write_text("x", encoding="utf-8")
+    assert restore_protocol(other, sha, app.scene, tmp_path / "restored") == other

@@ -284,7 +284,7 @@ def register_ct_nodes(course_name: str, method: str, reference_ct_node, prior_ct
     say(f"registering {course_name} ({method})")
     reference = volume_from_node(reference_ct_node)
     outcome = registration.register_course(course_name, {"method": method}, reference,
-                                           volume_from_node(prior_ct_node))
+                                           volume_from_node(prior_ct_node), progress=say)
     if method == "rigid":
         node = transform_node_from_sitk(outcome.linear or outcome.transform, f"{course_name} registration", scene)
     else:

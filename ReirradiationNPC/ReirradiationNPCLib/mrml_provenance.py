@@ -171,3 +171,26 @@ def dose_provenance(node, fractions: int | None, database=None, scene=None) -> D
 
 def is_dose_volume(node) -> bool:
     return node is not None and node.GetAttribute(DOSE_VOLUME_ATTRIBUTE) == "1"
+
+
+def reference_identity(ct_node, database=None, scene=None) -> dict:
+    """Patient, study and frame-of-reference identity of a CT loaded from DICOM (read from one of its files through
+    the DICOM database: the series UID on its subject-hierarchy item, or Slicer's ``DICOM.instanceUIDs`` attribute);
+    {} when the CT has no DICOM provenance."""
+    if ct_node is None or database is None:
+        return {}
+    scene = scene or ct_node.GetScene() or slicer.mrmlScene
+    files = []
+    uid = _series_uid(ct_node, scene)
+    if uid:
+        files = list(database.filesForSeries(uid))
+    if not files:
+        instances = (ct_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+        files = [database.fileForInstance(instances[0])] if instances else []
+    for f in files:
+        if f:
+            try:
+                return dicom_rt.identity_of(_dataset(f))
+            except Exception:  # noqa: BLE001 - try the next file
+                continue
+    return {}

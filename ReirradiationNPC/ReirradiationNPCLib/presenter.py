@@ -264,6 +264,33 @@ class Presenter:
         """Warnings for the results when the user confirmed unchecked doses."""
         return [f"{msg} (the user confirmed it is the course's total physical dose in Gy)" for msg in pre.confirm]
 
+    # ---------------------------------------------------------------------------------------- registration
+
+    def register(self, index: int | None = None, progress=None) -> str:
+        """Register the course's CT to the current CT (method ``rigid`` or ``deformable``) and set the resulting
+        transform on the course; returns the QA line. ``existing transform`` is not a method to run: select the
+        transform node on the course instead. Cancel is checked at each registration stage."""
+        p = self.p
+        index = p.selectedCourse if index is None else index
+        if self.is_current(index):
+            raise InputError("select a prior course: the current course is the reference", field="courses")
+        if p.registrationMethod not in ("rigid", "deformable"):
+            raise InputError("registration method 'existing transform': select the course's transform node (e.g. "
+                             "a DICOM REG loaded by SlicerRT), or choose rigid or deformable to register",
+                             field="registration.method")
+        c, cur = p.courses[index], p.courses[-1]
+        self.run.begin("register")
+        try:
+            def say(message):
+                self.run.progress(message)
+                if progress is not None:
+                    progress(message)
+            node, summary = mrml.register_ct_nodes(c.name, p.registrationMethod, cur.ct, c.ct, say, self._scene())
+        finally:
+            self.run.end()
+        self.set_transform(index, node)
+        return summary
+
     # --------------------------------------------------------------------------------------------- compute
 
     def compute(self, protocol, confirm=None, progress=None):
@@ -443,3 +470,34 @@ def status_text(summary: dict, unchecked: int = 0) -> str:
     if unchecked:
         text += f" | {unchecked} dose(s) without a DICOM header check (confirmed by the user)"
     return text
+
+
+def restore_protocol(path: Path, expected_sha256: str, scene, folder: Path) -> Path:
+    """The protocol file a saved analysis used, as it was: ``path`` when it still holds the text of that analysis
+    (SHA-256 ``expected_sha256``); otherwise (edited since, or gone) the copy saved with the analysis in the scene is
+    written to a new file in ``folder`` and that file is returned. ``path`` is returned unchanged when the user has
+    since chosen another protocol file, or when the scene holds no saved copy."""
+    import hashlib
+    path = Path(path)
+    if not expected_sha256:
+        return path
+    saved = None
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTextNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLTextNode")
+        if (node.GetAttribute(mrml.ROLE_ATTRIBUTE) == "protocol"
+                and node.GetAttribute("ReirradiationNPC.ProtocolSHA256") == expected_sha256):
+            saved = node
+    if saved is None:
+        return path
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == expected_sha256:
+        return path
+    if saved.GetAttribute("ReirradiationNPC.ProtocolPath") != str(path):
+        return path  # another protocol was chosen since: not ours to replace
+    text = saved.GetText()
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != expected_sha256:
+        return path  # the saved copy itself does not match: do not guess
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = next_free_path(folder / f"{path.stem}-as-analysed.yaml")
+    target.write_text(text, encoding="utf-8")
+    return target

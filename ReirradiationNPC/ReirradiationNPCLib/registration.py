@@ -692,10 +692,12 @@ def _frame(vol: Volume | None) -> str:
 
 
 def register_course(course: str, options: dict, reference: Volume | None, prior_image: Volume | None,
-                    src: str = "", key: str = "registration", prior_dose: Volume | None = None
-                    ) -> RegistrationOutcome:
+                    src: str = "", key: str = "registration", prior_dose: Volume | None = None,
+                    progress=None) -> RegistrationOutcome:
     """Run or read the registration of one prior course. ``reference``: the reference CT (HU);
-    ``prior_image``: the prior course's CT (HU), needed by rigid/deformable, used for QA when given."""
+    ``prior_image``: the prior course's CT (HU), needed by rigid/deformable, used for QA when given.
+    ``progress(message)``: called at each stage (the Slicer module shows it, and may cancel by raising)."""
+    say = progress or (lambda m: None)
     method = options.get("method", "identity")
     t0 = time.perf_counter()
     fixed = moving = body = None
@@ -738,14 +740,17 @@ def register_course(course: str, options: dict, reference: Volume | None, prior_
                              "HU?)", source=src, field=f"{key}.body_threshold_hu")
         opts = {k: v for k, v in options.items() if k != "method"}
         mask = body if opts.get("mask", RIGID_DEFAULTS["mask"]) == "body" else None
+        say(f"{course}: rigid registration")
         rig, params = rigid(fixed, moving, {k: v for k, v in opts.items() if k in RIGID_DEFAULTS}, mask)
         out = RegistrationOutcome(course, method, rig, parameters=params, linear=rig)
         if method == "deformable" and opts.get("algorithm", DEFORMABLE_DEFAULTS["algorithm"]) == "demons":
+            say(f"{course}: deformable registration (demons)")
             d, dparams = demons(fixed, moving, rig, {k: v for k, v in opts.items() if k in DEMONS_DEFAULTS}, body)
             out.transform = compose(rig, d)
             out.parameters |= {"algorithm": "demons"} | dparams
             out.max_deformation_mm = dparams["max_displacement_mm"]
         elif method == "deformable":
+            say(f"{course}: deformable registration (B-spline)")
             b, bparams = bspline(fixed, moving, rig, {k: v for k, v in opts.items() if k in DEFORMABLE_DEFAULTS},
                                  body)
             out.transform = compose(rig, b)
@@ -764,6 +769,7 @@ def register_course(course: str, options: dict, reference: Volume | None, prior_
     out.time_s = time.perf_counter() - t0
     out.moving_image = prior_image
     if fixed is not None:
+        say(f"{course}: registration QA")
         out.metric_before = mattes_mi(fixed, moving, sitk.Euler3DTransform(), body)
         out.metric_after = mattes_mi(fixed, moving, out.transform, body)
     if body is not None and not _is_linear(out.transform):
