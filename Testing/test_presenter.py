@@ -324,7 +324,7 @@ def synthetic_nodes(synthetic_case):
     return app, prep, inputs
 
 
-def test_compute_flags_doses_without_dicom_provenance_and_a_rerun_replaces_its_results(synthetic_nodes):
+def test_compute_flags_doses_without_dicom_provenance_and_a_rerun_replaces_its_results(synthetic_nodes, tmp_path):
     """Doses from files: not computed unless the user confirms them; once confirmed, the results carry the
     warning and the status says so. Computing again replaces the analysis' nodes (one folder, no duplicates)."""
     import slicer
@@ -363,6 +363,26 @@ def test_compute_flags_doses_without_dicom_provenance_and_a_rerun_replaces_its_r
     # the user's inputs are untouched
     for node in inputs["doses"].values():
         assert app.scene.IsNodePresent(node) and node.GetParentTransformNode() is None
+    # exports of what was computed: report.html by the command line's renderer (never over an existing one) and
+    # the cumulative EQD2 as an RTDOSE with DoseType EFFECTIVE in the given patient/study (a new file each time)
+    report = pr.save_report(tmp_path / "report")
+    text = report.read_text(encoding="utf-8")
+    assert results.summary["verdict"] in text and "no DICOM provenance" in text
+    with pytest.raises(InputError, match="already exists"):
+        pr.save_report(tmp_path / "report")
+    import pydicom
+
+    from ReirradiationNPCLib.synthetic_dicom import _study
+    ident = _study("20250101", "S1", "test")
+    first = pr.export_rtdose_file(tmp_path / "dicom", ident)
+    second = pr.export_rtdose_file(tmp_path / "dicom", ident)
+    assert first.name == "cumulative_eqd2.dcm" and second.name == "cumulative_eqd2-2.dcm"
+    ds = pydicom.dcmread(str(first))
+    assert ds.DoseType == "EFFECTIVE" and ds.StudyInstanceUID == ident["StudyInstanceUID"]
+    dose = ds.pixel_array.astype(float) * float(ds.DoseGridScaling)
+    assert dose.max() == pytest.approx(float(pr.last[1].cumulative.max()), rel=1e-6)
+    with pytest.raises(InputError, match="DICOM"):
+        pr.export_rtdose_file(tmp_path / "dicom", {})
 
 
 def test_cancel_stops_a_run_at_its_next_step_before_any_node_is_made(synthetic_nodes):
