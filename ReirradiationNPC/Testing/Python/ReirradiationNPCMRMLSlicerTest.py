@@ -11,6 +11,18 @@ import slicer
 
 
 class ReirradiationNPCMRMLSlicerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        """The engine needs PyYAML (not shipped with Slicer): installed here, or every test is skipped saying why."""
+        try:
+            import yaml  # noqa: F401
+        except ImportError:
+            try:
+                slicer.util.pip_install("PyYAML>=6.0")
+                import yaml  # noqa: F401,F811
+            except Exception as exc:  # noqa: BLE001 - offline: skip explicitly, with the reason
+                raise unittest.SkipTest(f"PyYAML is not installed and could not be installed: {exc}")
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
