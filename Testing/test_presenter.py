@@ -5,6 +5,7 @@ toggles, registration review with a manual 6-DOF adjustment, run/cancel state an
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,10 +259,10 @@ def test_rtdose_header_and_plan_are_checked_through_the_dicom_database(tmp_path)
     assert prov.header["DoseSummationType"] == "PLAN" and prov.plan_file.endswith("plan.dcm")
     with pytest.raises(InputError, match="disagrees with the plan"):
         dose_provenance(node, 33, db, app.scene)  # the plan says 30 fractions
-    # a per-fraction RTDOSE (2 Gy maximum) is multiplied by the fractions, as on the command line
-    node = _rtdose_node(app.scene, tmp_path / "fx", summation="FRACTION", max_gy=2.0)
+    # the dose of one session (2 Gy maximum) is multiplied by the fractions, as on the command line
+    node = _rtdose_node(app.scene, tmp_path / "fx", summation="FRACTION_SESSION", max_gy=2.0)
     prov = dose_provenance(node, 30, FakeDicomDatabase(tmp_path / "fx"), app.scene)
-    assert prov.multiplier == 30.0 and any("multiplied by 30" in n for n in prov.notes)
+    assert prov.multiplier == 30.0 and any(re.search(r"multiplied by (the )?30", n) for n in prov.notes)
     # an EQD2 / RBE-weighted RTDOSE and a per-beam RTDOSE are refused
     node = _rtdose_node(app.scene, tmp_path / "eff", dose_type="EFFECTIVE")
     with pytest.raises(InputError, match="EFFECTIVE"):
@@ -278,7 +279,7 @@ def test_per_fraction_rtdose_reaches_the_engine_multiplied(tmp_path):
     """The presenter's course inputs carry the multiplier; prepare_from_nodes reads 30 x the voxels."""
     from ReirradiationNPCLib import mrml, mrml_headless
     app = mrml_headless.start()
-    node = _rtdose_node(app.scene, tmp_path / "fx", summation="FRACTION", max_gy=2.0)
+    node = _rtdose_node(app.scene, tmp_path / "fx", summation="FRACTION_SESSION", max_gy=2.0)
     pr = _presenter(app.scene, FakeDicomDatabase(tmp_path / "fx"))
     pr.add_course()
     pr.set_course_fields(0, dose=node, fractions=30)

@@ -69,9 +69,14 @@ def check_rtdose_header(ds, fractions: int | None, plan: dicom_rt.PlanInfo | Non
     scaled by DoseGridScaling (as SlicerRT loads them). Returns (multiplier for the voxels, notes); raises
     InputError for a dose that is not a course's total physical dose in Gy, or fractions that disagree with the plan.
 
-    Adapter owned here until ``dicom_rt`` offers one header check for both paths; the rules and constants are
-    dicom_rt's (WHOLE_COURSE_SUMMATION, PER_FRACTION_SUMMATION).
+    When ``dicom_rt.check_rtdose_header`` exists (the one header check of both paths), it decides; the code below
+    is this module's adapter for an engine without it (the command line's earlier rules: dicom_rt's
+    WHOLE_COURSE_SUMMATION, PER_FRACTION_SUMMATION).
     """
+    shared = getattr(dicom_rt, "check_rtdose_header", None)
+    if shared is not None:
+        check = shared(ds, plan=plan, fractions=fractions, source=src, require_fractions=True)
+        return float(check.scale), list(check.notes) + list(check.warnings)
     get = ds.get if isinstance(ds, dict) else (lambda k, d=None: getattr(ds, k, d))
 
     def value(keyword):
