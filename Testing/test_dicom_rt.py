@@ -120,22 +120,6 @@ def test_dose_is_pixel_times_scaling(tmp_path):
     assert vol.grid.spacing == (2.0, 2.5, 3.0)          # i from PixelSpacing[1], j from PixelSpacing[0]
 
 
-def test_fraction_summation_is_multiplied_by_fractions_and_said(tmp_path):
-    px = known_pixels()
-    f = make_rtdose(tmp_path / "d.dcm", px, "0.0001", DoseSummationType="FRACTION")
-    vol = dr.read_rtdose(f, fractions=30)
-    np.testing.assert_allclose(vol.array, px * 0.0001 * 30, rtol=1e-6)   # max 0.3438 Gy/fx x 30 = 10.31 Gy
-    assert any("FRACTION" in n and "30" in n for n in vol.meta["notes"])
-    with pytest.raises(InputError, match="DoseSummationType"):
-        dr.read_rtdose(f)                                   # fractions unknown: refused
-    session = make_rtdose(tmp_path / "s.dcm", px, "0.0001", DoseSummationType="FRACTION_SESSION")
-    np.testing.assert_allclose(dr.read_rtdose(session, fractions=30).array, px * 0.0001 * 30, rtol=1e-6)
-    # maximum 3438 x 0.01 = 34.4 Gy "per fraction": a fraction-group total, not one fraction -> refused
-    group = make_rtdose(tmp_path / "g.dcm", px, "0.01", DoseSummationType="FRACTION")
-    with pytest.raises(InputError, match="whole fraction group"):
-        dr.read_rtdose(group, fractions=30)
-
-
 @pytest.mark.parametrize("attrs, field", [({"DoseUnits": "RELATIVE"}, "DoseUnits"),
                                           ({"DoseSummationType": "BEAM"}, "DoseSummationType"),
                                           ({"DoseType": "ERROR"}, "DoseType"),
@@ -218,11 +202,12 @@ def test_plan_fractions_and_plan_dose_link(tmp_path):
         dr.fractions_from_plan(plan, 30, "case.yaml", "courses[0].fractions")
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = dr.RT_PLAN_STORAGE, plan.sop_instance_uid
-    good = make_rtdose(tmp_path / "good.dcm", known_pixels(), "0.001", ReferencedRTPlanSequence=Sequence([ref]))
+    # 0.02 Gy per unit: maximum 3438 x 0.02 = 68.76 Gy over 33 fractions (2.08 Gy/fx: a plausible course)
+    good = make_rtdose(tmp_path / "good.dcm", known_pixels(), "0.02", ReferencedRTPlanSequence=Sequence([ref]))
     assert dr.read_rtdose(good, plan=plan).array.max() > 0
     other = Dataset()
     other.ReferencedSOPClassUID, other.ReferencedSOPInstanceUID = dr.RT_PLAN_STORAGE, "1.2.3.999"
-    bad = make_rtdose(tmp_path / "bad.dcm", known_pixels(), "0.001", ReferencedRTPlanSequence=Sequence([other]))
+    bad = make_rtdose(tmp_path / "bad.dcm", known_pixels(), "0.02", ReferencedRTPlanSequence=Sequence([other]))
     with pytest.raises(InputError) as exc:
         dr.read_rtdose(bad, plan=plan)
     assert exc.value.field == "ReferencedRTPlanSequence"

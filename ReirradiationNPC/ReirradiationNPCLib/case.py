@@ -35,6 +35,17 @@ class CourseSpec:
     image_series: str | None = None    # SeriesInstanceUID picking the CT when ``image`` holds several series
     structures: Path | None = None     # this (prior) course's own structures, in its frame (registration QA: Dice)
     schedule: Schedule | None = None   # fractions per day, gap between them, prescribed dose (prescription.py)
+    #: every dose file of the course: one, or one per fraction group of ``plan`` (DoseSummationType FRACTION or
+    #: FRACTION_SESSION, each an EQD2 term with its own group's fractions). ``dose`` is the first.
+    doses: list[Path] = field(default_factory=list)
+    fractions_stated: int | None = None  # ``fractions:`` as written (None: read from the plan / the RTDOSE)
+    dose_type: str | None = None       # PHYSICAL | EFFECTIVE as stated (None: not stated)
+    rbe: float | None = None           # stated RBE of a proton/ion course (None: not stated)
+    radiation: str | None = None       # photon | electron | proton | ion as stated (None: not stated)
+
+    def __post_init__(self):
+        if not self.doses:
+            self.doses = [self.dose]
 
 
 @dataclass
@@ -127,7 +138,7 @@ def parse_case(data, path: Path) -> CaseSpec:
     for i, c in enumerate(courses_raw):
         k = f"courses[{i}]"
         c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan",
-                              "image_series", "structures", "schedule"},
+                              "image_series", "structures", "schedule", "dose_type", "rbe", "radiation"},
                   {"name", "dose"})
         name = c["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -135,6 +146,18 @@ def parse_case(data, path: Path) -> CaseSpec:
         if name in ("cumulative",) or name in [x.name for x in courses]:
             _fail(src, f"{k}.name", f"{name!r} is reserved or used twice")
         plan = _path(base, c["plan"], src, f"{k}.plan") if c.get("plan") is not None else None
+        dose_raw = c["dose"]
+        if isinstance(dose_raw, list):
+            if not dose_raw:
+                _fail(src, f"{k}.dose", "an empty list (give a file, or one RTDOSE per fraction group of plan:)")
+            doses = [_path(base, d, src, f"{k}.dose[{j}]") for j, d in enumerate(dose_raw)]
+            if len(doses) > 1 and plan is None:
+                _fail(src, f"{k}.dose", "several dose files are the fraction groups of one plan: give plan: (the "
+                                        "RTPLAN naming the groups' fractions)")
+            if len(set(doses)) != len(doses):
+                _fail(src, f"{k}.dose", "a file is listed twice")
+        else:
+            doses = [_path(base, dose_raw, src, f"{k}.dose")]
         if ("fractions" not in c or c["fractions"] is None) and plan is None:
             _fail(src, f"{k}.fractions", "missing (the number of fractions of every course must be given, "
                                          "or plan: an RTPLAN to read it from)")
@@ -142,10 +165,40 @@ def parse_case(data, path: Path) -> CaseSpec:
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n)
                               or n != int(n) or n < 1):
             _fail(src, f"{k}.fractions", f"must be a whole number >= 1, got {n!r}")
+        stated = None if n is None else int(n)
         if plan is not None:  # fractions from the RTPLAN; refused when the case file disagrees
             from .dicom_rt import fractions_from_plan, read_rtplan
-            n = fractions_from_plan(read_rtplan(plan, f"{k}.plan"), None if n is None else int(n), src,
-                                    f"{k}.fractions")
+            info = read_rtplan(plan, f"{k}.plan")
+            if len(info.fraction_groups) == 1:
+                n = fractions_from_plan(info, stated, src, f"{k}.fractions")
+            else:  # several fraction groups: each RTDOSE names its group (checked when the doses are read)
+                total = sum(info.fraction_groups)
+                if len(doses) > 1 and stated is not None and stated != total:
+                    _fail(src, f"{k}.fractions", f"{stated} is not the sum of the plan's fraction groups "
+                                                 f"({' + '.join(map(str, info.fraction_groups))} = {total})")
+                n = stated if (stated is not None and len(doses) == 1) else total
+        dose_type = c.get("dose_type")
+        if dose_type is not None:
+            if not isinstance(dose_type, str) or dose_type.strip().upper() not in ("PHYSICAL", "EFFECTIVE"):
+                _fail(src, f"{k}.dose_type", f"must be PHYSICAL or EFFECTIVE (RBE-weighted), got {dose_type!r}")
+            dose_type = dose_type.strip().upper()
+        rbe = c.get("rbe")
+        if rbe is not None:
+            if isinstance(rbe, bool) or not isinstance(rbe, (int, float)) or not math.isfinite(rbe) \
+                    or not 1.0 <= rbe <= 5.0:
+                _fail(src, f"{k}.rbe", f"must be a number from 1 to 5 (e.g. 1.1 for protons), got {rbe!r}")
+            rbe = float(rbe)
+        radiation = c.get("radiation")
+        if radiation is not None:
+            if not isinstance(radiation, str) or radiation.strip().lower() not in ("photon", "electron", "proton",
+                                                                                   "ion"):
+                _fail(src, f"{k}.radiation", f"must be photon, electron, proton or ion, got {radiation!r}")
+            radiation = radiation.strip().lower()
+        if dose_type == "EFFECTIVE" and rbe is None:
+            _fail(src, f"{k}.rbe", "missing (dose_type: EFFECTIVE is an RBE-weighted dose: state the RBE the "
+                                   "planning system used; it is recorded, not applied again)")
+        if rbe is not None and radiation in ("photon", "electron"):
+            _fail(src, f"{k}.rbe", f"is for proton/ion courses, not radiation: {radiation}")
         is_current = i == len(courses_raw) - 1
         interval = c.get("interval_months")
         if is_current:
@@ -165,7 +218,8 @@ def parse_case(data, path: Path) -> CaseSpec:
         if is_current and reg["method"] != "identity":
             _fail(src, f"{k}.registration.method", "the current (last) course defines the reference frame: "
                                                    "its registration must be identity")
-        courses.append(CourseSpec(name=name, dose=_path(base, c["dose"], src, f"{k}.dose"), fractions=int(n),
+        courses.append(CourseSpec(name=name, dose=doses[0], doses=doses, fractions=int(n), fractions_stated=stated,
+                                  dose_type=dose_type, rbe=rbe, radiation=radiation,
                                   interval_months=interval,
                                   image=_path(base, c["image"], src, f"{k}.image") if c.get("image") else None,
                                   registration=dict(reg), is_current=is_current, plan=plan,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,14 +47,35 @@ RT_ION_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.8"
 SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 DEFORMABLE_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
 
-#: Dose summation types that are a whole course's dose (FRACTION is handled by multiplication).
-WHOLE_COURSE_SUMMATION = ("PLAN", "MULTI_PLAN")
-#: Dose summation types read as the dose of one fraction (multiplied by the course's fractions). The project
-#: convention takes FRACTION as per fraction; DICOM PS3.3 defines FRACTION as "a single fraction group" and
-#: FRACTION_SESSION as "a single session of a fraction group", so an implausible per-fraction maximum is refused.
-PER_FRACTION_SUMMATION = ("FRACTION", "FRACTION_SESSION")
-#: Largest plausible dose (Gy) of one fraction anywhere in the grid (hypofractionated hot spots included).
-MAX_PLAUSIBLE_FRACTION_DOSE_GY = 20.0
+#: DoseSummationType values (DICOM PS3.3 C.8.8.3) accepted as a course's dose, and how (see check_rtdose_header):
+#: PLAN = all fraction groups of the plan; MULTI_PLAN = several plans (one confirmed fraction count needed);
+#: FRACTION = the entire delivery of ONE fraction group (its NumberOfFractionsPlanned from the plan);
+#: FRACTION_SESSION = one session of one fraction group (multiplied by that group's fractions).
+ACCEPTED_SUMMATION = ("PLAN", "MULTI_PLAN", "FRACTION", "FRACTION_SESSION")
+#: Refused summation types and what to export instead.
+REFUSED_SUMMATION = {
+    "BEAM": "the dose of some beams only (a part of a course)",
+    "BEAM_SESSION": "one session of some beams only (a part of a session)",
+    "BRACHY": "the dose of brachytherapy application setups (not supported)",
+    "BRACHY_SESSION": "one brachytherapy session (not supported)",
+    "CONTROL_POINT": "the dose of some control points (a part of a beam)",
+    "RECORD": "a dose reconstructed from treatment records (not a planned course)",
+    "PLAN_OVERVIEW": "an overview of a plan, not a dose to compute with",
+}
+EXPORT_INSTEAD = ("export the plan sum as DoseSummationType PLAN (or one FRACTION dose per fraction group)")
+#: Plausibility (both ways, with the file named when refused):
+#: a whole-course or whole-group dose whose hottest voxel receives less than this per fraction (Gy) is refused --
+#: it is more likely a single session (FRACTION_SESSION) or a wrong DoseGridScaling. Radical and palliative
+#: courses deliver >= ~1 Gy per fraction at their hottest point.
+MIN_PLAUSIBLE_COURSE_MAX_PER_FRACTION_GY = 0.5
+#: a single-session dose (FRACTION_SESSION) whose maximum exceeds this (Gy) is refused: it is more likely a
+#: course or fraction-group total (single-session radiosurgery hot spots stay below it).
+MAX_PLAUSIBLE_SESSION_DOSE_GY = 30.0
+#: Stated RBE values outside this range are refused (protons 1.1; carbon ions 2-4 and voxel-dependent).
+RBE_RANGE = (1.0, 5.0)
+#: Plan radiation types whose physical dose needs an RBE (RTPLAN BeamSequence / IonBeamSequence RadiationType).
+PARTICLE_RADIATIONS = ("PROTON", "ION", "NEUTRON")
+RADIATION_CHOICES = ("photon", "electron", "proton", "ion")
 #: Tolerances (mm) for "the same" positions and spacings.
 POSITION_TOL_MM = 0.01
 #: Contours of one ROI closer than this along the slice normal (mm) are on one plane (even-odd together).
@@ -366,20 +388,42 @@ class PlanInfo:
     label: str
     fraction_groups: list[int]          # NumberOfFractionsPlanned of each fraction group
     identity: dict = field(default_factory=dict)
+    group_numbers: list[int] = field(default_factory=list)   # FractionGroupNumber of each group (same order)
+    radiation_types: list[str] = field(default_factory=list)  # RadiationType of the beams (PHOTON, PROTON, ...)
+    is_ion_plan: bool = False           # SOP class RT Ion Plan
 
     @property
     def fractions(self) -> int | None:
         """The fraction count when the plan has exactly one fraction group, else None (ambiguous)."""
         return self.fraction_groups[0] if len(self.fraction_groups) == 1 else None
 
+    @property
+    def is_particle(self) -> bool:
+        """True for an RT Ion plan or beams of protons, ions or neutrons (the physical dose needs an RBE)."""
+        return self.is_ion_plan or any(t in PARTICLE_RADIATIONS for t in self.radiation_types)
+
+    def group_fractions(self, number: int) -> int | None:
+        """NumberOfFractionsPlanned of fraction group ``number`` (FractionGroupNumber), None when absent."""
+        numbers = self.group_numbers or list(range(1, len(self.fraction_groups) + 1))
+        for num, n in zip(numbers, self.fraction_groups):
+            if num == number:
+                return n
+        return None
+
 
 def read_rtplan(path: Path, what: str = "plan") -> PlanInfo:
     ds = read_dataset(path, what, header_only=True)
-    src = str(path)
+    return plan_info_from_dataset(ds, str(path))
+
+
+def plan_info_from_dataset(ds, src: str = "RTPLAN") -> PlanInfo:
+    """A PlanInfo from an RTPLAN header: a pydicom Dataset or a dict of DICOM keywords (sequences as lists of
+    dicts), e.g. read from Slicer's DICOM database."""
+    ds = as_dataset(ds)
     _require_modality(ds, src, "RTPLAN")
     groups = attr(ds, "FractionGroupSequence", src)
-    counts = []
-    for g in groups:
+    counts, numbers = [], []
+    for gi, g in enumerate(groups):
         n = attr(g, "NumberOfFractionsPlanned", src)
         try:
             n = int(n)
@@ -388,8 +432,23 @@ def read_rtplan(path: Path, what: str = "plan") -> PlanInfo:
         if n < 1:
             raise InputError(f"must be >= 1, got {n}", source=src, field="NumberOfFractionsPlanned")
         counts.append(n)
+        num = getattr(g, "FractionGroupNumber", None)
+        try:
+            numbers.append(int(num) if num not in (None, "") else gi + 1)
+        except (TypeError, ValueError):
+            raise InputError(f"not a whole number: {num!r}", source=src, field="FractionGroupNumber") from None
+    if len(set(numbers)) != len(numbers):
+        raise InputError(f"fraction group numbers repeat ({numbers})", source=src, field="FractionGroupNumber")
+    radiation = set()
+    for seq in ("BeamSequence", "IonBeamSequence"):
+        for b in getattr(ds, seq, None) or []:
+            t = str(getattr(b, "RadiationType", "") or "").strip().upper()
+            if t:
+                radiation.add(t)
+    is_ion = str(getattr(ds, "SOPClassUID", "") or "") == RT_ION_PLAN_STORAGE or \
+        bool(getattr(ds, "IonBeamSequence", None))
     return PlanInfo(src, str(attr(ds, "SOPInstanceUID", src)), str(getattr(ds, "RTPlanLabel", "") or ""),
-                    counts, identity_of(ds))
+                    counts, identity_of(ds), numbers, sorted(radiation), is_ion)
 
 
 def fractions_from_plan(plan: PlanInfo, given: int | None, src: str, key: str) -> int:
@@ -453,16 +512,167 @@ def _dose_geometry(ds, src: str, frames: int) -> tuple[Grid, bool]:
     return _grid(ipp + rel[-1] * n, r, c, n, sp_i, sp_j, -dz, (cols, rows, frames)), True
 
 
-def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None, plan: PlanInfo | None = None,
-                accept_effective: bool = False) -> Volume:
-    """An RTDOSE as a Volume of total physical dose in Gy (float32).
+class _DictDataset:
+    """A dict of DICOM keywords seen through attribute access (``ds.DoseType``); lists of dicts become lists of
+    _DictDataset (sequences). Lets the header checks run on headers read elsewhere (e.g. Slicer's DICOM database)."""
 
-    ``fractions`` is needed only when DoseSummationType is FRACTION (dose of one fraction). ``plan``: when
-    given and the RTDOSE names its plan (ReferencedRTPlanSequence), the plan's SOPInstanceUID must be among them.
-    ``accept_effective`` lets DoseType EFFECTIVE through (used to re-read this program's own EQD2 output).
+    def __init__(self, data: dict):
+        self._data = dict(data)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        value = self._data.get(name)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+            return [_DictDataset(v) for v in value]
+        return value
+
+    def __contains__(self, name) -> bool:
+        return name in self._data
+
+
+def as_dataset(ds):
+    """``ds`` itself (a pydicom Dataset), or a dict of DICOM keywords wrapped for attribute access."""
+    return _DictDataset(ds) if isinstance(ds, dict) else ds
+
+
+@dataclass
+class DoseHeaderCheck:
+    """What an RTDOSE header says about the dose, after the checks of :func:`check_rtdose_header`.
+
+    The course (or fraction-group) total in Gy -- RBE-weighted when ``rbe`` is set -- is the file's dose
+    (stored value x DoseGridScaling) x ``scale``; its EQD2 uses ``fractions``.
     """
-    src = str(path)
-    ds = read_dataset(path, what)
+    source: str
+    summation: str                      # DoseSummationType as written
+    dose_type: str                      # DoseType as written (PHYSICAL | EFFECTIVE)
+    scale: float                        # file dose (Gy) -> course or group total (Gy, RBE-weighted if rbe)
+    fractions: int | None               # fractions of the dose's delivery (None: unknown, only when not required)
+    session_factor: int = 1             # part of ``scale`` from FRACTION_SESSION (the group's fractions)
+    fraction_group: int | None = None   # ReferencedFractionGroupNumber (FRACTION / FRACTION_SESSION)
+    plan_fraction_groups: int | None = None  # number of fraction groups of the plan (None: no plan given)
+    rbe: float | None = None            # the RBE of the course (None: photons/electrons, physical dose)
+    rbe_applied: bool = False           # True: ``scale`` includes the RBE (physical particle dose x rbe)
+    radiation: str = ""                 # photon | electron | proton | ion, or "" (not stated, no ion plan)
+    plan_uids: list[str] = field(default_factory=list)   # ReferencedRTPlanSequence
+    notes: list[str] = field(default_factory=list)       # informational (course assumptions)
+    warnings: list[str] = field(default_factory=list)    # to be shown with the results
+
+    @property
+    def whole_course(self) -> bool:
+        """False when the dose is one fraction group of a plan with several groups (one EQD2 term of a course)."""
+        return not (self.summation in ("FRACTION", "FRACTION_SESSION") and (self.plan_fraction_groups or 1) > 1)
+
+    def assumptions(self) -> dict:
+        """For results.json (course assumptions): how the dose file became a course dose."""
+        return {"file": self.source, "dose_summation_type": self.summation, "dose_type": self.dose_type,
+                "scale": self.scale, "fractions": self.fractions, "fraction_group": self.fraction_group,
+                "session_factor": self.session_factor, "sessions_assumed_identical": self.session_factor > 1,
+                "radiation": self.radiation or "not stated (no RT Ion plan: photons/electrons, RBE 1)",
+                "rbe": self.rbe, "rbe_applied": self.rbe_applied,
+                "rbe_rule": _rbe_rule(self), "notes": list(self.notes)}
+
+
+def _rbe_rule(c: DoseHeaderCheck) -> str:
+    if c.rbe is None:
+        return "physical dose of photons/electrons (RBE 1)"
+    if c.rbe_applied:
+        return f"physical dose multiplied once by the stated RBE {c.rbe:g}"
+    return f"RBE-weighted dose (DoseType EFFECTIVE) as exported; stated RBE {c.rbe:g} recorded, not applied"
+
+
+def _is_own_eqd2(ds) -> bool:
+    """An EQD2/BED map (this program's output, DoseType EFFECTIVE, Manufacturer ReirradiationNPC, or any file
+    whose description names EQD2 or BED): never a course dose."""
+    from . import SOFTWARE_NAME
+    if str(getattr(ds, "Manufacturer", "") or "").strip() == SOFTWARE_NAME:
+        return True
+    text = " ".join(str(getattr(ds, k, "") or "") for k in ("SeriesDescription", "DoseComment")).upper()
+    return re.search(r"\b(EQD2|EQD|BED)\b", text) is not None
+
+
+def resolve_dose_kind(header_type: str | None, *, dose_type: str | None, rbe: float | None,
+                      radiation: str | None, plan: PlanInfo | None, src: str, key: str = "course"
+                      ) -> tuple[float | None, bool, str, list[str]]:
+    """RBE handling for one course dose. Returns (rbe or None, rbe applied?, radiation, warnings).
+
+    ``header_type``: the RTDOSE's DoseType (None for a dose image, whose kind is ``dose_type`` or PHYSICAL);
+    ``dose_type``, ``rbe``, ``radiation``: what the case states (None when not stated). Rules:
+    - EFFECTIVE (RBE-weighted) only with ``dose_type: EFFECTIVE`` and ``rbe:`` stated: taken as is, RBE recorded;
+    - PHYSICAL of protons/ions/neutrons (``radiation: proton|ion`` or an RT Ion / particle plan) needs ``rbe:``
+      and is multiplied by it once;
+    - ``rbe:`` without a particle radiation (stated or from the plan) is refused;
+    - a stated ``dose_type`` that differs from the RTDOSE's DoseType is refused.
+    """
+    kind = (header_type or dose_type or "PHYSICAL").upper()
+    if header_type is not None and dose_type is not None and dose_type.upper() != header_type.upper():
+        raise InputError(f"the case says dose_type: {dose_type} but the RTDOSE's DoseType is {header_type}",
+                         source=src, field="DoseType")
+    rad = (radiation or "").lower()
+    if not rad and plan is not None and plan.is_particle:
+        rad = "ion" if any(t == "ION" for t in plan.radiation_types) else "proton"
+    if plan is not None and radiation and plan.radiation_types:
+        plan_particle = plan.is_particle
+        if plan_particle != (rad in ("proton", "ion")):
+            raise InputError(f"radiation: {radiation} disagrees with the plan's RadiationType "
+                             f"{', '.join(plan.radiation_types)} ({plan.path})", source=src, field=f"{key}.radiation")
+    particle = rad in ("proton", "ion") or (plan is not None and plan.is_particle)
+    if rbe is not None and not (RBE_RANGE[0] <= rbe <= RBE_RANGE[1]):
+        raise InputError(f"rbe: {rbe:g} is outside {RBE_RANGE[0]:g}-{RBE_RANGE[1]:g}", source=src,
+                         field=f"{key}.rbe")
+    warnings: list[str] = []
+    name = Path(src).name
+    if kind == "EFFECTIVE":
+        if dose_type is None or dose_type.upper() != "EFFECTIVE" or rbe is None:
+            raise InputError("DoseType EFFECTIVE (an RBE-weighted dose) is accepted only when the case states it: "
+                             "add dose_type: EFFECTIVE and rbe: <the RBE the planning system used> to the course",
+                             source=src, field="DoseType")
+        return float(rbe), False, rad, warnings
+    if kind != "PHYSICAL":
+        raise InputError(f"unknown DoseType {kind!r}", source=src, field="DoseType")
+    if particle:
+        if rbe is None:
+            what = f"radiation {rad}" if rad else "an RT Ion plan"
+            raise InputError(f"physical dose of {what}: state the course's rbe: (e.g. 1.1 for protons) so that it "
+                             "is RBE-weighted once, or export the RBE-weighted dose (EFFECTIVE) with dose_type: "
+                             "EFFECTIVE", source=src, field="DoseType")
+        warnings.append(f"{name}: physical {rad or 'particle'} dose multiplied by the stated RBE {rbe:g}")
+        return float(rbe), True, rad, warnings
+    if rbe is not None:
+        raise InputError(f"rbe: {rbe:g} is stated but the course is not a proton/ion course (state radiation: "
+                         "proton or ion, or give its RT Ion plan)", source=src, field=f"{key}.rbe")
+    return None, False, rad, warnings
+
+
+def check_rtdose_header(ds, plan: PlanInfo | None = None, fractions: int | None = None, *,
+                        dose_type: str | None = None, rbe: float | None = None, radiation: str | None = None,
+                        max_dose_gy: float | None = None, require_fractions: bool = False,
+                        source: str = "RTDOSE", accept_effective: bool = False, key: str = "course"
+                        ) -> DoseHeaderCheck:
+    """The checks of an RTDOSE header, as a pure function (no pixel data needed).
+
+    ``ds``: a pydicom Dataset or a dict of DICOM keywords (sequences as lists of dicts), e.g.
+    ``{"Modality": "RTDOSE", "DoseUnits": "GY", "DoseType": "PHYSICAL", "DoseSummationType": "FRACTION",
+    "ReferencedRTPlanSequence": [{"ReferencedSOPInstanceUID": uid, "ReferencedFractionGroupSequence":
+    [{"ReferencedFractionGroupNumber": 1}]}]}``. ``plan``: the course's RTPLAN (:func:`read_rtplan` or
+    :func:`plan_info_from_dataset`); ``fractions``: the count the user states (None = not stated);
+    ``dose_type``/``rbe``/``radiation``: the case's statements (see :func:`resolve_dose_kind`);
+    ``max_dose_gy``: the file's maximum dose (stored x DoseGridScaling), when known, for the plausibility checks
+    (:func:`check_dose_plausibility`); ``require_fractions``: refuse when the fraction count stays unknown.
+
+    Returns a :class:`DoseHeaderCheck` (course-total ``scale``, ``fractions``, notes) or raises InputError (one
+    line naming ``source`` and the DICOM attribute). Summation types (DICOM PS3.3 C.8.8.3):
+    PLAN = the whole course (a plan with several fraction groups is refused: one FRACTION dose per group);
+    MULTI_PLAN = a sum of plans, accepted only with one confirmed fraction count (stated, and equal to every
+    fraction group of the given plan); FRACTION = the entire delivery of one fraction group, whose
+    NumberOfFractionsPlanned comes from the plan through ReferencedRTPlanSequence > ReferencedFractionGroupSequence
+    (a plan with a single group resolves without it); FRACTION_SESSION = one session of that group, multiplied by
+    its fractions (sessions assumed identical); BEAM, BEAM_SESSION, BRACHY, BRACHY_SESSION, CONTROL_POINT, RECORD,
+    PLAN_OVERVIEW are refused.
+    """
+    ds = as_dataset(ds)
+    src = str(source)
+    name = Path(src).name
     _require_modality(ds, src, "RTDOSE")
     units = str(attr(ds, "DoseUnits", src)).strip().upper()
     if units == "RELATIVE":
@@ -473,15 +683,168 @@ def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None,
     dtype = str(attr(ds, "DoseType", src)).strip().upper()
     if dtype == "ERROR":
         raise InputError("DoseType ERROR (a dose difference) is not a dose", source=src, field="DoseType")
-    if dtype == "EFFECTIVE" and not accept_effective:
-        raise InputError("DoseType EFFECTIVE (biologically weighted, e.g. an EQD2 or RBE-weighted dose): the "
-                         "physical dose of the course is required", source=src, field="DoseType")
     if dtype not in ("PHYSICAL", "EFFECTIVE"):
         raise InputError(f"unknown DoseType {dtype!r}", source=src, field="DoseType")
+    if dtype == "EFFECTIVE" and not accept_effective and _is_own_eqd2(ds):
+        raise InputError("an EQD2 map (DoseType EFFECTIVE, written by ReirradiationNPC or described as EQD2/BED) is "
+                         "not a course dose: give the course's physical (or RBE-weighted) planning dose",
+                         source=src, field="DoseType")
     summation = str(attr(ds, "DoseSummationType", src)).strip().upper()
-    if summation not in WHOLE_COURSE_SUMMATION + PER_FRACTION_SUMMATION:
-        raise InputError(f"DoseSummationType {summation} is a part of a course, not its dose (PLAN, MULTI_PLAN, "
-                         "FRACTION or FRACTION_SESSION needed)", source=src, field="DoseSummationType")
+    if summation in REFUSED_SUMMATION:
+        raise InputError(f"DoseSummationType {summation} is {REFUSED_SUMMATION[summation]}, not a course dose; "
+                         f"{EXPORT_INSTEAD}", source=src, field="DoseSummationType")
+    if summation not in ACCEPTED_SUMMATION:
+        raise InputError(f"unknown DoseSummationType {summation!r}; {EXPORT_INSTEAD}", source=src,
+                         field="DoseSummationType")
+    refs = list(getattr(ds, "ReferencedRTPlanSequence", None) or [])
+    uids = [str(getattr(item, "ReferencedSOPInstanceUID", "") or "") for item in refs]
+    notes: list[str] = []
+    warnings: list[str] = []
+    if plan is not None:
+        if uids and plan.sop_instance_uid not in uids:
+            raise InputError(f"ReferencedRTPlanSequence names plan(s) {', '.join(uids)}, not the given plan "
+                             f"{plan.sop_instance_uid} ({plan.path})", source=src, field="ReferencedRTPlanSequence")
+        if not uids:
+            warnings.append(f"{name}: names no plan (ReferencedRTPlanSequence); its link to "
+                            f"{Path(plan.path).name} is not checked")
+    if accept_effective:
+        rbe_v, applied, rad, w = None, False, (radiation or ""), []
+    else:
+        rbe_v, applied, rad, w = resolve_dose_kind(dtype, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                                                   plan=plan, src=src, key=key)
+    warnings += w
+    if fractions is not None and (isinstance(fractions, bool) or int(fractions) != fractions or fractions < 1):
+        raise InputError(f"fractions must be a whole number >= 1, got {fractions!r}", source=src, field="fractions")
+    n: int | None = None if fractions is None else int(fractions)
+    group = None
+    session = 1
+    ngroups = len(plan.fraction_groups) if plan is not None else None
+    if summation == "PLAN":
+        if plan is not None and ngroups > 1:
+            raise InputError(f"DoseSummationType PLAN sums the plan's {ngroups} fraction groups "
+                             f"({', '.join(map(str, plan.fraction_groups))} fractions), whose EQD2 differ: export one "
+                             "FRACTION dose per fraction group and list them under the course's dose:",
+                             source=src, field="DoseSummationType")
+        if plan is not None:
+            if n is not None and n != plan.fractions:
+                raise InputError(f"fractions: {n} disagrees with the plan's NumberOfFractionsPlanned "
+                                 f"{plan.fractions} ({plan.path})", source=src, field="fractions")
+            n = plan.fractions
+    elif summation == "MULTI_PLAN":
+        if n is None:
+            if require_fractions:
+                raise InputError("DoseSummationType MULTI_PLAN (a sum of plans) is accepted only with one confirmed "
+                                 "fraction count: state fractions: in the case (all summed plans delivered in the "
+                                 f"same sessions), or {EXPORT_INSTEAD} per course", source=src,
+                                 field="DoseSummationType")
+        elif plan is not None and any(g != n for g in plan.fraction_groups):
+            raise InputError(f"DoseSummationType MULTI_PLAN with fractions: {n}, but the plan {plan.path} has "
+                             f"{', '.join(map(str, plan.fraction_groups))} fractions: the summed plans must share "
+                             "one fraction count", source=src, field="DoseSummationType")
+        if n is not None:
+            warnings.append(f"{name}: DoseSummationType MULTI_PLAN taken as one course of {n} fractions (the summed "
+                            "plans assumed delivered in the same sessions)")
+    else:  # FRACTION, FRACTION_SESSION: one fraction group of the plan
+        if plan is None:
+            raise InputError(f"DoseSummationType {summation} is the dose of one fraction group"
+                             f"{' session' if summation == 'FRACTION_SESSION' else ''}: give the course's plan: "
+                             "(RTPLAN) so that the group's NumberOfFractionsPlanned can be read", source=src,
+                             field="DoseSummationType")
+        named = []
+        for item, uid in zip(refs, uids):
+            if uid and uid != plan.sop_instance_uid:
+                continue
+            for fg in getattr(item, "ReferencedFractionGroupSequence", None) or []:
+                v = getattr(fg, "ReferencedFractionGroupNumber", None)
+                try:
+                    named.append(int(v))
+                except (TypeError, ValueError):
+                    raise InputError(f"not a whole number: {v!r}", source=src,
+                                     field="ReferencedFractionGroupNumber") from None
+        named = sorted(set(named))
+        if len(named) > 1:
+            raise InputError(f"names {len(named)} fraction groups ({', '.join(map(str, named))}); a "
+                             f"{summation} dose covers one", source=src, field="ReferencedFractionGroupSequence")
+        if named:
+            group = named[0]
+            ng = plan.group_fractions(group)
+            if ng is None:
+                raise InputError(f"fraction group {group} is not in the plan {plan.path} (groups "
+                                 f"{', '.join(map(str, plan.group_numbers))})", source=src,
+                                 field="ReferencedFractionGroupNumber")
+        elif ngroups == 1:
+            group = plan.group_numbers[0] if plan.group_numbers else 1
+            ng = plan.fraction_groups[0]
+            notes.append(f"{name}: names no fraction group; the plan's only group ({ng} fractions) is used")
+        else:
+            raise InputError(f"DoseSummationType {summation} names no fraction group (ReferencedRTPlanSequence > "
+                             f"ReferencedFractionGroupSequence) and the plan has {ngroups} groups: the fractions "
+                             "cannot be resolved", source=src, field="ReferencedFractionGroupSequence")
+        if n is not None and n != ng:
+            raise InputError(f"fractions: {n} disagrees with fraction group {group} of the plan ({ng} fractions)",
+                             source=src, field="fractions")
+        n = ng
+        if summation == "FRACTION":
+            notes.append(f"{name}: DoseSummationType FRACTION = the entire delivery of fraction group {group} "
+                         f"({ng} fractions), taken as is")
+        else:
+            session = ng
+            warnings.append(f"{name}: DoseSummationType FRACTION_SESSION (one session) multiplied by the {ng} "
+                            f"fractions of group {group}; every session is assumed identical to this one")
+    if n is None and require_fractions:
+        raise InputError("the number of fractions is unknown: give fractions: or plan:", source=src,
+                         field="fractions")
+    scale = float(session) * (float(rbe_v) if applied else 1.0)
+    check = DoseHeaderCheck(src, summation, dtype, scale, n, session, group, ngroups, rbe_v, applied, rad, uids,
+                            notes, warnings)
+    if max_dose_gy is not None:
+        check_dose_plausibility(check, max_dose_gy)
+    return check
+
+
+def check_dose_plausibility(check: DoseHeaderCheck, max_dose_gy: float) -> None:
+    """Both ways: a single-session dose above MAX_PLAUSIBLE_SESSION_DOSE_GY, or a whole-course / whole-group dose
+    below MIN_PLAUSIBLE_COURSE_MAX_PER_FRACTION_GY per fraction at its maximum, is refused; so is a course total
+    above io.MAX_PLAUSIBLE_DOSE_GY. ``max_dose_gy``: the file's maximum (stored value x DoseGridScaling)."""
+    src, m = check.source, float(max_dose_gy)
+    if not math.isfinite(m) or m < 0:
+        raise InputError(f"maximum dose {m!r} is not a finite non-negative number", source=src, field="PixelData")
+    if check.session_factor > 1 or check.summation.endswith("_SESSION"):
+        if m > MAX_PLAUSIBLE_SESSION_DOSE_GY:
+            raise InputError(f"DoseSummationType {check.summation} (one session) with a maximum of {m:.4g} Gy: "
+                             f"implausibly high for one session (> {MAX_PLAUSIBLE_SESSION_DOSE_GY:g} Gy); this looks "
+                             "like a course or fraction-group total: export it as PLAN or FRACTION",
+                             source=src, field="DoseSummationType")
+    elif check.fractions:
+        per_fx = m / check.fractions
+        if per_fx < MIN_PLAUSIBLE_COURSE_MAX_PER_FRACTION_GY:
+            raise InputError(f"DoseSummationType {check.summation} (the whole delivery of {check.fractions} "
+                             f"fractions) with a maximum of {m:.4g} Gy = {per_fx:.3g} Gy per fraction: implausibly "
+                             f"low (< {MIN_PLAUSIBLE_COURSE_MAX_PER_FRACTION_GY:g} Gy); is it one session "
+                             "(FRACTION_SESSION), or is DoseGridScaling wrong?", source=src,
+                             field="DoseSummationType")
+    total = m * check.scale
+    if total > MAX_PLAUSIBLE_DOSE_GY:
+        raise InputError(f"maximum dose {total:.5g} Gy (file maximum {m:.5g} Gy x {check.scale:g}) exceeds "
+                         f"{MAX_PLAUSIBLE_DOSE_GY:g} Gy: wrong DoseGridScaling, DoseUnits or DoseSummationType?",
+                         source=src, field="DoseGridScaling")
+
+
+def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None, plan: PlanInfo | None = None,
+                accept_effective: bool = False, dose_type: str | None = None, rbe: float | None = None,
+                radiation: str | None = None, require_fractions: bool = False) -> Volume:
+    """An RTDOSE as a Volume of the course's (or fraction group's) total dose in Gy (float32): physical, or
+    RBE-weighted when the case states an RBE (see :func:`check_rtdose_header` for every rule).
+
+    ``fractions``: the count the user states (None = not stated; then from the plan). ``meta["fractions"]`` holds
+    the resolved count, ``meta["header_check"]`` the :class:`DoseHeaderCheck`, ``meta["notes"]`` the warnings.
+    ``accept_effective`` lets DoseType EFFECTIVE through unchecked (re-reading this program's own EQD2 output).
+    """
+    src = str(path)
+    ds = read_dataset(path, what)
+    check = check_rtdose_header(ds, plan, fractions, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                                require_fractions=require_fractions, source=src, accept_effective=accept_effective,
+                                key=what.split(".dose")[0] if ".dose" in what else "course")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     grid, flip = _dose_geometry(ds, src, frames)
     scaling = float(floats(ds, "DoseGridScaling", src, 1)[0])
@@ -495,45 +858,23 @@ def read_rtdose(path: Path, what: str = "dose", *, fractions: int | None = None,
                          source=src, field="PixelData")
     if raw.dtype.kind not in "ui":
         raise InputError(f"pixel data type {raw.dtype} is not an integer type", source=src, field="PixelData")
-    dose = (raw.astype(np.float64) * scaling).astype(np.float32)
+    dose = (raw.astype(np.float64) * (scaling * check.scale)).astype(np.float32)
     del raw
     if flip:
         dose = np.ascontiguousarray(dose[::-1])
-    notes = []
-    if summation in PER_FRACTION_SUMMATION:
-        if fractions is None:
-            raise InputError(f"DoseSummationType {summation} is taken as the dose of one fraction; the number of "
-                             "fractions (fractions: or plan:) is needed", source=src, field="DoseSummationType")
-        per_fx = float(dose.max())
-        if per_fx > MAX_PLAUSIBLE_FRACTION_DOSE_GY:
-            raise InputError(f"DoseSummationType {summation} with a maximum of {per_fx:.4g} Gy: too high for the "
-                             "dose of one fraction; this looks like the dose of a whole fraction group (DICOM "
-                             "defines FRACTION as 'a single fraction group'); re-export the dose as PLAN",
-                             source=src, field="DoseSummationType")
-        dose *= np.float32(fractions)
-        notes.append(f"{Path(src).name}: DoseSummationType {summation} taken as the dose of one fraction "
-                     f"(maximum {per_fx:.3g} Gy) and multiplied by {fractions} fractions")
-    lo, hi = float(dose.min()), float(dose.max())
+    lo = float(dose.min())
     if lo < 0:
         raise InputError(f"dose contains negative values (minimum {lo:.4g} Gy)", source=src, field="PixelData")
-    if hi > MAX_PLAUSIBLE_DOSE_GY:
-        raise InputError(f"maximum dose {hi:.5g} Gy exceeds {MAX_PLAUSIBLE_DOSE_GY:g} Gy: wrong DoseGridScaling "
-                         "or DoseUnits?", source=src, field="DoseGridScaling")
-    refs = [str(getattr(item, "ReferencedSOPInstanceUID", "")) for item in
-            (getattr(ds, "ReferencedRTPlanSequence", None) or [])]
-    if plan is not None:
-        if refs and plan.sop_instance_uid not in refs:
-            raise InputError(f"ReferencedRTPlanSequence names plan(s) {', '.join(refs)}, not the given plan "
-                             f"{plan.sop_instance_uid} ({plan.path})", source=src, field="ReferencedRTPlanSequence")
-        if not refs:
-            notes.append(f"{Path(src).name}: names no plan (ReferencedRTPlanSequence); its link to "
-                         f"{Path(plan.path).name} is not checked")
+    hi = float(dose.max())
+    check_dose_plausibility(check, hi / check.scale)
     ident = identity_of(ds)
-    ident.update(DoseSummationType=summation, DoseType=dtype, ReferencedRTPlanUIDs=refs)
+    ident.update(DoseSummationType=check.summation, DoseType=check.dose_type, ReferencedRTPlanUIDs=check.plan_uids)
     vol = Volume(dose, grid, name=Path(src).stem,
-                 meta={"path": src, "dicom": ident, "notes": notes, "format": "dicom-rtdose",
-                       "fractions_multiplied": fractions if summation in PER_FRACTION_SUMMATION else None})
-    log.info("%s: RTDOSE %s/%s, max %.3f Gy, grid %s", src, summation, dtype, hi, grid.size)
+                 meta={"path": src, "dicom": ident, "notes": list(check.warnings), "format": "dicom-rtdose",
+                       "fractions": check.fractions, "header_check": check,
+                       "fractions_multiplied": check.session_factor if check.session_factor > 1 else None})
+    log.info("%s: RTDOSE %s/%s, max %.3f Gy (x %g), grid %s", src, check.summation, check.dose_type, hi,
+             check.scale, grid.size)
     return vol
 
 
@@ -841,15 +1182,37 @@ def load_image_any(path: Path, what: str = "image", series_uid: str | None = Non
 
 
 def load_dose_any(path: Path, what: str = "dose", *, fractions: int | None = None,
-                  plan: PlanInfo | None = None) -> Volume:
-    """An RTDOSE file or a dose image (NRRD, NIfTI, ...), physical Gy."""
+                  plan: PlanInfo | None = None, dose_type: str | None = None, rbe: float | None = None,
+                  radiation: str | None = None, require_fractions: bool = False) -> Volume:
+    """An RTDOSE file or a dose image (NRRD, NIfTI, ...): the course's total dose in Gy, physical, or
+    RBE-weighted when the case states an RBE (an image is physical unless ``dose_type: EFFECTIVE``).
+    ``meta["fractions"]`` is the resolved count (``fractions`` for an image), ``meta["dose_kind"]`` the
+    assumptions dict (DoseHeaderCheck.assumptions())."""
     path = Path(path)
     if is_dicom_file(path):
-        return read_rtdose(path, what, fractions=fractions, plan=plan)
+        vol = read_rtdose(path, what, fractions=fractions, plan=plan, dose_type=dose_type, rbe=rbe,
+                          radiation=radiation, require_fractions=require_fractions)
+        vol.meta["dose_kind"] = vol.meta["header_check"].assumptions()
+        return vol
     if plan is not None:
         raise InputError("plan: is given but the dose is not an RTDOSE (the plan/dose link cannot be checked)",
                          source=str(path), field=what)
-    return read_dose(path, what)
+    rbe_v, applied, rad, warns = resolve_dose_kind(None, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                                                   plan=None, src=str(path),
+                                                   key=what.split(".dose")[0] if ".dose" in what else "course")
+    vol = read_dose(path, what)
+    if applied:
+        vol.array *= np.float32(rbe_v)
+        hi = float(vol.array.max())
+        if hi > MAX_PLAUSIBLE_DOSE_GY:
+            raise InputError(f"maximum dose {hi:.5g} Gy after the RBE {rbe_v:g} exceeds {MAX_PLAUSIBLE_DOSE_GY:g} Gy",
+                             source=str(path), field=what)
+    kind = (dose_type or "PHYSICAL").upper()
+    chk = DoseHeaderCheck(str(path), "(image file)", kind, float(rbe_v) if applied else 1.0, fractions,
+                          rbe=rbe_v, rbe_applied=applied, radiation=rad, warnings=warns)
+    vol.meta.update(fractions=fractions, header_check=chk, dose_kind=chk.assumptions(),
+                    notes=list(vol.meta.get("notes", [])) + warns)
+    return vol
 
 
 #: RTSTRUCTs are rasterised on a lattice at least this fine in-plane (mm) ...

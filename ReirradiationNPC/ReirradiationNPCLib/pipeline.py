@@ -43,6 +43,7 @@ class Prepared:
     reference_image: Volume | None
     warnings: list[str]
     registrations: dict = field(default_factory=dict)  # prior course name -> registration.RegistrationOutcome
+    dose_kinds: dict = field(default_factory=dict)     # course name -> DoseHeaderCheck.assumptions() (RBE, summation)
 
 
 def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
@@ -63,9 +64,7 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
         ref_img = load_image_any(case.reference_image, "reference.image", series_uid=case.reference_image_series)
 
     say("loading doses")
-    doses = [load_dose_any(c.dose, f"courses[{i}].dose", fractions=c.fractions,
-                           plan=read_rtplan(c.plan, f"courses[{i}].plan") if c.plan else None)
-             for i, c in enumerate(case.courses)]
+    doses = [load_course_doses(c, i) for i, c in enumerate(case.courses)]
     check_case_inputs(case, ref_img, doses, warnings)  # one patient; identity registration = one frame
     grid = doses[-1].grid if case.grid == "dose" else ref_img.grid
 
@@ -90,6 +89,7 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
         if transform is not None and cov is not None and not cov.any():
             raise InputError("after registration the dose grid does not overlap the evaluation grid (check the "
                              "registration)", source=str(c.dose), field=f"courses[{i}].dose")
+        c.fractions = int(dose.meta.get("fractions") or c.fractions)  # resolved from the plan's fraction group
         courses.append(CourseData(name=c.name, dose=arr, fractions=c.fractions, interval_months=c.interval_months,
                                   is_current=c.is_current, registration=c.registration["method"],
                                   dose_file=str(c.dose), coverage=cov))
@@ -130,7 +130,31 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                                                 (outcome.moving_image or doses[i]).meta.get("dicom") or {}
                                             ).get("FrameOfReferenceUID"))
             outcome.dice = prior_structure_dice(outcome, prior_raw, structures, grid, protocol)
-    return Prepared(case, protocol, grid, courses, structures, ref_img, warnings, registrations)
+    kinds = {c.name: d.meta["dose_kind"] for c, d in zip(case.courses, doses) if d.meta.get("dose_kind")}
+    return Prepared(case, protocol, grid, courses, structures, ref_img, warnings, registrations, kinds)
+
+
+def load_course_doses(c, i: int) -> Volume:
+    """The dose of course ``c`` (index ``i``) as read and checked (dicom_rt.check_rtdose_header: summation type,
+    fraction group, RBE); ``meta["fractions"]`` is the resolved fraction count, ``meta["dose_kind"]`` what the
+    results' course assumptions record. Several dose files (one per fraction group) are not supported here yet."""
+    plan = read_rtplan(c.plan, f"courses[{i}].plan") if c.plan else None
+    doses = getattr(c, "doses", None) or [c.dose]
+    if len(doses) > 1:
+        raise InputError("several dose files (one per fraction group) are not supported yet: export the plan as one "
+                         "fraction group", source=str(c.dose), field=f"courses[{i}].dose")
+    vol = load_dose_any(doses[0], f"courses[{i}].dose", fractions=getattr(c, "fractions_stated", c.fractions),
+                        plan=plan, dose_type=getattr(c, "dose_type", None), rbe=getattr(c, "rbe", None),
+                        radiation=getattr(c, "radiation", None), require_fractions=True)
+    chk = vol.meta.get("header_check")
+    if plan is not None and len(plan.fraction_groups) > 1 and chk is not None:
+        raise InputError(f"the plan has {len(plan.fraction_groups)} fraction groups "
+                         f"({', '.join(map(str, plan.fraction_groups))} fractions) but the course lists one dose "
+                         f"(fraction group {chk.fraction_group}): list one FRACTION dose per fraction group under "
+                         "dose:", source=str(c.dose), field=f"courses[{i}].dose")
+    if vol.meta.get("fractions") is None:
+        vol.meta["fractions"] = c.fractions
+    return vol
 
 
 def _clipped(box, grid: Grid) -> bool:
@@ -157,6 +181,7 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
         verdict += "; SYNTHETIC demo protocol, not for clinical use"
     alpha_beta = {o.key: {"alpha_beta_gy": o.alpha_beta, "source": o.alpha_beta_source}
                   for o in p.organs.values()}
+    course_assumptions = _with_dose_kind(analysis.course_assumptions, prep.dose_kinds)
     results = Results(
         software={"name": SOFTWARE_NAME, "version": __version__},
         protocol=p.summary() | {"description": p.description},
@@ -165,7 +190,7 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
               "grid": prep.case.grid},
         evaluation_grid=prep.grid.to_dict(),
         assumptions={
-            "courses": analysis.course_assumptions,
+            "courses": course_assumptions,
             "alpha_beta": {"default_gy": p.default_alpha_beta, "default_source": p.default_alpha_beta_source,
                            "per_organ": alpha_beta,
                            "map_rule": "organ alpha/beta on its voxels; smallest where organ structures overlap; "
@@ -185,6 +210,21 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
     selection.add_to_results(results, prep.case, p)
     prescription.add_to_results(results, prep.case, p)
     return results
+
+
+def _with_dose_kind(course_assumptions: list[dict], kinds: dict) -> list[dict]:
+    """Each course's assumptions plus how its dose file became a course dose (summation type, fraction group,
+    RBE: ``dose``), and ``rbe`` at the top level (None = photons/electrons, physical dose)."""
+    out = []
+    for a in course_assumptions:
+        a = dict(a)
+        kind = kinds.get(a.get("name"))
+        if kind is not None:
+            a["dose"] = kind
+            a["rbe"] = kind.get("rbe")
+            a["rbe_rule"] = kind.get("rbe_rule")
+        out.append(a)
+    return out
 
 
 def _registration_results(prep: Prepared) -> dict:

@@ -219,6 +219,20 @@ def _grid_text(g: dict, which) -> str:
     return f"{which or ''} grid, {size} voxels of {sp} mm"
 
 
+def _dose_kind(c: dict) -> str:
+    """How the course's dose file became a course dose: DICOM summation type, fraction group, RBE (issue 10)."""
+    k = c.get("dose") or {}
+    if not k:
+        return "physical dose (RBE 1)"
+    parts = [str(k.get("dose_summation_type", ""))]
+    if k.get("fraction_group") is not None:
+        parts.append(f"fraction group {k['fraction_group']}")
+    if k.get("sessions_assumed_identical"):
+        parts.append(f"one session \u00d7 {fmt(k.get('session_factor'))} fractions (sessions assumed identical)")
+    parts.append(f"RBE {fmt(k['rbe'])}: {k.get('rbe_rule')}" if k.get("rbe") is not None else "RBE 1 (photons)")
+    return _e("; ".join(p for p in parts if p))
+
+
 def _courses(res: dict) -> str:
     a = res.get("assumptions", {})
     rows = []
@@ -231,9 +245,9 @@ def _courses(res: dict) -> str:
             interval = f"{fmt(c.get('interval_months'), 1)} months"
         rows.append([_e(c.get("name")), _e(fmt(c.get("fractions"))), interval, rec, _e(c.get("registration")),
                      _e(fmt(c.get("max_dose_gy"))), _e(fmt(c.get("max_dose_per_fraction_gy"), 3)),
-                     f'<span class="path">{_e(c.get("dose_file"))}</span>'])
+                     _dose_kind(c), f'<span class="path">{_e(c.get("dose_file"))}</span>'])
     out = _table(["course", "fractions", "interval to current course", "recovery credit applied", "registration",
-                  "max physical dose (Gy)", "max dose per fraction (Gy)", "dose file"], rows)
+                  "max dose (Gy)", "max dose per fraction (Gy)", "dose as read (summation, RBE)", "dose file"], rows)
     rec = a.get("recovery", {})
     out += (f'<p><b>Recovery model:</b> {_e(rec.get("description"))}. <b>Convention:</b> {_e(rec.get("convention"))}.'
             + (f' <b>Source:</b> {_e(rec.get("source"))}.' if rec.get("source") else "") + "</p>")
