@@ -367,3 +367,28 @@ def test_demo_prior_dose_rbe_weighted(demo_dicom, plan_map, tmp_path):
     assert a[0]["rbe"] == 1.1 and a[0]["dose"]["rbe_applied"] is True and a[0]["dose"]["radiation"] == "proton"
     report = (out / "report.html").read_text()
     assert "RBE 1.10: physical dose multiplied once by the stated RBE 1.1" in report
+
+
+def test_fraction_groups_of_one_plan_all_needed(tmp_path):
+    """A course whose plan has two fraction groups (25 + 5 fx): one FRACTION dose per group, each group once.
+    Checked before the (not yet supported) combination as separate EQD2 terms is refused."""
+    from ReirradiationNPCLib.case import CourseSpec
+    from ReirradiationNPCLib.pipeline import load_course_doses
+    pp = make_plan(tmp_path / "p.dcm", [(1, 25), (2, 5)])
+    plan = dr.read_rtplan(pp)
+    g1 = make_rtdose(tmp_path / "g1.dcm", known_pixels(), "0.015", DoseSummationType="FRACTION",
+                     ReferencedRTPlanSequence=plan_ref(plan, 1))               # 51.57 Gy / 25 fx
+    g2 = make_rtdose(tmp_path / "g2.dcm", known_pixels(), "0.003", DoseSummationType="FRACTION",
+                     ReferencedRTPlanSequence=plan_ref(plan, 2))               # 10.31 Gy / 5 fx
+
+    def course(*doses):
+        return CourseSpec(name="c1", dose=doses[0], doses=list(doses), fractions=30, interval_months=24.0,
+                          plan=pp)
+    with pytest.raises(InputError, match=r"group\(s\) 2 of the plan have no dose"):
+        load_course_doses(course(g1), 0)
+    with pytest.raises(InputError, match="group 1 is given twice"):
+        load_course_doses(course(g1, make_rtdose(tmp_path / "g1b.dcm", known_pixels(), "0.015",
+                                                 DoseSummationType="FRACTION",
+                                                 ReferencedRTPlanSequence=plan_ref(plan, 1))), 0)
+    with pytest.raises(InputError, match="not supported yet"):
+        load_course_doses(course(g1, g2), 0)

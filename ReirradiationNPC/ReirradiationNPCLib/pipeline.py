@@ -137,21 +137,41 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
 def load_course_doses(c, i: int) -> Volume:
     """The dose of course ``c`` (index ``i``) as read and checked (dicom_rt.check_rtdose_header: summation type,
     fraction group, RBE); ``meta["fractions"]`` is the resolved fraction count, ``meta["dose_kind"]`` what the
-    results' course assumptions record. Several dose files (one per fraction group) are not supported here yet."""
+    results' course assumptions record.
+
+    A plan with several fraction groups needs one FRACTION / FRACTION_SESSION dose per group (``dose:`` a list);
+    every group must be given exactly once. Combining the groups as separate EQD2 terms is not implemented in the
+    engine yet, so such a course is then refused (after its doses were checked)."""
     plan = read_rtplan(c.plan, f"courses[{i}].plan") if c.plan else None
-    doses = getattr(c, "doses", None) or [c.dose]
-    if len(doses) > 1:
-        raise InputError("several dose files (one per fraction group) are not supported yet: export the plan as one "
-                         "fraction group", source=str(c.dose), field=f"courses[{i}].dose")
-    vol = load_dose_any(doses[0], f"courses[{i}].dose", fractions=getattr(c, "fractions_stated", c.fractions),
-                        plan=plan, dose_type=getattr(c, "dose_type", None), rbe=getattr(c, "rbe", None),
-                        radiation=getattr(c, "radiation", None), require_fractions=True)
-    chk = vol.meta.get("header_check")
-    if plan is not None and len(plan.fraction_groups) > 1 and chk is not None:
+    paths = getattr(c, "doses", None) or [c.dose]
+    vols = []
+    for j, path in enumerate(paths):
+        key = f"courses[{i}].dose" if len(paths) == 1 else f"courses[{i}].dose[{j}]"
+        vols.append(load_dose_any(path, key, fractions=getattr(c, "fractions_stated", c.fractions)
+                                  if len(paths) == 1 else None, plan=plan, dose_type=getattr(c, "dose_type", None),
+                                  rbe=getattr(c, "rbe", None), radiation=getattr(c, "radiation", None),
+                                  require_fractions=True))
+    if plan is not None and (len(plan.fraction_groups) > 1 or len(vols) > 1):
+        named = [v.meta["header_check"].fraction_group if v.meta.get("header_check") else None for v in vols]
+        want = plan.group_numbers or list(range(1, len(plan.fraction_groups) + 1))
+        for v, g in zip(vols, named):
+            if g is None:
+                raise InputError(f"the plan has {len(plan.fraction_groups)} fraction groups: each dose of the course "
+                                 "must be a FRACTION or FRACTION_SESSION dose naming its group",
+                                 source=v.meta.get("path", str(c.dose)), field="DoseSummationType")
+        dup = sorted({g for g in named if named.count(g) > 1})
+        missing = [g for g in want if g not in named]
+        if dup or missing:
+            what = (f"fraction group {dup[0]} is given twice" if dup else
+                    f"fraction group(s) {', '.join(map(str, missing))} of the plan have no dose")
+            raise InputError(f"{what}: list one FRACTION dose per fraction group of {Path(plan.path).name} "
+                             f"({', '.join(f'group {g}: {n} fx' for g, n in zip(want, plan.fraction_groups))})",
+                             source=str(c.dose), field=f"courses[{i}].dose")
         raise InputError(f"the plan has {len(plan.fraction_groups)} fraction groups "
-                         f"({', '.join(map(str, plan.fraction_groups))} fractions) but the course lists one dose "
-                         f"(fraction group {chk.fraction_group}): list one FRACTION dose per fraction group under "
-                         "dose:", source=str(c.dose), field=f"courses[{i}].dose")
+                         f"({', '.join(map(str, plan.fraction_groups))} fractions): combining them as separate EQD2 "
+                         "terms is not supported yet; this course cannot be evaluated", source=str(c.dose),
+                         field=f"courses[{i}].dose")
+    vol = vols[0]
     if vol.meta.get("fractions") is None:
         vol.meta["fractions"] = c.fractions
     return vol
