@@ -214,3 +214,18 @@ def test_every_widget_the_module_binds_exists_in_the_ui_file():
     bound = {p.findtext("string") for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
     assert bound and bound - params == set()
     assert "registrationMethod: Annotated[str, Choice([\"rigid\"" in source  # Register works by default
+
+
+def test_description_files_meet_the_index_checkers_offline_rules():
+    """What the Extensions Index checker verifies without network: the CMake project name is the catalog file's
+    name; icon and screenshot set() lines are quoted literal strings closed by ')' directly; the repository name
+    holds 'Slicer'; a licence file at the top; a known category (Radiotherapy, as SlicerRT's extensions)."""
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"^project\(ReirradiationNPC\)", cmake, re.MULTILINE)
+    assert (ROOT / "ReirradiationNPC.json").is_file()
+    assert re.search(r'^set\(EXTENSION_ICONURL "http[^"]+"\)', cmake, re.MULTILINE)
+    assert re.search(r'^set\(EXTENSION_SCREENSHOTURLS "http[^"]+"\)', cmake, re.MULTILINE)
+    entry = json.loads((ROOT / "ReirradiationNPC.json").read_text(encoding="utf-8"))
+    assert "slicer" in entry["scm_url"].rsplit("/", 1)[-1].lower()
+    assert entry["category"] == "Radiotherapy"
+    assert (ROOT / "LICENSE.txt").is_file()
