@@ -20,7 +20,6 @@ from pathlib import Path
 import slicer
 
 from . import dicom_rt
-from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -64,55 +63,15 @@ class DoseProvenance:
 
 
 def check_rtdose_header(ds, fractions: int | None, plan: dicom_rt.PlanInfo | None = None,
-                        src: str = "RTDOSE") -> tuple[float, list[str]]:
-    """The command line's RTDOSE header rules on a dataset (or a dict of its keywords) whose voxels were already
-    scaled by DoseGridScaling (as SlicerRT loads them). Returns (multiplier for the voxels, notes); raises
-    InputError for a dose that is not a course's total physical dose in Gy, or fractions that disagree with the plan.
-
-    When ``dicom_rt.check_rtdose_header`` exists (the one header check of both paths), it decides; the code below
-    is this module's adapter for an engine without it (the command line's earlier rules: dicom_rt's
-    WHOLE_COURSE_SUMMATION, PER_FRACTION_SUMMATION).
-    """
-    shared = getattr(dicom_rt, "check_rtdose_header", None)
-    if shared is not None:
-        check = shared(ds, plan=plan, fractions=fractions, source=src, require_fractions=True)
-        return float(check.scale), list(check.notes) + list(check.warnings)
-    get = ds.get if isinstance(ds, dict) else (lambda k, d=None: getattr(ds, k, d))
-
-    def value(keyword):
-        v = get(keyword, None)
-        if v is None or str(v).strip() == "":
-            raise InputError("missing in the RTDOSE header", source=src, field=keyword)
-        return str(v).strip().upper()
-
-    units = value("DoseUnits")
-    if units == "RELATIVE":
-        raise InputError("DoseUnits RELATIVE cannot be converted to Gy without the reference dose; export the dose "
-                         "in GY", source=src, field="DoseUnits")
-    if units != "GY":
-        raise InputError(f"DoseUnits {units!r} is not GY", source=src, field="DoseUnits")
-    dtype = value("DoseType")
-    if dtype == "EFFECTIVE":
-        raise InputError("DoseType EFFECTIVE (biologically weighted, e.g. an EQD2 or RBE-weighted dose): the "
-                         "physical dose of the course is required", source=src, field="DoseType")
-    if dtype != "PHYSICAL":
-        raise InputError(f"DoseType {dtype!r} is not a physical dose", source=src, field="DoseType")
-    summation = value("DoseSummationType")
-    notes = []
-    if plan is not None:
-        dicom_rt.fractions_from_plan(plan, fractions, src, "fractions")
-        notes.append(f"{Path(src).name}: fractions {fractions} agree with the plan {Path(plan.path).name}")
-    if summation in dicom_rt.WHOLE_COURSE_SUMMATION:
-        return 1.0, notes
-    if summation in dicom_rt.PER_FRACTION_SUMMATION:
-        if not fractions:
-            raise InputError(f"DoseSummationType {summation} is the dose of one fraction; enter the course's "
-                             "fractions", source=src, field="DoseSummationType")
-        notes.append(f"{Path(src).name}: DoseSummationType {summation} taken as the dose of one fraction and "
-                     f"multiplied by {fractions} fractions")
-        return float(fractions), notes
-    raise InputError(f"DoseSummationType {summation} is a part of a course, not its dose (PLAN, MULTI_PLAN, "
-                     "FRACTION or FRACTION_SESSION needed)", source=src, field="DoseSummationType")
+                        src: str = "RTDOSE", max_dose_gy: float | None = None) -> tuple[float, list[str]]:
+    """The command line's RTDOSE header rules (``dicom_rt.check_rtdose_header``, the one header check of both
+    paths) on a dataset whose voxels were already scaled by DoseGridScaling, as SlicerRT loads them. The fractions
+    entered in the panel are required. Returns (factor for the voxels: the course total / the file's dose, notes
+    and warnings); raises InputError for a dose that is not a course dose in Gy, or fractions that disagree with
+    the plan. ``max_dose_gy``: the volume's maximum (Gy) for the plausibility checks."""
+    check = dicom_rt.check_rtdose_header(ds, plan=plan, fractions=fractions, source=src, require_fractions=True,
+                                         max_dose_gy=max_dose_gy)
+    return float(check.scale), list(check.notes) + list(check.warnings)
 
 
 def _series_uid(node, scene) -> str:
@@ -166,7 +125,9 @@ def dose_provenance(node, fractions: int | None, database=None, scene=None) -> D
             break
     if plan_uids and plan is None:
         notes.append(f"{name}: the referenced plan is not in the DICOM database; fractions not checked against it")
-    multiplier, more = check_rtdose_header(ds, fractions, plan, src=path)
+    image = node.GetImageData()
+    top = float(image.GetScalarRange()[1]) if image is not None and image.GetNumberOfPoints() else None
+    multiplier, more = check_rtdose_header(ds, fractions, plan, src=path, max_dose_gy=top)
     header = {k: str(getattr(ds, k, "")) for k in ("DoseUnits", "DoseType", "DoseSummationType", "DoseGridScaling",
                                                     "SeriesInstanceUID", "SOPInstanceUID")}
     return DoseProvenance("rtdose", name, series_uid=uid, rtdose_file=str(path),
