@@ -270,7 +270,7 @@ def test_case_file_rbe_keys(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_dicom(tmp_path_factory) -> Path:
-    from ReirradiationNPCLib.synthetic import generate_dicom
+    from ReirradiationNPCLib.synthetic_dicom import generate_dicom
     return generate_dicom(tmp_path_factory.mktemp("dicom_summation") / "case").parent
 
 
