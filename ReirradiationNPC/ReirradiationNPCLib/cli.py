@@ -1,4 +1,5 @@
-"""The ``reirradiation-npc`` command line. Exit codes: 0 success, 2 bad input, 1 internal error."""
+"""The ``reirradiation-npc`` command line. Exit codes: 0 success, 2 bad input, 1 internal error; ``batch``: 3 when
+some cases of the cohort failed (the others are complete)."""
 
 from __future__ import annotations
 
@@ -140,6 +141,51 @@ def run(ctx, case, output, overwrite, scene, dicom_courses):
                      ctx.obj["verbose"])
     prog.finish()
     print_summary(results, output)
+
+
+@main.command()
+@click.argument("cases", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="CASE_OR_FOLDER...")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Cohort folder: DIR/<case>/ per case (as run writes it), cohort.csv/.parquet, cohort.html.")
+@click.option("--protocol", "protocol_override", default=None, metavar="NAME_OR_PATH",
+              help="Evaluate every case against this protocol instead of each case file's own.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786); default: a local cluster.")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes of the local cluster (default: the CPU count, at most one per case).")
+@click.option("--scene", is_flag=True, help="Also write scene.mrb for each case (needs slicer-core).")
+@click.option("--resume", is_flag=True, help="Keep every case whose inputs, protocol and software are unchanged "
+                                             "(hashes in its results.json); compute the others.")
+@click.option("--overwrite", is_flag=True, help="Recompute every case into a non-empty cohort folder.")
+@click.pass_context
+def batch(ctx, cases, output, protocol_override, scheduler, workers, scene, resume, overwrite):
+    """Run a cohort of cases on Dask (one task per case); see docs/cohort.md.
+
+    CASE_OR_FOLDER: case files, case folders (holding case.yaml) or folders of case folders. Exit codes: 0 every
+    case complete, 3 some case(s) failed (listed; the others are complete), 2 bad input (nothing run), 1 internal
+    error.
+    """
+    from .batch import run_batch
+
+    quiet = ctx.obj["quiet"]
+    res = _guard(lambda: run_batch(cases, output, protocol=protocol_override, scheduler=scheduler, workers=workers,
+                                   scene=scene, resume=resume, overwrite=overwrite, progress=not quiet,
+                                   echo=lambda text, nl=True: click.echo(text, err=True, nl=nl)),
+                 ctx.obj["verbose"])
+    n_res = sum(1 for o in res.outcomes if o.state == "resumed")
+    n_comp = sum(1 for o in res.outcomes if o.state == "computed")
+    for w in res.warnings:
+        click.echo(f"warning: {w}")
+    for o in res.outcomes:
+        if o.state == "failed":
+            click.echo(f"FAILED {o.item.name}: {o.error}")
+    click.echo(f"cohort: {len(res.outcomes)} case(s): {n_comp} computed, {n_res} unchanged (resume), "
+               f"{len(res.failed)} failed - {res.elapsed_s:.1f} s"
+               + (f" on {res.n_workers} Dask worker(s)" if res.n_workers else ""))
+    click.echo(f"tables: {output / 'cohort.csv'}, {output / 'cohort_summary.csv'}; figures: {output / 'cohort.html'}")
+    if res.failed:
+        click.echo(f"exit code 3: {len(res.failed)} case(s) failed (see cohort_summary.csv)")
+    sys.exit(res.exit_code)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -324,15 +325,23 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
 
 
 def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,
-             dicom_courses: bool = False, extra_outputs: Sequence[ExtraOutput] = ()) -> Results:
+             dicom_courses: bool = False, extra_outputs: Sequence[ExtraOutput] = (),
+             protocol: str | None = None) -> Results:
     """Load, compute and write a case. ``extra_outputs``: see :func:`write_outputs` (check that they can run
-    before calling: nothing here knows what they need)."""
+    before calling: nothing here knows what they need). ``protocol`` (a shipped name or an absolute path) replaces
+    the case file's own protocol (``reirradiation-npc batch --protocol``: re-checking old cases against a new
+    protocol)."""
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
     if overwrite and (out_dir / "results.json").exists():
         (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
     case = load_case(Path(case_path))
+    if protocol is not None:
+        case = dataclasses.replace(case, protocol=str(protocol))
+    from . import provenance as _provenance
+    prov = _provenance.compute(case, None, protocol_override=protocol is not None)  # inputs hashed before use
     prep = prepare(case, progress)
+    prov["protocol"].update(_provenance.compute_protocol(prep.protocol.path))
     if dicom_courses and not (prep.reference_image is not None and prep.reference_image.meta.get("dicom")):
         raise InputError("each course's EQD2 as RTDOSE needs a DICOM CT series as reference.image",
                          source=str(case.path), field="--dicom-courses")
@@ -341,6 +350,7 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     plan = _planning.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
     _planning.add_to_results(results, plan)
+    results.provenance = prov
     write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan,
                   dicom_courses=dicom_courses, extra_outputs=extra_outputs)
     return results

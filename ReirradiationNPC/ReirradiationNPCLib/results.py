@@ -82,6 +82,8 @@ class Results:
     patient_selection: list[dict] = field(default_factory=list)
     patient_selection_summary: dict | None = None
     prescription_checks: list[dict] = field(default_factory=list)
+    # input file, protocol and engine hashes (provenance.py): traceability and ``batch --resume``
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))
