@@ -27,7 +27,7 @@ from analytic import run_cli
 pytest.importorskip("distributed", reason="batch needs the cohort extra: pip install '.[cohort]'")
 
 from ReirradiationNPCLib import provenance  # noqa: E402
-from ReirradiationNPCLib.batch import EXIT_SOME_FAILED, discover, up_to_date  # noqa: E402
+from ReirradiationNPCLib.batch import EXIT_SOME_FAILED, discover, failure_key, up_to_date  # noqa: E402
 from ReirradiationNPCLib.cohort_tables import constraint_rows, organ_counts  # noqa: E402
 from ReirradiationNPCLib.errors import InputError  # noqa: E402
 
@@ -164,18 +164,22 @@ def test_cohort_html_is_self_contained(cohort_run):
     assert "brainstem" in text and "2 failed" in text
 
 
-def test_resume_recomputes_nothing_then_only_the_changed_case(cohort_run, tmp_path):
+def test_resume_recomputes_nothing_and_sees_changes_by_hash(cohort_run, tmp_path, synthetic_case):
     cohort, out, _, first_s = cohort_run
     before = {n: (out / n / "results.json").stat().st_mtime_ns for n in ("A", "B")}
     t0 = time.perf_counter()
-    proc = run_cli("batch", cohort / "A", cohort / "B", "--output", out, "--resume", timeout=300)
+    proc = run_cli("batch", cohort, "--output", out, "--resume", timeout=300)
     resume_s = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 computed, 2 unchanged" in proc.stdout
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the broken cases are still broken
+    assert "0 computed, 2 unchanged (resume), 2 failed" in proc.stdout
+    assert "Dask dashboard" not in proc.stderr  # nothing to compute: no cluster started
     assert {n: (out / n / "results.json").stat().st_mtime_ns for n in ("A", "B")} == before
     assert resume_s < first_s
     rows = {r["case"]: r for r in read_csv(out / "cohort_summary.csv")}
     assert rows["A"]["state"] == "resumed" and rows["A"]["resume_reason"].startswith("inputs, protocol")
+    # a case that failed on bad input is not retried while its inputs are unchanged; its error is kept
+    assert rows["C"]["state"] == "failed" and "no_such_dose.nrrd" in rows["C"]["error"]
+    assert "not retried" in rows["C"]["resume_reason"]
     assert len([r for r in read_csv(out / "cohort.csv") if r["case"] == "A"]) > 0
 
     # without --resume a non-empty cohort folder is refused (outputs are never overwritten unasked)
@@ -193,6 +197,13 @@ def test_resume_recomputes_nothing_then_only_the_changed_case(cohort_run, tmp_pa
     assert ok
     ok, why = up_to_date(discover([cohort / "A"], copy)[0], copy / "A", "npc-reirradiation", False)
     assert not ok and "protocol changed" in why
+    # once the missing dose file is there, the failed case's key changes: --resume retries it
+    shutil.copytree(cohort / "C", tmp_path / "C")
+    item = discover([tmp_path / "C"], tmp_path / "o")[0]
+    k0 = failure_key(item, None)
+    assert k0 == failure_key(item, None)
+    shutil.copyfile(synthetic_case.parent / "dose_course1.nrrd", tmp_path / "C" / "no_such_dose.nrrd")
+    assert failure_key(item, None) != k0
 
 
 def test_scheduler_address_with_separately_started_scheduler_and_worker(cohort_run, tmp_path):

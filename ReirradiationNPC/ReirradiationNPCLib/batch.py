@@ -26,6 +26,7 @@ import re
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 EXIT_SOME_FAILED = 3
 CASE_FILE_NAMES = ("case.yaml", "case.yml", "case.json")
 COHORT_FILES = ("cohort.csv", "cohort.parquet", "cohort_summary.csv", "cohort_summary.parquet", "cohort.html",
-                "cohort_errors.txt")
+                "cohort_errors.txt", ".cohort-resume.json")
 EXTRA_HINT = "pip install 'reirradiation-npc[cohort]'"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _ONE_CASE = threading.Lock()  # one case at a time in a worker process (see module docstring)
@@ -182,6 +183,52 @@ def expected_provenance(case_file: Path, protocol: str | None) -> dict:
     return provenance.compute(case, path, protocol_override=protocol is not None)
 
 
+RESUME_STATE = ".cohort-resume.json"
+
+
+def failure_key(item: CaseItem, protocol: str | None) -> str | None:
+    """A hash of everything a bad-input failure depends on: the provenance the run would record (inputs, protocol,
+    engine), or, when the case file itself cannot be loaded, its bytes and the engine hash."""
+    import hashlib
+
+    from . import provenance
+    if item.case_file is None:
+        return None
+    try:
+        prov = expected_provenance(item.case_file, protocol)
+        text = json.dumps({k: prov[k] for k in ("inputs_sha256", "protocol", "software")}, sort_keys=True)
+    except InputError:
+        text = json.dumps({"case": provenance.path_sha256(item.case_file), "protocol": protocol,
+                           "software": provenance.software()}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_resume_state(output: Path) -> dict:
+    try:
+        data = json.loads((Path(output) / RESUME_STATE).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_resume_state(output: Path, outcomes: list[CaseOutcome], protocol: str | None) -> None:
+    """Remember the cases that failed on bad input, with the hash of what they were run from (``--resume`` does not
+    retry them while it is unchanged). Internal errors and lost tasks are always retried."""
+    state = {}
+    for o in outcomes:
+        if o.state == "failed" and o.input_error:
+            key = failure_key(o.item, protocol)
+            if key is not None:
+                state[o.item.name] = {"key": key, "error": o.error}
+    path = Path(output) / RESUME_STATE
+    if state:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"failed_on_input": state}, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    elif path.exists():
+        path.unlink()
+
+
 def up_to_date(item: CaseItem, out_dir: Path, protocol: str | None, scene: bool) -> tuple[bool, str]:
     """Whether the stored outputs of ``item`` in ``out_dir`` are complete and were computed from the same inputs,
     protocol and software; the reason when not."""
@@ -230,6 +277,7 @@ def run_one(case_file: str, out_dir: str, protocol: str | None, scene: bool, ove
             out["ok"] = True
         except InputError as exc:
             out["error"] = str(exc)
+            out["input_error"] = True
         except Exception as exc:  # noqa: BLE001 - a bad case never stops the cohort
             out["error"] = _one_line(f"internal error: {type(exc).__name__}: {exc}")
             out["traceback"] = traceback.format_exc()
@@ -253,6 +301,7 @@ class CaseOutcome:
     worker: str | None = None
     traceback: str | None = None
     resume_reason: str | None = None
+    input_error: bool = False       # failed on bad input (InputError): deterministic while the inputs are unchanged
 
 
 @dataclass
@@ -390,6 +439,7 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
     result = CohortResult(output=output, outcomes=[])
     outcomes: dict[str, CaseOutcome] = {}
     todo: list[CaseItem] = []
+    failed_before = (_read_resume_state(output).get("failed_on_input") or {}) if resume else {}
     for it in items:
         if it.error is not None:
             outcomes[it.name] = CaseOutcome(it, "failed", error=it.error)
@@ -398,6 +448,12 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
             ok, why = up_to_date(it, output / it.name, proto, scene)
             if ok:
                 outcomes[it.name] = CaseOutcome(it, "resumed", resume_reason=why)
+                continue
+            before = failed_before.get(it.name) or {}
+            if before.get("key") and before.get("key") == failure_key(it, proto):
+                outcomes[it.name] = CaseOutcome(it, "failed", error=before.get("error"), input_error=True,
+                                                resume_reason="failed before on bad input; inputs, protocol and "
+                                                              "software unchanged: not retried")
                 continue
             log.info("case %s is recomputed: %s", it.name, why)
         todo.append(it)
@@ -427,9 +483,10 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
             for w in result.warnings:
                 echo(f"warning: {w}")
             futures = {}
+            run_id = uuid.uuid4().hex[:12]  # keys unique per run: two cohorts on one scheduler never share a task
             for it in todo:
                 fut = client.submit(run_one, str(it.case_file.resolve()), str((output / it.name).resolve()),
-                                    proto, scene, bool(resume or overwrite), key=f"reirradiation-case-{it.name}",
+                                    proto, scene, bool(resume or overwrite), key=f"reirradiation-case-{it.name}-{run_id}",
                                     pure=False)
                 futures[fut] = it
             _wait(client, futures, outcomes, display, len(items))
@@ -441,6 +498,7 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
                 cluster.close()
 
     result.outcomes = [outcomes[it.name] for it in items]
+    _write_resume_state(output, result.outcomes, proto)
     from .cohort_tables import write_all
     result.files = write_all(result, output)
     result.elapsed_s = time.perf_counter() - t0
@@ -496,7 +554,7 @@ def _outcome(it: CaseItem, fut) -> CaseOutcome:
         if r.get("ok"):
             return CaseOutcome(it, "computed", seconds=r.get("seconds"), worker=r.get("worker"))
         return CaseOutcome(it, "failed", error=r.get("error"), seconds=r.get("seconds"), worker=r.get("worker"),
-                           traceback=r.get("traceback"))
+                           traceback=r.get("traceback"), input_error=bool(r.get("input_error")))
     try:  # the task itself failed in Dask (worker killed: memory; cannot deserialise; cancelled)
         exc = fut.exception()
         msg = f"{type(exc).__name__}: {exc}" if exc is not None else fut.status
