@@ -370,25 +370,28 @@ def _check_workers(client, warnings: list[str], timeout_s: float) -> int:
 class _Display:
     """Progress on an interactive terminal (one rewritten line on stderr); quiet in logs (one INFO line per case)."""
 
-    def __init__(self, total: int, enabled: bool, echo):
-        from .cli import _interactive
+    def __init__(self, total: int, tty: bool, echo):
         self.total, self.echo = total, echo
-        self.tty = enabled and _interactive()
+        self.tty = tty
         self.t0 = time.perf_counter()
         self.last = 0.0
         self.width = 0
 
-    def update(self, done: int, failed: int, running: int, force: bool = False) -> None:
+    def update(self, done: int, failed: int, running: int, case_s: list, slots: int, force: bool = False) -> None:
+        """``case_s``: run times (s) of the cases computed so far in this run; ``slots``: cases run at once."""
         now = time.perf_counter()
         if not self.tty or (not force and now - self.last < 1.0):
             return
         self.last = now
         elapsed = now - self.t0
-        finished = done + failed
-        if finished and finished < self.total:
-            eta = f"~{_hms(elapsed / finished * (self.total - finished))} left"
-        else:
-            eta = "estimate after the first case" if not finished else "finishing"
+        left = self.total - done - failed
+        if not left:
+            eta = "finishing"
+        elif not case_s:
+            eta = "estimate after the first case"
+        else:  # the mean case time, per round of `slots` cases at once (failed cases end early: not counted)
+            rounds = -(-left // max(1, slots))
+            eta = f"~{_hms(sum(case_s) / len(case_s) * rounds)} left"
         line = (f"cases: {done}/{self.total} done, {failed} failed, {running} running - elapsed {_hms(elapsed)}, "
                 f"{eta}")
         self.echo("\r" + line.ljust(self.width), nl=False)
@@ -414,8 +417,9 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
               workers: int | None = None, scene: bool = False, resume: bool = False, overwrite: bool = False,
               progress: bool = True, echo=None, cluster_kwargs: dict | None = None,
               worker_timeout_s: float = 60.0) -> CohortResult:
-    """Run a cohort (see the module docstring and docs/cohort.md). ``echo(text, nl=True)`` prints to the user
-    (stderr); ``cluster_kwargs`` go to ``LocalCluster`` (tests: ``processes=False``)."""
+    """Run a cohort (see the module docstring and docs/cohort.md). ``progress``: draw the progress line (the CLI
+    passes True only on an interactive terminal); ``echo(text, nl=True)`` prints to the user (stderr);
+    ``cluster_kwargs`` go to ``LocalCluster``."""
     t0 = time.perf_counter()
     echo = echo or (lambda text, nl=True: None)
     output = Path(output)
@@ -523,6 +527,11 @@ def _wait(client, futures: dict, outcomes: dict, display: _Display, total: int) 
               "failed": sum(1 for o in outcomes.values() if o.state == "failed")}
     running = 0
     last_poll = 0.0
+    case_s: list = []
+    try:
+        slots = max(1, sum(client.nthreads().values()))
+    except Exception:  # noqa: BLE001 - display only
+        slots = 1
     try:
         while pending:
             finished = [f for f in pending if f.done()]
@@ -530,6 +539,8 @@ def _wait(client, futures: dict, outcomes: dict, display: _Display, total: int) 
                 it = pending.pop(f)
                 outcomes[it.name] = o = _outcome(it, f)
                 counts["failed" if o.state == "failed" else "done"] += 1
+                if o.state == "computed" and o.seconds:
+                    case_s.append(o.seconds)
                 display.case(o)
                 f.release()
             now = time.perf_counter()
@@ -539,7 +550,8 @@ def _wait(client, futures: dict, outcomes: dict, display: _Display, total: int) 
                     running = sum(1 for ks in client.processing().values() for k in ks if k in keys)
                 except Exception:  # noqa: BLE001 - display only
                     running = min(len(pending), len(client.nthreads()))
-            display.update(counts["done"], counts["failed"], min(running, len(pending)), force=not pending)
+            display.update(counts["done"], counts["failed"], min(running, len(pending)), case_s, slots,
+                           force=not pending)
             if pending:
                 time.sleep(0.2)
     except KeyboardInterrupt:

@@ -169,7 +169,8 @@ def batch(ctx, cases, output, protocol_override, scheduler, workers, scene, resu
 
     quiet = ctx.obj["quiet"]
     res = _guard(lambda: run_batch(cases, output, protocol=protocol_override, scheduler=scheduler, workers=workers,
-                                   scene=scene, resume=resume, overwrite=overwrite, progress=not quiet,
+                                   scene=scene, resume=resume, overwrite=overwrite,
+                                   progress=not quiet and _interactive(),
                                    echo=lambda text, nl=True: click.echo(text, err=True, nl=nl)),
                  ctx.obj["verbose"])
     n_res = sum(1 for o in res.outcomes if o.state == "resumed")
