@@ -5,8 +5,11 @@ Units and conventions
 - CT: HU = stored value x RescaleSlope + RescaleIntercept; slices sorted by their position along the slice normal
   (cross product of the ImageOrientationPatient row and column directions); spacing must be uniform.
 - RTDOSE: dose (Gy) = stored value x DoseGridScaling. DoseUnits RELATIVE is refused (no reference dose).
-  DoseSummationType FRACTION is the dose of one fraction: it is multiplied by the course's fractions and the
-  volume's ``meta["notes"]`` says so. BEAM / CONTROL_POINT / ... (a part of a plan) are refused.
+  DoseSummationType per DICOM PS3.3 C.8.8.3 (see :func:`check_rtdose_header`, the one header check, also used by
+  the Slicer module): PLAN = the course; FRACTION = the entire delivery of one fraction group (taken as is, with
+  that group's NumberOfFractionsPlanned from the plan); FRACTION_SESSION = one session (multiplied by the group's
+  fractions); MULTI_PLAN only with a stated fraction count; BEAM, BRACHY, CONTROL_POINT, RECORD, ... refused.
+  RBE-weighted (EFFECTIVE) and proton/ion physical doses only as the case states them (:func:`resolve_dose_kind`).
   GridFrameOffsetVector: relative to the first frame when its first value is 0, otherwise absolute z positions
   (DICOM allows that only for ImageOrientationPatient 1\\0\\0\\0\\1\\0). Unevenly spaced frames are refused.
 - RTPLAN: fractions = FractionGroupSequence[].NumberOfFractionsPlanned.
@@ -1277,7 +1280,8 @@ def check_case_inputs(case, reference: Volume | None, doses: list[Volume], warni
       ``allow_different_patients: true`` (then a warning);
     - a course registered by ``identity`` must be in the reference image's frame of reference (or, without a
       DICOM reference image, in the current dose's frame);
-    - notes of the dose readers (e.g. FRACTION doses multiplied) are added to ``warnings``.
+    - warnings of the dose readers (e.g. a FRACTION_SESSION dose multiplied, an RBE applied) are added to
+      ``warnings``.
     """
     items: list[tuple[str, dict]] = []
     ref_frame = ""
