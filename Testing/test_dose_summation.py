@@ -392,3 +392,26 @@ def test_fraction_groups_of_one_plan_all_needed(tmp_path):
                                                  ReferencedRTPlanSequence=plan_ref(plan, 1))), 0)
     with pytest.raises(InputError, match="not supported yet"):
         load_course_doses(course(g1, g2), 0)
+
+
+def test_metrics_cli_reads_a_session_dose_through_its_plan(tmp_path):
+    """metrics --plan: a FRACTION_SESSION RTDOSE (0.0005 Gy/unit, maximum 1.719 Gy) of a one-group 30-fraction plan
+    is multiplied by 30: Dmax of a structure covering the whole grid = 3438 x 0.0005 x 30 = 51.57 Gy. Without
+    --plan it is refused (exit 2, one line)."""
+    from ReirradiationNPCLib.geometry import Volume
+    plan_path = make_plan(tmp_path / "p.dcm", [(1, 30)])
+    plan = dr.read_rtplan(plan_path)
+    f = make_rtdose(tmp_path / "s.dcm", known_pixels(), "0.0005", DoseSummationType="FRACTION_SESSION",
+                    ReferencedRTPlanSequence=plan_ref(plan))
+    grid = dr.read_rtdose(f, plan=plan).grid
+    sitk.WriteImage(Volume(np.ones(grid.shape, np.uint8), grid).to_sitk(), str(tmp_path / "Body.nrrd"))
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(main, ["metrics", "--dose", str(f), "--plan", str(plan_path), "--structures",
+                                  str(tmp_path / "Body.nrrd"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())["structures"][0]["metrics"]
+    assert m["Dmax"] == pytest.approx(51.57, abs=1e-4)
+    assert m["Dmin"] == pytest.approx(3 * 0.0005 * 30, abs=1e-6)     # the smallest stored value, 3 -> 0.045 Gy
+    r = CliRunner().invoke(main, ["metrics", "--dose", str(f), "--structures", str(tmp_path / "Body.nrrd")])
+    assert r.exit_code == 2 and len([ln for ln in r.output.splitlines() if ln.strip()]) == 1
+    assert "plan" in r.output and "FRACTION_SESSION" in r.output

@@ -325,26 +325,30 @@ def protocol_diff(ctx, a, b, as_json):
 @click.option("--fractions", type=int, default=None, help="Number of fractions (with --alpha-beta: report EQD2).")
 @click.option("--alpha-beta", "alpha_beta", type=float, default=None,
               help="alpha/beta in Gy (with --fractions: report EQD2).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="RTPLAN of an RTDOSE (needed for DoseSummationType FRACTION / FRACTION_SESSION: the fraction "
+                   "group's fractions; --fractions must agree).")
 @click.option("--metric", "extra", multiple=True,
               help="Add a metric to the default set (repeatable), e.g. D0.1cc, D50%, V30Gy, V30Gy%.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Write FILE.json or FILE.csv (otherwise a table on stdout).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.pass_context
-def metrics(ctx, dose_path, structures_path, fractions, alpha_beta, extra, output, overwrite):
+def metrics(ctx, dose_path, structures_path, fractions, alpha_beta, extra, output, overwrite, plan_path):
     """Dose metrics of structures on one dose (sub-voxel sampling).
 
     Default set: volume, Dmax, Dmin, Dmean, D0.03cc, D2cc, D95%, D5%. Doses in Gy (EQD2 when --fractions and
     --alpha-beta are given), V<x>Gy in cc.
     """
     from . import structure_metrics as sm
-    from .dicom_rt import load_dose_any
+    from .dicom_rt import load_dose_any, read_rtplan
 
     def go():
         sm.check_fractionation(fractions, alpha_beta)
         names = sm.metric_names(extra)
         fmt = sm.check_output(output, overwrite) if output is not None else None
-        dose = load_dose_any(dose_path, "--dose", fractions=fractions)
+        plan = read_rtplan(plan_path, "--plan") if plan_path is not None else None
+        dose = load_dose_any(dose_path, "--dose", fractions=fractions, plan=plan)
         warnings: list[str] = []
         structures = sm.load_structures(structures_path, dose.grid, warnings)
         result = sm.compute(dose, structures, names, fractions, alpha_beta)
