@@ -477,7 +477,14 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
                 kw = {"n_workers": n, "threads_per_worker": 1, "processes": True,
                       "silence_logs": logging.ERROR, "dashboard_address": ":0"}
                 kw.update(cluster_kwargs or {})
-                cluster = LocalCluster(**kw)
+                import dask
+                env = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items()
+                       if k != "MALLOC_TRIM_THRESHOLD_"}
+                # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers by default: glibc then hands freed
+                # memory back at once and every large numpy array is page-faulted anew, which made a case ~45 %
+                # slower (benchmarks.md). A worker runs one case at a time and its memory is bounded by that case.
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+                    cluster = LocalCluster(**kw)
                 client = Client(cluster)
             result.scheduler = client.scheduler.address
             result.n_workers = _check_workers(client, result.warnings, worker_timeout_s)
