@@ -88,29 +88,31 @@ def masks():
 
 
 def hand_maps(doses):
-    """Alpha/beta map, course EQD2 maps and cumulative map by the rules of the issue, region by region."""
+    """Display maps by the rule of issue 10 item 3, region by region: per voxel the LARGEST value over the organs
+    covering it, each organ with its own alpha/beta and credit (the course maps: the largest EQD2 of that course);
+    the default alpha/beta and no credit where no organ is (the body and unmatched structures take no part).
+    Returns (alpha/beta that gave the cumulative value, course maps, cumulative map, credit of that organ)."""
     m = masks()
-    ab = np.full(SHAPE, np.inf)
-    for key, (_, a, _, role, _) in ORGANS.items():
-        if role != "body":
-            ab[m[key]] = np.minimum(ab[m[key]], a)
-    ab[np.isinf(ab)] = DEFAULT_AB  # the default only where no organ is
-    eq = {c: eqd2_hand(doses[c], n, ab) for c, n, _ in COURSES}
-    cum = np.zeros(SHAPE)
-    credits = {}
-    for c, n, months in COURSES:
-        if months is None:          # the current course: never any credit
-            cum += eq[c]
+    eq = {c: eqd2_hand(doses[c], n, DEFAULT_AB) for c, n, _ in COURSES}
+    cum = sum(eq.values())
+    ab = np.full(SHAPE, DEFAULT_AB)
+    credits = {c: np.zeros(SHAPE) for c, _, months in COURSES if months is not None}
+    covered = np.zeros(SHAPE, bool)
+    for key, (_, a, _, role, rec) in ORGANS.items():
+        if role == "body":
             continue
-        r = np.full(SHAPE, np.inf)
-        for key, (_, _, _, role, rec) in ORGANS.items():
-            if role == "body":
-                continue
-            rk = step_credit(months, TABLE) if rec else 0.0
-            r[m[key]] = np.minimum(r[m[key]], rk)
-        r[np.isinf(r)] = 0.0
-        credits[c] = r
-        cum += (1.0 - r) * eq[c]
+        mk = m[key]
+        e_o = {c: eqd2_hand(doses[c], n, a) for c, n, _ in COURSES}
+        r_o = {c: (step_credit(months, TABLE) if rec else 0.0) for c, _, months in COURSES if months is not None}
+        cum_o = sum((1.0 - r_o.get(c, 0.0)) * e_o[c] for c, _, _ in COURSES)
+        for c, _, _ in COURSES:
+            eq[c] = np.where(mk & ~covered, e_o[c], np.where(mk, np.maximum(eq[c], e_o[c]), eq[c]))
+        take = mk & (~covered | (cum_o > cum))
+        cum = np.where(take, cum_o, cum)
+        ab = np.where(take, a, ab)
+        for c in credits:
+            credits[c] = np.where(take, r_o[c], credits[c])
+        covered |= mk
     return ab, eq, cum, credits
 
 
@@ -225,14 +227,16 @@ def test_cumulative_map_every_voxel(main_case):
     np.testing.assert_allclose(got, cum, atol=1e-3, rtol=0)
 
 
-def test_alpha_beta_map_overlap_min_rule(main_case):
+def test_alpha_beta_map_overlap_max_rule(main_case):
     ab, _, _, _ = hand_maps(main_case["doses"])
     got, _ = read_array(main_case["out"] / "alpha_beta.nrrd")
     np.testing.assert_array_equal(got, ab.astype(np.float32))
-    # spot checks by region: cord 2, cord∩brainstem 2, brainstem only 2.5, parotid∩GTV 4, GTV only 10,
+    # spot checks by region: cord 2; cord∩brainstem 2.5 (the brainstem has no credit: its cumulative EQD2 is the
+    # larger there), brainstem only 2.5, brainstem∩GTV and parotid∩GTV 10 (the uncredited GTV's EQD2 is larger),
+    # GTV only 10,
     # body only (the body takes no part) and the unmatched structure: the protocol default 3.5
-    assert got[1, 13, 9] == 2.0 and got[0, 13, 9] == DEFAULT_AB and got[7, 13, 9] == 2.0 and got[7, 11, 7] == 2.5
-    assert got[5, 5, 7] == 4.0 and got[5, 10, 14] == 10.0 and got[7, 10, 10] == 2.5
+    assert got[1, 13, 9] == 2.0 and got[0, 13, 9] == DEFAULT_AB and got[7, 13, 9] == 2.5 and got[7, 16, 7] == 2.5 and got[7, 11, 7] == 10.0
+    assert got[5, 5, 7] == 10.0 and got[5, 10, 14] == 10.0 and got[7, 10, 10] == 10.0
     assert got[5, 17, 2] == DEFAULT_AB and got[1, 1, 1] == DEFAULT_AB and got[0, 0, 19] == DEFAULT_AB
 
 
@@ -250,18 +254,23 @@ def test_cumulative_spot_values_written_out(main_case):
     k, j, i = 1, 13, 9
     exp = 0.5 * e(dose("c1", k, j, i), 33, 2) + 0.75 * e(dose("c2", k, j, i), 25, 2) + e(dose("c3", k, j, i), 10, 2)
     assert got[k, j, i] == pytest.approx(exp, abs=1e-3)
-    # cord ∩ brainstem (k7, j13, i9): ab 2 (smallest), credit 0 (the smallest: brainstem has none)
+    # cord ∩ brainstem (k7, j13, i9): the larger of the cord's value (ab 2, credit 50 % / 25 %) and the
+    # brainstem's (ab 2.5, no credit)
     k, j, i = 7, 13, 9
-    exp = e(dose("c1", k, j, i), 33, 2) + e(dose("c2", k, j, i), 25, 2) + e(dose("c3", k, j, i), 10, 2)
-    assert got[k, j, i] == pytest.approx(exp, abs=1e-3)
+    cord = 0.5 * e(dose("c1", k, j, i), 33, 2) + 0.75 * e(dose("c2", k, j, i), 25, 2) + e(dose("c3", k, j, i), 10, 2)
+    bstem = e(dose("c1", k, j, i), 33, 2.5) + e(dose("c2", k, j, i), 25, 2.5) + e(dose("c3", k, j, i), 10, 2.5)
+    assert bstem > cord + 1.0
+    assert got[k, j, i] == pytest.approx(max(cord, bstem), abs=1e-3)
     # parotid only (k2, j3, i3): ab 4, credit 50 % / 25 %
     k, j, i = 2, 3, 3
     exp = 0.5 * e(dose("c1", k, j, i), 33, 4) + 0.75 * e(dose("c2", k, j, i), 25, 4) + e(dose("c3", k, j, i), 10, 4)
     assert got[k, j, i] == pytest.approx(exp, abs=1e-3)
-    # parotid ∩ GTV (k5, j5, i7): ab 4, credit 0 (GTV has none)
+    # parotid ∩ GTV (k5, j5, i7): the larger of the parotid's (ab 4, credit 50 % / 25 %) and the GTV's (ab 10,
+    # no credit)
     k, j, i = 5, 5, 7
-    exp = e(dose("c1", k, j, i), 33, 4) + e(dose("c2", k, j, i), 25, 4) + e(dose("c3", k, j, i), 10, 4)
-    assert got[k, j, i] == pytest.approx(exp, abs=1e-3)
+    par = 0.5 * e(dose("c1", k, j, i), 33, 4) + 0.75 * e(dose("c2", k, j, i), 25, 4) + e(dose("c3", k, j, i), 10, 4)
+    gtv = e(dose("c1", k, j, i), 33, 10) + e(dose("c2", k, j, i), 25, 10) + e(dose("c3", k, j, i), 10, 10)
+    assert got[k, j, i] == pytest.approx(max(par, gtv), abs=1e-3)
     # cord ∩ External (body takes no part): cord's credit stays (k1, j14, i10)
     k, j, i = 1, 14, 10
     exp = 0.5 * e(dose("c1", k, j, i), 33, 2) + 0.75 * e(dose("c2", k, j, i), 25, 2) + e(dose("c3", k, j, i), 10, 2)
@@ -273,22 +282,22 @@ def test_cumulative_spot_values_written_out(main_case):
 
 
 def test_recovery_only_on_prior_courses_and_named_organs(main_case):
-    """Where credit is given, cumulative < plain sum; the current course is never discounted."""
+    """Where the governing organ has credit, cumulative < its plain sum; the current course is never discounted."""
     doses = main_case["doses"]
     ab, eq, cum, credits = hand_maps(doses)
     got, _ = read_array(main_case["out"] / "cumulative_eqd2.nrrd")
-    plain = sum(eq.values())
-    m = masks()
-    credited = (m["spinal_cord"] | m["parotid_l"]) & ~m["brainstem"] & ~m["gtv"]
+    plain = sum(eqd2_hand(doses[c], n, ab) for c, n, _ in COURSES)   # same alpha/beta, no credit
+    credited = credits["c1"] > 0
     assert credited.sum() > 0
     assert np.all(got[credited] < plain[credited] - 1.0)
     np.testing.assert_allclose(got[~credited], plain[~credited], atol=1e-3)
     # the current course's map is its plain EQD2 everywhere (no credit on it)
     cur, _ = read_array(main_case["out"] / "eqd2_c3.nrrd")
     np.testing.assert_allclose(cur, eq["c3"], atol=1e-3)
-    # remove the current course from the cumulative: what is left is the discounted prior courses
-    np.testing.assert_allclose(got - cur, (1 - credits["c1"]) * eq["c1"] + (1 - credits["c2"]) * eq["c2"],
-                               atol=2e-3)
+    # remove the current course (at the governing alpha/beta) from the cumulative: the discounted prior courses
+    np.testing.assert_allclose(got - eqd2_hand(doses["c3"], 10, ab),
+                               sum((1 - credits[c]) * eqd2_hand(doses[c], n, ab) for c, n, m in COURSES
+                                   if m is not None), atol=2e-3)
 
 
 def test_output_geometry_is_the_dose_grid(main_case):
@@ -650,15 +659,16 @@ def test_uniform_structure_metrics_exact(uniform_results):
 
 
 def test_uniform_recovery_credit_organ_vs_map(uniform_results):
-    """The cord's metrics use its own credit on all its voxels; the map takes the smallest credit where the
-    cord overlaps the GTV (no credit) - so the map is 125.55 Gy there but the cord's D0.03cc is 108.225 Gy."""
+    """The cord's metrics use its own credit on all its voxels; where the cord overlaps the GTV the map takes the
+    larger of the cord's 108.225 Gy (ab 2, 25 % credit) and the GTV's 67.1 + 48.75 = 115.85 Gy (ab 10, no credit)."""
     r, out = uniform_results
     cum, _ = read_array(out / "cumulative_eqd2.nrrd")
     ab, _ = read_array(out / "alpha_beta.nrrd")
-    assert cum[3, 5, 4] == pytest.approx(BS_LEFT, abs=1e-3)     # cord ∩ GTV: ab 2, no credit
-    assert ab[3, 5, 4] == 2.0
+    assert cum[3, 5, 4] == pytest.approx(67.1 + 48.75, abs=1e-3)     # cord ∩ GTV: the GTV's value (ab 10)
+    assert ab[3, 5, 4] == 10.0
     assert cum[6, 5, 4] == pytest.approx(CORD_CUM, abs=1e-3)    # cord only: 25 % credit
-    assert cum[6, 14, 14] == pytest.approx(BS_RIGHT, abs=1e-3)  # parotid ∩ brainstem: ab 2 (smallest)
+    # parotid ∩ brainstem: brainstem 22.5 + 56.25 = 78.75 (ab 2) > parotid 24 + 54 = 78 (ab 3): ab 2
+    assert cum[6, 14, 14] == pytest.approx(BS_RIGHT, abs=1e-3)
     assert ab[6, 14, 14] == 2.0 and ab[6, 14, 16] == 3.0
     assert cum[6, 14, 17] == pytest.approx(PAROTID_CUM, abs=1e-3)  # parotid only: ab 3
     assert cum[0, 0, 0] == pytest.approx(68.64 + 54.0, abs=1e-3)   # no structure: default ab 3

@@ -3,12 +3,15 @@ constraints. Pure arrays in, arrays and a results tree out (no file access here)
 
 Rules (see docs/science.md):
 - Each course is converted to EQD2 voxel by voxel with its own fraction count and the voxel's dose per fraction.
-- Voxel α/β map: each organ's α/β on its voxels, the smallest where organ structures overlap, the protocol
-  default elsewhere. Body structures (role ``body``) and unmatched structures do not take part.
-- Cumulative EQD2 = Σ (1 − r) · EQD2_course; r is the protocol's recovery credit for that prior course's interval,
-  only on the organs the protocol names (r = 0 for the current course and elsewhere); where organ structures with
-  different credit overlap, the smallest credit.
-- Per-structure metrics use the organ's own α/β and own credit on all its voxels.
+- Display map (``cumulative``, ``cumulative_eqd2.nrrd/.dcm``; rule text: :data:`MAP_RULE`): per voxel, the LARGEST
+  cumulative EQD2 over the organs whose dose-grid mask covers it, each with its own α/β and recovery credit
+  (Σ (1 − r_organ) · EQD2(D, n, α/β_organ)); the protocol default α/β and no credit where no organ covers the voxel.
+  Conservative in every regime (a smaller α/β is larger only above 2 Gy per fraction). Body structures (role
+  ``body``) and unmatched structures do not take part. The course maps take the largest EQD2 of that course alone
+  over the covering organs; the α/β and credit maps hold the α/β and credit that gave the cumulative value.
+- Per-structure metrics use the organ's own α/β and own credit on all its voxels (sub-voxel samples): at organ
+  edges a dose-grid voxel's display value may come from a neighbouring organ (see docs/outputs.md); the per-α/β
+  check maps (:func:`check_maps`) reproduce the table.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from .results import ConstraintResult, StructureResult
 
 log = logging.getLogger(__name__)
 
+#: the rule of the displayed cumulative map, as stated in results.json, DICOM and captions
+MAP_RULE = ("per voxel the largest cumulative EQD2 over the organs covering it (each organ's own alpha/beta and "
+            "recovery credit); protocol default alpha/beta, no credit, where no organ covers the voxel")
+MAP_RULE_SHORT = "max over covering organs' a/b and credit"
+
 MODEL_ASSUMPTIONS = [
     "Linear-quadratic model; EQD2 = D (d + a/b) / (2 + a/b) with d = D / n, each voxel's own dose per fraction.",
     "Full repair between fractions is assumed (no incomplete-repair correction for twice-daily fractions; "
@@ -36,9 +44,9 @@ MODEL_ASSUMPTIONS = [
     "Recovery credit discounts the prior course: cumulative = sum over courses of (1 - r) EQD2 (convention A); "
     "tolerances are not raised. r = 0 unless the protocol's recovery model gives credit for that organ.",
     "Per-organ metrics use the organ's own alpha/beta and recovery credit on all its voxels.",
-    "Displayed maps: where organ structures overlap, the smallest alpha/beta and the smallest credit apply. "
-    "A smaller alpha/beta is the conservative choice only above 2 Gy per fraction; below 2 Gy per fraction "
-    "(e.g. 65 Gy in 54 fractions) it gives a lower EQD2.",
+    "Displayed map: per voxel the largest cumulative EQD2 over the organs covering it (each organ's own alpha/beta "
+    "and credit), conservative above and below 2 Gy per fraction; it is for viewing. Organ table values are to be "
+    "checked on the per-alpha/beta maps named in structures[].check_on_file.",
     "Dose metrics use sub-voxel samples of each structure on its own mask grid (small organs supersampled, "
     "every mask voxel split into equal sub-voxels, volume = the mask's volume) with the dose interpolated "
     "trilinearly from the evaluation grid; D<x>cc and V<x>Gy are read off the continuous (mid-point) DVH curve. "
@@ -89,13 +97,21 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     #: structure name -> "cumulative" | course name -> display DVH curve (organ's own α/β; report plots only)
     dvh_curves: dict[str, dict[str, DVHCurve]] = field(default_factory=dict)
+    #: the check maps (one α/β over the whole grid each; :func:`check_maps`), set by the pipeline's results step
+    check_maps: list | None = None
+
+
+def _map_structures(structures: list[StructureData]) -> list[StructureData]:
+    """The structures that take part in the maps: matched organs (any role but ``body``) with a voxel."""
+    return [s for s in structures if s.organ is not None and s.organ.role != "body" and s.mask.size
+            and s.mask.any()]
 
 
 def alpha_beta_map(shape, structures: list[StructureData], default: float) -> np.ndarray:
+    """Every organ's α/β on its voxels, the smallest where organs overlap (a geometry view, not the display rule:
+    :func:`display_maps` gives the α/β that produced each voxel's displayed value)."""
     ab = np.full(shape, np.inf, dtype=np.float32)
-    for s in structures:
-        if s.organ is None or s.organ.role == "body":
-            continue
+    for s in _map_structures(structures):
         sub = ab[s.box]
         np.minimum(sub, np.float32(s.organ.alpha_beta), out=sub, where=s.mask)
     ab[np.isinf(ab)] = np.float32(default)
@@ -104,8 +120,9 @@ def alpha_beta_map(shape, structures: list[StructureData], default: float) -> np
 
 def credit_map(shape, structures: list[StructureData], protocol: Protocol, interval_months: float
                ) -> np.ndarray | float:
-    """Recovery credit r per voxel for one prior course (0 where no organ credit applies)."""
-    organ_structs = [s for s in structures if s.organ is not None and s.organ.role != "body"]
+    """Recovery credit r per voxel for one prior course (0 where no organ credit applies; the smallest where organs
+    overlap)."""
+    organ_structs = _map_structures(structures)
     credits = [protocol.recovery.credit(s.organ.key, interval_months) for s in organ_structs]
     if not any(c > 0 for c in credits):
         return 0.0
@@ -115,6 +132,132 @@ def credit_map(shape, structures: list[StructureData], protocol: Protocol, inter
         np.minimum(sub, np.float32(c), out=sub, where=s.mask)
     r[np.isinf(r)] = 0.0
     return r
+
+
+def display_maps(courses: list[CourseData], structures: list[StructureData], protocol: Protocol
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, np.ndarray | float]]:
+    """The displayed maps (module docstring): course EQD2 maps, the cumulative map, the α/β map and, per prior
+    course, the credit map (or 0.0 when no organ has credit), all float32 on the evaluation grid.
+
+    One blocked pass over the grid with the default α/β, then, inside each organ's bounding box, the organ's own
+    α/β and credit: a voxel covered by organs takes the largest of their values (the default does not compete there).
+    """
+    default = protocol.default_alpha_beta
+    maps, cumulative = course_and_cumulative_eqd2([c.dose for c in courses], [c.fractions for c in courses],
+                                                  float(default), [1.0] * len(courses))
+    course_eqd2 = {c.name: m for c, m in zip(courses, maps)}
+    ab = np.full(cumulative.shape, np.inf, dtype=np.float32)   # inf = no organ yet (then: default)
+    organs = _map_structures(structures)
+    credits = {c.name: [protocol.recovery.credit(s.organ.key, c.interval_months) for s in organs]
+               for c in courses if not c.is_current}
+    credit: dict[str, np.ndarray | float] = {}
+    for name, cr in credits.items():
+        credit[name] = np.zeros(cumulative.shape, dtype=np.float32) if any(v > 0 for v in cr) else 0.0
+    for idx, s in enumerate(organs):
+        oab = float(s.organ.alpha_beta)
+        box, m = s.box, s.mask
+        sub_ab = ab[box]
+        first = m & np.isinf(sub_ab)          # no organ has set these voxels yet
+        cum_o = np.zeros(m.shape, dtype=np.float32)
+        for c in courses:
+            e = eqd2(c.dose[box], c.fractions, oab)
+            sub_c = course_eqd2[c.name][box]
+            upd_c = first | (m & (e > sub_c))
+            sub_c[upd_c] = e[upd_c]
+            r = 0.0 if c.is_current else credits[c.name][idx]
+            if r:
+                e *= np.float32(1.0 - r)
+            cum_o += e
+        sub_cum = cumulative[box]
+        upd = first | (m & (cum_o > sub_cum))
+        sub_cum[upd] = cum_o[upd]
+        sub_ab[upd] = np.float32(oab)
+        for c in courses:
+            if not c.is_current and isinstance(credit[c.name], np.ndarray):
+                credit[c.name][box][upd] = np.float32(credits[c.name][idx])
+    ab[np.isinf(ab)] = np.float32(default)
+    return course_eqd2, cumulative, ab, credit
+
+
+@dataclass
+class CheckMap:
+    """A cumulative EQD2 map with ONE α/β (and one set of recovery credits) over the whole grid (issue 17): the
+    map on which a planning system's DVH of the listed structures reproduces our table.
+
+    ``credits``: prior course -> r applied everywhere (empty: undiscounted). ``structures``: the structures whose
+    table values are to be read on this map."""
+    stem: str                                  # file name without extension, e.g. cumulative_eqd2_ab2
+    alpha_beta: float
+    credits: dict[str, float]
+    structures: list[str]
+    organs: list[str]
+
+    @property
+    def credited(self) -> bool:
+        return any(r > 0 for r in self.credits.values())
+
+    def description(self) -> str:
+        what = (f"Cumulative EQD2 (Gy), a/b {self.alpha_beta:g} Gy everywhere, "
+                + ("recovery credit " + ", ".join(f"{c} {100 * r:g}%" for c, r in self.credits.items())
+                   + " applied everywhere" if self.credited else "undiscounted (no recovery credit)"))
+        return f"{what}; read on it: {', '.join(self.structures) or '-'}"
+
+    def series_description(self) -> str:
+        cr = (" credit " + "/".join(f"{100 * r:g}%" for r in self.credits.values())) if self.credited else " no credit"
+        return f"CHECK EQD2 a/b {self.alpha_beta:g}{cr}: " + ",".join(self.structures)
+
+    def dose_comment(self) -> str:
+        cr = ("credit " + "/".join(f"{100 * r:g}%" for r in self.credits.values())) if self.credited \
+            else "undiscounted"
+        return f"EQD2 a/b {self.alpha_beta:g} whole grid, {cr}; DVH of: " + ",".join(self.structures)
+
+    def compute(self, courses: list[CourseData]) -> np.ndarray:
+        """The map (float32): one blocked pass, no per-course maps kept."""
+        weights = [1.0 if c.is_current else 1.0 - self.credits.get(c.name, 0.0) for c in courses]
+        _, cum = course_and_cumulative_eqd2([c.dose for c in courses], [c.fractions for c in courses],
+                                            float(self.alpha_beta), weights, keep_courses=False)
+        return cum
+
+
+def check_maps(courses: list[CourseData], structures: list[StructureData], protocol: Protocol
+               ) -> tuple[list[CheckMap], dict[str, dict]]:
+    """The check maps and, per structure name, the map(s) its table values are to be checked on.
+
+    One undiscounted map per α/β used by the case's structures (their organ's α/β; the protocol default for
+    unmatched ones), and one map per distinct (α/β, credits) of organs with a recovery credit. Returns
+    (maps, {structure: {"map": stem, "undiscounted_map": stem or None}})."""
+    priors = [c for c in courses if not c.is_current]
+    maps: dict[tuple, CheckMap] = {}
+    which: dict[str, dict] = {}
+
+    def get(ab: float, credits: dict[str, float]) -> CheckMap:
+        key = (float(ab), tuple(sorted(credits.items())))
+        if key not in maps:
+            stem = f"cumulative_eqd2_ab{ab:g}".replace(".", "p")
+            if any(r > 0 for r in credits.values()):
+                stem += "_credit" + "-".join(f"{100 * r:g}".replace(".", "p") for r in credits.values())
+            maps[key] = CheckMap(stem, float(ab), dict(credits), [], [])
+        return maps[key]
+
+    for s in structures:
+        ab = s.organ.alpha_beta if s.organ is not None else protocol.default_alpha_beta
+        key = s.organ.key if s.organ is not None else None
+        credits = {c.name: protocol.recovery.credit(key, c.interval_months) for c in priors}
+        plain = get(ab, {})
+        entry = {"map": plain.stem, "undiscounted_map": None}
+        if any(r > 0 for r in credits.values()):
+            cm = get(ab, credits)
+            entry = {"map": cm.stem, "undiscounted_map": plain.stem}
+            plain.structures.append(s.name + " (undiscounted)")
+            target = cm
+        else:
+            target = plain
+        target.structures.append(s.name)
+        if key and key not in target.organs:
+            target.organs.append(key)
+        which[s.name] = entry
+    ordered = sorted(maps.values(), key=lambda m: (m.alpha_beta, m.credited, m.stem))
+    return ordered, which
 
 
 def metric_names_for(organ: Organ | None, extra: list[str] = ()) -> list[str]:
@@ -129,26 +272,9 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
     """Run the cumulative EQD2 analysis. ``courses`` oldest first, the last one current."""
     say = progress or (lambda msg: None)
     warnings: list[str] = []
-    shape = grid.shape
-    voxel_cc = grid.voxel_volume_cc
 
-    say("alpha/beta map")
-    ab = alpha_beta_map(shape, structures, protocol.default_alpha_beta)
-
-    say("recovery credit, course and cumulative EQD2 maps")
-    credit: dict[str, np.ndarray | float] = {}
-    weights = []
-    for c in courses:
-        if c.is_current:
-            weights.append(1.0)
-            continue
-        r = credit_map(shape, structures, protocol, c.interval_months)
-        credit[c.name] = r
-        weights.append(1.0 - r if isinstance(r, np.ndarray) else 1.0 - r)
-    # one blocked pass over memory for all maps (same maths as eqd2() and recovery_weighted_sum())
-    maps, cumulative = course_and_cumulative_eqd2([c.dose for c in courses], [c.fractions for c in courses], ab,
-                                                  weights)
-    course_eqd2 = {c.name: m for c, m in zip(courses, maps)}
+    say("course, cumulative, alpha/beta and credit maps")
+    course_eqd2, cumulative, ab, credit = display_maps(courses, structures, protocol)
 
     say("structure metrics")
     struct_results: list[StructureResult] = []

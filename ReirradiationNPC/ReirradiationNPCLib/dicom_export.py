@@ -129,7 +129,8 @@ def dose_scaling(max_gy: float) -> tuple[str, float]:
 
 def write_rtdose(dose: Volume, reference: dict, path: Path, *, series_description: str, dose_comment: str = "",
                  dose_type: str = "PHYSICAL", summation: str = "PLAN",
-                 referenced_plan_uids: list[str] | None = None) -> str:
+                 referenced_plan_uids: list[str] | None = None, image_comments: str = "",
+                 series_number: int | None = None) -> str:
     """Write ``dose`` (Gy, on its own grid) as an RTDOSE in ``reference``'s patient, study and frame of reference.
 
     ``reference``: identity dict of the current CT (``Volume.meta["dicom"]`` from ``read_ct_series``).
@@ -139,7 +140,11 @@ def write_rtdose(dose: Volume, reference: dict, path: Path, *, series_descriptio
     arr = np.asarray(dose.array)
     if not np.isfinite(arr).all() or arr.min() < 0:
         raise ValueError("dose must be finite and non-negative")
+    if series_number is not None:
+        reference = dict(reference, _SeriesNumber=series_number)
     ds = _dataset(RT_DOSE_STORAGE, "RTDOSE", reference, series_description=series_description)
+    if image_comments:
+        ds.ImageComments = image_comments[:10240]  # General Image module (LT): the full description
     ds.FrameOfReferenceUID = reference.get("FrameOfReferenceUID") or new_uid()
     ds.PositionReferenceIndicator = ""
     grid = dose.grid
@@ -499,17 +504,20 @@ def write_eqd2_rtdose(prep, analysis, stage: Path, *, per_course: bool = False) 
             uids += [str(getattr(it, "ReferencedSOPInstanceUID", "")) for it in
                      (getattr(ds, "ReferencedRTPlanSequence", None) or [])]
         plan_uids[c.name] = sorted({u for u in uids if u})
-    rule = (f"LQ EQD2, voxel a/b: organ a/b on its voxels (smallest where organs overlap), default "
-            f"{prep.protocol.default_alpha_beta:g} Gy elsewhere")
+    from .analysis import MAP_RULE
+    rule = f"LQ EQD2, display map: {MAP_RULE}; default a/b {prep.protocol.default_alpha_beta:g} Gy"
     files = {}
     all_plans = sorted({u for v in plan_uids.values() for u in v})
     name = "cumulative_eqd2.dcm"
     write_rtdose(Volume(analysis.cumulative, prep.grid), ref, stage / name,
-                 series_description=eqd2_series_description(prep.protocol),
-                 dose_comment="EQD2 sum, recovery credit applied",
+                 series_description="Cumulative EQD2 (Gy) DISPLAY: max over organ a/b",
+                 dose_comment="VIEW ONLY: max over covering organs' a/b+credit",
+                 image_comments=(f"Display map for viewing. {rule}. Organ DVHs: use the check map named in "
+                                 "results.json structures[].check_on_file (one a/b per map)."),
                  dose_type="EFFECTIVE", summation="MULTI_PLAN" if len(prep.courses) > 1 else "PLAN",
                  referenced_plan_uids=all_plans)
-    files[name] = f"Cumulative EQD2 (Gy) as DICOM RTDOSE (DoseType EFFECTIVE) on the reference CT's frame; {rule}"
+    files[name] = (f"Cumulative EQD2 (Gy) as DICOM RTDOSE (DoseType EFFECTIVE) on the reference CT's frame, for "
+                   f"viewing; {rule}; organ DVHs: the check maps (cumulative_eqd2_ab*.dcm)")
     if per_course:
         for c in prep.courses:
             name = f"eqd2_{c.name}.dcm"
@@ -520,3 +528,16 @@ def write_eqd2_rtdose(prep, analysis, stage: Path, *, per_course: bool = False) 
                          summation="PLAN", referenced_plan_uids=plan_uids.get(c.name))
             files[name] = f"EQD2 (Gy) of course {c.name} as DICOM RTDOSE; {rule}"
     return files
+
+
+def write_check_rtdose(arr: np.ndarray, prep, check_map, stage: Path, series_number: int) -> str:
+    """One check map (:class:`.analysis.CheckMap`: one α/β over the whole grid) as ``<stem>.dcm``; returns the name."""
+    ref = dict(prep.reference_image.meta["dicom"])
+    name = f"{check_map.stem}.dcm"
+    write_rtdose(Volume(arr, prep.grid), ref, stage / name,
+                 series_description=(f"EQD2 CHECK a/b {check_map.alpha_beta:g} Gy "
+                                     + ("credited" if check_map.credited else "undiscounted")),
+                 dose_comment=check_map.dose_comment(), image_comments=check_map.description(),
+                 dose_type="EFFECTIVE", summation="MULTI_PLAN" if len(prep.courses) > 1 else "PLAN",
+                 series_number=series_number)
+    return name

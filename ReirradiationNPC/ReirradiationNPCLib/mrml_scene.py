@@ -138,6 +138,35 @@ def _review_layout(scene, background, foreground, chart) -> None:
     layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotView)
 
 
+def add_check_maps(prep: Prepared, analysis: Analysis, outputs, scene) -> list:
+    """The check maps (one α/β and credit over the whole grid; docs/outputs.md) as dose volumes in the output
+    folder, role ``check_eqd2``, each named for the structures to read on it; the display map is labelled with its
+    rule. Computed one at a time from the course doses."""
+    from . import mrml
+    from .analysis import MAP_RULE, check_maps
+    import slicer
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if outputs.cumulative is not None:
+        outputs.cumulative.SetAttribute("ReirradiationNPC.MapRule", "display map (viewing): " + MAP_RULE)
+    maps = analysis.check_maps if analysis.check_maps is not None else check_maps(
+        prep.courses, prep.structures, prep.protocol)[0]
+    nodes = []
+    ctab = mrml.dose_color_table(scene)
+    for m in maps:
+        arr = m.compute(prep.courses)
+        label = "undiscounted" if not m.credited else "credit " + "/".join(f"{100 * r:g}%" for r in m.credits.values())
+        node = mrml.add_volume_node(Volume(arr, prep.grid), f"EQD2 check a/b {m.alpha_beta:g} {label}: "
+                                    + ", ".join(m.structures), scene)
+        mrml._mark_dose(node, "check_eqd2")
+        node.SetAttribute("ReirradiationNPC.CheckMap", m.stem)
+        node.SetAttribute("ReirradiationNPC.Description", m.description())
+        mrml._dose_display(node, ctab, float(arr.max()) if arr.size else 1.0)
+        mrml._set_parent(sh, node, outputs.folder_item)
+        nodes.append(node)
+        del arr
+    return nodes
+
+
 def build_scene(prep: Prepared, analysis: Analysis, results: Results, name: str = "Reirradiation analysis",
                 scene=None, progress: Callable[[str], None] | None = None, planning=None):
     """Inputs and outputs as nodes in ``scene`` (default: slicer.mrmlScene). Returns (inputs, outputs).
@@ -151,6 +180,7 @@ def build_scene(prep: Prepared, analysis: Analysis, results: Results, name: str 
     inputs = load_inputs(prep, scene=scene, study_item=study)
     outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress, planning=planning,
                                        study_item=study)
+    add_check_maps(prep, analysis, outputs, scene)
     background = inputs["images"].get("reference")
     _review_layout(scene, background, outputs.cumulative, outputs.dvh_chart)
     return inputs, outputs

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import SOFTWARE_NAME, __version__
-from .analysis import MODEL_ASSUMPTIONS, Analysis, CourseData, StructureData, compute
+from .analysis import MAP_RULE, check_maps, MODEL_ASSUMPTIONS, Analysis, CourseData, StructureData, compute
 from .case import CaseSpec, load_case
 from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
@@ -214,8 +214,7 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
             "courses": course_assumptions,
             "alpha_beta": {"default_gy": p.default_alpha_beta, "default_source": p.default_alpha_beta_source,
                            "per_organ": alpha_beta,
-                           "map_rule": "organ alpha/beta on its voxels; smallest where organ structures overlap; "
-                                       "protocol default elsewhere"},
+                           "map_rule": MAP_RULE},
             "recovery": {"model": p.recovery.model, "description": p.recovery.describe(),
                          "source": p.recovery.source, "convention": "prior course discounted: sum (1 - r) EQD2"},
             "model": MODEL_ASSUMPTIONS,
@@ -226,6 +225,7 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
         summary={"verdict": verdict, "counts": counts, "unverified_limits_used": unverified_used},
         warnings=prep.warnings + analysis.warnings,
         registration=_registration_results(prep),
+        maps=_maps_results(prep, analysis),
     )
     from . import prescription, selection  # issue 16: information and checks beside the verdict, never in it
     selection.add_to_results(results, prep.case, p)
@@ -246,6 +246,34 @@ def _with_dose_kind(course_assumptions: list[dict], kinds: dict) -> list[dict]:
             a["rbe_rule"] = kind.get("rbe_rule")
         out.append(a)
     return out
+
+
+def _has_dicom_reference(prep: Prepared) -> bool:
+    return prep.reference_image is not None and bool(prep.reference_image.meta.get("dicom"))
+
+
+def _maps_results(prep: Prepared, analysis: Analysis) -> dict:
+    """results.json ``maps`` and every structure's ``check_on_file`` (issue 17; docs/outputs.md)."""
+    dicom = _has_dicom_reference(prep)
+    maps, which = check_maps(prep.courses, prep.structures, prep.protocol)
+    analysis.check_maps = maps
+
+    def files(stem):
+        return {"nrrd": f"{stem}.nrrd", "dicom": f"{stem}.dcm" if dicom else None}
+
+    for s in analysis.structures:
+        w = which.get(s.name)
+        if w is None:
+            continue
+        cm = next(m for m in maps if m.stem == w["map"])
+        s.check_on_file = dict(files(w["map"]), alpha_beta=cm.alpha_beta, recovery_credit=dict(cm.credits),
+                               values="metrics.cumulative",
+                               undiscounted=files(w["undiscounted_map"]) if w["undiscounted_map"] else None)
+    return {"display": dict(files("cumulative_eqd2"), rule=MAP_RULE, use="viewing; per voxel conservative; organ "
+                            "DVHs on it differ from the table at organ edges (read organs on their check map)"),
+            "check": [dict(files(m.stem), alpha_beta=m.alpha_beta, recovery_credit=dict(m.credits),
+                           credited=m.credited, structures=list(m.structures), organs=list(m.organs),
+                           description=m.description()) for m in maps]}
 
 
 def _registration_results(prep: Prepared) -> dict:
@@ -284,11 +312,14 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
                          units="Gy" if "alpha_beta" not in name else "Gy (alpha/beta)")
             files[name] = desc
         vol("cumulative_eqd2.nrrd", analysis.cumulative,
-            "Cumulative EQD2 (Gy), recovery credit applied, voxel alpha/beta map")
+            f"Cumulative EQD2 (Gy) for viewing, recovery credit applied; {MAP_RULE}")
+        _write_check_maps(prep, analysis, stage, files, say)
         for c in prep.courses:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
-                f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit")
-        vol("alpha_beta.nrrd", analysis.alpha_beta, "Voxel alpha/beta map (Gy) used for the EQD2 maps")
+                f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit; per voxel the "
+            "largest over the alpha/beta of the organs covering it")
+        vol("alpha_beta.nrrd", analysis.alpha_beta, "alpha/beta (Gy) that gave each voxel's cumulative_eqd2 value "
+            "(the covering organ with the largest cumulative EQD2; protocol default outside organs)")
         if prep.registrations:
             say("writing registration transforms and registered prior CTs")
             from .registration import registered_image, write_transform
@@ -322,6 +353,26 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return files
+
+
+def _write_check_maps(prep: Prepared, analysis: Analysis, stage: Path, files: dict, say) -> None:
+    """The check maps (one α/β over the whole grid each), computed one at a time (one float32 grid in memory),
+    written as NRRD and, with a DICOM reference CT, as RTDOSE."""
+    maps = getattr(analysis, "check_maps", None)
+    if maps is None:
+        maps, _ = check_maps(prep.courses, prep.structures, prep.protocol)
+    dicom = _has_dicom_reference(prep)
+    for n, m in enumerate(maps):
+        say(f"writing check map {m.stem}")
+        arr = m.compute(prep.courses)
+        write_volume(Volume(arr, prep.grid, m.stem), stage / f"{m.stem}.nrrd", description=m.description(),
+                     units="Gy")
+        files[f"{m.stem}.nrrd"] = m.description()
+        if dicom:
+            from .dicom_export import write_check_rtdose
+            name = write_check_rtdose(arr, prep, m, stage, series_number=910 + n)
+            files[name] = m.description() + " (DICOM RTDOSE, DoseType EFFECTIVE)"
+        del arr
 
 
 def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,

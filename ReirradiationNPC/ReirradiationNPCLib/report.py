@@ -257,7 +257,8 @@ def _courses(res: dict) -> str:
     rows.append(["<em>default (elsewhere)</em>", _e(fmt(ab.get("default_gy"), 1)), _e(ab.get("default_source"))])
     out += "<h3>\u03b1/\u03b2 per organ</h3>" + _table(["organ", "\u03b1/\u03b2 (Gy)", "source"], rows, "narrow")
     if ab.get("map_rule"):
-        out += f'<p class="note">Voxel \u03b1/\u03b2 map: {_e(ab["map_rule"])}.</p>'
+        out += (f'<p class="note">Displayed cumulative map (for viewing): {_e(ab["map_rule"])}. Organ values '
+                f'are checked on one-\u03b1/\u03b2 maps (results.json structures[].check_on_file).</p>')
     return out
 
 
@@ -582,7 +583,8 @@ def render_html(results, figures: dict | None = None) -> str:
                f"of {_e(focus.structure)} in the {'cumulative EQD2' if focus.map_name == 'cumulative' else 'EQD2 of ' + _e(focus.map_name)} map "
                f"({what}: {_e(c.get('organ'))} {_e(c.get('metric'))} {_e(c.get('scope'))} = "
                f"{_e(fmt(c.get('value')))} {_e(c.get('unit'))}, limit {_e(fmt(c.get('limit')))} {_e(c.get('unit'))}). "
-               f"Colour wash: EQD2 map (voxel \u03b1/\u03b2 map: smallest \u03b1/\u03b2 where organs overlap), "
+               f"Colour wash: EQD2 display map (per voxel the largest EQD2 over the \u03b1/\u03b2 and credit of the "
+               f"organs covering it; default \u03b1/\u03b2 elsewhere), "
                f"not drawn below 5 Gy. Red hatched: the violation region of {_e(focus.structure)} (its voxels at or above "
                f"{_e(fmt(focus.threshold_gy))} Gy EQD2).")
     else:

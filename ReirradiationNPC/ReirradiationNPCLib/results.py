@@ -37,6 +37,9 @@ class StructureResult:
     recovery_credit: dict[str, float] = field(default_factory=dict)
     outside_dose_grid_fraction: dict[str, float] = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)  # sub-voxel sampling used for the metrics (see sampling.py)
+    #: exported map(s) on which this structure's table values are to be checked (pipeline.check_on_file):
+    #: {"nrrd", "dicom", "alpha_beta", "recovery_credit", "values", "undiscounted": {"nrrd", "dicom"} | None}
+    check_on_file: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Results:
     prescription_checks: list[dict] = field(default_factory=list)
     # input file, protocol and engine hashes (provenance.py): traceability and ``batch --resume``
     provenance: dict = field(default_factory=dict)
+    # exported maps: "display" (the single viewing map and its rule) and "check" (one α/β per map; docs/outputs.md)
+    maps: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))
