@@ -121,6 +121,7 @@ def test_violation_uses_organ_credit_and_current_scope():
 # -------------------------------------------------------------------------------------------------- headroom
 
 def test_headroom_limit_minus_cumulative_smallest_where_organs_overlap():
+    """One limit set with the remaining dose: point-type limits only (the lobe's Dmean 60 is not represented)."""
     prot = make_protocol([con("D0.03cc", 50)], [con("Dmean", 60), con("D0.03cc", 70)])
     stem = structure("Brainstem", X < 40, prot)
     lobe = structure("Lobe", X >= 20, prot)
@@ -129,14 +130,18 @@ def test_headroom_limit_minus_cumulative_smallest_where_organs_overlap():
     h = budget.headroom_map([stem, lobe, other], courses, prot, SHAPE)
     # x = 10: brainstem only: 50 - 10 (0.5 + 2) / 4 = 43.75
     assert h[0, 0, 10] == pytest.approx(43.75, abs=1e-4)
-    # x = 30: brainstem 50 - 30 (1.5 + 2) / 4 = 23.75; lobe (smallest limit 60) 60 - 30 (1.5 + 3) / 5 = 33 -> 23.75
+    # x = 30: brainstem 50 - 30 (1.5 + 2) / 4 = 23.75; lobe (D0.03cc 70) 70 - 30 (1.5 + 3) / 5 = 43 -> 23.75
     assert h[0, 0, 30] == pytest.approx(23.75, abs=1e-4)
-    # x = 80: lobe only: 60 - 80 (4 + 3) / 5 = -52 (negative where violated)
-    assert h[0, 0, 80] == pytest.approx(-52.0, abs=1e-4)
+    # x = 80: lobe only: 70 - 80 (4 + 3) / 5 = -42 (negative where violated)
+    assert h[0, 0, 80] == pytest.approx(-42.0, abs=1e-4)
     assert np.isnan(h[0, 0, :]).sum() == 0                    # every x is covered by an organ with a limit
     prot2 = make_protocol([con("D0.03cc", 50)], [])
     h2 = budget.headroom_map([structure("Brainstem", X < 40, prot2)], courses, prot2, SHAPE)
     assert np.isnan(h2[..., 40:]).all() and not np.isnan(h2[..., :40]).any()
+    # a current-course point limit counts too: brainstem current Dmax 30 at x = 30: 30 - 26.25 = 3.75 < 23.75
+    prot3 = make_protocol([con("D0.03cc", 50), con("Dmax", 30, "current")], [])
+    h3 = budget.headroom_map([structure("Brainstem", X < 40, prot3)], courses, prot3, SHAPE)
+    assert h3[0, 0, 30] == pytest.approx(3.75, abs=1e-4)
 
 
 # -------------------------------------------------------------------------------------------- remaining dose
@@ -202,12 +207,31 @@ def test_feeding_the_remaining_dose_back_reaches_every_limit_never_above():
     assert (64.0 - e[structs[0].mask]).min() >= 0.0
 
 
-def test_remaining_dose_absent_without_point_limits():
-    prot = make_protocol([con("Dmean", 20)], [con("D2cc", 10)])
-    structs = [structure("Brainstem", X < 50, prot), structure("Lobe", X >= 50, prot)]
+def test_remaining_dose_marks_organs_with_limits_it_cannot_represent():
+    """Dmean and D2cc limits constrain a DVH, not a voxel: the organs are marked -2 (never 'no limit' -1, never a
+    dose) and named; the part of the grid under no organ stays -1."""
+    v40 = {"metric": "V40Gy", "limit_cc": 1.0, "scope": "cumulative", "source": "test", "verified": False}
+    prot = make_protocol([con("Dmean", 20)], [con("D2cc", 10), v40])
+    structs = [structure("Brainstem", X < 50, prot), structure("Lobe", (X >= 50) & (X < 90), prot)]
     courses = [course("c1", np.zeros(SHAPE), 15, interval=8), course("c2", np.zeros(SHAPE), 30)]
     r = budget.remaining_dose(structs, courses, prot, SHAPE)
-    assert (r.array == budget.UNCONSTRAINED).all() and r.organs == []
+    assert (r.array[..., :90] == budget.NOT_REPRESENTED).all() and (r.array[..., 90:] == budget.UNCONSTRAINED).all()
+    assert r.organs == []
+    s = r.summary()
+    assert s["not_represented_value"] == -2.0 and s["not_represented_voxels"] == 90 * 16
+    named = {x["structure"]: [l["metric"] for l in x["limits"]] for x in s["not_represented"]}
+    assert named == {"Brainstem": ["Dmean"], "Lobe": ["D2cc", "V40Gy"]}
+    assert all(x["marked_on_map"] for x in s["not_represented"])
+    # no map limit: no headroom either (NaN), the same limit set
+    assert np.isnan(budget.headroom_map(structs, courses, prot, SHAPE)).all()
+
+
+def test_point_limit_organ_keeps_its_budget_and_names_the_rest():
+    prot, structs, courses = remaining_case(np.full(SHAPE, 45.0))
+    r = budget.remaining_dose(structs, courses, prot, SHAPE)
+    assert (r.array[..., 10:90] >= 0).all()                       # both organs have point-type limits
+    named = {x["structure"]: ([l["metric"] for l in x["limits"]], x["marked_on_map"]) for x in r.not_represented}
+    assert named == {"Brainstem": (["Dmean"], False), "Lobe": (["D2cc"], False)}
 
 
 def test_hand_numbers_of_the_docstring():
@@ -278,12 +302,20 @@ def test_remaining_dose_written_as_nrrd_and_rtdose(tmp_path):
     ct = Volume(np.zeros(SHAPE, np.int16), GRID, "ct", {"dicom": ident})
     files: dict[str, str] = {}
     planning.write(planning.Planning(remaining=r, reference_image=ct), GRID, tmp_path, files)
-    assert set(files) == {"remaining_dose.nrrd", "remaining_dose.dcm"}
+    assert set(files) == {"remaining_dose.nrrd", planning.REMAINING_DCM, planning.REMAINING_RTSTRUCT}
     img = sitk.ReadImage(str(tmp_path / "remaining_dose.nrrd"))
     assert img.GetMetaData("unconstrained_value") == "-1" and img.GetMetaData("fractions") == "30"
     nrrd = sitk.GetArrayFromImage(img)
     np.testing.assert_array_equal(nrrd, r.array)
     assert nrrd[0, 0, 5] == -1.0 and nrrd[0, 0, 20] == pytest.approx(29.3035, abs=2e-4)
-    dcm = dicom_rt.read_rtdose(tmp_path / "remaining_dose.dcm")
+    dcm = dicom_rt.read_rtdose(tmp_path / planning.REMAINING_DCM)
     assert dcm.grid.same_as(GRID)
     np.testing.assert_allclose(dcm.array, np.maximum(r.array, 0), atol=1e-6)
+    import pydicom
+    ds = pydicom.dcmread(str(tmp_path / planning.REMAINING_DCM), stop_before_pixels=True)
+    assert ds.SeriesDescription.startswith("NOT A PLAN DOSE") and "not a dose" in ds.DoseComment
+    assert "NOT A PLAN DOSE" in ds.ImageComments and "ReferencedRTPlanSequence" not in ds
+    assert img.GetMetaData("not_represented_value") == "-2" and "NOT A PLAN DOSE" in img.GetMetaData("description")
+    # where 0 means "no dose allowed": the RTSTRUCT's LIMIT APPLIES region = the constrained voxels, exactly
+    rs = pydicom.dcmread(str(tmp_path / planning.REMAINING_RTSTRUCT))
+    assert [x.ROIName for x in rs.StructureSetROISequence] == ["LIMIT APPLIES (0 = no dose allowed)"]

@@ -163,3 +163,48 @@ def test_check_maps_one_alpha_beta_over_the_whole_grid():
         np.testing.assert_allclose(arr, val, atol=1e-3)
     assert maps[1].structures == ["A"] and maps[0].structures == ["A (undiscounted)"]
     assert "a/b 2" in maps[1].dose_comment() and "credit 50%" in maps[1].dose_comment()
+
+
+def test_prior_dose_is_resampled_once_through_its_transform(tmp_path):
+    """Issue 10 item 7: the prior dose goes from its own grid through its registration straight onto the evaluation
+    grid (one linear interpolation). A curved dose (Gaussian) on a 3 mm grid, rotated 3 degrees and shifted, read
+    onto a 2.5 mm current dose grid: equal to one direct resampling; interpolating twice (onto the 1.5 mm reference
+    CT first) differs by more than 0.05 Gy somewhere, so the test can tell them apart."""
+    import SimpleITK as sitk
+    from analytic import coords, write_image, write_yaml
+    from ReirradiationNPCLib.case import load_case
+    from ReirradiationNPCLib.geometry import Volume, resample_linear
+    from ReirradiationNPCLib.pipeline import prepare
+
+    ct_size, ct_origin, ct_sp = (40, 40, 20), (-30.0, -30.0, -15.0), (1.5, 1.5, 1.5)
+    write_image(tmp_path / "ct.nrrd", np.zeros(ct_size[::-1], np.int16), ct_origin, ct_sp)
+    write_image(tmp_path / "m" / "Cord.nrrd", np.ones(ct_size[::-1], np.uint8), ct_origin, ct_sp)
+    p_size, p_origin, p_sp = (25, 25, 14), (-36.0, -36.0, -20.0), (3.0, 3.0, 3.0)
+    x, y, z = coords(p_size, p_origin, p_sp)
+    prior = (60.0 * np.exp(-((x - 3) ** 2 + (y + 2) ** 2 + z ** 2) / (2 * 8.0 ** 2))).astype(np.float32)
+    write_image(tmp_path / "prior.nrrd", prior, p_origin, p_sp, units="Gy")
+    c_size, c_origin, c_sp = (20, 20, 10), (-24.0, -24.0, -12.0), (2.5, 2.5, 2.5)
+    write_image(tmp_path / "cur.nrrd", np.full(c_size[::-1], 20.0, np.float32), c_origin, c_sp, units="Gy")
+    t = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, math.radians(3.0), (1.7, -1.1, 0.6))
+    sitk.WriteTransform(t, str(tmp_path / "t.tfm"))
+    write_yaml(tmp_path / "p.yaml", {"name": "p", "version": "1", "alpha_beta": {"default": 3},
+                                     "recovery": {"model": "none"},
+                                     "organs": {"cord": {"aliases": ["Cord"], "alpha_beta": 2}}})
+    write_yaml(tmp_path / "case.yaml", {
+        "reference": {"image": "ct.nrrd", "structures": "m"}, "protocol": "p.yaml",
+        "courses": [{"name": "prior", "dose": "prior.nrrd", "fractions": 30, "interval_months": 24,
+                     "registration": {"method": "file", "transform": "t.tfm"}},
+                    {"name": "cur", "dose": "cur.nrrd", "fractions": 10}]})
+    prep = prepare(load_case(tmp_path / "case.yaml"))
+    got = prep.courses[0].dose
+    src = sitk.ReadImage(str(tmp_path / "prior.nrrd"))
+    once = sitk.GetArrayFromImage(sitk.Resample(src, prep.grid.reference_image(), t, sitk.sitkLinear, 0.0,
+                                                sitk.sitkFloat32))
+    np.testing.assert_allclose(got, once, atol=1e-5)
+    ct_grid = Grid(ct_size, ct_origin, ct_sp)
+    on_ct = resample_linear(Volume(sitk.GetArrayFromImage(src), Grid(p_size, p_origin, p_sp)), ct_grid,
+                            prep.registrations["prior"].transform)
+    twice = resample_linear(Volume(on_ct, ct_grid), prep.grid)
+    inside = np.zeros(prep.grid.shape, bool)
+    inside[2:-2, 2:-2, 2:-2] = True
+    assert np.abs(twice - once)[inside].max() > 0.05

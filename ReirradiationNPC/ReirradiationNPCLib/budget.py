@@ -9,16 +9,21 @@ own alpha/beta and recovery credit (the same rules as the per-organ metrics of :
 - Violations: for every constraint with status ``fail`` or ``warn`` on a dose metric (Gy), the organ's voxels whose
   EQD2 (cumulative or current, as the constraint's scope) exceeds the limit (``fail``) or the warning threshold
   limit x (1 - tolerance) (``warn``).
-- Headroom (Gy EQD2): limit - cumulative organ EQD2 on the voxels of organs with a cumulative dose limit (the
-  smallest limit of the organ; where organs overlap, the smallest headroom); NaN elsewhere.
+- One limit set for the voxel maps (:func:`map_limits`): the point-type dose limits (Dmax, D<=0.1cc;
+  :attr:`Metric.is_point`) of scope cumulative or current. Limits a voxel map cannot represent (Dmean, D>0.1cc,
+  D<x>%, V<x>Gy) are listed as ``not_represented`` in the outputs; an organ with only such limits is marked on the
+  remaining-dose map with ``NOT_REPRESENTED = -2`` (never a dose, never "no limit").
+- Headroom (Gy EQD2): per voxel the smallest over the organ's map limits of limit - organ EQD2 (cumulative or
+  current, as the limit's scope); where organs overlap, the smallest headroom; NaN elsewhere.
 - Remaining dose (physical Gy of the current course): per voxel, the largest dose the current course (with its own
   fraction count) may deliver so that every point-type limit (Dmax, D<=0.1cc; :attr:`Metric.is_point`) covering the
   voxel still holds given the prior courses and recovery:
       budget E = limit - sum over prior courses of (1 - r) * EQD2_prior   (cumulative limits)
       budget E = limit                                                     (current-course limits)
       D = physical_dose_for_eqd2(E - SAFETY_EQD2_GY, n_current, ab_organ), 0 where E <= 0
-  and the minimum over every limit covering the voxel. Voxels under no point-type limit hold
-  ``UNCONSTRAINED = -1`` (see docs/outputs.md).
+  and the minimum over every limit covering the voxel. Voxels under no limit at all hold ``UNCONSTRAINED = -1``;
+  voxels of organs whose limits are all not representable (and under no map limit) hold ``NOT_REPRESENTED = -2``
+  (see docs/outputs.md).
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from .protocol import Protocol, parse_metric
 
 log = logging.getLogger(__name__)
 
-#: value of ``remaining_dose.nrrd`` where no point-type limit applies (a dose can never be negative)
+#: value of ``remaining_dose.nrrd`` where no limit applies (a dose can never be negative)
 UNCONSTRAINED = -1.0
+#: value of ``remaining_dose.nrrd`` on organs whose limits (Dmean, V<x>Gy, D>0.1cc) a voxel map cannot represent:
+#: not free dose; the organ's limits must be judged on the plan's DVH
+NOT_REPRESENTED = -2.0
 #: EQD2 (Gy) kept back from every budget so that float32 rounding can never push a voxel over its limit
 SAFETY_EQD2_GY = 0.005
 RED = (0.90, 0.10, 0.10)
@@ -156,41 +164,94 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
 
 # -------------------------------------------------------------------------------------------- headroom
 
+def map_limits(s: StructureData) -> tuple[list, list]:
+    """The organ's limits split into (represented on voxel maps, not represented).
+
+    Represented: point-type (Dmax, D<=0.1cc) upper dose limits in Gy with a value, scope cumulative or current:
+    a voxel map can hold them exactly (every voxel of the organ at or under the limit). Not represented: every other
+    upper limit with a value (Dmean, D>0.1cc, D<x>%, V<x>Gy, per-course limits): they constrain the organ's DVH,
+    not any one voxel. Lower bounds (Dmin, coverage) are neither."""
+    if s.organ is None or s.organ.role == "body":
+        return [], []
+    rep, other = [], []
+    for c in s.organ.constraints:
+        if c.limit is None or c.metric.kind == "min":
+            continue
+        if (c.metric.is_point and c.unit == "Gy" and c.scope in ("cumulative", "current")
+                and c.metric.kind in _UPPER_KINDS):
+            rep.append(c)
+        else:
+            other.append(c)
+    return rep, other
+
+
 def headroom_map(structures: list[StructureData], courses: list[CourseData], protocol: Protocol,
                  shape) -> np.ndarray:
-    """limit - cumulative organ EQD2 (Gy, float32) on voxels of organs with a cumulative upper dose limit; NaN
-    elsewhere. An organ with several such limits uses the smallest; overlapping organs give the smallest headroom."""
+    """min over the organ's map limits (:func:`map_limits`) of limit - organ EQD2 in the limit's scope (Gy, float32)
+    on the organ's voxels; overlapping organs give the smallest headroom; NaN elsewhere."""
     h = np.full(shape, np.nan, dtype=np.float32)
     for s in structures:
-        lim = cumulative_dose_limit(s)
-        if lim is None or s.mask.size == 0:
+        lims = map_limits(s)[0]
+        if not lims or s.mask.size == 0:
             continue
-        val = (lim - organ_eqd2(s, courses, protocol, "cumulative")).astype(np.float32)
+        cache: dict[str, np.ndarray] = {}
+        val = None
+        for c in lims:
+            if c.scope not in cache:
+                cache[c.scope] = organ_eqd2(s, courses, protocol, c.scope)
+            v = c.limit - cache[c.scope]
+            val = v if val is None else np.minimum(val, v)
         sub = h[s.box]
-        np.fmin(sub, val, out=sub, where=s.mask)
+        np.fmin(sub, val.astype(np.float32), out=sub, where=s.mask)
     return h
 
 
 def cumulative_dose_limit(s: StructureData) -> float | None:
-    if s.organ is None or s.organ.role != "oar":
-        return None
-    lims = [c.limit for c in s.organ.constraints
-            if c.scope == "cumulative" and c.unit == "Gy" and c.limit is not None and c.metric.kind in _UPPER_KINDS]
+    """The smallest cumulative map limit of the organ (Gy), None without one."""
+    lims = [c.limit for c in map_limits(s)[0] if c.scope == "cumulative"]
     return min(lims) if lims else None
+
+
+def not_represented(structures: list[StructureData], constraints=None) -> list[dict]:
+    """Per structure, the limits the voxel maps do not represent (with the table's status when ``constraints``,
+    the analysis' constraint rows, are given) and whether the organ has map limits as well."""
+    status = {}
+    for r in constraints or []:
+        status[(r.structure, r.metric, r.scope)] = r.status
+    out = []
+    for s in structures:
+        rep, other = map_limits(s)
+        if not other or s.mask.size == 0 or not s.mask.any():
+            continue
+        out.append({"structure": s.name, "organ": s.organ.key,
+                    "limits": [{"metric": c.metric.name, "scope": c.scope, "limit": c.limit, "unit": c.unit,
+                                "verified": c.verified, "status": status.get((s.name, c.metric.name, c.scope))}
+                               for c in other],
+                    "marked_on_map": not rep,
+                    "note": ("no voxel budget: marked NOT_REPRESENTED (-2) on remaining_dose.nrrd" if not rep else
+                             "the map's values in this organ come from its point-type limits only; these limits "
+                             "must be judged on the plan's DVH")})
+    return out
 
 
 # -------------------------------------------------------------------------------------- remaining dose
 
 @dataclass
 class RemainingDose:
-    array: np.ndarray                         # physical Gy (float32); UNCONSTRAINED where no point-type limit
+    array: np.ndarray                         # physical Gy (float32); UNCONSTRAINED / NOT_REPRESENTED markers
     fractions: int
     organs: list[dict] = field(default_factory=list)
+    not_represented: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         constrained = self.array >= 0
         n = int(constrained.sum())
         return {"fractions": self.fractions, "unconstrained_value": UNCONSTRAINED,
+                "not_represented_value": NOT_REPRESENTED,
+                "limit_set": "point-type dose limits (Dmax, D<=0.1cc), cumulative and current scope; the same set "
+                             "for headroom.nrrd",
+                "not_represented": self.not_represented,
+                "not_represented_voxels": int((self.array == NOT_REPRESENTED).sum()),
                 "safety_eqd2_gy": SAFETY_EQD2_GY, "constrained_voxels": n,
                 "zero_dose_voxels": int((self.array == 0).sum()),
                 "min_gy": float(self.array[constrained].min()) if n else None,
@@ -198,15 +259,12 @@ class RemainingDose:
 
 
 def point_limits(s: StructureData) -> list:
-    """The organ's point-type (Dmax, D<=0.1cc) dose limits that have a value."""
-    if s.organ is None or s.organ.role == "body":
-        return []
-    return [c for c in s.organ.constraints
-            if c.metric.is_point and c.unit == "Gy" and c.limit is not None and c.scope in ("cumulative", "current")]
+    """The organ's point-type (Dmax, D<=0.1cc) dose limits that have a value: the map limits of :func:`map_limits`."""
+    return map_limits(s)[0]
 
 
 def remaining_dose(structures: list[StructureData], courses: list[CourseData], protocol: Protocol,
-                   shape) -> RemainingDose:
+                   shape, constraints=None) -> RemainingDose:
     """The remaining-dose map of the current course (the last of ``courses``); see the module docstring."""
     current = courses[-1]
     n = current.fractions
@@ -239,8 +297,15 @@ def remaining_dose(structures: list[StructureData], courses: list[CourseData], p
                        "min_remaining_gy": float(vals.min()), "max_remaining_gy": float(vals.max()),
                        "voxels": int(vals.size), "zero_dose_voxels": int((vals <= 0).sum()),
                        "voxels_already_over_limit_from_prior_courses": exceeded})
+    nrep = not_represented(structures, constraints)
+    by_name = {s.name: s for s in structures}
+    for item in nrep:
+        if item["marked_on_map"]:
+            s = by_name[item["structure"]]
+            sub = out[s.box]
+            sub[s.mask & np.isnan(sub)] = NOT_REPRESENTED
     out[np.isnan(out)] = UNCONSTRAINED
-    return RemainingDose(out, n, organs)
+    return RemainingDose(out, n, organs, nrep)
 
 
 def _float32_down(x: np.ndarray) -> np.ndarray:

@@ -96,10 +96,18 @@ def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = N
         if v.volume_cc == 0:
             plan.warnings.append(f"violation {v.name!r}: no evaluation-grid voxel above the threshold (the metric "
                                  "exceeds it only between voxel centres); the segment is empty")
-    if any(budget.cumulative_dose_limit(s) is not None for s in structures):
+    if any(budget.map_limits(s)[0] for s in structures if s.mask.size):
         plan.headroom = budget.headroom_map(structures, courses, protocol, grid.shape)
-    if any(budget.point_limits(s) for s in structures if s.mask.size):
-        plan.remaining = budget.remaining_dose(structures, courses, protocol, grid.shape)
+    if any(any(budget.map_limits(s)) for s in structures if s.mask.size):
+        plan.remaining = budget.remaining_dose(structures, courses, protocol, grid.shape, analysis.constraints)
+        for item in plan.remaining.not_represented:
+            failing = [f"{x['metric']} ({x['status']})" for x in item["limits"] if x["status"] in ("fail", "warn")]
+            if failing:
+                plan.warnings.append(
+                    f"remaining dose: {item['structure']} has limits a voxel map cannot represent "
+                    f"({', '.join(failing)}); " + ("its voxels are marked -2 (not represented), not free dose"
+                                                   if item["marked_on_map"] else "the map's values in it follow its "
+                                                   "point-type limits only and do not satisfy these"))
     return plan
 
 
@@ -163,30 +171,70 @@ def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> Non
                                         "for V<x>Gy limits the voxels receiving at least x Gy")
     if plan.headroom is not None:
         _write_float(plan.headroom, grid, stage / "headroom.nrrd",
-                     "Headroom (Gy EQD2) = cumulative limit - cumulative organ EQD2 (organ alpha/beta and credit); "
-                     "negative where violated; NaN outside organs with a cumulative dose limit", {})
-        files["headroom.nrrd"] = "Headroom (Gy EQD2) to the cumulative limits; NaN where no limit"
+                     "Headroom (Gy EQD2) = limit - organ EQD2 (organ alpha/beta and credit) for the point-type limits "
+                     "(Dmax, D<=0.1cc; cumulative and current scope), smallest over the limits and organs; negative "
+                     "where violated; NaN elsewhere (Dmean and V limits are not represented)", {})
+        files["headroom.nrrd"] = ("Headroom (Gy EQD2) to the point-type limits (the remaining-dose limit set); NaN "
+                                  "where no such limit")
     if plan.remaining is not None:
         r = plan.remaining
+        nrep = [f"{x['structure']} " + ",".join(l["metric"] for l in x["limits"]) for x in r.not_represented]
         _write_float(r.array, grid, stage / "remaining_dose.nrrd",
-                     f"Remaining physical dose (Gy) of the current course in {r.fractions} fractions under every "
-                     f"point-type limit; {budget.UNCONSTRAINED:g} = no point-type limit (unconstrained)",
-                     {"unconstrained_value": f"{budget.UNCONSTRAINED:g}", "fractions": str(r.fractions)})
-        files["remaining_dose.nrrd"] = (f"Remaining physical dose (Gy) of the current course ({r.fractions} "
-                                        f"fractions); {budget.UNCONSTRAINED:g} where no point-type limit applies")
+                     f"NOT A PLAN DOSE. Remaining physical dose limit (Gy) per voxel of the current course in "
+                     f"{r.fractions} fractions under every point-type limit; {budget.UNCONSTRAINED:g} = no limit; "
+                     f"{budget.NOT_REPRESENTED:g} = organ whose limits a voxel map cannot represent (not free dose); "
+                     f"0 = no dose allowed",
+                     {"unconstrained_value": f"{budget.UNCONSTRAINED:g}",
+                      "not_represented_value": f"{budget.NOT_REPRESENTED:g}", "fractions": str(r.fractions),
+                      "not_represented_limits": "; ".join(nrep) or "none", "quantity": "remaining dose limit"})
+        files["remaining_dose.nrrd"] = (f"NOT A PLAN DOSE: remaining physical dose limit (Gy) of the current course "
+                                        f"({r.fractions} fractions); {budget.UNCONSTRAINED:g} where no limit applies, "
+                                        f"{budget.NOT_REPRESENTED:g} on organs whose limits are not representable")
         ref = plan.reference_image
         if ref is not None and ref.meta.get("dicom"):
-            from .dicom_export import write_rtdose  # pydicom only when DICOM is written
-            # RTDOSE pixels cannot be negative: unconstrained voxels are 0 there (the NRRD keeps -1)
-            write_rtdose(Volume(np.maximum(r.array, 0.0), grid), dict(ref.meta["dicom"]),
-                         stage / "remaining_dose.dcm",
-                         series_description="Remaining dose (Gy), current course, point-type limits",
-                         dose_comment=f"Remaining dose in {r.fractions} fx; 0 also outside limited organs",
-                         dose_type="PHYSICAL", summation="PLAN")
-            files["remaining_dose.dcm"] = (f"Remaining physical dose (Gy, {r.fractions} fractions) as DICOM RTDOSE; "
-                                           "0 where no dose is allowed AND where no point-type limit applies (read "
-                                           "it inside the limited organs only; remaining_dose.nrrd marks "
-                                           "unconstrained voxels with -1)")
+            from .dicom_export import write_rtdose, write_rtstruct  # pydicom only when DICOM is written
+            # RTDOSE pixels cannot be negative: the markers are 0 there; WHERE the map applies is the RTSTRUCT beside
+            write_rtdose(Volume(np.maximum(r.array, 0.0), grid), dict(ref.meta["dicom"]), stage / REMAINING_DCM,
+                         series_description="NOT A PLAN DOSE: remaining-dose LIMIT (Gy)",
+                         dose_comment=f"UPPER BOUND per voxel, {r.fractions} fx; not a dose; see RTSTRUCT",
+                         image_comments=(
+                             f"NOT A PLAN DOSE. Per voxel the largest physical dose (Gy) the current course in "
+                             f"{r.fractions} fractions may deliver under the point-type limits (Dmax, D<=0.1cc). "
+                             f"0 means no dose allowed ONLY inside the ROIs 'LIMIT APPLIES' of {REMAINING_RTSTRUCT}; "
+                             "outside them 0 means no limit (or, in ROIs 'NOT REPRESENTED', limits such as Dmean or "
+                             "V<x>Gy that a voxel map cannot hold). Use as an objective, never as a dose to sum."),
+                         dose_type="PHYSICAL", summation="PLAN", series_number=950)
+            files[REMAINING_DCM] = (f"NOT A PLAN DOSE: the remaining-dose limit (Gy, {r.fractions} fractions) as "
+                                    f"DICOM RTDOSE; 0 also outside limited organs: read it inside the ROIs of "
+                                    f"{REMAINING_RTSTRUCT} only")
+            regions = _remaining_regions(plan, grid)
+            if regions:
+                write_rtstruct([m for _, m, _ in regions], [n for n, _, _ in regions], [c for _, _, c in regions],
+                               ref, stage / REMAINING_RTSTRUCT, grid=grid, label="REMAINING",
+                               series_description="Where the remaining-dose limit applies / not represented",
+                               interpreted_types=["CONTROL"] * len(regions))
+                files[REMAINING_RTSTRUCT] = ("Regions of the remaining-dose limit: 'LIMIT APPLIES' (voxels under a "
+                                             "point-type limit: 0 there = no dose allowed) and 'NOT REPRESENTED: "
+                                             "<structures>' (organs whose limits a voxel map cannot hold)")
+
+
+REMAINING_DCM = "remaining_dose_limit_not_a_plan.dcm"
+REMAINING_RTSTRUCT = "remaining_dose_regions_rtstruct.dcm"
+
+
+def _remaining_regions(plan: Planning, grid: Grid) -> list[tuple[str, np.ndarray, tuple[float, float, float]]]:
+    """Full-grid masks of the remaining-dose regions: where the limit applies (voxels under a point-type limit) and
+    where organs with only non-representable limits are marked."""
+    r = plan.remaining
+    out = []
+    applies = r.array >= 0
+    if applies.any():
+        out.append(("LIMIT APPLIES (0 = no dose allowed)", applies, (0.2, 0.8, 0.2)))
+    nrep = r.array == budget.NOT_REPRESENTED
+    if nrep.any():
+        names = ", ".join(x["structure"] for x in r.not_represented if x["marked_on_map"])
+        out.append((f"NOT REPRESENTED: {names}"[:64], nrep, (0.6, 0.6, 0.6)))
+    return out
 
 
 def _write_float(arr: np.ndarray, grid: Grid, path: Path, description: str, extra: dict[str, str]) -> None:

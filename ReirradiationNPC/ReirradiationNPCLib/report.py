@@ -416,10 +416,19 @@ def _remaining(res: dict) -> str:
                      _e(fmt(s.get("voxels_already_over_limit_from_prior_courses")))])
     out = (f"<p>Remaining physical dose (Gy) per voxel: what the current course's {_e(fmt(rd.get('fractions')))} "
            f"fractions may still deliver there before the organ's tightest dose limit is reached (map: "
-           f"remaining_dose.nrrd); lowest and highest over each organ's voxels. Lowest over all constrained voxels: "
+           f"remaining_dose.nrrd, not a plan dose); lowest and highest over each organ's voxels. Lowest over all constrained voxels: "
            f"<b>{_e(fmt(rd.get('min_gy')))} Gy</b>.</p>")
     out += _table(["organ structure", "\u03b1/\u03b2 (Gy)", "limits used", "min remaining (Gy)",
                    "max remaining (Gy)", "voxels already over the limit from prior courses"], rows)
+    nrep = rd.get("not_represented") or []
+    if nrep:
+        items = "; ".join(
+            f"{_e(x.get('structure'))}: " + ", ".join(f"{_e(l.get('metric'))} \u2264 {_e(fmt(l.get('limit')))} "
+                                                     f"{_e(l.get('unit'))}" for l in x.get("limits", []))
+            + (" (marked \u22122 on the map: not free dose)" if x.get("marked_on_map") else
+               " (map shows the point-type budget only)") for x in nrep)
+        out += (f'<p class="note">Not a plan dose. Limits a voxel map cannot represent (judge them on the plan\'s '
+                f"DVH): {items}.</p>")
     viol = res.get("violations") or []
     if viol:
         rows = [f'<tr class="st-{_e(v.get("status"))}">{_status_cell(v.get("status", ""))}<td>{_e(v.get("segment"))}</td>'
