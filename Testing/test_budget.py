@@ -256,7 +256,8 @@ def test_synthetic_case_planning_outputs_and_feedback(synthetic_case, tmp_path):
     plan = planning.compute(prep, analysis)
     files: dict[str, str] = {}
     planning.write(plan, prep.grid, tmp_path, files)
-    assert set(files) == {"margins.seg.nrrd", "violations.seg.nrrd", "headroom.nrrd", "remaining_dose.nrrd"}
+    assert set(files) == {"margins.seg.nrrd", "violations.seg.nrrd", "headroom.nrrd", "remaining_dose.nrrd",
+                          "remaining_dose_regions.seg.nrrd"}
     segs = read_segmentation(tmp_path / "margins.seg.nrrd")
     assert [s.name for s in segs] == ["GTV", "CTV (GTV + 5 mm)", "PTV (CTV + 3 mm)"]
     # the margins' GTV is the GTVp mask itself (same CT grid)
@@ -302,7 +303,8 @@ def test_remaining_dose_written_as_nrrd_and_rtdose(tmp_path):
     ct = Volume(np.zeros(SHAPE, np.int16), GRID, "ct", {"dicom": ident})
     files: dict[str, str] = {}
     planning.write(planning.Planning(remaining=r, reference_image=ct), GRID, tmp_path, files)
-    assert set(files) == {"remaining_dose.nrrd", planning.REMAINING_DCM, planning.REMAINING_RTSTRUCT}
+    assert set(files) == {"remaining_dose.nrrd", planning.REMAINING_DCM, planning.REMAINING_RTSTRUCT,
+                          "remaining_dose_regions.seg.nrrd"}
     img = sitk.ReadImage(str(tmp_path / "remaining_dose.nrrd"))
     assert img.GetMetaData("unconstrained_value") == "-1" and img.GetMetaData("fractions") == "30"
     nrrd = sitk.GetArrayFromImage(img)
@@ -318,4 +320,10 @@ def test_remaining_dose_written_as_nrrd_and_rtdose(tmp_path):
     assert img.GetMetaData("not_represented_value") == "-2" and "NOT A PLAN DOSE" in img.GetMetaData("description")
     # where 0 means "no dose allowed": the RTSTRUCT's LIMIT APPLIES region = the constrained voxels, exactly
     rs = pydicom.dcmread(str(tmp_path / planning.REMAINING_RTSTRUCT))
-    assert [x.ROIName for x in rs.StructureSetROISequence] == ["LIMIT APPLIES (0 = no dose allowed)"]
+    assert [x.ROIName for x in rs.StructureSetROISequence] == ["LIMIT APPLIES (0 = no dose allowed)",
+                                                                "NOT REPRESENTED: Brainstem, Lobe"]
+    from ReirradiationNPCLib.io import read_segmentation
+    segs = read_segmentation(tmp_path / "remaining_dose_regions.seg.nrrd")
+    assert [x.name for x in segs] == ["LIMIT APPLIES (0 = no dose allowed)", "NOT REPRESENTED: Brainstem, Lobe"]
+    # the LIMIT APPLIES region is exactly the map's values >= 0 (brainstem x 10-59, lobe x 50-89)
+    assert int(segs[0].mask.sum()) == int((r.array >= 0).sum()) == 80 * 16

@@ -242,6 +242,8 @@ class RemainingDose:
     fractions: int
     organs: list[dict] = field(default_factory=list)
     not_represented: list[dict] = field(default_factory=list)
+    #: (structure name, bool crop, box) of every organ with limits the map does not represent (marked or not)
+    not_represented_masks: list = field(default_factory=list)
 
     def summary(self) -> dict:
         constrained = self.array >= 0
@@ -299,13 +301,15 @@ def remaining_dose(structures: list[StructureData], courses: list[CourseData], p
                        "voxels_already_over_limit_from_prior_courses": exceeded})
     nrep = not_represented(structures, constraints)
     by_name = {s.name: s for s in structures}
+    masks = []
     for item in nrep:
+        s = by_name[item["structure"]]
+        masks.append((s.name, s.mask, s.box))
         if item["marked_on_map"]:
-            s = by_name[item["structure"]]
             sub = out[s.box]
             sub[s.mask & np.isnan(sub)] = NOT_REPRESENTED
     out[np.isnan(out)] = UNCONSTRAINED
-    return RemainingDose(out, n, organs, nrep)
+    return RemainingDose(out, n, organs, nrep, masks)
 
 
 def _float32_down(x: np.ndarray) -> np.ndarray:

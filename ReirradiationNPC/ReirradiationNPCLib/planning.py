@@ -190,6 +190,16 @@ def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> Non
         files["remaining_dose.nrrd"] = (f"NOT A PLAN DOSE: remaining physical dose limit (Gy) of the current course "
                                         f"({r.fractions} fractions); {budget.UNCONSTRAINED:g} where no limit applies, "
                                         f"{budget.NOT_REPRESENTED:g} on organs whose limits are not representable")
+        regions = _remaining_regions(plan, grid)
+        if regions:
+            from .geometry import bounding_box
+            rbox = bounding_box(np.logical_or.reduce([m for _, m, _ in regions]))
+            rsub = grid.subgrid(tuple(b.start for b in rbox[::-1]), tuple(b.stop for b in rbox[::-1]))
+            write_segmentation([(n, m[rbox], c) for n, m, c in regions], rsub,
+                               stage / "remaining_dose_regions.seg.nrrd")
+            files["remaining_dose_regions.seg.nrrd"] = (
+                "Regions of the remaining-dose limit: 'LIMIT APPLIES' (0 there = no dose allowed) and 'NOT "
+                "REPRESENTED: <structures>' (organs with limits such as Dmean or V<x>Gy that the map cannot hold)")
         ref = plan.reference_image
         if ref is not None and ref.meta.get("dicom"):
             from .dicom_export import write_rtdose, write_rtstruct  # pydicom only when DICOM is written
@@ -207,7 +217,6 @@ def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> Non
             files[REMAINING_DCM] = (f"NOT A PLAN DOSE: the remaining-dose limit (Gy, {r.fractions} fractions) as "
                                     f"DICOM RTDOSE; 0 also outside limited organs: read it inside the ROIs of "
                                     f"{REMAINING_RTSTRUCT} only")
-            regions = _remaining_regions(plan, grid)
             if regions:
                 write_rtstruct([m for _, m, _ in regions], [n for n, _, _ in regions], [c for _, _, c in regions],
                                ref, stage / REMAINING_RTSTRUCT, grid=grid, label="REMAINING",
@@ -223,17 +232,21 @@ REMAINING_RTSTRUCT = "remaining_dose_regions_rtstruct.dcm"
 
 
 def _remaining_regions(plan: Planning, grid: Grid) -> list[tuple[str, np.ndarray, tuple[float, float, float]]]:
-    """Full-grid masks of the remaining-dose regions: where the limit applies (voxels under a point-type limit) and
-    where organs with only non-representable limits are marked."""
+    """Full-grid masks of the remaining-dose regions: where the limit applies (voxels under a point-type limit,
+    where 0 means no dose allowed) and the organs with limits the map does not represent (marked -2, or showing
+    only their point-type budget): they overlap where an organ has both kinds."""
     r = plan.remaining
     out = []
     applies = r.array >= 0
     if applies.any():
         out.append(("LIMIT APPLIES (0 = no dose allowed)", applies, (0.2, 0.8, 0.2)))
-    nrep = r.array == budget.NOT_REPRESENTED
-    if nrep.any():
-        names = ", ".join(x["structure"] for x in r.not_represented if x["marked_on_map"])
-        out.append((f"NOT REPRESENTED: {names}"[:64], nrep, (0.6, 0.6, 0.6)))
+    if r.not_represented_masks:
+        nrep = np.zeros(grid.shape, dtype=bool)
+        for _, m, box in r.not_represented_masks:
+            nrep[box] |= m
+        if nrep.any():
+            names = ", ".join(n for n, _, _ in r.not_represented_masks)
+            out.append((f"NOT REPRESENTED: {names}"[:64], nrep, (0.6, 0.6, 0.6)))
     return out
 
 
