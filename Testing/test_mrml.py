@@ -656,6 +656,12 @@ def test_demo_scene_bundle_loads_back_with_every_reference(tmp_path):
             by_role.setdefault(role, []).append(node)
     assert len(by_role["course_dose"]) == 2 and len(by_role["course_eqd2"]) == 2
     assert len(by_role["cumulative_eqd2"]) == 1 and len(by_role["reference_image"]) == 1
+    # issue 17: one check map per alpha/beta (2, 3, 10) and the cord's credited map, named for what to read on them
+    checks = {n.GetAttribute("ReirradiationNPC.CheckMap"): n for n in by_role["check_eqd2"]}
+    assert set(checks) == {"cumulative_eqd2_ab2", "cumulative_eqd2_ab2_credit50", "cumulative_eqd2_ab3",
+                           "cumulative_eqd2_ab10"}
+    assert "SpinalCord" in checks["cumulative_eqd2_ab2_credit50"].GetName()
+    assert "largest" in by_role["cumulative_eqd2"][0].GetAttribute("ReirradiationNPC.MapRule")
     for node in by_role["course_dose"] + by_role["course_eqd2"] + by_role["cumulative_eqd2"]:
         assert node.GetAttribute(mrml.DOSE_VOLUME_ATTRIBUTE) == "1"
         assert node.GetImageData() is not None and node.GetImageData().GetNumberOfPoints() > 0
