@@ -19,7 +19,7 @@ import contour_dvh as cd
 @pytest.fixture(scope="module")
 def dicom_run(tmp_path_factory):
     from ReirradiationNPCLib.pipeline import run_case
-    from ReirradiationNPCLib.synthetic import generate_dicom
+    from ReirradiationNPCLib.synthetic_dicom import generate_dicom
     root = tmp_path_factory.mktemp("checkmaps")
     case = generate_dicom(root / "case").parent
     out = root / "out"
