@@ -297,3 +297,16 @@ def test_report_has_a_patient_selection_section(tmp_path):
     assert "Patient selection" in sec and "5 adverse factor(s)" in sec
     assert sec.count("ADVERSE") == 5 and "not recorded" in sec and "Tian YM" in sec and "NCT02456506" in sec
     assert "temporal lobe necrosis" in sec and "35.0 cc" in sec
+
+
+def test_cli_prints_prescription_checks_and_selection_count(tmp_path):
+    case = make_case(tmp_path / "c", prescription=RX, clinical={"kps": 60, "age": 58},
+                     schedule={"fractions_per_day": 2, "min_hours_between_fractions": 4})
+    r = CliRunner().invoke(main, ["run", str(case), "--output", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    rx_line = next(ln for ln in lines if ln.startswith("prescription checks (second): "))
+    assert "gap between same-day fractions FAIL" in rx_line and "4 h apart" in rx_line and "6 h" in rx_line
+    sel = next(ln for ln in lines if ln.startswith("patient selection (information only"))
+    # kps 60 (<= 70), age 58 (> 50), GTV 35 cc (> 30): 3 adverse; rT, late complications, nodal not recorded
+    assert "3 adverse factor(s) of 7 (kps, age, gtv_volume); 3 not recorded" in sel

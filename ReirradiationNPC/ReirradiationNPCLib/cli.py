@@ -93,6 +93,9 @@ def print_summary(results, out_dir: Path) -> None:
         click.echo(f"unmatched structures (no protocol alias): {', '.join(results.unmatched_structures)}")
     for w in results.warnings:
         click.echo(f"warning: {w}")
+    from .report_workflow import cli_lines  # issue 16: prescription checks, patient selection (information only)
+    for line in cli_lines(results):
+        click.echo(line)
     counts = results.summary.get("counts", {})
     if counts:
         click.echo("constraints: " + ", ".join(f"{n} {k.upper() if k in ('fail', 'warn') else k}"

@@ -82,3 +82,24 @@ def prescription_section(res: dict) -> str | None:
     elif frac.get("full_repair"):
         out += f'<p class="note">{_e(frac["full_repair"])}</p>'
     return out + "</section>"
+
+
+def cli_lines(results) -> list[str]:
+    """Summary lines for the command line: the prescription checks and the patient selection count."""
+    res = results if isinstance(results, dict) else {
+        "prescription_checks": getattr(results, "prescription_checks", None),
+        "patient_selection": getattr(results, "patient_selection", None)}
+    out = []
+    checks = res.get("prescription_checks") or []
+    if checks:
+        out.append("prescription checks (" + checks[0].get("course", "") + "): " + "; ".join(
+            f"{c.get('label', c.get('check'))} {_STATUS.get(c.get('status'), c.get('status'))}"
+            + (f" ({c['message'].split(': ', 1)[-1]})" if c.get("status") == "fail" else "") for c in checks))
+    rows = res.get("patient_selection") or []
+    if rows:
+        adverse = [r.get("factor") for r in rows if r.get("adverse") is True]
+        n_none = sum(1 for r in rows if r.get("adverse") is None)
+        out.append(f"patient selection (information only, not part of the verdict): {len(adverse)} adverse factor(s) "
+                   f"of {len(rows)}" + (f" ({', '.join(adverse)})" if adverse else "")
+                   + (f"; {n_none} not recorded" if n_none else ""))
+    return out
