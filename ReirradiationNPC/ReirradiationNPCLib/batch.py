@@ -441,6 +441,9 @@ def run_batch(inputs, output: Path, protocol: str | None = None, scheduler: str 
     output.mkdir(parents=True, exist_ok=True)
 
     result = CohortResult(output=output, outcomes=[])
+    if scheduler and workers is not None:
+        result.warnings.append("--workers sizes the local cluster only; with --scheduler the cluster's own workers "
+                               "run the cases")
     outcomes: dict[str, CaseOutcome] = {}
     todo: list[CaseItem] = []
     failed_before = (_read_resume_state(output).get("failed_on_input") or {}) if resume else {}
