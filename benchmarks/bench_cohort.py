@@ -134,8 +134,8 @@ def main() -> None:
               "(cluster start, worker imports, task dispatch, cohort tables; spread over the cases)",
               f"- round trip of an empty task on a running 1-worker LocalCluster: **{rtt * 1000:.1f} ms** — the "
               "scheduler's own per-task cost is negligible against a case",
-              "- tasks run slower inside a worker process than in the loop when the worker competes with another "
-              "worker (2 workers on 2 cores) or with other programs; the sum of task times shows it", END]
+              "- the sum of task times against the loop's shows how much slower a case runs inside a worker process "
+              "(2 workers on 2 cores compete with each other and with any other program)", END]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.doc:
