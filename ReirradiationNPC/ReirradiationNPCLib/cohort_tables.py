@@ -326,9 +326,9 @@ def _distribution_figure(c_rows: list[dict]) -> str | None:
         ax.set_ylim(-0.6, 0.6)
         ax.set_yticks([])
         n_over = sum(1 for r in rows if r["status"] == "fail")
-        lim_txt = ", ".join(f"{v:g}" for v in limits) if limits else "none"
-        ax.set_title(f"{key[0]} {key[1]} (limit {lim_txt} {key[2] or ''})\n{len(vals)} values, {n_over} over the "
-                     "limit", fontsize=8.5)
+        lim_txt = ("limit " + ", ".join(f"{v:g}" for v in limits) + f" {key[2] or ''}") if limits else "no limit"
+        ax.set_title(f"{key[0]} {key[1]} ({lim_txt.strip()})\n{len(vals)} value{'' if len(vals) == 1 else 's'}, "
+                     f"{n_over} over the limit", fontsize=8.5)
         ax.set_xlabel(f"cumulative {key[1]} ({key[2] or ''})", fontsize=8)
         ax.tick_params(labelsize=7.5)
     fig.tight_layout()
