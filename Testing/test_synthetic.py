@@ -171,3 +171,23 @@ def test_demo_with_the_shipped_protocol_is_incomplete(demo, tmp_path):
     report = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert 'data-verdict-code="incomplete"' in report and "INCOMPLETE" in report
     assert "ALL LIMITS MET" not in report and "all_limits_met" not in proc.stdout
+
+
+def test_demo_one_volume_per_target_in_every_section(demo):
+    """The margins' GTV/CTV/PTV: the same volume in the margins table, the target coverage entries, the structure
+    table (GTVp: the same mask on the same CT grid) and the ESTRO-EORTC section (sub-voxel sampling everywhere)."""
+    out, _ = demo
+    res = json.loads((out / "results" / "results.json").read_text())
+    vols = res["margins"]["volumes_cc"]
+    names = res["margins"]["segment_names"]
+    for key in ("GTV", "CTV", "PTV"):
+        entries = [t for t in res["target_checks"] if t["structure"] == names[key]]
+        assert len(entries) == 2
+        for t in entries:
+            assert t["volume_cc"] == pytest.approx(vols[key], abs=1e-6), key
+    gtvp = [s for s in res["structures"] if s["name"] == "GTVp"][0]
+    assert gtvp["volume_cc"] == pytest.approx(vols["GTV"], abs=1e-6)
+    rt = res["reirradiation_type"]
+    assert rt["ptv"] == names["PTV"] and rt["ptv_volume_cc"] == pytest.approx(vols["PTV"], abs=1e-6)
+    assert rt["courses"][0]["overlap_with_ptv_cc"] <= rt["ptv_volume_cc"] + 1e-9
+    assert rt["category"] == "Type 1"   # the recurrence lies in the first course's 70 Gy volume

@@ -204,6 +204,7 @@ def test_unverified_credit_that_changes_a_judged_value_is_counted(tmp_path):
     assert c["basis"] == "credited" and c["value"] == pytest.approx(52.0, abs=1e-3) and c["status"] == "pass"
     s = res["summary"]
     assert s["unverified_recovery_credit_used"] == 1
+    assert s["unverified_limits_used"] == 0 and s["unverified_assumptions_used"] == 1  # the limit itself is verified
     assert "unverified recovery credit changed 1 judged value(s)" in s["verdict"]
     assert "unverified recovery credit changed 1 judged value(s)" in out
     prot["recovery"] = dict(HALF_CREDIT, verified=True)

@@ -493,6 +493,9 @@ def _reirradiation_type(res: dict) -> str:
     out = (f'<p class="big"><b>{_e(label)}</b> \u2013 {_e(desc)}</p>'
            f'<p><b>Rule (protocol):</b> {_e(t.get("rule"))}. Current course irradiated volume: '
            f'{_e(fmt(t.get("current_irradiated_cc")))} cc. Threshold verified: {ver}. Source: {_e(t.get("source"))}</p>')
+    if t.get("ptv"):
+        out += (f'<p>{_e(t.get("ptv"))}: {_e(fmt(t.get("ptv_volume_cc")))} cc (its overlap with each prior irradiated '
+                'volume is given for information; the category is judged on the irradiated volumes).</p>')
     if t.get("organs_irradiated_by_both"):
         out += f'<p>Organs at risk in both irradiated volumes: {_e(", ".join(t["organs_irradiated_by_both"]))}</p>'
     if rows:

@@ -208,6 +208,7 @@ def reirradiation_type(courses: list[CourseData], rule: ReirradiationTypeRule, g
         return base | {"type": None, "category": None, "status": "not_evaluated", "reason": "no prior course"}
     cur_irr = current.dose >= rule.threshold_gy
     per, notes = [], []
+    ptv_samples = ptv.samples(grid) if ptv is not None and ptv.mask.any() else None
     overlap_any = np.zeros(cur_irr.shape, bool)
     prior_irr_any = np.zeros(cur_irr.shape, bool)
     for c in priors:
@@ -217,8 +218,11 @@ def reirradiation_type(courses: list[CourseData], rule: ReirradiationTypeRule, g
         prior_irr_any |= irr
         entry = {"course": c.name, "irradiated_cc": float(irr.sum()) * vcc,
                  "overlap_with_current_cc": float(ov.sum()) * vcc}
-        if ptv is not None and ptv.mask.any():
-            entry["overlap_with_ptv_cc"] = float((irr[ptv.box] & ptv.mask).sum()) * vcc
+        if ptv_samples is not None and ptv_samples.n:
+            # sub-voxel, as the target metrics: the PTV's volume here is the one of every other section
+            hit = ptv_samples.dose(c.dose, grid) >= rule.threshold_gy
+            w = np.broadcast_to(np.asarray(ptv_samples.sample_volume_cc, dtype=np.float64), hit.shape)
+            entry["overlap_with_ptv_cc"] = float(w[hit].sum())
         per.append(entry)
         if c.coverage is not None and not c.coverage[cur_irr].all():
             notes.append(f"part of the current irradiated volume lies outside the dose grid of {c.name} (read as "
@@ -256,8 +260,9 @@ def reirradiation_type(courses: list[CourseData], rule: ReirradiationTypeRule, g
                   "description": f"{cat}: {desc}", "current_irradiated_cc": float(cur_irr.sum()) * vcc,
                   "overlap_cc": overlap_cc, "courses": per, "organs_irradiated_by_both": organs_both,
                   "concern": bool(concern), "concern_reasons": reasons, "notes": notes}
-    if ptv is not None and ptv.mask.any():
+    if ptv_samples is not None:
         out["ptv"] = ptv.name
+        out["ptv_volume_cc"] = ptv_samples.volume_cc
     return out
 
 

@@ -113,6 +113,9 @@ def summarize(constraints, target_checks, protocol, structures=(), targets_prese
         "counts": counts,
         "unverified_limits_used": unverified,
         "unverified_recovery_credit_used": unverified_credit,
+        # judged rows resting on an unverified claim: an unverified limit, or an unverified credit that changed it
+        "unverified_assumptions_used": sum(1 for c in judged if not _get(c, "verified")
+                                           or (not rec_verified and credit_changed_value(c))),
         "recovery_verified": rec_verified,
         "limits_exceeded": exceeded,
         "conditions_not_met": unmet,
