@@ -43,8 +43,10 @@ def make_protocol(brainstem: list, lobe: list, recovery=None):
                    "gtv": {"role": "target", "aliases": ["GTVp"], "alpha_beta": 10}}}, "t.yaml")
 
 
-def con(metric, limit, scope="cumulative"):
-    return {"metric": metric, "limit_gy": limit, "scope": scope, "source": "test", "verified": False}
+def con(metric, limit, scope="cumulative", basis="credited"):
+    # the hand numbers of this file credit recovery on the cumulative limits (basis: credited) unless told otherwise
+    return {"metric": metric, "limit_gy": limit, "scope": scope, "source": "test", "verified": False,
+            **({"basis": basis} if scope == "cumulative" else {})}
 
 
 def structure(name, full_mask, protocol):
@@ -58,7 +60,8 @@ def course(name, dose, n, interval=None):
 
 def cresult(structure_name, organ, metric, limit, status, scope="cumulative"):
     return ConstraintResult(organ=organ, structure=structure_name, metric=metric, scope=scope, value=0.0,
-                            limit=limit, unit="Gy", status=status, source="test", verified=False)
+                            limit=limit, unit="Gy", status=status, source="test", verified=False,
+                            basis="credited" if scope == "cumulative" else None)
 
 
 # ------------------------------------------------------------------------------------------------ violations
@@ -279,14 +282,20 @@ def test_synthetic_case_planning_outputs_and_feedback(synthetic_case, tmp_path):
         lims = budget.point_limits(s)
         if not lims or not s.mask.size:
             continue
-        cum = budget.organ_eqd2(s, fed, prep.protocol, "cumulative")
+        # each cumulative limit on its own recovery basis; current and per-course limits on the current course
+        cum = {b: budget.organ_eqd2(s, fed, prep.protocol, "cumulative", credit=b == "credited")
+               for b in ("credited", "undiscounted")}
         cur = budget.organ_eqd2(s, fed, prep.protocol, "current")
-        h = np.min([(c.limit - (cum if c.scope == "cumulative" else cur)) for c in lims], axis=0)
+        h = np.min([(c.limit - (cum[c.basis] if c.scope == "cumulative" else cur)) for c in lims], axis=0)
         sub = head[s.box]
         np.minimum(sub, h, out=sub, where=s.mask)
     constrained = rd >= 0
     assert np.array_equal(constrained, np.isfinite(head))
-    assert head[constrained].min() >= 0.0 and head[constrained].max() <= 0.1
+    # where dose is left, the binding limit is reached and none exceeded; where none is left (the demo's first course
+    # already took a temporal lobe over its limit), the prior courses alone are at or over a limit
+    left = rd > 0
+    assert head[left].min() >= 0.0 and head[left].max() <= 0.1
+    assert (head[constrained & ~left] <= 0.1).all()
 
 
 def test_remaining_dose_written_as_nrrd_and_rtdose(tmp_path):
@@ -327,3 +336,37 @@ def test_remaining_dose_written_as_nrrd_and_rtdose(tmp_path):
     assert [x.name for x in segs] == ["LIMIT APPLIES (0 = no dose allowed)", "NOT REPRESENTED: Brainstem, Lobe"]
     # the LIMIT APPLIES region is exactly the map's values >= 0 (brainstem x 10-59, lobe x 50-89)
     assert int(segs[0].mask.sum()) == int((r.array >= 0).sum()) == 80 * 16
+
+
+def test_remaining_dose_undiscounted_limit_counts_the_prior_course_in_full():
+    """A cumulative limit on the undiscounted basis ignores the recovery credit: brainstem (ab 2, 25 % credit in
+    the protocol) prior 45 Gy / 15 fx = 56.25 Gy EQD2 in full; limit 64 -> budget 64 - 56.25 - 0.005 = 7.745 Gy
+    -> 30 fx: D = 15 (-2 + sqrt(4 + 4 * 7.745 * 4 / 30)) = 12.7715 Gy (credited, it would be 29.3035 Gy)."""
+    prot = make_protocol([con("D0.03cc", 64, basis="undiscounted")], [], REC)
+    stem = structure("Brainstem", (X >= 10) & (X < 60), prot)
+    courses = [course("c1", np.full(SHAPE, 45.0), 15, interval=8), course("c2", np.zeros(SHAPE), 30)]
+    r = budget.remaining_dose([stem], courses, prot, SHAPE)
+    hand = 15.0 * (-2.0 + math.sqrt(4.0 + 4.0 * 7.745 * 4.0 / 30.0))
+    assert hand == pytest.approx(12.7715, abs=1e-4)
+    assert r.array[..., 10:60] == pytest.approx(hand, abs=2e-4)
+    # feeding it back: the undiscounted sum reaches the limit, never above it
+    assert (56.25 + hand_eqd2(r.array[0, 0, 10:60].astype(np.float64), 30, 2.0)).max() <= 64.0
+    assert (56.25 + hand_eqd2(r.array[0, 0, 10:60].astype(np.float64), 30, 2.0)).min() >= 63.99
+    h = budget.headroom_map([stem], courses, prot, SHAPE)
+    assert h[0, 0, 20] == pytest.approx(64.0 - 56.25, abs=1e-4)   # headroom on the same (undiscounted) basis
+
+
+def test_violation_of_a_per_course_row_uses_that_course_alone():
+    """A per_course row for the prior course: the region is where that course's own EQD2 (no credit) > limit."""
+    rec = {"model": "step", "table": [{"min_months": 0, "fraction": 0}, {"min_months": 6, "fraction": 0.5}],
+           "organs": ["brainstem"]}
+    prot = make_protocol([con("D0.03cc", 49, "per_course")], [], rec)
+    s = structure("Brainstem", X >= 0, prot)
+    courses = [course("c1", X, 50, interval=12), course("c2", np.full(SHAPE, 20.0), 10)]
+    row = cresult("Brainstem", "brainstem", "D0.03cc", 49.0, "fail", scope="per_course")
+    row.course = "c1"
+    v = budget.violations([row], [s], courses, prot, GRID)
+    f = np.zeros(SHAPE, bool)
+    f[v[0].box] = v[0].mask
+    assert np.array_equal(f, hand_eqd2(X, 50, 2.0) > 49.0)   # prior course in full, current course not added
+    assert v[0].course == "c1" and v[0].name.endswith("(course c1)")

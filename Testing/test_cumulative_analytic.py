@@ -47,7 +47,9 @@ UNMATCHED = ("Mystery", ((1, 4), (1, 4), (1, 4)))
 
 def protocol_dict(limits: dict) -> dict:
     def con(metric, scope, limit, key="limit_gy", verified=False):
-        return {"metric": metric, key: limit, "scope": scope, "source": f"test {metric}", "verified": verified}
+        # the hand values of this case are the credited sums: the cumulative limits say so (basis: credited)
+        return {"metric": metric, key: limit, "scope": scope, "source": f"test {metric}", "verified": verified,
+                **({"basis": "credited"} if scope == "cumulative" else {})}
     return {
         "name": "Analytic test protocol", "version": "7.3",
         "alpha_beta": {"default": DEFAULT_AB},
@@ -377,6 +379,12 @@ def test_constraint_statuses(main_case):
     assert c["limit"] == lim["cord_d003"] and c["unit"] == "Gy"
     assert c["margin"] == pytest.approx(c["limit"] - c["value"], abs=1e-5)
     assert c["verified"] is True and c["source"] == "test D0.03cc"
+    # judged on the credited sum (its basis); the plain sum of the courses is reported beside it
+    assert c["basis"] == "credited" and c["value_credited"] == c["value"]
+    plain = sum(eqd2_hand(main_case["doses"][cn][masks()["spinal_cord"]], n, 2.0) for cn, n, _ in COURSES)
+    assert d_cc(plain, 0.03) - 0.5 <= c["value_undiscounted"] <= plain.max() + 2.0
+    assert c["value_undiscounted"] > c["value"] + 10.0   # 50 % / 25 % credit on 2 prior courses: a large gap
+    assert c["value_undiscounted"] == pytest.approx(cord["cumulative_undiscounted"]["D0.03cc"], abs=1e-6)
     # current scope: the current course's EQD2 alone (organ alpha/beta 2, no credit)
     c = constraint(r, "spinal_cord", "Dmax", scope="current")
     assert c["status"] == "pass" and c["verified"] is False
@@ -579,8 +587,9 @@ def uniform_case(root):
     for name, bx in U_STRUCTURES.items():
         write_image(root / "masks" / f"{name}.nrrd", box(U_SHAPE, *bx).astype(np.uint8), U_ORIGIN, U_SPACING)
 
-    def con(metric, scope, limit, key="limit_gy"):
-        return {"metric": metric, key: limit, "scope": scope, "source": "uniform test", "verified": False}
+    def con(metric, scope, limit, key="limit_gy", basis="credited"):
+        return {"metric": metric, key: limit, "scope": scope, "source": "uniform test", "verified": False,
+                **({"basis": basis} if scope == "cumulative" and basis else {})}
     write_yaml(root / "protocol.yaml", {
         "name": "uniform", "version": "1", "alpha_beta": {"default": 3},
         "recovery": {"model": "step", "table": [{"min_months": m, "fraction": f} for m, f in TABLE],
@@ -588,7 +597,8 @@ def uniform_case(root):
         "organs": {
             "spinal_cord": {"aliases": ["Cord"], "alpha_beta": 2, "constraints": [
                 con("D0.03cc", "cumulative", 108.0), con("D0.03cc", "current", 80.0),
-                con("Dmean", "cumulative", 130.0)]},
+                con("Dmean", "cumulative", 130.0),
+                con("Dmax", "cumulative", 120.0, basis=None)]},   # no basis given: judged undiscounted
             "parotid_l": {"aliases": ["Parotid_L"], "alpha_beta": 3, "constraints": [
                 con("Dmean", "cumulative", 100.0), con("V50Gy", "cumulative", 1.0, "limit_cc"),
                 con("V70Gy", "cumulative", 2.0, "limit_cc"), con("V80Gy", "cumulative", 10.0, "limit_percent")]},
@@ -689,6 +699,14 @@ def test_uniform_constraint_statuses_exact(uniform_results):
     assert c["recovery_credit"] == {}  # current scope: no credit involved
     c = constraint(r, "spinal_cord", "Dmean")
     assert c["status"] == "pass" and c["value"] == pytest.approx(CORD_CUM, abs=1e-3)
+    assert c["basis"] == "credited" and c["value_undiscounted"] == pytest.approx(69.3 + 56.25, abs=1e-3)
+    # a cumulative limit without a stated basis is judged on the plain sum: 69.3 + 56.25 = 125.55 Gy > 120 Gy
+    # fails, although the credited sum (108.225 Gy) is below it
+    c = constraint(r, "spinal_cord", "Dmax")
+    assert c["basis"] == "undiscounted" and c["status"] == "fail"
+    assert c["value"] == pytest.approx(125.55, abs=1e-3) and c["value_undiscounted"] == c["value"]
+    assert c["value_credited"] == pytest.approx(CORD_CUM, abs=1e-3)
+    assert c["margin"] == pytest.approx(120.0 - 125.55, abs=1e-3)
     c = constraint(r, "parotid_l", "Dmean")
     assert c["status"] == "pass" and c["value"] == pytest.approx(78.0, abs=1e-3)
     c = constraint(r, "parotid_l", "V50Gy")

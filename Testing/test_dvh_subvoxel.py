@@ -416,7 +416,9 @@ def test_warn_through_the_run_command(tmp_path):
     assert rows[("brainstem", "Dmean")]["status"] == "pass"
     assert rows[("spinal_cord", "D0.03cc")]["status"] == "fail"
     assert rows[("spinal_cord", "D0.03cc")]["margin"] == pytest.approx(-3.0, abs=1e-4)
-    assert res["summary"]["counts"] == {"pass": 1, "warn": 2, "fail": 1, "no_limit": 0, "not_evaluated": 0}
+    assert res["summary"]["counts"] == {"pass": 1, "warn": 2, "fail": 1, "condition_not_met": 0, "no_limit": 0,
+                                        "not_evaluated": 0}
+    assert res["summary"]["verdict_code"] == "limits_exceeded"
     assert res["summary"]["unverified_limits_used"] == 4
     assert "WARN" in res["summary"]["verdict"]
     assert sum(line.startswith("WARN") and "brainstem" in line for line in r.output.splitlines()) == 2

@@ -63,11 +63,15 @@ def test_verdict_line_counts_from_results(run_out):
     text = _report(out)
     results = json.loads((out / "results.json").read_text())
     n_fail = sum(1 for c in results["constraints"] if c["status"] == "fail")
-    assert n_fail == 3  # the synthetic demo protocol: brainstem, left temporal lobe V40Gy, left carotid
+    # the synthetic demo protocol on the demo case (organs near tolerance after the first course): brainstem, chiasm,
+    # both temporal lobes D0.03cc, left temporal lobe V40Gy, left carotid
+    assert n_fail == 6
     m = re.search(r'<div id="verdict"[^>]*>(.*?)</div>', text, flags=re.S)
     assert m
     verdict = html.unescape(re.sub(r"<[^>]+>", " ", m.group(1)))
-    assert "3 FAILURES" in verdict
+    assert "LIMITS EXCEEDED" in verdict and "6 failure(s)" in verdict
+    assert results["summary"]["verdict_code"] == "limits_exceeded"
+    assert f'data-verdict-code="{results["summary"]["verdict_code"]}"' in text
     assert f"{results['summary']['unverified_limits_used']} unverified limit(s) used" in verdict
     # the order of the sections is the one of the brief
     order = ["identification", "summary", "courses", "protocol", "constraints", "dvh", "slices", "view3d",
@@ -86,15 +90,22 @@ def test_every_constraint_row_matches_results_json(run_out):
         c = results["constraints"][int(n)]
         cells = [html.unescape(re.sub(r"<[^>]+>", "", td)) for td in re.findall(r"<td[^>]*>(.*?)</td>", body, re.S)]
         assert status == c["status"]
-        assert cells[1] == c["organ"] and cells[3] == c["metric"] and cells[4] == c["scope"]
-        expect_value = "\u2013" if c["value"] is None else f"{c['value']:.2f} {c['unit']}"
+        scope = c["scope"] + (f" ({c['course']})" if c["scope"] == "per_course" else "")
+        assert cells[1] == c["organ"] and cells[3] == c["metric"] and cells[4] == scope
+        assert cells[5] == (c["basis"] or "\u2013")
+
+        def v(x):
+            return "\u2013" if x is None else f"{x:.2f} {c['unit']}"
         expect_limit = "no limit" if c["limit"] is None else f"{c['limit']:.2f} {c['unit']}"
-        assert cells[5] == expect_value
-        assert cells[6] == expect_limit
+        assert cells[6] == v(c["value"])
+        if c["scope"] == "cumulative":   # both sums on every cumulative row, the judged one is its basis's
+            assert cells[7] == v(c["value_undiscounted"]) and cells[8] == v(c["value_credited"])
+            assert c["value"] == c["value_" + c["basis"]]
+        assert cells[9] == expect_limit
         if c["margin"] is not None:
-            assert cells[7] == f"{c['margin']:.2f} {c['unit']}"
-        assert cells[10] == ("yes" if c["verified"] else "NO")
-        assert cells[11].startswith(c["source"])
+            assert cells[10] == f"{c['margin']:.2f} {c['unit']}"
+        assert cells[14] == ("yes" if c["verified"] else "NO")
+        assert cells[15].startswith(c["source"])
     # a hand-checkable row: the cord's cumulative limit is Nieder's 67.75 Gy EQD2, verified
     cord = [r for r in results["constraints"] if r["organ"] == "spinal_cord" and r["scope"] == "cumulative"][0]
     assert cord["limit"] == 67.75 and cord["verified"] is True
@@ -150,7 +161,11 @@ def test_report_from_results_alone_degrades_gracefully():
         "registration": {"course1": {"method": "rigid", "tre_mm": 1.25}},
     }
     text = render_html(res)
-    assert "ALL EVALUATED LIMITS MET" in text
+    # a results.json without a verdict code (older engine) is never shown as an all-clear
+    assert "ALL LIMITS MET" not in text and "ALL EVALUATED LIMITS MET" not in text
+    assert "NOT JUDGED BY VERDICT CODE" in text
+    res["summary"]["verdict_code"] = "all_limits_met"
+    assert "ALL LIMITS MET" in render_html(res)
     assert "ID&lt;1&gt;" in text and "ID<1>" not in text  # escaped
     assert '<section id="registration">' in text and "1.25" in text
     assert '<section id="targets">' not in text  # absent -> not shown

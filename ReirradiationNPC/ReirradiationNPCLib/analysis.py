@@ -43,6 +43,11 @@ MODEL_ASSUMPTIONS = [
     "give hyperfractionated fractions >= 6 h apart). No repopulation or time factor.",
     "Recovery credit discounts the prior course: cumulative = sum over courses of (1 - r) EQD2 (convention A); "
     "tolerances are not raised. r = 0 unless the protocol's recovery model gives credit for that organ.",
+    "Every cumulative limit states its recovery basis: 'undiscounted' limits (the default, e.g. Nieder et al. 2006 "
+    "for the spinal cord) are judged on the plain sum of the courses' EQD2, 'credited' limits on the sum with the "
+    "recovery credit; both values are reported.",
+    "A limit's conditions (minimum interval since each prior course, per-course EQD2 ceiling) are checked; where "
+    "one does not hold the row is 'condition_not_met', never 'pass'.",
     "Per-organ metrics use the organ's own alpha/beta and recovery credit on all its voxels.",
     "Displayed map: per voxel the largest cumulative EQD2 over the organs covering it (each organ's own alpha/beta "
     "and credit), conservative above and below 2 Gy per fraction; it is for viewing. Organ table values are to be "
@@ -290,6 +295,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         res_metrics: dict[str, dict] = {}
         phys_metrics: dict[str, dict] = {}
         cum = np.zeros(n_vox, dtype=np.float64)
+        cum_undiscounted = np.zeros(n_vox, dtype=np.float64)   # the plain sum of the courses' EQD2 (no credit)
         credits_used = {}
         outside = {}
         curves: dict[str, DVHCurve] = {}
@@ -300,6 +306,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
             if not c.is_current:
                 credits_used[c.name] = r
             cum += (1.0 - r) * e
+            cum_undiscounted += e
             if n_vox:
                 sorted_phys = dvh.SortedSamples(phys, sample_cc)    # EQD2 keeps the order: one sort per course
                 phys_metrics[c.name] = sorted_phys.metrics(names)
@@ -314,8 +321,11 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
                 if frac_out > 0 and (organ is None or organ.role != "body"):
                     warnings.append(f"{s.name}: {100 * frac_out:.1f}% of its volume lies outside the dose grid of "
                                     f"course {c.name!r}; that course's dose there is read as 0 Gy")
+        cum_plain: dict[str, float | None] = {}
         if n_vox:
             res_metrics["cumulative"] = dvh.metrics(cum, sample_cc, names)
+            cum_plain = (dict(res_metrics["cumulative"]) if not any(v > 0 for v in credits_used.values())
+                         else dvh.metrics(cum_undiscounted, sample_cc, names))
             curves["cumulative"] = cumulative_dvh(cum, sample_cc)
             dvh_curves[s.name] = curves
         else:
@@ -324,11 +334,11 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         struct_results.append(StructureResult(
             name=s.name, organ=organ.key if organ else None, role=organ.role if organ else None,
             alpha_beta=organ_ab, volume_cc=samples.volume_cc, metrics=res_metrics, metrics_physical=phys_metrics,
-            recovery_credit=credits_used, outside_dose_grid_fraction=outside,
+            recovery_credit=credits_used, outside_dose_grid_fraction=outside, cumulative_undiscounted=cum_plain,
             sampling=describe_for_dose(samples, grid)))
 
     say("constraints")
-    constraints = evaluate_constraints(protocol, structures, struct_results, courses[-1].name)
+    constraints = evaluate_constraints(protocol, structures, struct_results, courses)
 
     unmatched = [s.name for s in structures if s.organ is None]
     for name in unmatched:
@@ -377,8 +387,64 @@ def constraint_status(value: float, limit: float, warn_tolerance_percent: float)
     return "pass", margin
 
 
+def evaluate_conditions(con, result: StructureResult, courses: list[CourseData]) -> list[dict]:
+    """The limit's conditions checked on this case: one entry per prior course (interval) and per course
+    (per-course EQD2 ceiling of the limit's metric, the course's own EQD2 at the organ alpha/beta, no credit)."""
+    cond = con.conditions
+    out = []
+    if cond.min_interval_months is not None:
+        for c in courses:
+            if c.is_current:
+                continue
+            actual = c.interval_months
+            out.append({"condition": f"interval since course {c.name} >= {cond.min_interval_months:g} months",
+                        "required": cond.min_interval_months, "actual": actual,
+                        "met": actual is not None and actual >= cond.min_interval_months})
+    if cond.max_course_eqd2_gy is not None:
+        for c in courses:
+            actual = (result.metrics.get(c.name) or {}).get(con.metric.name)
+            out.append({"condition": f"course {c.name} {con.metric.name} <= {cond.max_course_eqd2_gy:g} Gy EQD2 "
+                                     "(its own EQD2, no recovery credit)",
+                        "required": cond.max_course_eqd2_gy, "actual": actual,
+                        "met": actual is not None and actual <= cond.max_course_eqd2_gy})
+    return out
+
+
+def _judge(value: float | None, limit: float | None, conditions: list[dict], tol: float, note: str
+           ) -> tuple[str, float | None, str]:
+    """Status, margin and note of one row. An unmet condition makes a row that is not ``fail``
+    ``condition_not_met`` (never ``pass``): outside its conditions a limit does not vouch for safety."""
+    if value is None:
+        why = "metric undefined for this structure (e.g. volume smaller than the metric's volume)"
+        return "not_evaluated", None, (note + " " if note else "") + why
+    if limit is None:
+        return "no_limit", None, note
+    status, margin = constraint_status(value, limit, tol)
+    unmet = [c for c in conditions if not c["met"]]
+    if unmet:
+        text = "; ".join(f"{c['condition']} (actual: {_fmt_actual(c['actual'])})" for c in unmet)
+        note = (note + " " if note else "") + "condition not met: " + text
+        if status != "fail":
+            status = "condition_not_met"
+    return status, margin, note
+
+
+def _fmt_actual(v) -> str:
+    return "unknown" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
 def evaluate_constraints(protocol: Protocol, structures: list[StructureData], results: list[StructureResult],
-                         current_course: str) -> list[ConstraintResult]:
+                         courses: list[CourseData] | str) -> list[ConstraintResult]:
+    """One row per constraint and matching structure (``per_course`` scope: one row per course as well).
+
+    Cumulative rows carry both values, ``value_undiscounted`` (plain sum of the courses' EQD2) and
+    ``value_credited`` (with the protocol's recovery credit), and judge the one named by the limit's ``basis``.
+    ``per_course`` rows judge each course in its own EQD2 (organ alpha/beta, no credit), prior ones included.
+    """
+    if isinstance(courses, str):  # older callers pass the current course's name: no prior course known
+        courses = [CourseData(courses, np.zeros(0, np.float32), 1, None, True)]
+    current = courses[-1].name
+    tol = protocol.warn_tolerance_percent
     by_organ: dict[str, list[StructureResult]] = {}
     for r in results:
         if r.organ:
@@ -389,29 +455,36 @@ def evaluate_constraints(protocol: Protocol, structures: list[StructureData], re
             matched = by_organ.get(organ.key, [])
             base = dict(organ=organ.key, metric=con.metric.name, scope=con.scope, limit=con.limit, unit=con.unit,
                         source=con.source, verified=con.verified, priority=con.priority,
-                        alpha_beta=organ.alpha_beta, note=con.note)
+                        alpha_beta=organ.alpha_beta, basis=con.basis)
             if not matched:
                 out.append(ConstraintResult(structure=None, value=None, status="not_evaluated",
-                                            **{**base, "note": (con.note + " " if con.note else "")
-                                               + "structure absent"}))
+                                            note=(con.note + " " if con.note else "") + "structure absent", **base))
                 continue
             for r in matched:
-                key = "cumulative" if con.scope == "cumulative" else current_course
-                value = r.metrics.get(key, {}).get(con.metric.name)
-                if value is not None and con.unit == "%":
-                    value = 100.0 * value / r.volume_cc if r.volume_cc > 0 else None
-                credit = r.recovery_credit if con.scope == "cumulative" else {}
-                if value is None:
-                    status, margin = "not_evaluated", None
-                    why = "metric undefined for this structure (e.g. volume smaller than the metric's volume)"
-                    note = (con.note + " " if con.note else "") + why
-                elif con.limit is None:
-                    status, margin, note = "no_limit", None, con.note
+                def metric_of(metrics: dict | None):
+                    v = (metrics or {}).get(con.metric.name)
+                    if v is not None and con.unit == "%":
+                        v = 100.0 * v / r.volume_cc if r.volume_cc > 0 else None
+                    return v
+                conditions = evaluate_conditions(con, r, courses) if con.conditions else []
+                if con.scope == "per_course":
+                    for c in courses:
+                        value = metric_of(r.metrics.get(c.name))
+                        status, margin, note = _judge(value, con.limit, conditions, tol, con.note)
+                        out.append(ConstraintResult(structure=r.name, value=value, status=status, margin=margin,
+                                                    note=note, conditions=conditions, course=c.name, **base))
+                    continue
+                if con.scope == "cumulative":
+                    vu = metric_of(r.cumulative_undiscounted or r.metrics.get("cumulative"))
+                    vc = metric_of(r.metrics.get("cumulative"))
+                    value = vc if con.basis == "credited" else vu
+                    extra = dict(value_undiscounted=vu, value_credited=vc, recovery_credit=r.recovery_credit)
                 else:
-                    status, margin = constraint_status(value, con.limit, protocol.warn_tolerance_percent)
-                    note = con.note
-                out.append(ConstraintResult(structure=r.name, value=value, status=status, margin=margin,
-                                            recovery_credit=credit, **{**base, "note": note}))
+                    value = metric_of(r.metrics.get(current))
+                    extra = dict(course=current)
+                status, margin, note = _judge(value, con.limit, conditions, tol, con.note)
+                out.append(ConstraintResult(structure=r.name, value=value, status=status, margin=margin, note=note,
+                                            conditions=conditions, **extra, **base))
     return out
 
 

@@ -18,8 +18,9 @@ own alpha/beta and recovery credit (the same rules as the per-organ metrics of :
 - Remaining dose (physical Gy of the current course): per voxel, the largest dose the current course (with its own
   fraction count) may deliver so that every point-type limit (Dmax, D<=0.1cc; :attr:`Metric.is_point`) covering the
   voxel still holds given the prior courses and recovery:
-      budget E = limit - sum over prior courses of (1 - r) * EQD2_prior   (cumulative limits)
-      budget E = limit                                                     (current-course limits)
+      budget E = limit - sum over prior courses of (1 - r) * EQD2_prior   (cumulative limits; r = 0 for a limit
+                                                                           on the undiscounted basis)
+      budget E = limit                                                     (current-course and per-course limits)
       D = physical_dose_for_eqd2(E - SAFETY_EQD2_GY, n_current, ab_organ), 0 where E <= 0
   and the minimum over every limit covering the voxel. Voxels under no limit at all hold ``UNCONSTRAINED = -1``;
   voxels of organs whose limits are all not representable (and under no map limit) hold ``NOT_REPRESENTED = -2``
@@ -53,11 +54,12 @@ _UPPER_KINDS = ("max", "dcc", "dpct", "mean")
 
 
 def organ_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, scope: str,
-               include_current: bool = True) -> np.ndarray:
+               include_current: bool = True, credit: bool = True, course: str | None = None) -> np.ndarray:
     """EQD2 (Gy, float64) over the structure's bounding box with the organ's alpha/beta and credit.
 
-    ``scope`` ``cumulative``: every prior course weighted by (1 - r) plus (if ``include_current``) the current
-    course; ``current``: the current course only.
+    ``scope`` ``cumulative``: every prior course weighted by (1 - r) (r = 0 when ``credit`` is False: the
+    undiscounted basis) plus (if ``include_current``) the current course; ``current``: the current course only;
+    ``per_course``: the course named ``course`` alone, in its own EQD2 (no credit).
     """
     ab = s.organ.alpha_beta if s.organ is not None else protocol.default_alpha_beta
     key = s.organ.key if s.organ is not None else None
@@ -67,10 +69,20 @@ def organ_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, 
             continue
         if scope == "current" and not c.is_current:
             continue
+        if scope == "per_course" and c.name != course:
+            continue
         e = eqd2(c.dose[s.box].astype(np.float64), c.fractions, ab)
-        r = 0.0 if c.is_current else protocol.recovery.credit(key, c.interval_months)
+        r = 0.0 if (c.is_current or not credit or scope == "per_course") else protocol.recovery.credit(
+            key, c.interval_months)
         out += (1.0 - r) * e
     return out
+
+
+def constraint_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, c) -> np.ndarray:
+    """The organ EQD2 a constraint row (or a Violation) is judged on: its scope, recovery basis and course."""
+    scope = getattr(c, "scope", "cumulative")
+    return organ_eqd2(s, courses, protocol, scope, credit=getattr(c, "basis", None) == "credited",
+                      course=getattr(c, "course", None))
 
 
 # ------------------------------------------------------------------------------------------ violations
@@ -91,6 +103,8 @@ class Violation:
     box: tuple[slice, slice, slice]
     volume_cc: float
     unit: str = "Gy"          # Gy (dose metrics) | cc | % (volume metrics)
+    basis: str | None = None  # cumulative rows: undiscounted | credited (the EQD2 the region is drawn on)
+    course: str | None = None  # per_course rows: the course
 
     @property
     def limit_gy(self) -> float | None:
@@ -98,7 +112,8 @@ class Violation:
 
     def summary(self) -> dict:
         return {"segment": self.name, "structure": self.structure, "organ": self.organ, "metric": self.metric,
-                "scope": self.scope, "status": self.status, "limit": self.limit, "unit": self.unit,
+                "scope": self.scope, "basis": self.basis, "course": self.course, "status": self.status,
+                "limit": self.limit, "unit": self.unit,
                 "limit_gy": self.limit_gy, "threshold_gy": self.threshold_gy, "volume_cc": self.volume_cc,
                 "color": "red" if self.status == "fail" else "amber"}
 
@@ -131,10 +146,12 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
         s = by_name.get(c.structure)
         if s is None or s.mask.size == 0:
             continue
-        key = (s.name, c.scope)
+        key = (s.name, c.scope, getattr(c, "basis", None), getattr(c, "course", None))
         if key not in cache:
-            cache[key] = organ_eqd2(s, courses, protocol, c.scope)
+            cache[key] = constraint_eqd2(s, courses, protocol, c)
         dose = cache[key]
+        extra = {"basis": getattr(c, "basis", None), "course": getattr(c, "course", None)}
+        where = f" (course {c.course})" if c.scope == "per_course" else ""
         if metric.is_volume:
             thr = float(metric.param)
             name = f"{s.name} {c.metric} > {c.limit:g} {c.unit}"
@@ -142,10 +159,11 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
                 name += " (warn: within tolerance)"
             if c.scope == "current":
                 name += " (current course)"
+            name += where
             mask = s.mask & (dose >= thr)
             out.append(Violation(name, s.name, c.organ, c.metric, c.scope, c.status, float(c.limit), thr,
                                  RED if c.status == "fail" else AMBER, mask, s.box,
-                                 float(mask.sum()) * grid.voxel_volume_cc, unit=c.unit))
+                                 float(mask.sum()) * grid.voxel_volume_cc, unit=c.unit, **extra))
             continue
         if c.status == "fail":
             thr = float(c.limit)
@@ -155,10 +173,11 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
             name = f"{s.name} {c.metric} > {thr:.4g} Gy (warn: within tolerance of {c.limit:g} Gy)"
         if c.scope == "current":
             name += " (current course)"
+        name += where
         mask = s.mask & (dose > thr)
         out.append(Violation(name, s.name, c.organ, c.metric, c.scope, c.status, float(c.limit), thr,
                              RED if c.status == "fail" else AMBER, mask, s.box,
-                             float(mask.sum()) * grid.voxel_volume_cc))
+                             float(mask.sum()) * grid.voxel_volume_cc, **extra))
     return out
 
 
@@ -167,17 +186,17 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
 def map_limits(s: StructureData) -> tuple[list, list]:
     """The organ's limits split into (represented on voxel maps, not represented).
 
-    Represented: point-type (Dmax, D<=0.1cc) upper dose limits in Gy with a value, scope cumulative or current:
-    a voxel map can hold them exactly (every voxel of the organ at or under the limit). Not represented: every other
-    upper limit with a value (Dmean, D>0.1cc, D<x>%, V<x>Gy, per-course limits): they constrain the organ's DVH,
-    not any one voxel. Lower bounds (Dmin, coverage) are neither."""
+    Represented: point-type (Dmax, D<=0.1cc) upper dose limits in Gy with a value, scope cumulative, current or
+    per_course (a per-course ceiling holds for the current course alone, as a current limit does): a voxel map can
+    hold them exactly (every voxel of the organ at or under the limit). Not represented: every other upper limit
+    with a value (Dmean, D>0.1cc, D<x>%, V<x>Gy): they constrain the organ's DVH, not any one voxel. Lower bounds (Dmin, coverage) are neither."""
     if s.organ is None or s.organ.role == "body":
         return [], []
     rep, other = [], []
     for c in s.organ.constraints:
         if c.limit is None or c.metric.kind == "min":
             continue
-        if (c.metric.is_point and c.unit == "Gy" and c.scope in ("cumulative", "current")
+        if (c.metric.is_point and c.unit == "Gy" and c.scope in ("cumulative", "current", "per_course")
                 and c.metric.kind in _UPPER_KINDS):
             rep.append(c)
         else:
@@ -194,13 +213,27 @@ def headroom_map(structures: list[StructureData], courses: list[CourseData], pro
         lims = map_limits(s)[0]
         if not lims or s.mask.size == 0:
             continue
-        cache: dict[str, np.ndarray] = {}
+        cache: dict[tuple, np.ndarray] = {}
         val = None
         for c in lims:
-            if c.scope not in cache:
-                cache[c.scope] = organ_eqd2(s, courses, protocol, c.scope)
-            v = c.limit - cache[c.scope]
-            val = v if val is None else np.minimum(val, v)
+            # each limit in its own scope and on its own recovery basis; a per-course ceiling holds for every
+            # course alone (no credit), so its headroom is the smallest over the courses
+            if c.scope == "per_course":
+                keys = [("per_course", k.name) for k in courses]
+            elif c.scope == "cumulative":
+                keys = [("cumulative", getattr(c, "basis", None) == "credited")]
+            else:
+                keys = [(c.scope, None)]
+            for key in keys:
+                if key not in cache:
+                    if key[0] == "per_course":
+                        cache[key] = organ_eqd2(s, courses, protocol, "per_course", course=key[1])
+                    elif key[0] == "cumulative":
+                        cache[key] = organ_eqd2(s, courses, protocol, "cumulative", credit=key[1])
+                    else:
+                        cache[key] = organ_eqd2(s, courses, protocol, key[0])
+                v = c.limit - cache[key]
+                val = v if val is None else np.minimum(val, v)
         sub = h[s.box]
         np.fmin(sub, val.astype(np.float32), out=sub, where=s.mask)
     return h
@@ -277,25 +310,29 @@ def remaining_dose(structures: list[StructureData], courses: list[CourseData], p
         if not lims or s.mask.size == 0 or not s.mask.any():
             continue
         ab = s.organ.alpha_beta
-        prior = None
+        over = None  # voxels where the prior courses alone already exceed a cumulative limit
+        priors = {}
         binding = np.full(s.mask.shape, np.inf)
         for c in lims:
             if c.scope == "cumulative":
-                if prior is None:
-                    prior = organ_eqd2(s, courses, protocol, "cumulative", include_current=False)
-                budget = c.limit - prior
-            else:
+                credited = c.basis == "credited"  # an undiscounted limit counts the prior courses in full
+                if credited not in priors:
+                    priors[credited] = organ_eqd2(s, courses, protocol, "cumulative", include_current=False,
+                                                  credit=credited)
+                hit = priors[credited] > c.limit
+                over = hit if over is None else (over | hit)
+                budget = c.limit - priors[credited]
+            else:  # current and per_course limits: the current course alone
                 budget = np.full(s.mask.shape, float(c.limit))
             budget -= SAFETY_EQD2_GY
             np.minimum(binding, physical_dose_for_eqd2(budget, n, ab), out=binding)
         sub = out[s.box]
         np.fmin(sub, _float32_down(binding), out=sub, where=s.mask)
         vals = binding[s.mask]
-        exceeded = int((prior[s.mask] > min(c.limit for c in lims if c.scope == "cumulative")).sum()
-                       ) if prior is not None else 0
+        exceeded = int(over[s.mask].sum()) if over is not None else 0
         organs.append({"structure": s.name, "organ": s.organ.key, "alpha_beta": ab,
-                       "limits": [{"metric": c.metric.name, "scope": c.scope, "limit_gy": c.limit,
-                                   "verified": c.verified} for c in lims],
+                       "limits": [{"metric": c.metric.name, "scope": c.scope, "basis": c.basis,
+                                   "limit_gy": c.limit, "verified": c.verified} for c in lims],
                        "min_remaining_gy": float(vals.min()), "max_remaining_gy": float(vals.max()),
                        "voxels": int(vals.size), "zero_dose_voxels": int((vals <= 0).sum()),
                        "voxels_already_over_limit_from_prior_courses": exceeded})

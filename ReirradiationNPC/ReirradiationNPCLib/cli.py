@@ -65,18 +65,50 @@ def _guard(fn, verbose: bool):
         sys.exit(1)
 
 
+def _scope_text(c) -> str:
+    if c.scope == "per_course":
+        return f"per_course:{c.course}"
+    return c.scope
+
+
 def format_constraints(results) -> str:
-    rows = [("status", "organ", "structure", "metric", "scope", "value", "limit", "margin", "verified", "source")]
+    """The constraint table. Cumulative rows show both sums (undiscounted, credited) and the basis judged."""
+    rows = [("status", "organ", "structure", "metric", "scope", "basis", "value", "undiscounted", "credited",
+             "limit", "margin", "conditions", "verified", "source")]
     for c in results.constraints:
         def f(v, unit=""):
             return "-" if v is None else f"{v:.2f}{unit}"
-        rows.append((c.status.upper() if c.status in ("fail", "warn") else c.status, c.organ, c.structure or "-",
-                     c.metric, c.scope, f(c.value, " " + c.unit), f(c.limit, " " + c.unit), f(c.margin),
+        cum = c.scope == "cumulative"
+        conds = c.conditions or []
+        cond = "-" if not conds else ("met" if all(x["met"] for x in conds) else
+                                      "NOT MET: " + ", ".join(x["condition"] for x in conds if not x["met"]))
+        rows.append((c.status.upper() if c.status in ("fail", "warn", "condition_not_met") else c.status, c.organ,
+                     c.structure or "-", c.metric, _scope_text(c), c.basis or "-", f(c.value, " " + c.unit),
+                     f(c.value_undiscounted) if cum else "-", f(c.value_credited) if cum else "-",
+                     f(c.limit, " " + c.unit), f(c.margin), (cond[:60] + "...") if len(cond) > 63 else cond,
                      "yes" if c.verified else "NO", (c.source[:48] + "...") if len(c.source) > 51 else c.source))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """The closing lines of a run: what was not judged, what is outside its conditions, then the verdict."""
+    from .verdict import verdict_line
+    out = []
+    for key, title in (("limits_exceeded", "limits exceeded"), ("conditions_not_met", "conditions not met"),
+                       ("near_limit", "within tolerance of the limit (WARN)"),
+                       ("target_criteria_not_met", "target coverage criteria not met"),
+                       ("incomplete_because", "incomplete because")):
+        items = summary.get(key) or []
+        if items:
+            out.append(f"{title} ({len(items)}):")
+            out += [f"  - {x}" for x in items]
+    out.append(f"verdict: {verdict_line(summary)}")
+    if summary.get("verdict_code"):
+        out.append(f"verdict_code: {summary['verdict_code']}")
+    return out
 
 
 def print_summary(results, out_dir: Path) -> None:
@@ -86,6 +118,9 @@ def print_summary(results, out_dir: Path) -> None:
         rec = ", ".join(f"{k} {100 * v:g}%" for k, v in c["recovery_applied"].items() if v > 0) or "none"
         when = "current course" if c["is_current"] else f"{c['interval_months']:g} months before, recovery credit: {rec}"
         click.echo(f"  course {c['name']}: {c['fractions']} fractions, {when}")
+    rec = results.assumptions.get("recovery", {})
+    if rec.get("model") not in (None, "none"):
+        click.echo(f"  recovery: {rec.get('description')} - source: {rec.get('source') or 'none given'}")
     click.echo("")
     click.echo(format_constraints(results))
     click.echo("")
@@ -100,8 +135,9 @@ def print_summary(results, out_dir: Path) -> None:
     if counts:
         click.echo("constraints: " + ", ".join(f"{n} {k.upper() if k in ('fail', 'warn') else k}"
                                                for k, n in counts.items()))
-    click.echo(f"verdict: {results.summary['verdict']}")
     click.echo(f"outputs: {out_dir}")
+    for line in verdict_lines(results.summary):
+        click.echo(line)
     click.echo("This tool supports a decision; the treating clinician decides.")
 
 
@@ -262,7 +298,10 @@ def protocol_show(ctx, name_or_path):
                 rows.append((o.key, o.role, f"{o.alpha_beta:g}", "-", "-", "-", "-", "-"))
             for c in o.constraints:
                 lim = "no limit" if c.limit is None else f"{c.limit:g} {c.unit}"
-                rows.append((o.key, o.role, f"{o.alpha_beta:g}", c.metric.name, c.scope, lim,
+                scope = f"{c.scope} ({c.basis})" if c.basis else c.scope
+                if c.conditions:
+                    lim += f" if {c.conditions.describe(c.metric.name)}"
+                rows.append((o.key, o.role, f"{o.alpha_beta:g}", c.metric.name, scope, lim,
                              "yes" if c.verified else "NO", c.source))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:

@@ -775,7 +775,7 @@ def hottest_point_ras(prep: Prepared, violation) -> tuple[float, float, float] |
     s = next((x for x in prep.structures if x.name == violation.structure), None)
     if s is None or not violation.mask.any():
         return None
-    dose = budget.organ_eqd2(s, prep.courses, prep.protocol, violation.scope)
+    dose = budget.constraint_eqd2(s, prep.courses, prep.protocol, violation)  # its scope, basis and course
     local = np.unravel_index(int(np.argmax(np.where(violation.mask, dose, -np.inf))), violation.mask.shape)
     kji = [b.start + x for b, x in zip(violation.box, local)]
     ijk = np.array([kji[::-1]], dtype=float)

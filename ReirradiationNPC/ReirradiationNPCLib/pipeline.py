@@ -184,24 +184,8 @@ def _clipped(box, grid: Grid) -> bool:
 
 def build_results(prep: Prepared, analysis: Analysis) -> Results:
     p = prep.protocol
-    statuses = [c.status for c in analysis.constraints]
-    n_fail = statuses.count("fail")
-    unverified_used = sum(1 for c in analysis.constraints
-                          if c.status in ("pass", "warn", "fail") and not c.verified)
-    counts = {s: statuses.count(s) for s in ("pass", "warn", "fail", "no_limit", "not_evaluated")}
-    if n_fail:
-        verdict = f"{n_fail} limit(s) exceeded"
-    elif counts["pass"] or counts["warn"]:
-        verdict = "all evaluated limits met"
-    else:
-        verdict = "no limit could be evaluated"
-    if counts["warn"]:
-        verdict += (f"; {counts['warn']} within {p.warn_tolerance_percent:g}% of the limit (WARN)")
-    verdict += f"; {unverified_used} unverified limit(s) used"
-    if p.synthetic:
-        verdict += "; SYNTHETIC demo protocol, not for clinical use"
-    alpha_beta = {o.key: {"alpha_beta_gy": o.alpha_beta, "source": o.alpha_beta_source}
-                  for o in p.organs.values()}
+    alpha_beta = {o.key: {"alpha_beta_gy": o.alpha_beta, "source": o.alpha_beta_source,
+                          "verified": o.alpha_beta_verified} for o in p.organs.values()}
     course_assumptions = _with_dose_kind(analysis.course_assumptions, prep.dose_kinds)
     results = Results(
         software={"name": SOFTWARE_NAME, "version": __version__},
@@ -213,16 +197,21 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
         assumptions={
             "courses": course_assumptions,
             "alpha_beta": {"default_gy": p.default_alpha_beta, "default_source": p.default_alpha_beta_source,
+                           "default_verified": p.default_alpha_beta_verified,
                            "per_organ": alpha_beta,
                            "map_rule": MAP_RULE},
             "recovery": {"model": p.recovery.model, "description": p.recovery.describe(),
-                         "source": p.recovery.source, "convention": "prior course discounted: sum (1 - r) EQD2"},
+                         "source": p.recovery.source, "verified": p.recovery.verified,
+                         "convention": "prior course discounted: sum (1 - r) EQD2",
+                         "basis_rule": "each cumulative limit is judged on its stated basis: 'undiscounted' (plain "
+                                       "sum of the courses' EQD2; the default) or 'credited' (with this recovery "
+                                       "credit); both values are reported"},
             "model": MODEL_ASSUMPTIONS,
         },
         structures=analysis.structures,
         constraints=analysis.constraints,
         unmatched_structures=analysis.unmatched,
-        summary={"verdict": verdict, "counts": counts, "unverified_limits_used": unverified_used},
+        summary={},
         warnings=prep.warnings + analysis.warnings,
         registration=_registration_results(prep),
         maps=_maps_results(prep, analysis),
@@ -230,6 +219,8 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
     from . import prescription, selection  # issue 16: information and checks beside the verdict, never in it
     selection.add_to_results(results, prep.case, p)
     prescription.add_to_results(results, prep.case, p)
+    from .verdict import update_results
+    update_results(results, p)  # planning.add_to_results refreshes it once the target checks are in
     return results
 
 

@@ -22,6 +22,7 @@ from .analysis import Analysis
 from .geometry import Grid, Volume
 from .io import Structure, write_segmentation
 from .masks import structure_on_grid
+from .sampling import crop_to_structure
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,14 @@ class Planning:
     remaining: budget.RemainingDose | None = None
     warnings: list[str] = field(default_factory=list)
     reference_image: Volume | None = None     # the reference CT (its DICOM identity, if any, for RTSTRUCT)
+    protocol: object = None                   # the protocol (the verdict is refreshed with the target checks)
 
 
 def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = None) -> Planning:
     """All planning aids for a prepared case (``pipeline.Prepared``) and its analysis."""
     say = progress or (lambda m: None)
     protocol, grid, courses, structures = prep.protocol, prep.grid, prep.courses, prep.structures
-    plan = Planning(reference_image=prep.reference_image)
+    plan = Planning(reference_image=prep.reference_image, protocol=protocol)
 
     eval_targets: list[targets.Target] = []
     if protocol.margins is not None:
@@ -61,7 +63,9 @@ def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = N
                 if on is None:
                     plan.warnings.append(f"margins: {m.names[key]} has no voxel on the evaluation grid")
                     continue
-                eval_targets.append(targets.Target(m.names[key], "margins", on[0], on[1]))
+                # metrics are sampled sub-voxel from the margin mask itself (one volume per target everywhere)
+                src_mask, src_grid = crop_to_structure(arr, sub)
+                eval_targets.append(targets.Target(m.names[key], "margins", on[0], on[1], src_mask, src_grid))
     # a single GTV structure is already checked as the margins' "GTV" segment: do not list it twice
     gtv_alone = (set(plan.margins.report["gtv_structures"]) if plan.margins is not None
                  and len(plan.margins.report["gtv_structures"]) == 1 else set())
@@ -69,7 +73,7 @@ def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = N
         if s.name in gtv_alone:
             continue
         if s.organ is not None and s.organ.role == "target" and s.mask.size and s.mask.any():
-            eval_targets.append(targets.Target(s.name, "structures", s.mask, s.box))
+            eval_targets.append(targets.Target(s.name, "structures", s.mask, s.box, s.source_mask, s.source_grid))
 
     if protocol.prescription is not None:
         say("target checks")
@@ -83,12 +87,13 @@ def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = N
         plan.warnings.append("target checks not evaluated: the protocol has no prescription block")
 
     if protocol.reirradiation_type is not None:
+        say("ESTRO-EORTC category")
         ptv = _ptv(eval_targets, grid)
-        plan.reirradiation_type = targets.reirradiation_type(ptv, courses, protocol.reirradiation_type, grid)
+        plan.reirradiation_type = targets.reirradiation_type(courses, protocol.reirradiation_type, grid,
+                                                             structures, analysis.constraints, ptv=ptv)
         plan.warnings += plan.reirradiation_type.get("notes", [])
     else:
-        plan.reirradiation_type = {"type": None, "status": "not_evaluated",
-                                   "reason": "the protocol has no reirradiation_type block (threshold_gy)"}
+        plan.reirradiation_type = targets.reirradiation_rule_missing()
 
     say("violation, headroom and remaining-dose maps")
     plan.violations = budget.violations(analysis.constraints, structures, courses, protocol, grid)
@@ -134,6 +139,9 @@ def add_to_results(results, plan: Planning) -> None:
     results.violations = [v.summary() for v in plan.violations]
     results.remaining_dose = plan.remaining.summary() if plan.remaining is not None else None
     results.warnings.extend(w for w in plan.warnings if w not in results.warnings)
+    if plan.protocol is not None:
+        from .verdict import update_results
+        update_results(results, plan.protocol)  # the verdict now knows the target checks
 
 
 def write(plan: Planning, grid: Grid, stage: Path, files: dict[str, str]) -> None:

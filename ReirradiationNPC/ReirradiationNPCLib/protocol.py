@@ -18,7 +18,10 @@ from .eqd2 import eqd2
 from .errors import InputError
 
 ROLES = ("oar", "target", "body")
-SCOPES = ("cumulative", "current")
+SCOPES = ("cumulative", "current")          # prescription scopes
+CONSTRAINT_SCOPES = ("cumulative", "current", "per_course")
+BASES = ("undiscounted", "credited")       # recovery basis of a cumulative limit (clinical facts section 3)
+CONDITION_KEYS = ("min_interval_months", "max_course_eqd2_gy")
 _METRIC_RE = re.compile(r"^(?:(Dmax|Dmean|Dmin)|D(\d+(?:\.\d+)?)(cc|%)|V(\d+(?:\.\d+)?)Gy)$")
 
 
@@ -56,15 +59,44 @@ def parse_metric(text: str) -> Metric:
 
 
 @dataclass(frozen=True)
+class Conditions:
+    """Conditions under which a limit vouches for safety (e.g. Nieder et al. 2006 for the spinal cord).
+
+    ``min_interval_months``: every prior course ended at least this many months before the current one.
+    ``max_course_eqd2_gy``: every course, prior ones included, in its own EQD2 (organ alpha/beta, no recovery
+    credit) stays at or below this value for the limit's own (dose) metric.
+    """
+
+    min_interval_months: float | None = None
+    max_course_eqd2_gy: float | None = None
+
+    def __bool__(self) -> bool:
+        return self.min_interval_months is not None or self.max_course_eqd2_gy is not None
+
+    def describe(self, metric: str = "") -> str:
+        parts = []
+        if self.min_interval_months is not None:
+            parts.append(f"interval since each prior course >= {self.min_interval_months:g} months")
+        if self.max_course_eqd2_gy is not None:
+            parts.append(f"each course {metric + ' ' if metric else ''}<= {self.max_course_eqd2_gy:g} Gy EQD2 "
+                         "(own EQD2, no credit)")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
 class Constraint:
     metric: Metric
-    scope: str                      # cumulative | current
+    scope: str                      # cumulative | current | per_course (every course, prior ones included)
     limit: float | None             # Gy for D metrics; cc or % for V metrics; None = no limit yet
     unit: str                       # Gy | cc | %
     source: str
     verified: bool
     priority: int | None = None
     note: str = ""
+    #: cumulative scope only: the limit applies to the sum of the courses without recovery credit
+    #: ("undiscounted", the default) or to the sum with the protocol's recovery credit ("credited"); None otherwise
+    basis: str | None = None
+    conditions: Conditions = field(default_factory=Conditions)
 
 
 @dataclass(frozen=True)
@@ -75,6 +107,7 @@ class Organ:
     alpha_beta: float
     alpha_beta_source: str
     constraints: tuple[Constraint, ...]
+    alpha_beta_verified: bool = False    # the alpha/beta checked against a full citation?
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,7 @@ class RecoveryModel:
     table: tuple[tuple[float, float], ...] = ()  # (min_months, credit fraction), ascending
     organs: tuple[str, ...] = ()
     source: str = ""
+    verified: bool = False          # the credit is a claim like a limit: checked against its source?
 
     def credit(self, organ_key: str | None, interval_months: float) -> float:
         """Recovery credit r in [0, 1) for a prior course ended ``interval_months`` before the current one."""
@@ -98,7 +132,8 @@ class RecoveryModel:
         if self.model == "none":
             return "no recovery credit (prior courses counted in full)"
         steps = ", ".join(f">= {m:g} months: {100 * f:g}%" for m, f in self.table)
-        return f"step table ({steps}) applied to {', '.join(self.organs)} only"
+        return (f"step table ({steps}) applied to {', '.join(self.organs)} only; "
+                f"{'verified' if self.verified else 'UNVERIFIED'} credit")
 
 
 @dataclass(frozen=True)
@@ -187,14 +222,37 @@ class Prescription:
 
 @dataclass(frozen=True)
 class ReirradiationTypeRule:
-    """ESTRO-EORTC type: Type 1 when the current PTV overlaps prior physical dose >= threshold_gy."""
+    """ESTRO-EORTC category rule (Andratschke et al. 2022), judged on the courses' irradiated volumes.
+
+    A course's irradiated volume: its voxels with physical dose >= ``threshold_gy``. Type 1: the current course's
+    irradiated volume overlaps a prior one. Otherwise Type 2 when the protocol's cumulative-toxicity rule says so:
+    ``both_courses_dose_gy`` (a voxel receives at least this physical dose from a prior course AND from the current
+    course) and/or ``cumulative_limit_rows`` (a cumulative limit row fails, warns or has an unmet condition); else
+    repeat organ irradiation (an organ at risk in both irradiated volumes) or repeat irradiation.
+    """
 
     threshold_gy: float
     source: str
     verified: bool
+    both_courses_dose_gy: float | None = None
+    cumulative_limit_rows: bool = False
 
     def describe(self) -> str:
-        return f"Type 1 if the PTV overlaps prior physical dose >= {self.threshold_gy:g} Gy, else Type 2"
+        text = (f"irradiated volume of a course = its voxels with physical dose >= {self.threshold_gy:g} Gy; Type 1 "
+                "if the current course's irradiated volume overlaps a prior course's")
+        rules = []
+        if self.both_courses_dose_gy is not None:
+            rules.append(f"a voxel receives >= {self.both_courses_dose_gy:g} Gy physical from a prior course and "
+                         "from the current course")
+        if self.cumulative_limit_rows:
+            rules.append("a cumulative limit row fails, warns or has an unmet condition")
+        if rules:
+            text += ("; otherwise Type 2 if there is a cumulative-toxicity concern (" + " or ".join(rules)
+                     + "); otherwise repeat organ irradiation if an organ at risk lies in both irradiated volumes, "
+                       "else repeat irradiation")
+        else:
+            text += "; no Type 2 rule stated: without overlap the category is not evaluated"
+        return text
 
 
 @dataclass(frozen=True)
@@ -209,6 +267,7 @@ class Protocol:
     synthetic: bool = False
     description: str = ""
     warn_tolerance_percent: float = 5.0
+    default_alpha_beta_verified: bool = False
     margins: MarginRecipe | None = None
     prescription: Prescription | None = None
     reirradiation_type: ReirradiationTypeRule | None = None
@@ -223,7 +282,8 @@ class Protocol:
 
     def summary(self) -> dict:
         return {"name": self.name, "version": self.version, "file": self.path, "synthetic": self.synthetic,
-                "default_alpha_beta": self.default_alpha_beta, "recovery": self.recovery.describe()}
+                "default_alpha_beta": self.default_alpha_beta, "recovery": self.recovery.describe(),
+                "recovery_source": self.recovery.source, "recovery_verified": self.recovery.verified}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -319,7 +379,7 @@ def parse_protocol(data, source: str) -> Protocol:
                                "organs", "warn_tolerance_percent", "references", "margins", "prescription",
                                "reirradiation_type"},
                     {"name", "version", "alpha_beta", "recovery", "organs"})
-    ab = v.mapping(top["alpha_beta"], "alpha_beta", {"default", "source"}, {"default"})
+    ab = v.mapping(top["alpha_beta"], "alpha_beta", {"default", "source", "verified"}, {"default"})
     default_ab = v.number(ab["default"], "alpha_beta.default", positive=True)
     organs_raw = top["organs"]
     if not isinstance(organs_raw, dict) or not organs_raw:
@@ -330,8 +390,8 @@ def parse_protocol(data, source: str) -> Protocol:
     for okey, oraw in organs_raw.items():
         okey = str(okey)
         k = f"organs.{okey}"
-        o = v.mapping(oraw, k, {"role", "aliases", "alpha_beta", "alpha_beta_source", "constraints", "note"},
-                      {"aliases", "alpha_beta"})
+        o = v.mapping(oraw, k, {"role", "aliases", "alpha_beta", "alpha_beta_source", "alpha_beta_verified",
+                                "constraints", "note"}, {"aliases", "alpha_beta"})
         role = o.get("role", "oar")
         if role not in ROLES:
             v.fail(f"{k}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
@@ -349,14 +409,17 @@ def parse_protocol(data, source: str) -> Protocol:
         for i, craw in enumerate(o.get("constraints") or []):
             constraints.append(_parse_constraint(v, craw, f"{k}.constraints[{i}]"))
         organs[okey] = Organ(okey, role, tuple(dict.fromkeys(aliases + [okey])), alpha_beta,
-                             str(o.get("alpha_beta_source", "")), tuple(constraints))
+                             str(o.get("alpha_beta_source", "")), tuple(constraints),
+                             v.boolean(o.get("alpha_beta_verified", False), f"{k}.alpha_beta_verified"))
 
-    rec = v.mapping(top["recovery"], "recovery", {"model", "table", "organs", "source"}, {"model"})
+    rec = v.mapping(top["recovery"], "recovery", {"model", "table", "organs", "source", "verified", "note"},
+                    {"model"})
     model = rec["model"]
+    rec_verified = v.boolean(rec.get("verified", False), "recovery.verified")
     if model == "none":
         if rec.get("table") or rec.get("organs"):
             v.fail("recovery", "model 'none' takes no table or organs")
-        recovery = RecoveryModel("none", source=str(rec.get("source", "")))
+        recovery = RecoveryModel("none", source=str(rec.get("source", "")), verified=rec_verified)
     elif model == "step":
         table_raw = rec.get("table")
         if not isinstance(table_raw, list) or not table_raw:
@@ -378,7 +441,8 @@ def parse_protocol(data, source: str) -> Protocol:
         for o in rorgans:
             if str(o) not in organs:
                 v.fail("recovery.organs", f"unknown organ {o!r} (not under organs:)")
-        recovery = RecoveryModel("step", tuple(table), tuple(str(o) for o in rorgans), str(rec.get("source", "")))
+        recovery = RecoveryModel("step", tuple(table), tuple(str(o) for o in rorgans), str(rec.get("source", "")),
+                                 rec_verified)
     else:
         v.fail("recovery.model", f"must be 'none' or 'step', got {model!r}")
 
@@ -388,6 +452,7 @@ def parse_protocol(data, source: str) -> Protocol:
                     path=source, default_alpha_beta=default_ab,
                     default_alpha_beta_source=str(ab.get("source", "")), recovery=recovery, organs=organs,
                     synthetic=v.boolean(top.get("synthetic", False), "synthetic"),
+                    default_alpha_beta_verified=v.boolean(ab.get("verified", False), "alpha_beta.verified"),
                     description=str(top.get("description", "")), warn_tolerance_percent=tol,
                     margins=_parse_margins(v, top["margins"], organs) if top.get("margins") is not None else None,
                     prescription=(_parse_prescription(v, top["prescription"])
@@ -497,21 +562,31 @@ def _parse_fractionation(v: _V, raw) -> Fractionation:
 
 def _parse_reirradiation_type(v: _V, raw) -> ReirradiationTypeRule:
     k = "reirradiation_type"
-    r = v.mapping(raw, k, {"threshold_gy", "source", "verified", "note"}, {"threshold_gy", "source", "verified"})
+    r = v.mapping(raw, k, {"threshold_gy", "type2_rule", "source", "verified", "note"},
+                  {"threshold_gy", "source", "verified"})
+    both, rows = None, False
+    if r.get("type2_rule") is not None:
+        t = v.mapping(r["type2_rule"], f"{k}.type2_rule", {"both_courses_dose_gy", "cumulative_limit_rows"})
+        if t.get("both_courses_dose_gy") is not None:
+            both = v.number(t["both_courses_dose_gy"], f"{k}.type2_rule.both_courses_dose_gy", positive=True)
+        rows = v.boolean(t.get("cumulative_limit_rows", False), f"{k}.type2_rule.cumulative_limit_rows")
+        if both is None and not rows:
+            v.fail(f"{k}.type2_rule", "give both_courses_dose_gy and/or cumulative_limit_rows: true")
     return ReirradiationTypeRule(v.number(r["threshold_gy"], f"{k}.threshold_gy", positive=True),
-                                 v.string(r["source"], f"{k}.source"), v.boolean(r["verified"], f"{k}.verified"))
+                                 v.string(r["source"], f"{k}.source"), v.boolean(r["verified"], f"{k}.verified"),
+                                 both, rows)
 
 
 def _parse_constraint(v: _V, raw, key: str) -> Constraint:
     c = v.mapping(raw, key, {"metric", "limit_gy", "limit_cc", "limit_percent", "scope", "source", "verified",
-                             "priority", "note"}, {"metric", "scope", "source", "verified"})
+                             "priority", "note", "basis", "conditions"}, {"metric", "scope", "source", "verified"})
     try:
         metric = parse_metric(c["metric"])
     except ValueError as exc:
         v.fail(f"{key}.metric", str(exc))
     scope = c["scope"]
-    if scope not in SCOPES:
-        v.fail(f"{key}.scope", f"must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope not in CONSTRAINT_SCOPES:
+        v.fail(f"{key}.scope", f"must be one of {', '.join(CONSTRAINT_SCOPES)}, got {scope!r}")
     given = [k for k in ("limit_gy", "limit_cc", "limit_percent") if k in c]
     if len(given) > 1:
         v.fail(key, f"give one limit, not {' and '.join(given)}")
@@ -533,5 +608,27 @@ def _parse_constraint(v: _V, raw, key: str) -> Constraint:
     priority = c.get("priority")
     if priority is not None:
         priority = int(v.number(priority, f"{key}.priority", minimum=1))
+    basis = c.get("basis")
+    if scope == "cumulative":
+        if basis is None:
+            basis = "undiscounted"  # the conservative reading when a protocol says nothing
+        elif basis not in BASES:
+            v.fail(f"{key}.basis", f"must be one of {', '.join(BASES)}, got {basis!r}")
+    elif basis is not None:
+        v.fail(f"{key}.basis", f"only a cumulative limit has a recovery basis (scope here: {scope})")
+    conditions = Conditions()
+    if c.get("conditions") is not None:
+        ck = f"{key}.conditions"
+        cond = v.mapping(c["conditions"], ck, set(CONDITION_KEYS))
+        mi = cond.get("min_interval_months")
+        mx = cond.get("max_course_eqd2_gy")
+        if mi is not None:
+            mi = v.number(mi, f"{ck}.min_interval_months", minimum=0)
+        if mx is not None:
+            mx = v.number(mx, f"{ck}.max_course_eqd2_gy", positive=True)
+            if metric.is_volume:
+                v.fail(f"{ck}.max_course_eqd2_gy", f"{metric.name} is a volume metric: a per-course EQD2 ceiling "
+                                                   "needs a dose metric")
+        conditions = Conditions(mi, mx)
     return Constraint(metric, scope, limit, unit, v.string(c["source"], f"{key}.source"), verified, priority,
-                      str(c.get("note", "")))
+                      str(c.get("note", "")), basis, conditions)

@@ -30,7 +30,7 @@ DISCLAIMER = ("This report supports a clinical decision; it does not make one. T
 
 SEP = " \u00b7 "
 STATUS_LABEL = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "no_limit": "no limit",
-                "not_evaluated": "not evaluated"}
+                "not_evaluated": "not evaluated", "condition_not_met": "CONDITION NOT MET"}
 
 #: optional sections: (anchor, heading, candidate keys of the results tree, in order of preference)
 OPTIONAL_SECTIONS = {
@@ -168,33 +168,54 @@ def _generic(obj, depth: int = 0) -> str:
 
 
 def _verdict(res: dict) -> str:
+    """The verdict box: the engine's verdict code and line (verdict.py), then the lists behind it."""
+    from .verdict import HEADLINES, verdict_line
     summ = res.get("summary", {})
     counts = dict(summ.get("counts", {}))
     cons = res.get("constraints", [])
-    for st in ("fail", "warn", "not_evaluated", "no_limit", "pass"):
+    for st in ("fail", "warn", "condition_not_met", "not_evaluated", "no_limit", "pass"):
         if st not in counts:  # counting rows of the results, not recomputing a dose
             counts[st] = sum(1 for c in cons if c.get("status") == st)
     unver = summ.get("unverified_limits_used")
     if unver is None:
         unver = sum(1 for c in cons if c.get("status") in ("pass", "fail", "warn") and not c.get("verified"))
     n_fail, n_warn = counts["fail"], counts["warn"]
-    if n_fail:
+    code = summ.get("verdict_code")
+    if code in HEADLINES:
+        head = HEADLINES[code]
+        cls = {"limits_exceeded": "v-fail", "conditions_not_met": "v-fail", "warnings": "v-warn",
+               "incomplete": "v-incomplete", "all_limits_met": "v-pass"}[code]
+    elif n_fail:  # a results.json written before verdict codes existed
         head, cls = f"{n_fail} FAILURE{'S' if n_fail != 1 else ''}", "v-fail"
     elif n_warn:
         head, cls = f"{n_warn} WARNING{'S' if n_warn != 1 else ''} (no failure)", "v-warn"
-    elif counts["pass"]:
-        head, cls = "ALL EVALUATED LIMITS MET", "v-pass"
     else:
-        head, cls = "NO LIMIT COULD BE EVALUATED", "v-warn"
-    parts = [f"{n_fail} failure(s)", f"{n_warn} warning(s)", f"{unver} unverified limit(s) used",
-             f"{counts['pass']} passed", f"{counts['not_evaluated']} not evaluated", f"{counts['no_limit']} without limit"]
-    line = (f'<div id="verdict" class="verdict {cls}"><span class="vhead">{_e(head)}</span> '
+        head, cls = "NOT JUDGED BY VERDICT CODE (older results)", "v-warn"
+    parts = [f"{n_fail} failure(s)", f"{counts['condition_not_met']} condition(s) not met",
+             f"{n_warn} warning(s)", f"{unver} unverified limit(s) used", f"{counts['pass']} passed",
+             f"{counts['not_evaluated']} not evaluated", f"{counts['no_limit']} without limit"]
+    if summ.get("unverified_recovery_credit_used"):
+        parts.append(f"unverified recovery credit changed {summ['unverified_recovery_credit_used']} judged value(s)")
+    line = (f'<div id="verdict" class="verdict {cls}" data-verdict-code="{_e(code)}">'
+            f'<span class="vhead">{_e(head)}</span> '
             f'<span class="vparts">{_e(SEP.join(parts))}</span>')
-    if summ.get("verdict"):
+    if code:
+        line += f'<div class="vtext">Verdict ({_e(code)}): {_e(verdict_line(summ))}</div>'
+    elif summ.get("verdict"):
         line += f'<div class="vtext">Engine verdict: {_e(summ["verdict"])}</div>'
     if res.get("protocol", {}).get("synthetic"):
         line += '<div class="vtext synthetic">SYNTHETIC protocol: not for clinical use.</div>'
-    return line + "</div>"
+    line += "</div>"
+    for key, title in (("limits_exceeded", "Limits exceeded"),
+                       ("conditions_not_met", "Conditions of a limit not met (the limit does not vouch for safety)"),
+                       ("near_limit", "Within tolerance of the limit (WARN)"),
+                       ("target_criteria_not_met", "Target coverage criteria not met"),
+                       ("incomplete_because", "Incomplete: not judged")):
+        items = summ.get(key) or []
+        if items:
+            line += (f'<div class="vlist" id="verdict-{key.replace("_", "-")}"><b>{_e(title)} ({len(items)}):</b>'
+                     '<ul>' + "".join(f"<li>{_e(x)}</li>" for x in items) + "</ul></div>")
+    return line
 
 
 def _identification(res: dict) -> str:
@@ -249,13 +270,26 @@ def _courses(res: dict) -> str:
     out = _table(["course", "fractions", "interval to current course", "recovery credit applied", "registration",
                   "max dose (Gy)", "max dose per fraction (Gy)", "dose as read (summation, RBE)", "dose file"], rows)
     rec = a.get("recovery", {})
+    rver = "" if rec.get("verified") is None else (
+        ' <b>Verified:</b> <span class="ok">yes</span>.' if rec.get("verified")
+        else ' <b>Verified:</b> <span class="unver">NO</span> (an unverified credit is an assumption like an '
+             'unverified limit).')
     out += (f'<p><b>Recovery model:</b> {_e(rec.get("description"))}. <b>Convention:</b> {_e(rec.get("convention"))}.'
-            + (f' <b>Source:</b> {_e(rec.get("source"))}.' if rec.get("source") else "") + "</p>")
+            + (f' <b>Source:</b> {_e(rec.get("source"))}.' if rec.get("source") else "") + rver
+            + (f' <b>Basis of the limits:</b> {_e(rec.get("basis_rule"))}.' if rec.get("basis_rule") else "")
+            + "</p>")
     ab = a.get("alpha_beta", {})
-    rows = [[_e(k), _e(fmt(v.get("alpha_beta_gy"), 1)), _e(v.get("source"))]
+
+    def _ver(v):
+        if v is None:
+            return "\u2013"
+        return '<span class="ok">yes</span>' if v else '<span class="unver">NO</span>'
+    rows = [[_e(k), _e(fmt(v.get("alpha_beta_gy"), 1)), _ver(v.get("verified")), _e(v.get("source"))]
             for k, v in (ab.get("per_organ") or {}).items()]
-    rows.append(["<em>default (elsewhere)</em>", _e(fmt(ab.get("default_gy"), 1)), _e(ab.get("default_source"))])
-    out += "<h3>\u03b1/\u03b2 per organ</h3>" + _table(["organ", "\u03b1/\u03b2 (Gy)", "source"], rows, "narrow")
+    rows.append(["<em>default (elsewhere)</em>", _e(fmt(ab.get("default_gy"), 1)), _ver(ab.get("default_verified")),
+                 _e(ab.get("default_source"))])
+    out += "<h3>\u03b1/\u03b2 per organ</h3>" + _table(["organ", "\u03b1/\u03b2 (Gy)", "verified", "source"], rows,
+                                                          "narrow")
     if ab.get("map_rule"):
         out += (f'<p class="note">Displayed cumulative map (for viewing): {_e(ab["map_rule"])}. Organ values '
                 f'are checked on one-\u03b1/\u03b2 maps (results.json structures[].check_on_file).</p>')
@@ -276,32 +310,63 @@ def _protocol(res: dict) -> str:
     return '<table class="kv">' + "".join(f"<tr><th>{a}</th><td>{b}</td></tr>" for a, b in rows) + "</table>"
 
 
+def _conditions_cell(c: dict) -> str:
+    conds = c.get("conditions") or []
+    if not conds:
+        return "\u2013"
+    items = []
+    for x in conds:
+        ok = x.get("met")
+        act = x.get("actual")
+        act = fmt(act) if isinstance(act, float) else _e(act)
+        items.append(f'<li class="{"ok" if ok else "unver"}">{"met" if ok else "NOT MET"}: {_e(x.get("condition"))} '
+                     f'(actual {act})</li>')
+    return '<ul class="conds">' + "".join(items) + "</ul>"
+
+
 def _constraints(res: dict) -> str:
     rows = []
     for n, c in enumerate(res.get("constraints", [])):
         st = c.get("status", "")
         unit = c.get("unit", "")
-        val = "\u2013" if c.get("value") is None else f"{fmt(c['value'])} {unit}"
+        cum = c.get("scope") == "cumulative"
+
+        def val(v):
+            return "\u2013" if v is None else f"{fmt(v)} {unit}"
         lim = "no limit" if c.get("limit") is None else f"{fmt(c['limit'])} {unit}"
         mar = "\u2013" if c.get("margin") is None else f"{fmt(c['margin'])} {unit}"
         cred = ", ".join(f"{k} {fmt(100 * v, 0)}%" for k, v in (c.get("recovery_credit") or {}).items() if v)
         ver = '<span class="ok">yes</span>' if c.get("verified") else '<span class="unver">NO</span>'
+        scope = c.get("scope") or ""
+        course = f" ({c['course']})" if scope == "per_course" and c.get("course") else ""
+        basis = c.get("basis") or "\u2013"
         rows.append(
             f'<tr class="st-{_e(st)}" data-row="{n}" data-structure="{_e(c.get("structure"))}" '
-            f'data-metric="{_e(c.get("metric"))}" data-scope="{_e(c.get("scope"))}" '
-            f'data-value="{_e(json.dumps(c.get("value")))}">'
+            f'data-metric="{_e(c.get("metric"))}" data-scope="{_e(scope)}" data-course="{_e(c.get("course"))}" '
+            f'data-basis="{_e(c.get("basis"))}" data-value="{_e(json.dumps(c.get("value")))}">'
             f'<td class="status">{_e(STATUS_LABEL.get(st, st))}</td><td>{_e(c.get("organ"))}</td>'
-            f'<td>{_e(c.get("structure") or "absent")}</td><td>{_e(c.get("metric"))}</td><td>{_e(c.get("scope"))}</td>'
-            f'<td class="num value">{_e(val)}</td><td class="num">{_e(lim)}</td><td class="num">{_e(mar)}</td>'
+            f'<td>{_e(c.get("structure") or "absent")}</td><td>{_e(c.get("metric"))}</td>'
+            f'<td>{_e(scope)}{_e(course)}</td><td>{_e(basis)}</td>'
+            f'<td class="num value">{_e(val(c.get("value")))}</td>'
+            f'<td class="num">{_e(val(c.get("value_undiscounted")) if cum else chr(0x2013))}</td>'
+            f'<td class="num">{_e(val(c.get("value_credited")) if cum else chr(0x2013))}</td>'
+            f'<td class="num">{_e(lim)}</td><td class="num">{_e(mar)}</td><td>{_conditions_cell(c)}</td>'
             f'<td class="num">{_e(fmt(c.get("alpha_beta"), 1))}</td><td>{_e(cred or "none")}</td>'
             f'<td>{ver}</td><td class="src">{_e(c.get("source"))}'
             + (f'<div class="note">{_e(c.get("note"))}</div>' if c.get("note") else "") + "</td></tr>")
-    head = "".join(f"<th>{h}</th>" for h in ["status", "organ", "structure", "metric", "scope", "value", "limit",
-                                              "margin (limit \u2212 value)", "\u03b1/\u03b2 (Gy)",
-                                              "recovery credit", "verified", "source"])
-    legend = ('<p class="note">Doses are EQD2 in Gy (cumulative: all courses, recovery credit applied; current: the '
-              'current course alone). Volumes in cc or %. A negative margin means the limit is exceeded. '
-              '<b>verified NO</b>: the limit has not been checked against its source; treat it as provisional.</p>')
+    head = "".join(f"<th>{h}</th>" for h in ["status", "organ", "structure", "metric", "scope", "basis judged",
+                                              "judged value", "cumulative undiscounted", "cumulative credited",
+                                              "limit", "margin (limit \u2212 judged)", "conditions",
+                                              "\u03b1/\u03b2 (Gy)", "recovery credit", "verified", "source"])
+    legend = ('<p class="note">Doses are EQD2 in Gy. Cumulative rows show both sums of the courses: '
+              '<b>undiscounted</b> (plain sum) and <b>credited</b> (prior courses discounted by the recovery credit); '
+              'the limit is judged on the one named in <i>basis judged</i> (a limit derived on the plain sum, such as '
+              'Nieder\u2019s spinal-cord limit, is never compared with a credited sum). current: the current course '
+              'alone; per_course: each course, prior ones included, in its own EQD2 without credit. Volumes in cc or '
+              '%. A negative margin means the limit is exceeded. <b>CONDITION NOT MET</b>: a condition of the limit '
+              '(e.g. minimum interval, per-course ceiling) does not hold, so the limit does not vouch for safety '
+              'whatever the dose. <b>verified NO</b>: the limit has not been checked against its source; treat it as '
+              'provisional.</p>')
     return (f'<table class="constraints"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
             + legend)
 
@@ -312,19 +377,22 @@ def _structures(res: dict) -> str:
     for s in res.get("structures", []):
         m = s.get("metrics", {})
         cum = m.get("cumulative", {})
+        plain = s.get("cumulative_undiscounted") or {}
         cells = [_e(s.get("name")), _e(s.get("organ") or "unmatched"), _e(fmt(s.get("alpha_beta"), 1)),
                  _e(fmt(s.get("volume_cc"))), _e(fmt(cum.get("Dmax"))), _e(fmt(cum.get("D0.03cc"))),
-                 _e(fmt(cum.get("Dmean")))]
+                 _e(fmt(cum.get("Dmean"))), _e(fmt(plain.get("D0.03cc"))), _e(fmt(plain.get("Dmean")))]
         for c in courses:
             cm = m.get(c, {})
             cells += [_e(fmt(cm.get("D0.03cc"))), _e(fmt(cm.get("Dmean")))]
         rows.append(cells)
-    heads = ["structure", "organ", "\u03b1/\u03b2 (Gy)", "volume (cc)", "cum. Dmax", "cum. D0.03cc", "cum. Dmean"]
+    heads = ["structure", "organ", "\u03b1/\u03b2 (Gy)", "volume (cc)", "cum. Dmax", "cum. D0.03cc", "cum. Dmean",
+             "cum. undiscounted D0.03cc", "cum. undiscounted Dmean"]
     for c in courses:
         heads += [f"{_e(c)} D0.03cc", f"{_e(c)} Dmean"]
     return (_table(heads, rows, "structs") +
             '<p class="note">EQD2 in Gy with each structure\u2019s own \u03b1/\u03b2; course columns without '
-            'recovery credit, cumulative columns with it. All values as in results.json.</p>')
+            'recovery credit; cumulative columns with it (credited), and the undiscounted sum beside (the plain sum '
+            'of the courses). All values as in results.json.</p>')
 
 
 def _optional(res: dict, key: str) -> str | None:
@@ -367,39 +435,73 @@ def _target_checks(res: dict) -> str:
                     + _e(", ".join(f"{k} {fmt(v)} cc" for k, v in ov.items())) + "</p>")
     checks = res.get("target_checks") or []
     if checks:
+        vols = {}
+        for t in checks:
+            vols.setdefault(t.get("structure"), t.get("volume_cc"))
         rows = []
         for t in checks:
             for c in t.get("checks", []):
                 st = c.get("status", "")
+                beside = c.get("value_eqd2")
                 rows.append(f'<tr class="st-{_e(st)}">{_status_cell(st)}<td>{_e(t.get("structure"))}</td>'
+                            f'<td class="num">{_e(fmt(t.get("volume_cc")))}</td>'
                             f'<td>{_e(t.get("scope"))}</td><td>{_e(c.get("check"))}</td>'
-                            f'<td class="num">{_e(fmt(c.get("value")))}</td><td>{_e(c.get("criterion"))}</td></tr>')
+                            f'<td class="num">{_e(fmt(c.get("value")))}</td>'
+                            f'<td class="num">{_e(fmt(beside) if beside is not None else chr(0x2013))}</td>'
+                            f'<td>{_e(c.get("criterion"))}</td><td class="note">{_e(c.get("basis"))}</td></tr>')
         first = checks[0]
         ver = '<span class="ok">yes</span>' if first.get("verified") else '<span class="unver">NO</span>'
-        out += ("<h3>Coverage of the targets (EQD2 at the target \u03b1/\u03b2)</h3>"
-                f'<table class="constraints"><thead><tr><th>status</th><th>target</th><th>scope</th><th>check</th>'
-                f'<th>value (Gy or %)</th><th>criterion</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
-                f'<p class="note">Reference: {_e(first.get("reference_rule"))} = {_e(fmt(first.get("reference_eqd2_gy")))}'
-                f' Gy EQD2; prescribed range {_e(" - ".join(fmt(x) for x in first.get("prescription_range_gy") or []))}'
-                f' Gy. Verified: {ver}. Source: {_e(first.get("source"))}</p>')
+        rx_dose = next((t.get("prescription_dose_gy") for t in checks if t.get("prescription_dose_gy")), None)
+        out += ("<h3>Coverage of the targets</h3>"
+                '<table class="constraints"><thead><tr><th>status</th><th>target</th><th>volume (cc)</th>'
+                '<th>scope</th><th>check</th><th>judged value (Gy or %)</th><th>EQD2 beside (Gy or %)</th>'
+                f'<th>criterion</th><th>basis</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+                '<p class="note">Target metrics are sampled sub-voxel from each target\u2019s own mask, like the organ '
+                'metrics; the volume of a target is the same in every section. '
+                + ("ICRU 83 criteria (V95%, D95%, D98%, D2%) are judged on the physical dose of the current course "
+                   f"relative to its prescription ({_e(fmt(rx_dose))} Gy); the EQD2 of the same metric at the tumour "
+                   "\u03b1/\u03b2 is given beside it. " if rx_dose else
+                   "The protocol gives no physical prescription: the criteria are judged on the current course\u2019s "
+                   "EQD2. ")
+                + f'D50% is judged on the EQD2 of the prescription\u2019s scope. Reference EQD2: '
+                f'{_e(first.get("reference_rule"))} = {_e(fmt(first.get("reference_eqd2_gy")))} Gy; prescribed range '
+                f'{_e(" - ".join(fmt(x) for x in first.get("prescription_range_gy") or []))} Gy. Verified: {ver}. '
+                f'Source: {_e(first.get("source"))}</p>')
+        mrows = []
+        for t in checks:
+            for label, mm in (("EQD2 " + str(t.get("scope")), t.get("metrics") or {}),
+                              ("physical, current course", t.get("metrics_physical"))):
+                if not mm:
+                    continue
+                mrows.append([_e(t.get("structure")), _e(fmt(t.get("volume_cc"))), _e(label)]
+                             + [_e(fmt(mm.get(k))) for k in ("D98%", "D95%", "D50%", "D2%", "Dmean", "V95%")])
+        if mrows:
+            out += ("<h4>Target metrics</h4>" + _table(["target", "volume (cc)", "dose", "D98% (Gy)", "D95% (Gy)",
+                                                        "D50% (Gy)", "D2% (Gy)", "Dmean (Gy)", "V95% (%)"], mrows))
     return out or None
 
 
 def _reirradiation_type(res: dict) -> str:
     t = res["reirradiation_type"]
     ver = '<span class="ok">yes</span>' if t.get("verified") else '<span class="unver">NO</span>'
-    label = f"Type {t['type']}" if t.get("type") is not None else str(t.get("status", "not evaluated"))
-    desc = str(t.get("description") or "")
+    label = t.get("category") or (f"Type {t['type']}" if t.get("type") is not None else
+                                  str(t.get("status", "not evaluated")).replace("_", " "))
+    desc = str(t.get("description") or t.get("reason") or "")
     if desc.startswith(label):
         desc = desc[len(label):].lstrip(" :\u2013-")
-    rows = [[_e(c.get("course")), _e(fmt(c.get("overlap_cc"))), _e(fmt(c.get("overlap_percent_of_ptv"), 1))]
-            for c in t.get("courses", [])]
+    rows = [[_e(c.get("course")), _e(fmt(c.get("irradiated_cc"))), _e(fmt(c.get("overlap_with_current_cc"))),
+             _e(fmt(c.get("overlap_with_ptv_cc")))] for c in t.get("courses", [])]
     out = (f'<p class="big"><b>{_e(label)}</b> \u2013 {_e(desc)}</p>'
-           f'<p>{_e(t.get("ptv"))}: {_e(fmt(t.get("ptv_volume_cc")))} cc; overlap with prior physical dose \u2265 '
-           f'{_e(fmt(t.get("threshold_gy"), 1))} Gy: {_e(fmt(t.get("overlap_cc")))} cc. Threshold verified: {ver}. '
-           f'Source: {_e(t.get("source"))}</p>')
+           f'<p><b>Rule (protocol):</b> {_e(t.get("rule"))}. Current course irradiated volume: '
+           f'{_e(fmt(t.get("current_irradiated_cc")))} cc. Threshold verified: {ver}. Source: {_e(t.get("source"))}</p>')
+    if t.get("ptv"):
+        out += (f'<p>{_e(t.get("ptv"))}: {_e(fmt(t.get("ptv_volume_cc")))} cc (its overlap with each prior irradiated '
+                'volume is given for information; the category is judged on the irradiated volumes).</p>')
+    if t.get("organs_irradiated_by_both"):
+        out += f'<p>Organs at risk in both irradiated volumes: {_e(", ".join(t["organs_irradiated_by_both"]))}</p>'
     if rows:
-        out += _table(["prior course", "overlap (cc)", "% of PTV"], rows, "narrow")
+        out += _table(["prior course", "irradiated volume (cc)", "overlap with the current irradiated volume (cc)",
+                       f"overlap with {_e(t.get('ptv') or 'the PTV')} (cc)"], rows, "narrow")
     for n in t.get("notes") or []:
         out += f'<p class="note">{_e(n)}</p>'
     return out
@@ -514,7 +616,10 @@ td.num{text-align:right;white-space:nowrap} td.src{font-size:8pt;max-width:320px
 tr.st-pass td.status{background:#cdeccd;color:#0b5d0b;font-weight:bold}
 tr.st-fail td{background:#fde0e0} tr.st-fail td.status{background:#d62728;color:#fff;font-weight:bold}
 tr.st-warn td{background:#fff4d6} tr.st-warn td.status{background:#f0a500;color:#000;font-weight:bold}
-tr.st-no_limit td.status{background:#e4e4e4;color:#444} tr.st-not_evaluated td.status{background:#e9e1f5;color:#4b2a7b}
+tr.st-no_limit td.status{background:#e4e4e4;color:#444}
+tr.st-condition_not_met td{background:#f7e3f0} tr.st-condition_not_met td.status{background:#8e1b6b;color:#fff;font-weight:bold}
+ul.conds{margin:0;padding-left:14px} .vlist{font-size:9.5pt;margin-top:4px} .vlist ul{margin:2px 0 0 0}
+.v-incomplete{border-color:#6b4ea0;background:#efe8f8} tr.st-not_evaluated td.status{background:#e9e1f5;color:#4b2a7b}
 .unver{color:#b00000;font-weight:bold} .ok{color:#0b5d0b}
 .verdict{border:3px solid #333;padding:8px 12px;margin:10px 0;font-size:12pt}
 .v-fail{border-color:#d62728;background:#fde0e0} .v-warn{border-color:#f0a500;background:#fff4d6}

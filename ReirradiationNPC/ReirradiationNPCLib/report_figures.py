@@ -66,8 +66,10 @@ def _threshold_gy(con: dict) -> float | None:
 
 
 def _map_for(con: dict, cumulative: np.ndarray, course_eqd2: dict, current: str) -> tuple[str, np.ndarray]:
-    if con.get("scope") == "current" and current in course_eqd2:
-        return current, course_eqd2[current]
+    if con.get("scope") in ("current", "per_course"):
+        course = con.get("course") or current
+        if course in course_eqd2:
+            return course, course_eqd2[course]
     return "cumulative", cumulative
 
 

@@ -11,18 +11,25 @@ class ConstraintResult:
     organ: str
     structure: str | None
     metric: str
-    scope: str                  # cumulative | current
-    value: float | None         # Gy (D metrics, EQD2) or cc / % (V metrics)
+    scope: str                  # cumulative | current | per_course
+    value: float | None         # Gy (D metrics, EQD2) or cc / % (V metrics): the judged value
     limit: float | None
     unit: str                   # Gy | cc | %
-    status: str                 # pass | warn | fail | no_limit | not_evaluated
+    status: str                 # pass | warn | fail | condition_not_met | no_limit | not_evaluated
     source: str
     verified: bool
     priority: int | None = None
     margin: float | None = None  # limit - value (positive = room left), same unit
     alpha_beta: float | None = None
-    recovery_credit: dict[str, float] = field(default_factory=dict)  # prior course -> credit used
+    recovery_credit: dict[str, float] = field(default_factory=dict)  # prior course -> credit (cumulative rows)
     note: str = ""
+    #: cumulative rows: "undiscounted" | "credited", the sum the limit is judged on (``value`` is that one)
+    basis: str | None = None
+    value_undiscounted: float | None = None   # cumulative rows: plain sum of the courses' EQD2
+    value_credited: float | None = None       # cumulative rows: sum with the protocol's recovery credit
+    #: the limit's conditions on this case: {"condition", "required", "actual", "met"}
+    conditions: list[dict] = field(default_factory=list)
+    course: str | None = None                 # per_course rows (and current rows): the course judged
 
 
 @dataclass
@@ -40,6 +47,8 @@ class StructureResult:
     #: exported map(s) on which this structure's table values are to be checked (pipeline.check_on_file):
     #: {"nrrd", "dicom", "alpha_beta", "recovery_credit", "values", "undiscounted": {"nrrd", "dicom"} | None}
     check_on_file: dict = field(default_factory=dict)
+    #: metric -> value of the cumulative EQD2 WITHOUT recovery credit (plain sum; ``metrics["cumulative"]`` is credited)
+    cumulative_undiscounted: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass

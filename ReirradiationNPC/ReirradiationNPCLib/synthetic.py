@@ -5,8 +5,9 @@ reason about it. Nothing large is committed: the case is generated in seconds.
 
 - Current planning CT (HU) with External, Brainstem, SpinalCord, OpticChiasm, OpticNrv_L/R, Lobe_Temporal_L/R,
   A_Carotid_L/R, Cochlea_L/R, Parotid_L/R and a recurrent GTVp at the skull base.
-- Prior course: 70 Gy in 33 fractions to the nasopharynx and upper neck, with a realistic fall-off, on a 3 mm
-  grid, written twice: in the prior CT's frame (``dose_course1_prior_frame.nrrd``, used by ``case.yaml`` with
+- Prior course: NPC IMRT as planned against RTOG 0615-style constraints: 70 Gy in 33 fractions to the primary,
+  59.4 Gy to the high-risk nodal regions, 54 Gy to the lower neck, cord max ~45 Gy, brainstem max ~54 Gy,
+  temporal-lobe hot spots 60-70 Gy, with a realistic fall-off, on a 3 mm grid, written twice: in the prior CT's frame (``dose_course1_prior_frame.nrrd``, used by ``case.yaml`` with
   ``registration: rigid`` of ``ct_prior.nrrd``, as the demo runs it) and in the current CT's frame
   (``dose_course1.nrrd``, used by ``case_identity.yaml`` with ``registration: identity``).
 - Current course: 65 Gy in 54 twice-daily fractions to the recurrence plus margin, on a 2.5 mm grid.
@@ -80,6 +81,14 @@ class Cylinder:
         dist2 = (x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2
         return (t >= 0) & (t <= 1) & (dist2 <= self.r ** 2)
 
+    def approx_distance(self, x, y, z):
+        """Signed distance (mm) to the capsule around the segment (exact outside the flat ends' rim)."""
+        p0 = np.asarray(self.p0)
+        d = np.asarray(self.p1) - p0
+        t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / float(d @ d), 0.0, 1.0)
+        px, py, pz = p0[0] + t * d[0], p0[1] + t * d[1], p0[2] + t * d[2]
+        return np.sqrt((x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2) - self.r
+
 
 GTV = Ellipsoid((6.0, -8.0, 16.0), (14.0, 12.0, 13.0))
 STRUCTURES = {
@@ -104,12 +113,27 @@ AIRWAY = Ellipsoid((0.0, -24.0, -5.0), (9.0, 18.0, 16.0))
 VERTEBRA = Cylinder((0.0, 38.0, -150.0), (0.0, 38.0, 0.0), 15.0)
 CANAL = Cylinder((0.0, 36.0, -150.0), (0.0, 36.0, 6.0), 7.5)
 
-# Prior course targets (nasopharynx + skull base, bilateral upper neck) and the current course target.
-PRIOR_TARGETS = [Ellipsoid((0.0, -2.0, 12.0), (34.0, 24.0, 32.0)),
-                 Ellipsoid((30.0, 12.0, -40.0), (22.0, 22.0, 42.0)),
-                 Ellipsoid((-30.0, 12.0, -40.0), (22.0, 22.0, 42.0))]
-# the current plan covers the PTV (GTV + 5 mm CTV + 3 mm PTV in the demo protocol) with a 2.5 mm penumbra
-CURRENT_TARGET = Ellipsoid(GTV.c, tuple(a + 12.5 for a in GTV.r))
+# Prior course: NPC IMRT as planned against RTOG 0615-style first-course constraints. Dose levels (Gy, 33 fractions):
+# 70 Gy to the primary (nasopharynx and skull base), 59.4 Gy to the high-risk nodal regions (retropharyngeal and
+# bilateral upper neck), 54 Gy to the lower neck; organs at risk spared down to their first-course constraint with a
+# steep IMRT gradient (PRIOR_SPARING): cord max ~45 Gy, brainstem max ~54 Gy, optic chiasm/nerves ~50 Gy; the
+# temporal lobes next to the skull base keep hot spots of 60-70 Gy (their usual compromise).
+PRIOR_LEVELS = [  # (targets, physical dose Gy)
+    ([Ellipsoid((0.0, -2.0, 12.0), (34.0, 24.0, 32.0))], 70.0),
+    ([Ellipsoid((30.0, 12.0, -40.0), (22.0, 22.0, 42.0)), Ellipsoid((-30.0, 12.0, -40.0), (22.0, 22.0, 42.0)),
+      Ellipsoid((0.0, 14.0, -10.0), (20.0, 10.0, 22.0)),    # retropharyngeal nodes
+      Ellipsoid((16.0, 32.0, -45.0), (9.0, 12.0, 40.0)),    # posterior neck (levels II-Va) beside the cord
+      Ellipsoid((-16.0, 32.0, -45.0), (9.0, 12.0, 40.0))], 59.4),
+    ([Ellipsoid((28.0, 14.0, -100.0), (20.0, 20.0, 30.0)), Ellipsoid((-28.0, 14.0, -100.0), (20.0, 20.0, 30.0))],
+     54.0),
+]
+#: organ -> (dose the first-course plan held it to (Gy, physical), IMRT gradient away from it (Gy per mm))
+PRIOR_SPARING = {"SpinalCord": (45.0, 2.0), "Brainstem": (52.0, 2.0), "OpticChiasm": (50.0, 2.0),
+                 "OpticNrv_L": (50.0, 2.0), "OpticNrv_R": (50.0, 2.0), "Lobe_Temporal_L": (66.0, 2.0),
+                 "Lobe_Temporal_R": (66.0, 2.0)}
+# the current plan covers the PTV (GTV + 5 mm CTV + 3 mm PTV in the demo protocol): 50 % isodose 5.5 mm outside it,
+# 2.5 mm penumbra (PTV D98% above 95 % of the prescription, as an accepted clinical plan)
+CURRENT_TARGET = Ellipsoid(GTV.c, tuple(a + 13.5 for a in GTV.r))
 CURRENT_NORMALISATION = 1.03  # hot spot ~103 %, as a clinical plan normalised to PTV coverage
 
 
@@ -132,9 +156,9 @@ def _erfc_arr(x):
     return np.where(x >= 0, r, 2.0 - r)
 
 
-def _dose(x, y, z, targets, prescription, sigma_mm, bath_fraction, bath_mm):
+def _dose(x, y, z, targets, prescription, sigma_mm, bath_fraction, bath_mm, shift_mm=0.0):
     dist = np.min([t.approx_distance(x, y, z) for t in targets], axis=0)
-    core = 0.5 * _erfc_arr(dist / (sigma_mm * math.sqrt(2.0)))
+    core = 0.5 * _erfc_arr((dist - shift_mm) / (sigma_mm * math.sqrt(2.0)))
     bath = bath_fraction * np.exp(-np.maximum(dist, 0.0) / bath_mm)
     return (prescription * np.maximum(core, bath)).astype(np.float32)
 
@@ -177,7 +201,15 @@ def prior_dose(in_prior_frame: bool = False) -> np.ndarray:
         x, y, z = _coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
     else:
         x, y, z = _coords(PRIOR_DOSE_GRID)
-    dose = _dose(x, y, z, PRIOR_TARGETS, PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6, bath_mm=28.0)
+    # the 50 % isodose of each level 6 mm outside its PTV (PTV surface ~95 %), 4 mm penumbra
+    dose = np.max([_dose(x, y, z, targets, level, sigma_mm=4.0, bath_fraction=0.45, bath_mm=30.0, shift_mm=6.0)
+                   for targets, level in PRIOR_LEVELS], axis=0)
+    for name, (cap, gradient) in PRIOR_SPARING.items():  # inverse-planned sparing: capped near each organ
+        allowed = cap + gradient * np.maximum(STRUCTURES[name].approx_distance(x, y, z), 0.0)
+        # a smooth minimum (1 Gy rounding): a planned dose has no kink where the sparing starts
+        k = 1.0
+        low = np.minimum(dose, allowed)
+        dose = (low - k * np.log1p(np.exp(-np.abs(dose - allowed) / k))).astype(np.float32)
     dose *= _body(x, y, z)
     return dose
 
