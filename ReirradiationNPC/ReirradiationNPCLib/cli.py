@@ -434,5 +434,29 @@ def scan(ctx, folder, write_case):
     _guard(go, ctx.obj["verbose"])
 
 
+@main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--port", type=int, default=8080, show_default=True, help="TCP port of the review server.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind (127.0.0.1: this machine only; 0.0.0.0 opens it to the network).")
+@click.pass_context
+def review(ctx, results_dir, port, host):
+    """Serve a run's results (scene.mrb, else NRRD outputs and results.json) in the browser, read-only
+    (needs the 'review' extra: trame-slicer). Ctrl-C stops."""
+    from .review_results import load_run
+
+    def go():
+        load_run(results_dir)  # a clear message for a folder that is not a run's output, before any heavy import
+        try:
+            from .mrml_web_review import check_available, serve
+        except ImportError as exc:
+            raise InputError(f"review needs the 'review' extra ({exc}); install it with "
+                             'pip install "reirradiation-npc[review]"', field="review") from None
+        check_available()
+        serve(results_dir, port=port, host=host, echo=click.echo)
+
+    _guard(go, ctx.obj["verbose"])
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

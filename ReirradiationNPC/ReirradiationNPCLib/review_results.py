@@ -1,0 +1,132 @@
+"""What ``reirradiation-npc review`` shows, read from a run's output folder without Slicer or trame: the verdict,
+the constraint table rows, and the worst voxel of an organ (pure numpy; the MRML/trame side is mrml_web_review.py).
+
+Rows are read defensively (``.get``): fields such as ``basis`` and ``summary.verdict_code`` are added by other parts
+of the engine and may be absent in older results.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import InputError
+
+RESULTS_FILE = "results.json"
+SCENE_FILE = "scene.mrb"  # same name as mrml_scene.SCENE_FILE (not imported: that module needs slicer)
+
+
+@dataclass
+class RunOutput:
+    """A run's output folder as the review reads it (nothing is written)."""
+    folder: Path
+    results: dict
+    scene: Optional[Path]  # scene.mrb when present
+    nrrd: list = field(default_factory=list)  # NRRD outputs (used when there is no scene.mrb)
+
+
+def load_run(folder) -> RunOutput:
+    """Validate ``folder`` as the output of ``reirradiation-npc run`` and read its results.json.
+
+    Raises InputError (one line, naming the folder/file) when it is not a run's output."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (give the output folder of `reirradiation-npc run`)",
+                         field="RESULTS_DIR")
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: no {RESULTS_FILE} here; this is not the output of `reirradiation-npc run`",
+                         field="RESULTS_DIR")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot be read as JSON ({exc})", field="RESULTS_DIR") from None
+    if not isinstance(results, dict) or not isinstance(results.get("constraints"), list) \
+            or not isinstance(results.get("summary"), dict):
+        raise InputError(f"{path}: no 'constraints' list or 'summary'; not a results.json of `reirradiation-npc run`",
+                         field="RESULTS_DIR")
+    scene = folder / SCENE_FILE
+    return RunOutput(folder, results, scene if scene.is_file() else None, sorted(folder.glob("*.nrrd")))
+
+
+def verdict_line(results: dict) -> str:
+    """The verdict with its code, e.g. ``[limits_exceeded] 3 limit(s) exceeded; ...``."""
+    summary = results.get("summary") or {}
+    code = summary.get("verdict_code")
+    text = str(summary.get("verdict") or "no verdict in results.json")
+    return f"[{code}] {text}" if code else text
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.2f}{(' ' + unit) if unit else ''}"
+    return f"{value}{(' ' + unit) if unit and isinstance(value, int) else ''}"
+
+
+def table_rows(results: dict) -> list:
+    """Constraint rows as plain display strings (index = position in results.json ``constraints``)."""
+    rows = []
+    for i, c in enumerate(results.get("constraints") or []):
+        if not isinstance(c, dict):
+            continue
+        unit = str(c.get("unit") or "")
+        scope = c.get("scope") or ""
+        if scope == "per_course" and c.get("course"):
+            scope = f"per_course ({c.get('course')})"
+        verified = c.get("verified")
+        rows.append({
+            "index": i,
+            "structure": str(c.get("structure") or c.get("organ") or "?"),
+            "metric": str(c.get("metric") or ""),
+            "scope": str(scope),
+            "status": str(c.get("status") or "?"),
+            "value": _fmt(c.get("value"), unit),
+            "limit": _fmt(c.get("limit"), unit),
+            "basis": str(c.get("basis") or "—"),
+            "verified": "yes" if verified is True else ("no" if verified is False else "—"),
+            "source": str(c.get("source") or "—"),
+        })
+    return rows
+
+
+def worst_point(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, dose: np.ndarray, dose_ras_to_ijk: np.ndarray):
+    """The RAS position (mm) and value (Gy) of the highest ``dose`` voxel whose centre lies inside ``mask``.
+
+    ``mask`` and ``dose`` are indexed [k, j, i]; the matrices are 4x4 (IJK->RAS of the mask, RAS->IJK of the dose).
+    A dose voxel is inside when its centre falls (nearest voxel) on a true mask voxel; the value is the voxel's own,
+    not interpolated, so it can sit slightly below the sub-voxel Dmax of the results table.
+    Returns (ras (3,), value) or None when no dose voxel centre falls inside the mask."""
+    kji = np.argwhere(mask)
+    if kji.size == 0:
+        return None
+    m2r = np.asarray(mask_ijk_to_ras, float)
+    r2d = np.asarray(dose_ras_to_ijk, float)
+    # bounding box of the mask (voxel corners) in dose IJK
+    lo, hi = kji.min(axis=0)[::-1] - 0.5, kji.max(axis=0)[::-1] + 0.5
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    dc = corners @ (r2d @ m2r).T
+    shape_ijk = np.array(dose.shape[::-1])
+    start = np.clip(np.floor(dc[:, :3].min(axis=0)).astype(np.int64), 0, shape_ijk)
+    stop = np.clip(np.ceil(dc[:, :3].max(axis=0)).astype(np.int64) + 1, 0, shape_ijk)
+    if np.any(stop <= start):
+        return None
+    ii, jj, kk = np.meshgrid(*[np.arange(a, b) for a, b in zip(start, stop)], indexing="ij")
+    dijk = np.c_[ii.ravel(), jj.ravel(), kk.ravel()]
+    d2m = np.linalg.inv(m2r) @ np.linalg.inv(r2d)
+    mijk = np.rint(np.c_[dijk.astype(float), np.ones(len(dijk))] @ d2m.T)[:, :3].astype(np.int64)
+    inside = np.all((mijk >= 0) & (mijk < np.array(mask.shape[::-1])), axis=1)
+    dijk, mijk = dijk[inside], mijk[inside]
+    keep = mask[mijk[:, 2], mijk[:, 1], mijk[:, 0]].astype(bool)
+    if not keep.any():
+        return None
+    dijk = dijk[keep]
+    values = dose[dijk[:, 2], dijk[:, 1], dijk[:, 0]]
+    best = int(np.argmax(values))
+    ras = np.linalg.inv(r2d) @ np.r_[dijk[best].astype(float), 1.0]
+    return ras[:3].copy(), float(values[best])
