@@ -26,6 +26,7 @@ from .dicom_rt import check_case_inputs, load_dose_any, load_image_any, load_str
 from .sampling import crop_to_structure
 from .protocol import Protocol, load_protocol
 from .results import Results
+from .timing import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,9 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
         for writer in extra_outputs:
             files.update(writer(stage, prep, analysis, results, planning, progress))
         results.outputs = files
+        timings = getattr(progress, "timings", None)   # a timing.StageClock: each stage's wall time (s)
+        if callable(timings):
+            results.timings = timings()
         (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
         for name in list(files) + ["results.json"]:
             os.replace(stage / name, out_dir / name)
@@ -377,6 +381,7 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
     if overwrite and (out_dir / "results.json").exists():
         (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
+    progress = StageClock(progress)   # records each stage's time for results.json (timings)
     case = load_case(Path(case_path))
     if protocol is not None:
         case = dataclasses.replace(case, protocol=str(protocol))

@@ -264,4 +264,5 @@ def _write_float(arr: np.ndarray, grid: Grid, path: Path, description: str, extr
     img.SetMetaData("units", "Gy")
     for k, v in extra.items():
         img.SetMetaData(k, v)
-    sitk.WriteImage(img, str(path), useCompression=True)
+    from .io import COMPRESSION_LEVEL, should_compress
+    sitk.WriteImage(img, str(path), useCompression=should_compress(arr), compressionLevel=COMPRESSION_LEVEL)

@@ -9,7 +9,8 @@ Methods (case file ``registration.method``):
 
 - ``identity``: the prior course is already in the reference frame.
 - ``rigid``: Euler (3 rotations + 3 translations), Mattes mutual information, multi-resolution gradient
-  descent; the reference CT is the fixed image, the prior course's CT (``image:``) the moving image.
+  descent, then normalised correlation; the reference CT is the fixed image, the prior course's CT (``image:``)
+  the moving image; both first averaged to working voxels of about 2.5 mm (``working_spacing_mm``).
 - ``deformable``: ``rigid`` followed by (``algorithm: demons``, default) diffeomorphic demons on the CT
   intensities (a smooth displacement field; diffeomorphic updates, so no folding) or (``algorithm: bspline``) a
   cubic B-spline free-form deformation (mean squares, L-BFGS-B), SimpleITK. Demons, validated on a textured
@@ -55,7 +56,8 @@ RIGID_DEFAULTS = {
     "samples_per_level": 50000,       # random metric samples per level (inside the mask)
     "iterations": 200,                # maximum optimizer iterations per level
     "histogram_bins": 50,             # Mattes mutual information
-    "metric": "correlation",          # final full-resolution stage: correlation (same modality, CT-CT) | mattes
+    "metric": "correlation",          # final stage: correlation (same modality, CT-CT) | mattes
+    "working_spacing_mm": 2.5,        # voxels averaged (bin shrink) to about this size before registering; 0: native
 }
 DEMONS_DEFAULTS = {
     "demons_shrink_factors": [2, 1],  # coarse to fine
@@ -70,27 +72,29 @@ DEFORMABLE_DEFAULTS = {
     "bspline_smoothing_sigmas_mm": [2.0, 1.0],
     "bspline_samples_per_level": 50000,
 }
-# Finest-level polish after the pyramid (tuned on the synthetic phantom, 2 mm and 1.5x1.5x2.5 mm voxels, rotations
-# up to 5 deg, shifts up to 15 mm): regular-step gradient descent with 3x the samples, then 10 conjugate-gradient
-# line-search iterations, which recover weakly constrained rotations (e.g. about the cranio-caudal axis of the
-# nearly symmetric phantom) that step-halving stops short of. Then (metric: correlation, the default) a final
-# full-resolution stage with normalised correlation, images smoothed by 1.5 voxels: without smoothing, the
-# aliased edges of the analytic phantom bias every metric's optimum (up to 0.87 mm at the head-box corners
-# for 1 deg about z); with it the optimum is within 0.2-0.35 mm of the truth. Measured over 14 seeded
-# random transforms at 2 mm isotropic voxels: max displacement error over the head box 0.47 mm, mean 0.30 mm
-# (MI only: up to 0.87 mm), 8-13 s on 2 busy cores.
+# Stages (tuned on the synthetic phantom, 2 mm and 1.5x1.5x2.5 mm voxels, rotations up to 5 deg, shifts up to
+# 15 mm, and on the 512x512x150 clinical-size case): on the working images (voxels averaged to about
+# working_spacing_mm), a Mattes MI pyramid, a finest-level polish (regular-step gradient descent, small steps),
+# then (metric: correlation, the default) a final stage with normalised correlation, images smoothed by 1.5
+# voxels: without smoothing, the aliased edges of the analytic phantom bias every metric's optimum (up to 0.87 mm
+# at the head-box corners for 1 deg about z); with it the optimum is within 0.2-0.35 mm of the truth.
+# Measured (issue 15, docs/benchmarks.md): clinical-size case 0.11 mm max error over the head box; 2 mm phantom
+# seeds 11 and 7: 0.36 and 0.24 mm; demo-grid known transforms 0.18 and 0.42 mm. The earlier scheme (3x polish
+# samples, 10 conjugate-gradient iterations, 200 000 final samples, native voxels) reached the same accuracy on
+# these cases for 3-4x the CPU time.
 REFINE_ITERATIONS = 40                 # polish: at most this many regular-step iterations
 REFINE_STEP = 1.0                      # polish: first step (scaled units, about mm at the image's far corner)
 REFINE_SIGMA_MM = None                 # polish smoothing (mm); None: the last level's
 REFINE_INTERPOLATOR = sitk.sitkLinear
-REFINE_OPTIMIZER = "cg"                # "cg": add the conjugate-gradient stage; "rsgd": regular-step only
+REFINE_OPTIMIZER = "rsgd"              # "cg": add 10 conjugate-gradient line-search iterations after the polish
 CG_ITERATIONS = 10
-REFINE_SAMPLES = 3                     # polish: this many times samples_per_level
-FINAL_SAMPLES = 200_000                # final correlation stage: random samples in the body mask (fixed seed)
-FINAL_STEP = 2.0                       # final stage: first step (scaled units, ~mm at the far corner)
+REFINE_SAMPLES = 1                     # polish: this many times samples_per_level
+FINAL_SAMPLES = 100_000                # final correlation stage: random samples in the body mask (fixed seed)
+FINAL_STEP = 2.0                       # final stage: first step (scaled units, ~mm at the far corner); 0.5 stopped
+                                       # short on the 2 mm phantom (seed 11: 0.52 mm)
 FINAL_ITERATIONS = 100
 FINAL_OPTIMIZER = "rsgd"
-FINAL_SIGMA_VOXELS = 1.5              # final stage smoothing: this many times the largest voxel spacing
+FINAL_SIGMA_VOXELS = 1.5              # final stage smoothing: this many times the largest working voxel spacing
 FINAL_SAMPLING = "random"
 BSPLINE_METRIC = "meansquares"         # same-modality CT (Mattes MI did worse on the phantom: 3.3-4.3 mm)
 DEMONS_HU_MIN, DEMONS_HU_MAX = -1000.0, 1500.0   # demons intensity window (HU)
@@ -168,6 +172,8 @@ def validate_options(reg, src: str, key: str, base: Path) -> dict:
             fail(k, f"must be 'geometry', 'moments' or 'none', got {reg[k]!r}")
         elif k == "body_threshold_hu":
             out[k] = number(k, -1024.0)
+        elif k == "working_spacing_mm":
+            out[k] = number(k, 0.0, hi=10.0)
         elif k in ("iterations", "bspline_iterations"):
             out[k] = number(k, 1, integer=True, hi=10000)
         elif k in ("samples_per_level", "bspline_samples_per_level"):
@@ -269,6 +275,27 @@ def body_mask(image: sitk.Image, threshold_hu: float, dilate_mm: float = 5.0) ->
     return sitk.Cast(sitk.BinaryDilate(largest, radius), sitk.sitkUInt8)
 
 
+def working_image(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """The image with its voxels averaged in blocks (SimpleITK BinShrink) to about ``spacing_mm`` along each axis
+    (integer factor per axis: round(spacing_mm / spacing), at least 1). Averaging, not sub-sampling: each working
+    voxel is the mean of the voxels it covers (partial volume, no aliasing). ``spacing_mm`` <= 0: the image itself.
+
+    Example: a 512 x 512 x 150 CT of 0.98 x 0.98 x 2.5 mm becomes 171 x 171 x 150 voxels of 2.94 x 2.94 x 2.5 mm
+    (13x fewer voxels); a CT of 2 mm or 3 mm voxels is left as it is."""
+    if not spacing_mm or spacing_mm <= 0:
+        return image
+    factors = [max(1, int(round(float(spacing_mm) / s))) for s in image.GetSpacing()]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def _mask_on(mask: sitk.Image | None, image: sitk.Image) -> sitk.Image | None:
+    """``mask`` on the grid of ``image`` (nearest neighbour), or the mask itself when the grids agree."""
+    if mask is None or (mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
+                        and mask.GetSpacing() == image.GetSpacing()):
+        return mask
+    return sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
 def _crop_to_mask(image: sitk.Image, mask: sitk.Image, pad_mm: float = 10.0):
     arr = sitk.GetArrayViewFromImage(mask)
     box = bounding_box(arr > 0)
@@ -311,6 +338,8 @@ def mattes_mi(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     if mask is not None:
         R.SetMetricFixedMask(mask)
     R.SetInterpolator(sitk.sitkLinear)
+    R.SetMetricUseMovingImageGradientFilter(False)   # a value only: no gradient images
+    R.SetMetricUseFixedImageGradientFilter(False)
     R.SetInitialTransform(transform)
     try:
         return -float(R.MetricEvaluate(fixed, moving))
@@ -330,6 +359,11 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
     """
     p = RIGID_DEFAULTS | (options or {})
     p = {k: p[k] for k in RIGID_DEFAULTS}
+    # the working images: voxels averaged to about working_spacing_mm (a clinical 0.98 x 0.98 x 2.5 mm CT has 13x
+    # fewer voxels at 2.94 x 2.94 x 2.5 mm); every stage below runs on them
+    fixed = working_image(fixed, p["working_spacing_mm"])
+    moving = working_image(moving, p["working_spacing_mm"])
+    p["working_voxel_mm"] = [float(v) for v in fixed.GetSpacing()]
     if p["smoothing_sigmas_mm"] is None:
         s_max = max(fixed.GetSpacing())
         p["smoothing_sigmas_mm"] = [s_max * 2.0 ** (1 - i) for i in range(len(p["shrink_factors"]))]
@@ -337,17 +371,23 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
         raise InputError("shrink_factors and smoothing_sigmas_mm must have the same length", field="registration")
     if mask is None and p["mask"] == "body":
         mask = body_mask(fixed, p["body_threshold_hu"])
-    if mask is not None:
-        fixed, mask = _crop_to_mask(fixed, mask)
+    mask = _mask_on(mask, fixed)
+    # initial transform from the whole images: the fixed image cropped to its body box has another geometric
+    # centre than the uncropped moving image (on the clinical-size case 25 mm apart, which the optimizer then
+    # crawled back over hundreds of iterations)
     init_mode = p["initialization"]
     if init_mode == "none":
         init = sitk.Euler3DTransform()
-        lo, hi = Grid.of_image(fixed).bounds_mm()
-        init.SetCenter(tuple(float(v) for v in (lo + hi) / 2))
     else:
         mode = (sitk.CenteredTransformInitializerFilter.GEOMETRY if init_mode == "geometry"
                 else sitk.CenteredTransformInitializerFilter.MOMENTS)
         init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
+    if mask is not None:
+        fixed, mask = _crop_to_mask(fixed, mask)
+    # rotations about the centre of the (cropped) fixed image; the initial transform has no rotation, so moving
+    # its centre does not change where it maps points
+    lo, hi = Grid.of_image(fixed).bounds_mm()
+    init.SetCenter(tuple(float(v) for v in (lo + hi) / 2))
     iters: list[int] = []
 
     def run(initial, shrink, sigmas, samples, lr, min_step, iterations, interpolator=sitk.sitkLinear,
@@ -402,7 +442,7 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, options: dict | None = None,
         tx, stop = run(tx, [p["shrink_factors"][-1]], [polish_sigma], p["samples_per_level"], 1.0, 1e-3,
                        CG_ITERATIONS, REFINE_INTERPOLATOR, REFINE_OPTIMIZER)
     if p["metric"] == "correlation":
-        # same-modality final stage: normalised correlation at full resolution, images smoothed by 1.5 voxels
+        # same-modality final stage: normalised correlation on the working images, smoothed by 1.5 voxels
         # (removes the aliasing bias of sharp edges; sharper than mutual information for CT to CT; insensitive to
         # a linear HU recalibration between the scans)
         final_sigma = FINAL_SIGMA_VOXELS * max(fixed.GetSpacing())
@@ -703,7 +743,11 @@ def register_course(course: str, options: dict, reference: Volume | None, prior_
     fixed = moving = body = None
     thr = options.get("body_threshold_hu", RIGID_DEFAULTS["body_threshold_hu"])
     if reference is not None and prior_image is not None:
-        fixed, moving = _float_image(reference), _float_image(prior_image)
+        # registration, its QA metric and the body mask on the working images (voxels averaged to about
+        # working_spacing_mm; see working_image)
+        ws = options.get("working_spacing_mm", RIGID_DEFAULTS["working_spacing_mm"])
+        fixed = working_image(_float_image(reference), ws)
+        moving = working_image(_float_image(prior_image), ws)
         body = body_mask(fixed, thr)
         if not sitk.GetArrayViewFromImage(body).any():
             body = None
@@ -866,7 +910,8 @@ def qa_dict(outcome: RegistrationOutcome) -> dict:
                       "(ITK resampling convention); the prior dose is sampled there with linear interpolation",
          "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in outcome.parameters.items()},
          "time_s": outcome.time_s,
-         "similarity_metric": "Mattes mutual information (nats, higher = better aligned), reference CT body mask",
+         "similarity_metric": "Mattes mutual information (nats, higher = better aligned), reference CT body mask, "
+                              "on the working images (voxels averaged to about working_spacing_mm)",
          "mattes_mi_before": outcome.metric_before, "mattes_mi_after": outcome.metric_after}
     aff = outcome.affine_matrix()
     if aff is not None:

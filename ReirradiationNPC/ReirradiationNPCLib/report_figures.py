@@ -199,19 +199,23 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
         cu, cv = {0: (i, j), 1: (i, k), 2: (j, k)}[axis]
         ax.axhline(ov + cv * sv, color="white", lw=0.5, ls=":")
         ax.axvline(ou + cu * su, color="white", lw=0.5, ls=":")
-        ax.set_title(f"{title} (slice {idx})", fontsize=10)
+        ax.set_title(f"{title} (slice {idx})", fontsize=10, y=1.0)
         ax.set_xlabel(xl, fontsize=8)
         ax.set_ylabel(yl, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_aspect("equal")
+    # fixed layout instead of a tight bounding box (that draws the whole figure twice); before the colour bar,
+    # which takes its room from these axes
+    fig.subplots_adjust(left=0.05, right=0.94, bottom=0.1 + 0.045 * ((len(handles) + 5) // 6), top=0.95,
+                        wspace=0.3)
     cbar = fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01)
     cbar.set_label(("cumulative EQD2" if focus.map_name == "cumulative" else f"EQD2 of {focus.map_name}")
                    + " (Gy)", fontsize=9)
     labels = [("voxels of " + focus.structure + f" \u2265 {focus.threshold_gy:g} Gy") if n == "__viol__" else n
               for n in handles]
     fig.legend(list(handles.values()), labels, loc="lower center", ncol=min(6, max(1, len(handles))),
-               fontsize=8, frameon=False, bbox_to_anchor=(0.45, -0.06))
-    return _png(fig)
+               fontsize=8, frameon=False, bbox_to_anchor=(0.45, 0.0))
+    return _png(fig, tight=False)
 
 
 def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) -> bytes | None:
@@ -231,6 +235,13 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
     nrow = (len(structs) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 2.9 * nrow), squeeze=False)
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    # one key for the curve styles above the panels; each panel's legend lists only its limits (a legend per
+    # panel repeating the curve styles cost a third of the report's drawing time)
+    from matplotlib.lines import Line2D
+    key = [Line2D([0], [0], ls=styles[n % len(styles)], color="0.45", lw=1.0) for n in range(len(courses))]
+    key.append(Line2D([0], [0], color="black", lw=2.0))
+    fig.legend(key, [f"{c} (EQD2, no credit)" for c in courses] + ["cumulative EQD2 (structure colour)"],
+               loc="upper center", ncol=len(key), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
     for ax, s in zip(axes.ravel(), structs):
         cv = curves[s["name"]]
         col = structure_colors.get(s["name"], "black")
@@ -238,12 +249,11 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
         for n, course in enumerate(courses):
             if course in cv:
                 c = cv[course]
-                ax.plot(c.dose_gy, c.volume_percent, ls=styles[n % len(styles)], color="0.45", lw=1.0,
-                        label=f"{course} (EQD2, no credit)")
+                ax.plot(c.dose_gy, c.volume_percent, ls=styles[n % len(styles)], color="0.45", lw=1.0)
                 xmax = max(xmax, float(c.dose_gy[-1]))
         if "cumulative" in cv:
             c = cv["cumulative"]
-            ax.plot(c.dose_gy, c.volume_percent, color=col, lw=2.0, label="cumulative EQD2")
+            ax.plot(c.dose_gy, c.volume_percent, color=col, lw=2.0)
             xmax = max(xmax, float(c.dose_gy[-1]))
         for con in cons_by_struct.get(s["name"], []):
             lim = con.get("limit")
@@ -267,17 +277,20 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
                 xmax = max(xmax, lim * 1.05)
         ax.set_xlim(0, xmax * 1.02)
         ax.set_ylim(0, 102)
+        ax.set_yticks([0, 20, 40, 60, 80, 100])
+        # y given: the title is not re-positioned around the tick labels at every draw (costly, not needed here)
         ax.set_title(f"{s['name']} ({s.get('organ') or 'unmatched'}, \u03b1/\u03b2 {s['alpha_beta']:g} Gy)",
-                     fontsize=9)
+                     fontsize=9, y=1.0)
         ax.set_xlabel("EQD2 (Gy)", fontsize=8)
         ax.set_ylabel("volume (%)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="upper right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="upper right")
     for ax in axes.ravel()[len(structs):]:
         ax.axis("off")
     # fixed spacing: tight layout costs two extra text-layout passes over every panel
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.5 / (2.9 * nrow), top=1 - 0.3 / (2.9 * nrow),
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.5 / (2.9 * nrow), top=1 - 0.55 / (2.9 * nrow),
                         wspace=0.25, hspace=0.55)
     return _png(fig, dpi=90, tight=False)
 

@@ -98,6 +98,8 @@ class Results:
     provenance: dict = field(default_factory=dict)
     # exported maps: "display" (the single viewing map and its rule) and "check" (one α/β per map; docs/outputs.md)
     maps: dict = field(default_factory=dict)
+    # wall time (s) of each stage of the run, keyed by its progress message, in order (timing.StageClock)
+    timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))

@@ -1,0 +1,36 @@
+"""Stage timings (issue 15): every announced stage gets its wall time in results.json ``timings``; the progress
+callable still sees every message. No time is asserted (shared CI cores): only names, order and bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+from test_case_and_cli import invoke, make_case
+
+from ReirradiationNPCLib.timing import StageClock
+
+
+def test_stage_clock_passes_messages_through_and_sums_repeated_stages(monkeypatch):
+    now = iter([0.0, 1.0, 3.0, 3.5, 7.0, 10.0])
+    monkeypatch.setattr("ReirradiationNPCLib.timing.time.perf_counter", lambda: next(now))
+    seen = []
+    clock = StageClock(seen.append)                     # t = 0
+    clock("a")                                          # t = 1: a starts (nothing before it is a stage)
+    clock("b")                                          # t = 3: a took 2 s
+    clock("a")                                          # t = 3.5: b took 0.5 s
+    clock("c")                                          # t = 7: a took 3.5 s more
+    assert clock.timings() == {"a": 5.5, "b": 0.5, "c": 3.0}   # t = 10: the running stage counts up to now
+    assert seen == ["a", "b", "a", "c"]
+
+
+def test_results_json_holds_each_stage_time(tmp_path):
+    case = make_case(tmp_path / "case")
+    out = tmp_path / "out"
+    r = invoke("run", case, "--output", out)
+    assert r.exit_code == 0, r.output
+    t = json.loads((out / "results.json").read_text())["timings"]
+    stages = list(t)
+    for needle in ("loading doses", "structure metrics", "constraints", "writing volumes", "writing report"):
+        assert needle in stages, stages
+    assert stages.index("loading doses") < stages.index("structure metrics") < stages.index("writing report")
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in t.values())
