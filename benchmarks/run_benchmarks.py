@@ -171,12 +171,19 @@ def run_child(args: list[str], cwd: Path) -> tuple[float, float, int, str]:
                "t0 = time.perf_counter()\n"
                "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
                "dt = time.perf_counter() - t0\n"
-               "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-               "print(json.dumps({'s': dt, 'kib': rss, 'rc': p.returncode, 'err': p.stderr[-2000:]}))\n")
-    env = dict(os.environ, CI="1")
+               "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+               "print(json.dumps({'s': dt, 'kib': ru.ru_maxrss, 'cpu': ru.ru_utime + ru.ru_stime, "
+               "'rc': p.returncode, 'err': p.stderr[-2000:]}))\n")
+    # this checkout's engine first (an installed package may point to another checkout)
+    env = dict(os.environ, CI="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "ReirradiationNPC")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     out = subprocess.run([sys.executable, "-c", wrapper, *args], cwd=cwd, capture_output=True, text=True, env=env)
     d = json.loads(out.stdout.strip().splitlines()[-1])
+    LAST_CHILD_CPU[0] = d["cpu"]
     return d["s"], d["kib"] / 1024 ** 2, d["rc"], d["err"]
+
+
+LAST_CHILD_CPU = [0.0]  # process CPU time (user + system, all threads) of the last run_child command
 
 
 def machine() -> dict:
@@ -251,24 +258,69 @@ def bench_resample(prior_native: Volume, say) -> list[dict]:
     return rows
 
 
-def bench_registration(folder: Path, say) -> list[dict]:
+#: the phantom's head box (LPS mm), as in Testing/test_registration.py: the worst error of a rigid transform over
+#: a box is at one of its corners
+HEAD_BOX = (np.array([-76.0, -90.0, -54.0]), np.array([76.0, 94.0, 110.0]))
+
+
+def _load1() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+
+
+def _head_box_error(tx) -> tuple[float, float]:
+    """Largest and mean displacement error (mm) over the head box's corners against the known offset."""
+    truth = syn.prior_to_current_sitk_transform()
+    lo, hi = HEAD_BOX
+    pts = [(x, y, z) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    e = [float(np.linalg.norm(np.subtract(tx.TransformPoint(p), truth.TransformPoint(p)))) for p in pts]
+    return max(e), float(np.mean(e))
+
+
+def bench_registration(folder: Path, say, demons: bool = True) -> list[dict]:
     try:
         from ReirradiationNPCLib import registration as reg
     except ImportError:
         return [{"what": "rigid registration", "s": None, "ratio": None, "note": "no registration module"}]
-    fixed = sitk.Cast(sitk.ReadImage(str(folder / "ct.nrrd")), sitk.sitkFloat32)
-    moving = sitk.Cast(sitk.ReadImage(str(folder / "ct_prior.nrrd")), sitk.sitkFloat32)
-    t0 = time.perf_counter()
-    tx, _params = reg.rigid(fixed, moving)
-    dt = time.perf_counter() - t0
-    # error against the known offset at points spread over the head (mm)
-    R, t = syn.prior_frame_transform()
-    pts = np.array([[x, y, z] for x in (-50, 0, 50) for y in (-50, 0, 50) for z in (-100, 0, 60)], float)
-    got = np.array([tx.TransformPoint(tuple(p)) for p in pts])
-    err = float(np.linalg.norm(got - (pts @ R.T + t), axis=1).max())
-    say("registration timed")
-    return [{"what": "rigid registration prior CT -> current CT (512x512x150, Mattes MI, multi-resolution)",
-             "s": dt, "ratio": None, "note": f"max error vs the known offset over the head: {err:.2f} mm"}]
+    from ReirradiationNPCLib.io import read_image
+    ref, prior = read_image(folder / "ct.nrrd"), read_image(folder / "ct_prior.nrrd")
+    rows = []
+    for method in ("rigid", "deformable") if demons else ("rigid",):
+        load = _load1()
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = reg.register_course("course1", {"method": method}, ref, prior)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if method == "rigid":
+            worst, mean = _head_box_error(out.transform)
+            p = out.parameters
+            note = (f"worst error over the head box (8 corners, vs the known offset): {worst:.2f} mm (mean "
+                    f"{mean:.2f} mm); working voxels {' x '.join(f'{v:.2f}' for v in p['working_voxel_mm'])} mm; "
+                    f"iterations per stage {p['iterations_per_level']}; includes the body mask and the Mattes MI "
+                    f"QA before/after ({out.metric_before:.3f} -> {out.metric_after:.3f} nats); process CPU "
+                    f"{cpu:.1f} s (2 threads); load {load}")
+            rows.append({"what": "rigid registration prior CT -> current CT (512x512x150, register_course)",
+                         "s": dt, "cpu_s": cpu, "ratio": None, "err_mm": worst, "note": note})
+        else:
+            # accuracy of the whole (rigid + demons) transform: the truth is the known rigid offset, so every
+            # displacement the demons add is error; checked on a 4 mm lattice of the body
+            g = ref.grid
+            body = sitk.GetArrayFromImage(reg.body_mask(reg.working_image(reg._float_image(ref), 2.5), -400.0))
+            wimg = reg.working_image(reg._float_image(ref), 2.5)
+            kk, jj, ii = np.nonzero(body[::2, ::2, ::2])
+            idx = np.stack([ii * 2, jj * 2, kk * 2], axis=1).astype(float)
+            pts = np.asarray([wimg.TransformContinuousIndexToPhysicalPoint(tuple(q)) for q in idx[::7]])
+            truth = syn.prior_to_current_sitk_transform()
+            err = np.array([np.linalg.norm(np.subtract(out.transform.TransformPoint(tuple(q)),
+                                                       truth.TransformPoint(tuple(q)))) for q in pts])
+            jac = out.jacobian or {}
+            note = (f"rigid + diffeomorphic demons (defaults); error vs the known rigid offset at {len(pts)} body "
+                    f"points: mean {err.mean():.2f} mm, 95th percentile {np.percentile(err, 95):.2f} mm, max "
+                    f"{err.max():.2f} mm; Jacobian {jac.get('min', float('nan')):.2f}-"
+                    f"{jac.get('max', float('nan')):.2f}, folded voxels {jac.get('folded_voxels')}; process CPU "
+                    f"{cpu:.1f} s; load {load}")
+            rows.append({"what": "deformable registration (rigid + demons), same CTs", "s": dt, "cpu_s": cpu,
+                         "ratio": None, "err_mm": float(err.mean()), "note": note})
+        say(f"{method} registration timed: {dt:.1f} s (CPU {cpu:.1f} s)")
+    return rows
 
 
 def _trilinear(arr: np.ndarray, grid: Grid, pts: np.ndarray) -> np.ndarray:
@@ -481,13 +533,21 @@ def bench_pipeline_steps(case_path: Path, say) -> list[dict]:
     planning.add_to_results(results, plan)
     rows.append({"what": "planning aids (margins, target checks, type, violations, remaining dose)",
                  "s": time.perf_counter() - t0, "ratio": None, "note": ""})
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        files = write_report(results, Path(tmp), analysis=analysis, prepared=prep, planning=plan, pdf=False)
-        dt = time.perf_counter() - t0
-        size = (Path(tmp) / "report.html").stat().st_size / 1e6
-    rows.append({"what": "report.html (3 figures, self-contained)", "s": dt, "ratio": None,
-                 "note": f"{size:.1f} MB; {', '.join(files)}"})
+    walls, cpus, loads = [], [], []
+    for _ in range(2):   # the first includes importing matplotlib, as in a command-line run
+        with tempfile.TemporaryDirectory() as tmp:
+            loads.append(_load1())
+            c0, t0 = time.process_time(), time.perf_counter()
+            files = write_report(results, Path(tmp), analysis=analysis, prepared=prep, planning=plan, pdf=False)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            size = (Path(tmp) / "report.html").stat().st_size / 1e6
+    n_struct = len(results.structures)
+    rows.append({"what": f"report.html ({n_struct} structures, 3 figures, self-contained)", "s": walls[0],
+                 "cpu_s": cpus[0], "ratio": None,
+                 "note": f"first call (with the matplotlib import) wall {walls[0]:.2f} s, CPU {cpus[0]:.2f} s; second "
+                         f"call wall {walls[1]:.2f} s, CPU {cpus[1]:.2f} s; load {', '.join(loads)}; {size:.1f} MB; "
+                         f"{', '.join(files)}"})
     say("pipeline steps timed")
     return rows
 
@@ -505,8 +565,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-dicompyler", action="store_true")
     ap.add_argument("--dicompyler-python", help="interpreter that has dicompyler-core (default: a venv made under "
                                                 "benchmarks/output/)")
-    ap.add_argument("--skip-registration", action="store_true", help="skip the in-process rigid registration")
-    ap.add_argument("--only", choices=["metrics"], help="run only this section (the case is still built)")
+    ap.add_argument("--skip-registration", action="store_true", help="skip the in-process registrations")
+    ap.add_argument("--skip-demons", action="store_true", help="skip the deformable (demons) registration")
+    ap.add_argument("--only", choices=["metrics", "registration", "end-to-end"],
+                    help="run only this section (the case is still built)")
     args = ap.parse_args(argv)
     global DICOMPYLER_PYTHON
     DICOMPYLER_PYTHON = args.dicompyler_python
@@ -531,6 +593,13 @@ def main(argv=None) -> int:
         if args.only == "metrics":
             sections["Dose metrics"], sections[ACC] = bench_metrics(folder, masks, args.skip_dicompyler, say)
             say("done")
+            return _finish(args, sections, load0, t_start)
+        if args.only == "registration":
+            sections["Registration"] = bench_registration(folder, say, demons=not args.skip_demons)
+            return _finish(args, sections, load0, t_start)
+        if args.only == "end-to-end":
+            cmd = [sys.executable, "-m", "ReirradiationNPCLib.cli"]
+            sections["End to end (subprocess; peak resident memory)"] = end_to_end(case, cmd, folder, say)
             return _finish(args, sections, load0, t_start)
         # maps on the CT grid and on the evaluation grid
         from ReirradiationNPCLib.analysis import StructureData, alpha_beta_map, credit_map
@@ -566,7 +635,7 @@ def main(argv=None) -> int:
 
         guarded("Resampling", lambda: bench_resample(_rd(folder / "dose_course1_prior_frame.nrrd"), say))
         if not args.skip_registration:
-            guarded("Registration", lambda: bench_registration(folder, say))
+            guarded("Registration", lambda: bench_registration(folder, say, demons=not args.skip_demons))
         guarded("Dose metrics", lambda: bench_metrics(folder, masks, args.skip_dicompyler, say))
         if isinstance(sections["Dose metrics"], tuple):
             sections["Dose metrics"], sections[ACC] = sections["Dose metrics"]
@@ -574,32 +643,69 @@ def main(argv=None) -> int:
         guarded("Pipeline steps (in process, identity registration)",
                 lambda: bench_pipeline_steps(case["identity"], say))
 
-        exe = str(Path(sys.executable).with_name("reirradiation-npc"))
-        cmd = [exe] if Path(exe).exists() else [sys.executable, "-m", "ReirradiationNPCLib.cli"]
-        rows = []
-        for label, key in (("whole run, identity registration", "identity"),
-                           ("whole run, rigid registration", "rigid")):
-            if key not in case:
-                rows.append({"what": label, "s": None, "ratio": None,
-                             "note": "rigid registration is not available from the case file in this version"})
-                continue
-            out = folder / f"out_{key}"
-            s, gib, rc, err = run_child([*cmd, "--quiet", "run", str(case[key]), "--output", str(out),
-                                         "--overwrite"], folder)
-            rows.append({"what": label, "s": s, "ratio": None, "peak_gib": gib,
-                         "note": f"exit {rc}" + (f": {err.strip().splitlines()[-1]}" if rc and err.strip() else "")})
-            say(f"{label}: {s:.1f} s, {gib:.2f} GiB")
-        s, gib, rc, err = run_child([*cmd, "--quiet", "demo", "--output", str(folder / "demo"), "--overwrite"],
-                                    folder)
-        rows.append({"what": "demo (generate the small synthetic case + run + report)", "s": s, "ratio": None,
-                     "peak_gib": gib, "note": f"exit {rc}"})
-        sections["End to end (subprocess; peak resident memory)"] = rows
+        cmd = [sys.executable, "-m", "ReirradiationNPCLib.cli"]   # this checkout's engine (PYTHONPATH)
+        sections["End to end (subprocess; peak resident memory)"] = end_to_end(case, cmd, folder, say)
         say("done")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
     return _finish(args, sections, load0, t_start)
+
+
+def _mapped_prior_error(folder: Path) -> str:
+    """Mean and 99th-percentile |difference| (Gy) of course 1's EQD2 mapped through the rigid registration against
+    the same EQD2 computed from the prior dose generated directly in the current frame (the identity run: the
+    truth up to interpolation), over voxels where either exceeds 1 Gy."""
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "out_rigid" / "eqd2_course1.nrrd")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "out_identity" / "eqd2_course1.nrrd")))
+    sel = (a > 1.0) | (b > 1.0)
+    d = np.abs(a[sel] - b[sel])
+    return (f"mapped prior EQD2 vs the truth (identity run), {int(sel.sum())} voxels above 1 Gy: mean |difference| "
+            f"{d.mean():.3f} Gy, 99th percentile {np.percentile(d, 99):.2f} Gy")
+
+
+def end_to_end(case: dict, cmd: list[str], folder: Path, say) -> list[dict]:
+    rows = []
+    for label, key in (("whole run, prior dose pre-registered (identity)", "identity"),
+                       ("whole run, rigid registration", "rigid")):
+        if key not in case:
+            rows.append({"what": label, "s": None, "ratio": None,
+                         "note": "rigid registration is not available from the case file in this version"})
+            continue
+        out = folder / f"out_{key}"
+        load = _load1()
+        s, gib, rc, err = run_child([*cmd, "--quiet", "run", str(case[key]), "--output", str(out),
+                                     "--overwrite"], folder)
+        note = f"exit {rc}" + (f": {err.strip().splitlines()[-1]}" if rc and err.strip() else "")
+        note += f"; process CPU {LAST_CHILD_CPU[0]:.1f} s; load {load}"
+        try:
+            t = json.loads((out / "results.json").read_text()).get("timings") or {}
+            top = sorted(t.items(), key=lambda kv: -kv[1])[:4]
+            note += "; slowest stages (results.json timings): " + ", ".join(f"{k} {v:.1f} s" for k, v in top)
+        except (OSError, ValueError):
+            pass
+        rows.append({"what": label, "s": s, "ratio": None, "peak_gib": gib, "cpu_s": LAST_CHILD_CPU[0],
+                     "note": note})
+        say(f"{label}: {s:.1f} s, {gib:.2f} GiB")
+    if all((folder / f"out_{k}" / "eqd2_course1.nrrd").is_file() for k in ("rigid", "identity")):
+        try:
+            rows.append({"what": "  accuracy of the rigid run", "s": None, "ratio": None,
+                         "note": _mapped_prior_error(folder)})
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            say(f"mapped prior comparison failed: {exc!r}")
+    load = _load1()
+    s, gib, rc, err = run_child([*cmd, "--quiet", "demo", "--output", str(folder / "demo"), "--overwrite"], folder)
+    note = f"exit {rc}; process CPU {LAST_CHILD_CPU[0]:.1f} s; load {load}"
+    try:
+        t = json.loads((folder / "demo" / "results" / "results.json").read_text()).get("timings") or {}
+        top = sorted(t.items(), key=lambda kv: -kv[1])[:4]
+        note += "; slowest stages after generation: " + ", ".join(f"{k} {v:.1f} s" for k, v in top)
+    except (OSError, ValueError):
+        pass
+    rows.append({"what": "demo (generate the small synthetic case + run + report + scene)", "s": s, "ratio": None,
+                 "peak_gib": gib, "cpu_s": LAST_CHILD_CPU[0], "note": note})
+    return rows
 
 
 def _finish(args, sections: dict, load0: str, t_start: float) -> int:
@@ -617,12 +723,20 @@ TARGETS = [
      "engine: cumulative EQD2 map (CT", "ratio", 3.0),
     ("(also writing both course EQD2 maps, as `run` does) within 3x", "EQD2 and cumulative maps",
      "engine: 2 course EQD2 maps + cumulative (CT", "ratio", 3.0),
-    ("whole run with rigid registration < 60 s", "End to end (subprocess; peak resident memory)",
-     "whole run, rigid", "s", 60.0),
-    ("whole run with rigid registration < 4 GiB peak", "End to end (subprocess; peak resident memory)",
-     "whole run, rigid", "peak_gib", 4.0),
-    ("demo < 30 s", "End to end (subprocess; peak resident memory)", "demo", "s", 30.0),
+    ("rigid registration of the 512x512x150 CTs <= 8 s", "Registration", "rigid registration", "s", 8.0),
+    ("rigid registration worst error over the head <= 0.5 mm", "Registration", "rigid registration", "err_mm", 0.5),
+    ("deformable (rigid + demons) on the same CTs <= 30 s", "Registration", "deformable", "s", 30.0),
+    ("whole run with rigid registration <= 20 s", "End to end (subprocess; peak resident memory)",
+     "whole run, rigid", "s", 20.0),
+    ("whole run with rigid registration <= 2 GiB peak", "End to end (subprocess; peak resident memory)",
+     "whole run, rigid", "peak_gib", 2.0),
+    ("whole run with the prior dose pre-registered <= 5 s", "End to end (subprocess; peak resident memory)",
+     "whole run, prior dose pre-registered", "s", 5.0),
+    ("demo <= 8 s", "End to end (subprocess; peak resident memory)", "demo", "s", 8.0),
+    ("report of 20 structures with figures <= 3 s", "Pipeline steps (in process, identity registration)",
+     "report.html", "s", 3.0),
 ]
+METRIC_TARGETS = {"sub-voxel mode": 25.0, ", default,": 3.0}
 
 
 def render(sections: dict, mach: dict, total_s: float) -> str:
@@ -643,30 +757,32 @@ def render(sections: dict, mach: dict, total_s: float) -> str:
         if v is None:
             lines.append(f"- {label}: **not measured** ({row['note'] if row else 'missing'})")
         else:
-            ok = v < limit
-            unit = {"ratio": "×", "s": " s", "peak_gib": " GiB"}[key]
+            ok = v <= limit
+            unit = {"ratio": "×", "s": " s", "peak_gib": " GiB", "err_mm": " mm"}[key]
             extra = ""
+            if key == "s" and row.get("cpu_s") is not None:
+                extra = f" (process CPU {row['cpu_s']:.1f} s)"
             if key == "ratio" and row.get("cpu_ratio") is not None:
                 extra = (f" (wall time, 2 threads); CPU-time ratio single-threaded: {row['cpu_ratio']:.2f}× — "
                          f"{'met' if row['cpu_ratio'] < limit else 'MISSED'}")
             lines.append(f"- {label}: **{v:.2f}{unit}** — {'met' if ok else 'MISSED'}{extra}")
     metric_rows = sections.get("Dose metrics", [])
     ours = next((r for r in metric_rows if "(ours)" in r["what"] and r.get("s")), None)
-    for key, label in (("sub-voxel mode", "metrics of 20 (here 19) structures with sub-voxel sampling >= 10x faster "
+    for key, label in (("sub-voxel mode", "metrics of 20 (here 19) structures with sub-voxel sampling >= 25x faster "
                                           "than dicompyler-core get_dvh in its sub-voxel mode (like-for-like)"),
-                       (", default,", "(for reference) >= 10x faster than dicompyler-core get_dvh default (no "
-                                      "sub-voxel sampling; not like-for-like)")):
+                       (", default,", "metrics with sub-voxel sampling >= 3x faster than dicompyler-core get_dvh "
+                                      "in its default mode (no sub-voxel sampling)")):
         row = next((r for r in metric_rows if key in r["what"] and r.get("speedup")), None)
         if row is None or ours is None:
             lines.append(f"- {label}: **not measured**")
         else:
             lines.append(f"- {label}: **{row['speedup']:.1f}× faster** ({row['s']:.2f} s vs {ours['s']:.3f} s) — "
-                         f"{'met' if row['speedup'] >= 10 else 'MISSED'}")
+                         f"{'met' if row['speedup'] >= METRIC_TARGETS[key] else 'MISSED'}")
     reg = next((r for r in sections.get("Registration", []) if r.get("s")), None)
     rig = next((r for r in sections.get("End to end (subprocess; peak resident memory)", [])
                 if r["what"].startswith("whole run, rigid") and r.get("s")), None)
     ident = next((r for r in sections.get("End to end (subprocess; peak resident memory)", [])
-                  if r["what"].startswith("whole run, identity") and r.get("s")), None)
+                  if r["what"].startswith("whole run, prior dose") and r.get("s")), None)
     lines += ["", "Reading these numbers:", ""]
     lines.append("- The machine is shared: the load average above counts other programs competing for the 2 cores. "
                  "The plain add is memory-bound and barely slowed by them; the engine's blocked pass is partly "
@@ -674,12 +790,13 @@ def render(sections: dict, mach: dict, total_s: float) -> str:
                  "with the same code, differed by more than 2x). The CPU-time ratio (one thread) is the steadier "
                  "figure; with both cores free the 2-thread wall-time ratio is lower than it.")
     if reg and rig and ident:
-        lines.append(f"- The whole run with rigid registration ({rig['s']:.0f} s) against the identity run "
-                     f"({ident['s']:.0f} s): the rigid registration of the two 512×512×150 CTs alone takes "
-                     f"{reg['s']:.0f} s here (registration.py: Mattes MI, 3-level pyramid, finest-level polish, "
-                     "then a full-resolution correlation stage); the rest is writing the registered prior CT and "
-                     "mapping the dose. Under the load of other programs the registration took 57-80 s in earlier "
-                     "runs of the same day, which put the whole run over 60 s.")
+        lines.append(f"- The whole run with rigid registration ({rig['s']:.1f} s) against the pre-registered run "
+                     f"({ident['s']:.1f} s): the rigid registration of the two 512×512×150 CTs takes "
+                     f"{reg['s']:.1f} s of it here (registration.py: both CTs averaged to working voxels of about "
+                     "2.5 mm, Mattes MI 3-level pyramid, a polish, then a normalised-correlation stage); the rest is "
+                     "writing the registered prior CT and mapping the dose. Wall times on this shared machine move "
+                     "with the load average noted beside each; the process CPU time (all threads) is the steadier "
+                     "figure.")
     if metric_rows:
         lines.append(METRICS_NOTE)
     for sec, rows in sections.items():
@@ -689,14 +806,15 @@ def render(sections: dict, mach: dict, total_s: float) -> str:
             lines += ["| " + " | ".join(r) + " |" for r in rows["rows"]]
             lines += ["", ACC_NOTE]
             continue
-        lines += ["", f"## {sec}", "", "| what | time (s) | ratio | peak memory (GiB) | note |",
-                  "| --- | ---: | ---: | ---: | --- |"]
+        lines += ["", f"## {sec}", "", "| what | wall time (s) | CPU (s) | ratio | peak memory (GiB) | note |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
         for r in rows:
             ratio = "" if r.get("ratio") is None else f"{r['ratio']:.2f}×"
             if r.get("cpu_ratio") is not None:
                 ratio += f" (CPU {r['cpu_ratio']:.2f}×)"
             peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
-            lines.append(f"| {r['what']} | {fmt_s(r.get('s'))} | {ratio} | {peak} | {r.get('note', '')} |")
+            cpu = "" if r.get("cpu_s") is None else fmt_s(r["cpu_s"])
+            lines.append(f"| {r['what']} | {fmt_s(r.get('s'))} | {cpu} | {ratio} | {peak} | {r.get('note', '')} |")
     lines += ["", "Ratios in the maps table are to the plain add of the same two arrays on the same grid (it reads two "
               "arrays and writes one). Wall-time ratios use 2 threads for the engine; CPU-time ratios run it on one "
               "thread and compare the process CPU time, which other programs competing for the cores (see the load "
