@@ -105,6 +105,11 @@ class Analysis:
     #: the check maps (one α/β over the whole grid each; :func:`check_maps`), set by the pipeline's results step
     check_maps: list | None = None
 
+    #: structure name -> its sub-voxel samples (reused by robustness.py: no second sampling)
+    samples: dict[str, StructureSamples] = field(default_factory=dict, repr=False)
+    #: structure name -> course name -> physical dose (Gy) at each sample (as used for the metrics)
+    sample_doses: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
 
 def _map_structures(structures: list[StructureData]) -> list[StructureData]:
     """The structures that take part in the maps: matched organs (any role but ``body``) with a voxel."""
@@ -285,11 +290,14 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
     struct_results: list[StructureResult] = []
     samples_by_structure: dict[str, dict[str, np.ndarray]] = {}
     dvh_curves: dict[str, dict[str, DVHCurve]] = {}
+    kept_samples: dict[str, StructureSamples] = {}
+    kept_doses: dict[str, dict[str, np.ndarray]] = {}
     for s in structures:
         organ = s.organ
         organ_ab = organ.alpha_beta if organ else protocol.default_alpha_beta
         names = metric_names_for(organ)
         samples = structure_samples(s, grid)
+        kept_samples[s.name] = samples
         n_vox = samples.n if samples.n and samples.outside_fraction(grid) < 1.0 else 0
         sample_cc = samples.sample_volume_cc
         res_metrics: dict[str, dict] = {}
@@ -301,6 +309,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         curves: dict[str, DVHCurve] = {}
         for c in courses:
             phys = samples.dose(c.dose, grid) if n_vox else np.zeros(0)
+            kept_doses.setdefault(s.name, {})[c.name] = phys
             e = eqd2(phys, c.fractions, organ_ab)
             r = 0.0 if c.is_current else protocol.recovery.credit(organ.key if organ else None, c.interval_months)
             if not c.is_current:
@@ -359,7 +368,8 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
 
     return Analysis(grid=grid, alpha_beta=ab, course_eqd2=course_eqd2, credit=credit, cumulative=cumulative,
                     structures=struct_results, constraints=constraints, unmatched=unmatched,
-                    course_assumptions=course_assumptions, warnings=warnings, dvh_curves=dvh_curves)
+                    course_assumptions=course_assumptions, warnings=warnings, dvh_curves=dvh_curves,
+                    samples=kept_samples, sample_doses=kept_doses)
 
 
 def structure_samples(s: StructureData, grid: Grid) -> StructureSamples:

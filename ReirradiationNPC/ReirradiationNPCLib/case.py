@@ -42,6 +42,8 @@ class CourseSpec:
     dose_type: str | None = None       # PHYSICAL | EFFECTIVE as stated (None: not stated)
     rbe: float | None = None           # stated RBE of a proton/ion course (None: not stated)
     radiation: str | None = None       # photon | electron | proton | ion as stated (None: not stated)
+    #: registration uncertainty (mm) of this prior course for the robustness scenarios; None = protocol default
+    registration_uncertainty_mm: float | None = None
 
     def __post_init__(self):
         if not self.doses:
@@ -138,7 +140,8 @@ def parse_case(data, path: Path) -> CaseSpec:
     for i, c in enumerate(courses_raw):
         k = f"courses[{i}]"
         c = _keys(c, k, src, {"name", "dose", "fractions", "interval_months", "image", "registration", "plan",
-                              "image_series", "structures", "schedule", "dose_type", "rbe", "radiation"},
+                              "image_series", "structures", "schedule", "dose_type", "rbe", "radiation",
+                              "registration_uncertainty_mm"},
                   {"name", "dose"})
         name = c["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -212,6 +215,15 @@ def parse_case(data, path: Path) -> CaseSpec:
                     or interval < 0:
                 _fail(src, f"{k}.interval_months", f"must be a number of months >= 0, got {interval!r}")
             interval = float(interval)
+        reg_mm = c.get("registration_uncertainty_mm")
+        if reg_mm is not None:
+            if is_current:
+                _fail(src, f"{k}.registration_uncertainty_mm", "the current (last) course defines the reference "
+                                                               "frame: it takes no registration uncertainty")
+            if isinstance(reg_mm, bool) or not isinstance(reg_mm, (int, float)) or not math.isfinite(reg_mm) \
+                    or not 0 <= reg_mm <= 50:
+                _fail(src, f"{k}.registration_uncertainty_mm", f"must be a number of mm in 0-50, got {reg_mm!r}")
+            reg_mm = float(reg_mm)
         reg = c.get("registration", {"method": "identity"})
         from .registration import validate_options
         reg = validate_options(reg, src, f"{k}.registration", base)
@@ -226,7 +238,8 @@ def parse_case(data, path: Path) -> CaseSpec:
                                   image_series=_series_uid(c.get("image_series"), src, f"{k}.image_series"),
                                   structures=_path(base, c["structures"], src, f"{k}.structures")
                                   if c.get("structures") is not None else None,
-                                  schedule=parse_schedule(c.get("schedule"), src, f"{k}.schedule")))
+                                  schedule=parse_schedule(c.get("schedule"), src, f"{k}.schedule"),
+                                  registration_uncertainty_mm=reg_mm))
     patient = top.get("patient") or {}
     if not isinstance(patient, dict):
         _fail(src, "patient", "must be a mapping (e.g. {id: ..., name: ...})")

@@ -74,7 +74,7 @@ def _scope_text(c) -> str:
 def format_constraints(results) -> str:
     """The constraint table. Cumulative rows show both sums (undiscounted, credited) and the basis judged."""
     rows = [("status", "organ", "structure", "metric", "scope", "basis", "value", "undiscounted", "credited",
-             "limit", "margin", "conditions", "verified", "source")]
+             "worst case", "limit", "margin", "conditions", "verified", "source")]
     for c in results.constraints:
         def f(v, unit=""):
             return "-" if v is None else f"{v:.2f}{unit}"
@@ -84,7 +84,7 @@ def format_constraints(results) -> str:
                                       "NOT MET: " + ", ".join(x["condition"] for x in conds if not x["met"]))
         rows.append((c.status.upper() if c.status in ("fail", "warn", "condition_not_met") else c.status, c.organ,
                      c.structure or "-", c.metric, _scope_text(c), c.basis or "-", f(c.value, " " + c.unit),
-                     f(c.value_undiscounted) if cum else "-", f(c.value_credited) if cum else "-",
+                     f(c.value_undiscounted) if cum else "-", f(c.value_credited) if cum else "-", _worst_cell(c),
                      f(c.limit, " " + c.unit), f(c.margin), (cond[:60] + "...") if len(cond) > 63 else cond,
                      "yes" if c.verified else "NO", (c.source[:48] + "...") if len(c.source) > 51 else c.source))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -111,6 +111,24 @@ def verdict_lines(summary: dict) -> list[str]:
     return out
 
 
+def _worst_cell(c) -> str:
+    """CLI worst-case column: the row's value in its worst robustness scenario and its status there."""
+    rb = getattr(c, "robustness", None)
+    if not rb or rb.get("worst_value") is None:
+        return "-"
+    st = rb.get("status_worst", "")
+    return f"{rb['worst_value']:.2f} {c.unit} ({st.upper() if st in ('fail', 'warn') else st})"
+
+
+def _robust_line(results) -> str | None:
+    rs = (results.summary or {}).get("robustness") or {}
+    if not rs:
+        return None
+    if rs.get("status") == "not_evaluated":
+        return f"robustness: not evaluated ({rs.get('reason', '')})"
+    return f"robustness: {rs.get('status')} - {rs.get('text')}"
+
+
 def print_summary(results, out_dir: Path) -> None:
     click.echo(f"{SOFTWARE_NAME} {__version__} - protocol: {results.protocol['name']} "
                f"(version {results.protocol['version']})")
@@ -135,6 +153,9 @@ def print_summary(results, out_dir: Path) -> None:
     if counts:
         click.echo("constraints: " + ", ".join(f"{n} {k.upper() if k in ('fail', 'warn') else k}"
                                                for k, n in counts.items()))
+    robust = _robust_line(results)
+    if robust:
+        click.echo(robust)
     click.echo(f"outputs: {out_dir}")
     for line in verdict_lines(results.summary):
         click.echo(line)

@@ -512,8 +512,13 @@ def run_engine(prep: Prepared, progress: Progress | None = None):
     Returns (analysis, results, planning)."""
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
     plan = planning_aids.compute(prep, analysis, progress)
+    from . import robustness as _robustness
+    rob = _robustness.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
     planning_aids.add_to_results(results, plan)
+    _robustness.add_to_results(results, rob)
+    from .risk_estimates import add_to_results as _add_risk
+    _add_risk(results, prep, analysis)
     return analysis, results, plan
 
 
@@ -659,7 +664,8 @@ def _table_columns(table_node, columns: list[tuple[str, str, list]]) -> None:
 
 
 CONSTRAINT_COLUMNS = ("Status", "Organ", "Structure", "Metric", "Scope", "Value", "Limit", "Unit", "Margin",
-                      "Verified", "Source", "Alpha/beta (Gy)", "Recovery credit")
+                      "Verified", "Source", "Alpha/beta (Gy)", "Recovery credit", "Worst value", "Best value",
+                      "Status in worst", "Worst scenario")
 
 
 def constraints_table(results: Results, name: str, scene=None):
@@ -682,8 +688,15 @@ def constraints_table(results: Results, name: str, scene=None):
         ("Source", "string", [c.source for c in rows]),
         ("Alpha/beta (Gy)", "double", [c.alpha_beta for c in rows]),
         ("Recovery credit", "string", credit),
+        # robustness (robustness.py): the row over the range of its assumptions
+        ("Worst value", "double", [(c.robustness or {}).get("worst_value") for c in rows]),
+        ("Best value", "double", [(c.robustness or {}).get("best_value") for c in rows]),
+        ("Status in worst", "string", [(c.robustness or {}).get("status_worst") for c in rows]),
+        ("Worst scenario", "string", [((c.robustness or {}).get("worst_scenario") or {}).get("label")
+                                      for c in rows]),
     ])
     node.SetAttribute(ROLE_ATTRIBUTE, "constraints")
+    node.SetAttribute("ReirradiationNPC.RobustStatus", str(results.summary.get("robust_status") or ""))
     node.SetAttribute("ReirradiationNPC.Verdict", results.summary["verdict"])
     node.SetAttribute("ReirradiationNPC.VerdictCode", str(results.summary.get("verdict_code") or ""))
     return node

@@ -282,7 +282,7 @@ def _registration_results(prep: Prepared) -> dict:
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
                   progress: Progress | None = None, planning=None, dicom_courses: bool = False,
-                  extra_outputs: Sequence[ExtraOutput] = ()) -> dict[str, str]:
+                  extra_outputs: Sequence[ExtraOutput] = (), robustness=None) -> dict[str, str]:
     """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last.
 
     ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
@@ -325,6 +325,10 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
                     write_volume(registered_image(o, prep.reference_image.grid), stage / fname,
                                  description=f"CT of course {name} mapped onto the reference CT ({o.method})")
                     files[fname] = f"CT of course {name} on the reference CT grid through its registration (HU)"
+        if robustness is not None:
+            say("writing the worst-case map and its violation regions")
+            from .robustness import write as write_robustness
+            write_robustness(robustness, g, stage, files)
         if planning is not None:
             say("writing margins, violation, headroom and remaining-dose maps")
             from .planning import write as write_planning
@@ -395,9 +399,14 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
     from . import planning as _planning
     plan = _planning.compute(prep, analysis, progress)
+    from . import robustness as _robustness
+    rob = _robustness.compute(prep, analysis, progress)
     results = build_results(prep, analysis)
     _planning.add_to_results(results, plan)
     results.provenance = prov
+    _robustness.add_to_results(results, rob)
+    from .risk_estimates import add_to_results as _add_risk
+    _add_risk(results, prep, analysis)
     write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan,
-                  dicom_courses=dicom_courses, extra_outputs=extra_outputs)
+                  dicom_courses=dicom_courses, extra_outputs=extra_outputs, robustness=rob)
     return results

@@ -16,6 +16,7 @@ import yaml
 
 from .eqd2 import eqd2
 from .errors import InputError
+from .robustness_spec import RobustnessSpec, parse_robustness
 
 ROLES = ("oar", "target", "body")
 SCOPES = ("cumulative", "current")          # prescription scopes
@@ -271,6 +272,7 @@ class Protocol:
     margins: MarginRecipe | None = None
     prescription: Prescription | None = None
     reirradiation_type: ReirradiationTypeRule | None = None
+    robustness: RobustnessSpec | None = None     # ranges of the assumptions (robustness_spec.py); None = not given
 
     def match(self, structure_name: str) -> Organ | None:
         """Organ whose alias (case-insensitive, surrounding blanks ignored) equals the structure name."""
@@ -377,7 +379,7 @@ def parse_protocol(data, source: str) -> Protocol:
     v = _V(source)
     top = v.mapping(data, "", {"name", "version", "description", "synthetic", "alpha_beta", "recovery",
                                "organs", "warn_tolerance_percent", "references", "margins", "prescription",
-                               "reirradiation_type"},
+                               "reirradiation_type", "robustness"},
                     {"name", "version", "alpha_beta", "recovery", "organs"})
     ab = v.mapping(top["alpha_beta"], "alpha_beta", {"default", "source", "verified"}, {"default"})
     default_ab = v.number(ab["default"], "alpha_beta.default", positive=True)
@@ -458,7 +460,9 @@ def parse_protocol(data, source: str) -> Protocol:
                     prescription=(_parse_prescription(v, top["prescription"])
                                   if top.get("prescription") is not None else None),
                     reirradiation_type=(_parse_reirradiation_type(v, top["reirradiation_type"])
-                                        if top.get("reirradiation_type") is not None else None))
+                                        if top.get("reirradiation_type") is not None else None),
+                    robustness=(parse_robustness(v, top["robustness"], organs)
+                                if top.get("robustness") is not None else None))
 
 
 def _parse_margins(v: _V, raw, organs: dict[str, Organ]) -> MarginRecipe:

@@ -340,6 +340,7 @@ def _constraints(res: dict) -> str:
         scope = c.get("scope") or ""
         course = f" ({c['course']})" if scope == "per_course" and c.get("course") else ""
         basis = c.get("basis") or "\u2013"
+        band = _band_cell(c)
         rows.append(
             f'<tr class="st-{_e(st)}" data-row="{n}" data-structure="{_e(c.get("structure"))}" '
             f'data-metric="{_e(c.get("metric"))}" data-scope="{_e(scope)}" data-course="{_e(c.get("course"))}" '
@@ -353,11 +354,12 @@ def _constraints(res: dict) -> str:
             f'<td class="num">{_e(lim)}</td><td class="num">{_e(mar)}</td><td>{_conditions_cell(c)}</td>'
             f'<td class="num">{_e(fmt(c.get("alpha_beta"), 1))}</td><td>{_e(cred or "none")}</td>'
             f'<td>{ver}</td><td class="src">{_e(c.get("source"))}'
-            + (f'<div class="note">{_e(c.get("note"))}</div>' if c.get("note") else "") + "</td></tr>")
+            + (f'<div class="note">{_e(c.get("note"))}</div>' if c.get("note") else "") + "</td>" + band + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ["status", "organ", "structure", "metric", "scope", "basis judged",
                                               "judged value", "cumulative undiscounted", "cumulative credited",
                                               "limit", "margin (limit \u2212 judged)", "conditions",
-                                              "\u03b1/\u03b2 (Gy)", "recovery credit", "verified", "source"])
+                                              "\u03b1/\u03b2 (Gy)", "recovery credit", "verified", "source",
+                                              "robustness: best \u2013 worst (status in worst)"])
     legend = ('<p class="note">Doses are EQD2 in Gy. Cumulative rows show both sums of the courses: '
               '<b>undiscounted</b> (plain sum) and <b>credited</b> (prior courses discounted by the recovery credit); '
               'the limit is judged on the one named in <i>basis judged</i> (a limit derived on the plain sum, such as '
@@ -369,6 +371,96 @@ def _constraints(res: dict) -> str:
               'provisional.</p>')
     return (f'<table class="constraints"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
             + legend)
+
+
+def _band_cell(c: dict) -> str:
+    """Constraint-table cell: the row's value range over the robustness scenarios and its status in the worst."""
+    rb = c.get("robustness")
+    if not rb or rb.get("worst_value") is None:
+        return '<td class="num band">\u2013</td>'
+    st = rb.get("status_worst", "")
+    label = (rb.get("worst_scenario") or {}).get("label", "")
+    return (f'<td class="num band st-{_e(st)}" title="worst scenario: {_e(label)}">'
+            f'{_e(fmt(rb.get("best_value")))} \u2013 {_e(fmt(rb.get("worst_value")))} {_e(c.get("unit", ""))} '
+            f'<span class="status">({_e(STATUS_LABEL.get(st, st))})</span></td>')
+
+
+def _robustness(res: dict) -> str:
+    """The robust verdict: status, ranges used, per-row worst scenario, worst-case violation regions."""
+    summ = (res.get("summary") or {}).get("robustness") or {}
+    ass = (res.get("assumptions") or {}).get("robustness") or {}
+    if not summ or summ.get("status") == "not_evaluated":
+        return f'<p>Robustness not evaluated: {_e(summ.get("reason") or ass.get("reason") or "no robustness data")}.</p>'
+    code = summ.get("status", "")
+    cls = {"robust_pass": "v-pass", "robust_fail": "v-fail"}.get(code, "v-warn")
+    out = [f'<div class="verdict {cls}" id="robust-verdict"><span class="vhead">{_e(code.upper().replace("_", " "))}'
+           f'</span> <span class="vparts">{_e(summ.get("text"))}</span>'
+           f'<div class="vtext">{_e(summ.get("note"))}</div></div>']
+    items = []
+    groups: dict = {}
+    for organ, r in (ass.get("alpha_beta_ranges") or {}).items():
+        groups.setdefault((r["min_gy"], r["max_gy"], r["source"], r["verified"]), []).append(organ)
+    for (lo, hi, src, ver), organs in groups.items():
+        items.append(f"\u03b1/\u03b2 of {', '.join(organs)}: {fmt(lo, 2)}\u2013{fmt(hi, 2)} Gy "
+                     f"({src}; verified: {'yes' if ver else 'NO'})")
+    items.append("organs not listed keep their protocol \u03b1/\u03b2 in every scenario")
+    items.append(f"recovery credit: {ass.get('recovery')}")
+    reg = ass.get("registration_mm") or {}
+    items.append("registration uncertainty: " + (", ".join(f"{k} {fmt(v, 1)} mm" for k, v in reg.items()) or "none")
+                 + f" ({ass.get('registration_source') or 'no source'}); {ass.get('shift_set')}")
+    items.append(f"dose-calculation uncertainty: \u00b1{fmt(ass.get('dose_uncertainty_percent'), 1)} %"
+                 + (f" ({ass.get('dose_uncertainty_source')})" if ass.get("dose_uncertainty_source") else ""))
+    items.append(f"exactness: {ass.get('exactness')}")
+    out.append("<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>")
+    rows = []
+    for c in res.get("constraints", []):
+        rb = c.get("robustness")
+        if not rb:
+            continue
+        unit = c.get("unit", "")
+        rows.append([_e(c.get("structure")), _e(c.get("metric")), _e(c.get("scope")),
+                     _e(f"{fmt(c.get('value'))} {unit}"), _e(f"{fmt(rb.get('best_value'))} {unit}"),
+                     _e(f"{fmt(rb.get('worst_value'))} {unit}"), _e(STATUS_LABEL.get(c.get("status"), c.get("status"))),
+                     _e(STATUS_LABEL.get(rb.get("status_worst"), rb.get("status_worst"))),
+                     _e((rb.get("worst_scenario") or {}).get("label", "")),
+                     _e(str(rb.get("scenarios"))) + (" (+ interior \u03b1/\u03b2)" if rb.get("ab_interior") else "")])
+    out.append(_table(["structure", "metric", "scope", "nominal", "best", "worst", "status", "status in worst",
+                       "worst scenario", "scenarios"], rows, "constraints"))
+    viol = res.get("robustness_violations") or []
+    if viol:
+        out.append('<h3>Worst-case violation regions (violations_worst.seg.nrrd)</h3>' + _table(
+            ["status", "segment", "volume (cc)"],
+            [[_e(STATUS_LABEL.get(v.get("status"), v.get("status"))), _e(v.get("segment")),
+              _e(fmt(v.get("volume_cc"), 3))] for v in viol], "constraints"))
+    out.append('<p class="note">Worst-case map: cumulative_eqd2_worst.nrrd (voxelwise worst over the scenarios; an '
+               'upper bound of every scenario at once). A band is the value range over the scenarios; the verdict '
+               'above is judged on the nominal values.</p>')
+    return "".join(out)
+
+
+def _risk(res: dict) -> str:
+    """Published temporal-lobe injury estimates: information only."""
+    rows = []
+    for e in res.get("risk_estimates") or []:
+        if e.get("status") != "estimated":
+            rows.append([_e(e.get("structure") or e.get("organ")), _e(e.get("name")), _e(e.get("metric")), "\u2013",
+                         "\u2013", "\u2013", _e(e.get("reason")), _e("yes" if e.get("verified") else "NO")])
+            continue
+        lo, hi = e.get("range_percent") or (None, None)
+        rows.append([_e(e.get("structure")), _e(e.get("name")),
+                     _e(f"{e.get('metric')} ({e.get('dose')}, \u03b1/\u03b2 {fmt(e.get('alpha_beta_gy'), 1)} Gy"
+                        + ("" if e.get("alpha_beta_verified") else ", \u03b1/\u03b2 unverified") + ")"),
+                     _e(fmt(e.get("value_gy"))), _e(fmt(e.get("estimate_percent"), 1)),
+                     _e(f"{fmt(lo, 1)}\u2013{fmt(hi, 1)}"), _e(e.get("derived")),
+                     _e("yes" if e.get("verified") else "NO")])
+    if not rows:
+        return "<p>No estimate (no model data).</p>"
+    srcs = sorted({e.get("source") for e in res.get("risk_estimates") or [] if e.get("source")})
+    return (_table(["structure", "model", "metric", "value (Gy EQD2)", "estimate (%)",
+                    "range at the parameters' CI ends (%)", "how derived", "verified"], rows, "constraints")
+            + '<p class="note"><b>ESTIMATES, information only: never a limit, not part of the verdict.</b> '
+              'The range is the estimate at the ends of the published parameter confidence intervals, not a '
+              'confidence interval of the risk. Sources: ' + _e("; ".join(srcs)) + "</p>")
 
 
 def _structures(res: dict) -> str:
@@ -670,6 +762,11 @@ def render_html(results, figures: dict | None = None) -> str:
     if opt:
         parts.append(opt)
     parts.append(f'<section id="constraints"><h2>Constraints</h2>{_constraints(res)}</section>')
+    parts.append(f'<section id="robustness"><h2>Robustness: every limit over the range of its assumptions</h2>'
+                 f'{_robustness(res)}</section>')
+    if res.get("risk_estimates"):
+        parts.append(f'<section id="risk"><h2>Temporal-lobe injury: published estimates (information only)</h2>'
+                     f'{_risk(res)}</section>')
     for key in ("targets", "reirradiation_type", "remaining"):
         opt = _optional(res, key)
         if opt:
@@ -684,7 +781,9 @@ def render_html(results, figures: dict | None = None) -> str:
         "Cumulative DVH of each organ structure with limits: solid coloured line = cumulative EQD2 (recovery credit "
         "applied, the structure's own \u03b1/\u03b2); grey dashed/dotted = each course's EQD2 without credit. "
         "Vertical lines: dose limits (solid = cumulative scope, dashed = current course; red = failed, green = "
-        "met); triangles: volume limits. Curves are for reading shapes; the numbers are in the tables above.",
+        "met); triangles: volume limits. Shaded band: the cumulative DVH's range over the robustness scenarios "
+        "(samplewise best and worst over \u03b1/\u03b2, recovery, registration shifts and dose scale: an envelope "
+        "of every scenario's DVH). Curves are for reading shapes; the numbers are in the tables above.",
         "DVH plots not available (no dose arrays were passed to the report, or matplotlib is not installed).",
         tall=True)
         + "</section>")

@@ -251,6 +251,14 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
                 c = cv[course]
                 ax.plot(c.dose_gy, c.volume_percent, ls=styles[n % len(styles)], color="0.45", lw=1.0)
                 xmax = max(xmax, float(c.dose_gy[-1]))
+        if "robust_worst" in cv and "robust_best" in cv:
+            hi, lo = cv["robust_worst"], cv["robust_best"]
+            n = max(hi.dose_gy.size, lo.dose_gy.size)
+            dose = np.arange(n) * float(hi.dose_gy[1] - hi.dose_gy[0] if hi.dose_gy.size > 1 else 0.1)
+            v_hi = np.interp(dose, hi.dose_gy, hi.volume_percent, right=0.0)
+            v_lo = np.interp(dose, lo.dose_gy, lo.volume_percent, right=0.0)
+            ax.fill_between(dose, v_lo, v_hi, color=col, alpha=0.2, lw=0, label="robustness band (best-worst)")
+            xmax = max(xmax, float(dose[-1]))
         if "cumulative" in cv:
             c = cv["cumulative"]
             ax.plot(c.dose_gy, c.volume_percent, color=col, lw=2.0)

@@ -30,6 +30,9 @@ class ConstraintResult:
     #: the limit's conditions on this case: {"condition", "required", "actual", "met"}
     conditions: list[dict] = field(default_factory=list)
     course: str | None = None                 # per_course rows (and current rows): the course judged
+    # worst/best value over the robustness scenarios (robustness.py): worst_value, best_value, worst_scenario,
+    # status_worst, scenarios (+ the ranges used); None when not evaluated
+    robustness: dict | None = None
 
 
 @dataclass
@@ -100,6 +103,10 @@ class Results:
     maps: dict = field(default_factory=dict)
     # wall time (s) of each stage of the run, keyed by its progress message, in order (timing.StageClock)
     timings: dict = field(default_factory=dict)
+    # worst-case violation regions (robustness.py; violations_worst.seg.nrrd)
+    robustness_violations: list[dict] = field(default_factory=list)
+    # published dose-response estimates (risk_estimates.py): information only, never a limit or in the verdict
+    risk_estimates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))
