@@ -134,8 +134,23 @@ def main(argv=None) -> int:
     first = results[0][1]
     ok = first["robust_s"] / first["nominal_s"] <= 0.5
     ok_cpu = first["robust_cpu"] / first["nominal_cpu"] <= 0.5
-    lines += ["", f"Target (robustness <= 50 % of the nominal analysis, dose grid): wall "
-                  f"{'met' if ok else 'MISSED'}, CPU {'met' if ok_cpu else 'MISSED'}.",
+    ok_run = (c1 - c0) / c0 <= 0.5
+    lines += ["", "## Target: robustness adds at most 50 % to the nominal analysis", "",
+              f"- against the whole `run` (what a user runs and waits for): +{100 * (c1 - c0) / c0:.0f} % CPU, "
+              f"+{100 * (w1 - w0) / w0:.0f} % wall — **{'met' if ok_run else 'MISSED'}**",
+              f"- against `analysis.compute` alone (the EQD2 maps and the nominal metrics, without loading, "
+              f"resampling, planning aids, outputs): {first['robust_cpu'] / first['nominal_cpu']:.2f}× CPU, "
+              f"{first['robust_s'] / first['nominal_s']:.2f}× wall — "
+              f"**{'met' if ok and ok_cpu else 'MISSED'}** (target 0.5×)",
+              "",
+              "Why the second is missed: the nominal metrics need one interpolation of each course's dose at the "
+              "structures' 1 M sub-voxel samples (SimpleITK, multithreaded) and one sort per course; the scenarios "
+              "need each prior dose at the same samples for 26 shifts (separable interpolation with shared axis "
+              "stages, numpy), 2 alpha/beta ends x 2 sides, and the metric per scenario (near-maximum metrics on the "
+              "few samples that can reach the top; all samples for Dmean and V<x>Gy). Pruning the samples before "
+              "interpolating, with gradient (Lipschitz) bounds, was tried and kept 25-50 % of the samples (bounds too "
+              "loose in curved dose): no gain. A compiled interpolation kernel or tighter bounds would be the next "
+              "step.",
               f"Benchmark wall time {time.perf_counter() - t_start:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
