@@ -452,8 +452,20 @@ class _StructureScenarios:
         interior_used = False
         bands = []
 
+        same_sides = all(r_worst[k] == credit[k] for k in credit) and scale_ends[0] == scale_ends[1]
+        evaluated = None      # (abs_eval, [vals per ab]) of the worst side, reused by the best side when identical
         for side, (rr, scale) in (("worst", (r_worst, scale_ends[0])), ("best", (credit, scale_ends[1]))):
             weights = {c.name: 1.0 - rr[c.name] for c in used}
+            if side == "best" and same_sides and evaluated is not None:
+                # the same scenarios as the worst side (no credit range, no dose uncertainty): only the extreme differs
+                bands.append(L if band else None)
+                best_val, best_key = None, None
+                for ab, vals in evaluated:
+                    for k_, v in enumerate(vals):
+                        if v is not None and (best_val is None or v < best_val):
+                            best_val, best_key = v, (float(ab), k_)
+                out[side] = (best_val, best_key, rr, scale)
+                continue
             # samplewise envelopes over every scenario of this side: upper U, lower L (EQD2 increases with the
             # dose; per sample the sum is monotone in alpha/beta, so the ends bound interior values too)
             U = L = None
@@ -510,6 +522,7 @@ class _StructureScenarios:
                     abs_eval += [1.0 / u - 2.0 for u in np.linspace(u_lo, u_hi, N_INTERIOR + 2)[1:-1]]
                     interior_used = True
             best_val, best_key = None, None
+            evaluated = []
             for ab in abs_eval:
                 cum = None
                 for c in used:
@@ -522,6 +535,7 @@ class _StructureScenarios:
                 vals = self._metric_rows(cum, m, vol)
                 if pct:
                     vals = [None if v is None or self.total <= 0 else 100.0 * v / self.total for v in vals]
+                evaluated.append((ab, vals))
                 for k_, v in enumerate(vals):
                     if v is None:
                         continue
