@@ -99,8 +99,12 @@ def compute(prep, analysis, models: list[dict] | None = None) -> list[dict]:
             if ab is None:
                 ab = s.organ.alpha_beta
             total = None
+            kept = getattr(analysis, "sample_doses", {}).get(s.name) or {}
             for c in prep.courses:
-                e = eqd2(samples.dose(c.dose, prep.grid), c.fractions, float(ab))
+                phys = kept.get(c.name)
+                if phys is None or phys.size != samples.n:
+                    phys = samples.dose(c.dose, prep.grid)
+                e = eqd2(phys, c.fractions, float(ab))
                 total = e if total is None else total + e
             value = dvh.metrics(total, samples.sample_volume_cc, [model["metric"]])[model["metric"]]
             if value is None:
