@@ -92,6 +92,18 @@ def test_load_run_rejects_a_folder_that_is_not_a_run(tmp_path):
         load_run(tmp_path / "missing")
 
 
+def test_cli_review_without_the_extra_names_it_and_exits_2(tmp_path):
+    """trame-slicer made unimportable in the CLI process: one line naming the pip extra, exit code 2."""
+    (tmp_path / "results.json").write_text('{"constraints": [], "summary": {"verdict": "x"}}', encoding="utf-8")
+    code = ("import sys; sys.modules['trame_slicer'] = None; sys.modules['trame'] = None; "
+            "from ReirradiationNPCLib.cli import main; main()")
+    res = subprocess.run([sys.executable, "-c", code, "review", str(tmp_path)], capture_output=True, text=True,
+                         env=cli_env(), timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert 'pip install "reirradiation-npc[review]"' in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_cli_review_on_a_folder_that_is_not_a_run_exits_2_with_one_line(tmp_path):
     res = run_cli("review", tmp_path)
     assert res.returncode == 2
@@ -226,6 +238,11 @@ def test_review_in_a_real_browser(demo_results):
                 changed = np.count_nonzero(np.any(after != first, axis=-1))
                 assert changed > 0.01 * first.shape[0] * first.shape[1], "slice views did not move on a row click"
                 info = page.inner_text("#selected-info")
+                # the wash threshold above every dose hides the colour wash: the slice pixels change again
+                page.locator("#wash-threshold").fill(page.locator("#wash-threshold").get_attribute("max"))
+                washed_out = _stable_shot(views)
+                assert np.count_nonzero(np.any(washed_out != after, axis=-1)) > \
+                    0.01 * first.shape[0] * first.shape[1], "the threshold control did not change the views"
                 # the worst voxel value (voxel-centre rule) is at most the table's sub-voxel Dmax of that organ
                 dmax = [s for s in results["structures"] if s["name"] == organ][0]["metrics"]["cumulative"]["Dmax"]
                 value = float(info.split("worst voxel ")[1].split(" Gy")[0])

@@ -61,6 +61,9 @@ class ReviewApp:
         self.layout_manager.set_layout(LAYOUT_ID)
         self._load()
         self._show()
+        if self.cumulative is not None and self.cumulative.GetImageData() is not None:
+            self.server.state.wash_max = int(np.ceil(self.cumulative.GetImageData().GetScalarRange()[1]))
+        self.server.state.change("wash_opacity", "wash_threshold")(self._on_wash)
 
     # ------------------------------------------------------------------------------------------------ loading
     def _load(self) -> None:
@@ -120,6 +123,22 @@ class ReviewApp:
             view.reset_view()
         for view in self.slicer_app.view_manager.get_views():
             view.schedule_render()
+
+    def _on_wash(self, wash_opacity=None, wash_threshold=None, **_):
+        """Opacity of the EQD2 wash in the slice views; voxels below the threshold (Gy) are not washed."""
+        if wash_opacity is not None:
+            for view in self.slicer_app.view_manager.get_slice_views():
+                view.set_foreground_opacity(float(wash_opacity))
+                view.schedule_render()
+        if wash_threshold is not None and self.cumulative is not None:
+            display = self.cumulative.GetDisplayNode()
+            if display is not None:
+                top = float(self.cumulative.GetImageData().GetScalarRange()[1])
+                display.SetApplyThreshold(1 if float(wash_threshold) > 0 else 0)
+                display.SetLowerThreshold(float(wash_threshold))
+                display.SetUpperThreshold(max(top, float(wash_threshold)) + 1.0)
+            for view in self.slicer_app.view_manager.get_slice_views():
+                view.schedule_render()
 
     # ------------------------------------------------------------------------------------------- worst voxel
     def worst_of(self, structure: str):
@@ -186,6 +205,13 @@ class ReviewApp:
                         self.layout_manager.initialize_layout_grid(layout)
                     with html.Div(id="constraints", style="flex: 2 1 0; overflow: auto; font-size: 12px; "
                                                           "padding: 4px;"):
+                        with html.Div(style="display: flex; gap: 12px; align-items: center;"):
+                            html.Label("EQD2 wash opacity {{ wash_opacity }}")
+                            html.Input(id="wash-opacity", type="range", min=0, max=1, step=0.05,
+                                       v_model=("wash_opacity", WASH_OPACITY))
+                            html.Label("hide below {{ wash_threshold }} Gy")
+                            html.Input(id="wash-threshold", type="range", min=0, max=("wash_max", 100), step=1,
+                                       v_model=("wash_threshold", 0))
                         html.Div("{{ selected_info }}", id="selected-info", style="margin: 4px 0;")
                         with html.Table(style="border-collapse: collapse; width: 100%;"):
                             with html.Thead():
