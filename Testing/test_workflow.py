@@ -205,6 +205,11 @@ def test_judged_twice_daily_gap_below_protocol_minimum_fails(tmp_path):
     assert [f["course"] for f in flags] == ["second"] and flags[0]["required_hours"] == 6
     html = (tmp_path / "out" / "report.html").read_text()
     assert 'id="prescription_checks"' in html and "FAIL" in html.split('id="prescription_checks"')[1]
+    # a failed fractionation check is never an all-clear: the verdict lists it
+    assert res["summary"]["verdict_code"] != "all_limits_met"
+    assert len(res["summary"]["prescription_checks_failed"]) == 1
+    assert "min_hours_between_fractions" in res["summary"]["prescription_checks_failed"][0]
+    assert "1 prescription/fractionation check(s) failed" in res["summary"]["verdict"]
 
 
 def test_gap_meeting_the_protocol_passes_and_is_not_flagged(tmp_path):

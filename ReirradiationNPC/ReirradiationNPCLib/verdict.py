@@ -52,7 +52,8 @@ def credit_changed_value(c) -> bool:
     return vu is not None and vc is not None and abs(vu - vc) > _SAME
 
 
-def summarize(constraints, target_checks, protocol, structures=(), targets_present: bool = False) -> dict:
+def summarize(constraints, target_checks, protocol, structures=(), targets_present: bool = False,
+              prescription_checks=()) -> dict:
     """The ``summary`` block of results.json.
 
     ``constraints``: ConstraintResult rows (or dicts); ``target_checks``: the target-check entries (dicts);
@@ -93,6 +94,10 @@ def summarize(constraints, target_checks, protocol, structures=(), targets_prese
             target_not_eval.append(f"target {t.get('structure')} ({t.get('scope')}): not evaluated "
                                    f"({t.get('note') or 'no checks'})")
 
+    # issue 16: a failed prescription/fractionation check (e.g. same-day fractions closer than the protocol's gap:
+    # the LQ full-repair assumption behind every EQD2 does not hold) is never an all-clear
+    rx_failed = [f"prescription check {_get(c, 'check')} ({_get(c, 'course')}): {_get(c, 'message')}"
+                 for c in prescription_checks or () if _get(c, "status") == "fail"]
     incomplete = _incomplete(constraints, protocol, structures)
     incomplete += target_not_eval
     if targets_present and getattr(protocol, "prescription", None) is None:
@@ -102,7 +107,7 @@ def summarize(constraints, target_checks, protocol, structures=(), targets_prese
         code = "limits_exceeded"
     elif unmet:
         code = "conditions_not_met"
-    elif near or target_not_met:
+    elif near or target_not_met or rx_failed:
         code = "warnings"
     elif incomplete:
         code = "incomplete"
@@ -122,6 +127,7 @@ def summarize(constraints, target_checks, protocol, structures=(), targets_prese
         "near_limit": near,
         "target_checks": tcounts,
         "target_criteria_not_met": target_not_met,
+        "prescription_checks_failed": rx_failed,
         "incomplete_because": incomplete,
         "synthetic": bool(getattr(protocol, "synthetic", False)),
     }
@@ -165,7 +171,8 @@ def verdict_line(summary: dict) -> str:
     if code not in HEADLINES:
         return str(summary.get("verdict", "no verdict"))
     n = {k: len(summary.get(k) or []) for k in ("limits_exceeded", "conditions_not_met", "near_limit",
-                                                 "target_criteria_not_met", "incomplete_because")}
+                                                 "target_criteria_not_met", "incomplete_because",
+                                                 "prescription_checks_failed")}
     parts = []
     if n["limits_exceeded"]:
         parts.append(f"{n['limits_exceeded']} limit(s) exceeded")
@@ -176,6 +183,8 @@ def verdict_line(summary: dict) -> str:
         parts.append(f"{n['near_limit']} within tolerance of the limit (WARN)")
     if n["target_criteria_not_met"]:
         parts.append(f"{n['target_criteria_not_met']} target coverage criterion/criteria not met")
+    if n["prescription_checks_failed"]:
+        parts.append(f"{n['prescription_checks_failed']} prescription/fractionation check(s) failed")
     if n["incomplete_because"]:
         parts.append(f"{n['incomplete_because']} item(s) not judged (incomplete: see incomplete_because)")
     if not parts:
@@ -194,4 +203,5 @@ def update_results(results, protocol) -> None:
     targets_present = bool(results.target_checks) or any(
         _get(s, "role") == "target" for s in results.structures) or bool(results.margins)
     results.summary = summarize(results.constraints, results.target_checks, protocol, results.structures,
-                                targets_present=targets_present)
+                                targets_present=targets_present,
+                                prescription_checks=getattr(results, "prescription_checks", None) or ())
