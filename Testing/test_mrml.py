@@ -474,7 +474,57 @@ def test_constraint_table_rows_equal_the_engine_results(built, engine_run):
             got = col[name].GetValue(r)
             assert (math.isnan(got) if value is None else got == pytest.approx(value, abs=1e-9)), (name, r)
         assert col["Verified"].GetValue(r) == ("yes" if c.verified else "NO")
+        assert col["Basis"].GetValue(r) == (c.basis or "") and col["Course"].GetValue(r) == (c.course or "")
+        for name, value in (("Value undiscounted", c.value_undiscounted), ("Value credited", c.value_credited)):
+            got = col[name].GetValue(r)
+            assert (math.isnan(got) if value is None else got == pytest.approx(value, abs=1e-9)), (name, r)
     assert out.constraints_table.GetAttribute("ReirradiationNPC.Verdict") == results.summary["verdict"]
+
+
+@needs_slicer
+def test_constraint_table_shows_basis_both_sums_course_and_unmet_conditions():
+    """Hand-made rows in results.json's shape: a credited cumulative row whose interval condition does not hold,
+    and a per-course row. The table shows the judged basis, both sums, the course and the unmet condition as text."""
+    from types import SimpleNamespace
+
+    from ReirradiationNPCLib import mrml, mrml_headless
+    from ReirradiationNPCLib.results import ConstraintResult
+    app = mrml_headless.start()
+    cumulative = ConstraintResult(
+        organ="Brainstem", structure="Brainstem", metric="D0.03cc", scope="cumulative", value=52.5, limit=60.0,
+        unit="Gy", status="condition_not_met", source="test", verified=False, margin=7.5, alpha_beta=2.0,
+        recovery_credit={"course1": 0.25}, basis="credited", value_undiscounted=61.0, value_credited=52.5,
+        conditions=[{"condition": "interval since course course1 >= 24 months", "required": 24.0,
+                     "actual": 18.0, "met": False},
+                    {"condition": "course course1 D0.03cc <= 54 Gy EQD2", "required": 54.0, "actual": 40.0,
+                     "met": True}])
+    per_course = ConstraintResult(
+        organ="Brainstem", structure="Brainstem", metric="D0.03cc", scope="per_course", value=40.0, limit=54.0,
+        unit="Gy", status="pass", source="test", verified=True, margin=14.0, alpha_beta=2.0, course="course1")
+    results = SimpleNamespace(constraints=[cumulative, per_course],
+                              summary={"verdict": "v", "verdict_code": "conditions_not_met"})
+    node = mrml.constraints_table(results, "hand-made", scene=app.scene)
+    table = node.GetTable()
+    names = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert names == list(mrml.CONSTRAINT_COLUMNS)
+    for required in ("Basis", "Value undiscounted", "Value credited", "Course", "Unmet conditions", "Status",
+                     "Worst value", "Best value"):  # the robustness columns stay
+        assert required in names
+    col = {n: table.GetColumn(i) for i, n in enumerate(names)}
+    assert table.GetNumberOfRows() == 2
+    assert col["Status"].GetValue(0) == "condition_not_met"
+    assert col["Basis"].GetValue(0) == "credited"
+    assert col["Value"].GetValue(0) == pytest.approx(52.5)
+    assert col["Value undiscounted"].GetValue(0) == pytest.approx(61.0)
+    assert col["Value credited"].GetValue(0) == pytest.approx(52.5)
+    assert col["Course"].GetValue(0) == ""
+    assert col["Unmet conditions"].GetValue(0) == "interval since course course1 >= 24 months (actual: 18.00)"
+    assert col["Recovery credit"].GetValue(0) == "course1 25%"
+    assert col["Status"].GetValue(1) == "pass" and col["Course"].GetValue(1) == "course1"
+    assert col["Basis"].GetValue(1) == "" and col["Unmet conditions"].GetValue(1) == ""
+    assert math.isnan(col["Value undiscounted"].GetValue(1)) and math.isnan(col["Value credited"].GetValue(1))
+    assert col["Value"].GetValue(1) == pytest.approx(40.0)
+    assert node.GetAttribute("ReirradiationNPC.VerdictCode") == "conditions_not_met"
 
 
 @needs_slicer

@@ -663,9 +663,20 @@ def _table_columns(table_node, columns: list[tuple[str, str, list]]) -> None:
     table_node.Modified()
 
 
-CONSTRAINT_COLUMNS = ("Status", "Organ", "Structure", "Metric", "Scope", "Value", "Limit", "Unit", "Margin",
+CONSTRAINT_COLUMNS = ("Status", "Organ", "Structure", "Metric", "Scope", "Course", "Basis", "Value",
+                      "Value undiscounted", "Value credited", "Limit", "Unit", "Margin", "Unmet conditions",
                       "Verified", "Source", "Alpha/beta (Gy)", "Recovery credit", "Worst value", "Best value",
                       "Status in worst", "Worst scenario")
+
+
+def _actual_text(v) -> str:
+    return "unknown" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def unmet_conditions_text(conditions) -> str:
+    """The row's conditions that do not hold on this case, as one line: ``condition (actual: x)``; "" if all hold."""
+    return "; ".join(f"{c.get('condition', '')} (actual: {_actual_text(c.get('actual'))})"
+                     for c in (conditions or []) if not c.get("met"))
 
 
 def constraints_table(results: Results, name: str, scene=None):
@@ -680,10 +691,16 @@ def constraints_table(results: Results, name: str, scene=None):
         ("Structure", "string", [c.structure or "" for c in rows]),
         ("Metric", "string", [c.metric for c in rows]),
         ("Scope", "string", [c.scope for c in rows]),
+        ("Course", "string", [getattr(c, "course", None) for c in rows]),   # per_course / current rows
+        # cumulative rows: the sum the limit is judged on ("undiscounted" | "credited"); Value is that one
+        ("Basis", "string", [getattr(c, "basis", None) for c in rows]),
         ("Value", "double", [c.value for c in rows]),
+        ("Value undiscounted", "double", [getattr(c, "value_undiscounted", None) for c in rows]),
+        ("Value credited", "double", [getattr(c, "value_credited", None) for c in rows]),
         ("Limit", "double", [c.limit for c in rows]),
         ("Unit", "string", [c.unit for c in rows]),
         ("Margin", "double", [c.margin for c in rows]),
+        ("Unmet conditions", "string", [unmet_conditions_text(getattr(c, "conditions", None)) for c in rows]),
         ("Verified", "string", ["yes" if c.verified else "NO" for c in rows]),
         ("Source", "string", [c.source for c in rows]),
         ("Alpha/beta (Gy)", "double", [c.alpha_beta for c in rows]),
