@@ -352,6 +352,17 @@ def test_compute_flags_doses_without_dicom_provenance_and_a_rerun_replaces_its_r
     messages = []
     out = pr.compute(protocol, confirm=lambda msgs: True, progress=messages.append)
     results = pr.last[2]
+    # the check maps of ``run --scene`` (one alpha/beta and credit each), as dose volumes in the analysis folder
+    from ReirradiationNPCLib.analysis import check_maps
+    expected = check_maps(pr.last[0].courses, pr.last[0].structures, protocol)[0]
+    assert expected and len(out.check_maps) == len(expected)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    for node, m in zip(out.check_maps, expected):
+        assert app.scene.IsNodePresent(node) and node.GetAttribute("ReirradiationNPC.CheckMap") == m.stem
+        assert node.GetAttribute("ReirradiationNPC.Role") == "check_eqd2"
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == out.folder_item
+        arr = slicer.util.arrayFromVolume(node)
+        assert float(arr.max()) == pytest.approx(float(m.compute(pr.last[0].courses).max()), rel=1e-5)
     assert sum("no DICOM provenance" in w and "confirmed" in w for w in results.warnings) == 2
     assert "2 dose(s) without a DICOM header check" in pr.p.status
     assert messages and pr.run.running == ""
@@ -378,6 +389,16 @@ def test_compute_flags_doses_without_dicom_provenance_and_a_rerun_replaces_its_r
     first = pr.export_rtdose_file(tmp_path / "dicom", ident)
     second = pr.export_rtdose_file(tmp_path / "dicom", ident)
     assert first.name == "cumulative_eqd2.dcm" and second.name == "cumulative_eqd2-2.dcm"
+    # the check maps go with it, one RTDOSE each, named as ``run`` names them, never over the first export's
+    check_files = pr.exported_files[1:]
+    assert [f.name for f in check_files] == [f"{m.stem}-2.dcm" for m in expected]
+    for m in expected:
+        assert (tmp_path / "dicom" / f"{m.stem}.dcm").is_file()
+    cds = pydicom.dcmread(str(check_files[0]))
+    assert cds.DoseType == "EFFECTIVE" and cds.StudyInstanceUID == ident["StudyInstanceUID"]
+    assert f"a/b {expected[0].alpha_beta:g}" in cds.SeriesDescription
+    cdose = cds.pixel_array.astype(float) * float(cds.DoseGridScaling)
+    assert cdose.max() == pytest.approx(float(expected[0].compute(pr.last[0].courses).max()), rel=1e-4)
     ds = pydicom.dcmread(str(first))
     assert ds.DoseType == "EFFECTIVE" and ds.StudyInstanceUID == ident["StudyInstanceUID"]
     dose = ds.pixel_array.astype(float) * float(ds.DoseGridScaling)

@@ -544,6 +544,7 @@ class OutputNodes:
     isodose: object = None                            # segmentation node: isodose lines at the limit levels
     protocol_text: object = None                      # text node: the protocol file used, verbatim
     replaced: int = 0                                 # previous analysis folders of the same name removed
+    check_maps: list = field(default_factory=list)    # check-map volume nodes (mrml_scene.add_check_maps)
 
 
 def dose_color_table(scene=None):

@@ -180,7 +180,7 @@ def build_scene(prep: Prepared, analysis: Analysis, results: Results, name: str 
     inputs = load_inputs(prep, scene=scene, study_item=study)
     outputs = mrml.create_output_nodes(prep, analysis, results, name, scene, progress, planning=planning,
                                        study_item=study)
-    add_check_maps(prep, analysis, outputs, scene)
+    outputs.check_maps = add_check_maps(prep, analysis, outputs, scene)
     background = inputs["images"].get("reference")
     _review_layout(scene, background, outputs.cumulative, outputs.dvh_chart)
     return inputs, outputs

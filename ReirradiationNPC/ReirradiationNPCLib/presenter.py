@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import mrml, mrml_provenance, mrml_review
+from . import mrml, mrml_provenance, mrml_review, mrml_scene
 from .errors import InputError
 
 #: automatic course names: "course<position>" (1 = oldest); renumbered when the list changes. Other names are the
@@ -114,6 +114,7 @@ class Presenter:
         self.database = dicom_database
         self.run = RunState()
         self.last = None   # (prep, analysis, results, planning, outputs) of the last computation, for exports
+        self.exported_files: list = []   # files written by the last RTDOSE export
 
     # ------------------------------------------------------------------------------------------ course list
 
@@ -319,6 +320,9 @@ class Presenter:
             out = mrml.create_output_nodes(prep, analysis, results, p.analysisName or "Reirradiation analysis",
                                            self._scene(), progress, planning=planning,
                                            reference_node=p.courses[-1].dose)
+            say("creating check maps")
+            # the same check maps as ``run --scene`` (one alpha/beta and credit each), in the analysis folder
+            out.check_maps = mrml_scene.add_check_maps(prep, analysis, out, self._scene())
         finally:
             self.run.end()
         p.cumulativeEQD2, p.overlays = out.cumulative, out.overlays
@@ -351,11 +355,16 @@ class Presenter:
     def export_rtdose_file(self, folder: Path, reference_identity: dict) -> Path:
         """The cumulative EQD2 as an RTDOSE file (DoseType EFFECTIVE) with the patient, study and frame of
         reference of ``reference_identity`` (the current CT's DICOM identity, read through the DICOM database):
-        this project's writer, used when SlicerRT's DICOM export is not available. Never overwrites a file."""
+        this project's writer, used when SlicerRT's DICOM export is not available. Never overwrites a file.
+
+        The check maps (``cumulative_eqd2_ab<x>*.dcm``, one α/β each, as ``run`` writes them) go into the same
+        folder; every file written is in ``self.exported_files`` (the cumulative one first). Returns the
+        cumulative map's path."""
         import shutil
         import tempfile
 
-        from .dicom_export import write_eqd2_rtdose
+        from .analysis import check_maps
+        from .dicom_export import write_check_rtdose, write_eqd2_rtdose
         prep, analysis, _results, _planning, _out = self._require_result()
         if not reference_identity or not reference_identity.get("StudyInstanceUID"):
             raise InputError("export as RTDOSE needs the current CT loaded from DICOM (its patient and study)",
@@ -368,11 +377,22 @@ class Presenter:
         stage = Path(tempfile.mkdtemp(prefix=".rtdose-", dir=folder))
         try:
             write_eqd2_rtdose(prep, analysis, stage)
-            target = next_free_path(folder / "cumulative_eqd2.dcm")
-            shutil.move(str(stage / "cumulative_eqd2.dcm"), str(target))
+            names = ["cumulative_eqd2.dcm"]
+            maps = analysis.check_maps if analysis.check_maps is not None else check_maps(
+                prep.courses, prep.structures, prep.protocol)[0]
+            for n, m in enumerate(maps):   # one grid in memory at a time; series numbers as ``run`` uses
+                arr = m.compute(prep.courses)
+                names.append(write_check_rtdose(arr, prep, m, stage, series_number=910 + n))
+                del arr
+            written = []
+            for name in names:
+                target = next_free_path(folder / name)
+                shutil.move(str(stage / name), str(target))
+                written.append(target)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        return target
+        self.exported_files = written
+        return written[0]
 
     # --------------------------------------------------------------------------------------------- buttons
 
