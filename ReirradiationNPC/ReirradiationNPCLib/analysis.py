@@ -430,9 +430,8 @@ def _judge(value: float | None, limit: float | None, conditions: list[dict], tol
     if limit is None:
         return "no_limit", None, note
     status, margin = constraint_status(value, limit, tol)
-    unmet = [c for c in conditions if not c["met"]]
-    if unmet:
-        text = "; ".join(f"{c['condition']} (actual: {_fmt_actual(c['actual'])})" for c in unmet)
+    text = unmet_conditions_text(conditions)
+    if text:
         note = (note + " " if note else "") + "condition not met: " + text
         if status != "fail":
             status = "condition_not_met"
@@ -441,6 +440,12 @@ def _judge(value: float | None, limit: float | None, conditions: list[dict], tol
 
 def _fmt_actual(v) -> str:
     return "unknown" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def unmet_conditions_text(conditions) -> str:
+    """A row's conditions that do not hold, as one line ``condition (actual: x); ...``; "" when all hold."""
+    return "; ".join(f"{c.get('condition', '')} (actual: {_fmt_actual(c.get('actual'))})"
+                     for c in (conditions or []) if not c.get("met"))
 
 
 def evaluate_constraints(protocol: Protocol, structures: list[StructureData], results: list[StructureResult],

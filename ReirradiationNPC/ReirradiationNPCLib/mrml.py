@@ -25,7 +25,7 @@ from vtk.util import numpy_support
 
 from . import budget
 from . import planning as planning_aids
-from .analysis import Analysis, CourseData, StructureData, compute
+from .analysis import Analysis, CourseData, StructureData, compute, unmet_conditions_text
 from .case import CaseSpec, CourseSpec
 from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
@@ -668,16 +668,6 @@ CONSTRAINT_COLUMNS = ("Status", "Organ", "Structure", "Metric", "Scope", "Course
                       "Value undiscounted", "Value credited", "Limit", "Unit", "Margin", "Unmet conditions",
                       "Verified", "Source", "Alpha/beta (Gy)", "Recovery credit", "Worst value", "Best value",
                       "Status in worst", "Worst scenario")
-
-
-def _actual_text(v) -> str:
-    return "unknown" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def unmet_conditions_text(conditions) -> str:
-    """The row's conditions that do not hold on this case, as one line: ``condition (actual: x)``; "" if all hold."""
-    return "; ".join(f"{c.get('condition', '')} (actual: {_actual_text(c.get('actual'))})"
-                     for c in (conditions or []) if not c.get("met"))
 
 
 def constraints_table(results: Results, name: str, scene=None):
