@@ -97,12 +97,10 @@ def make_case(folder: Path, say) -> dict:
         write_volume(Volume(m, CT_GRID), folder / "structures" / f"{name}.nrrd")
     del ct, ct_prior
     px, py, pz = syn._coords(PRIOR_DOSE_GRID)
-    prior = syn._dose(px, py, pz, syn.PRIOR_TARGETS, syn.PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6,
-                      bath_mm=28.0) * syn._body(px, py, pz)
+    prior = syn.prior_dose_at(px, py, pz)  # the demo's RTOG 0615-like first course, on this grid
     write_volume(Volume(prior.astype(np.float32), PRIOR_DOSE_GRID), folder / "dose_course1.nrrd", units="Gy")
     qx, qy, qz = syn._coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
-    native = syn._dose(qx, qy, qz, syn.PRIOR_TARGETS, syn.PRIOR_DOSE_GY, sigma_mm=5.0, bath_fraction=0.6,
-                       bath_mm=28.0) * syn._body(qx, qy, qz)
+    native = syn.prior_dose_at(qx, qy, qz)
     write_volume(Volume(native.astype(np.float32), PRIOR_DOSE_GRID), folder / "dose_course1_prior_frame.nrrd",
                  units="Gy")
     cx, cy, cz = syn._coords(CURRENT_DOSE_GRID)

@@ -201,6 +201,12 @@ def prior_dose(in_prior_frame: bool = False) -> np.ndarray:
         x, y, z = _coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
     else:
         x, y, z = _coords(PRIOR_DOSE_GRID)
+    return prior_dose_at(x, y, z)
+
+
+def prior_dose_at(x, y, z) -> np.ndarray:
+    """Prior course physical dose (Gy, float32) at points given in the current CT's frame (mm, arrays of one
+    shape); 0 outside the body. Also used by the clinical-size benchmark on its own grids."""
     # the 50 % isodose of each level 6 mm outside its PTV (PTV surface ~95 %), 4 mm penumbra
     dose = np.max([_dose(x, y, z, targets, level, sigma_mm=4.0, bath_fraction=0.45, bath_mm=30.0, shift_mm=6.0)
                    for targets, level in PRIOR_LEVELS], axis=0)
