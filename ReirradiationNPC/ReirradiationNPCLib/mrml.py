@@ -98,6 +98,23 @@ def _scene(scene=None):
     return scene
 
 
+def scene_or_default(scene=None):
+    """``scene``, or the application's scene when None (the presenter reaches ``slicer`` only through here)."""
+    return _scene(scene)
+
+
+def subject_hierarchy(scene=None):
+    """The subject hierarchy node of ``scene`` (default: the application's scene)."""
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(_scene(scene))
+
+
+def segment_tag(segment, tag: str) -> str:
+    """The value of a segment's tag ("" when absent)."""
+    value = vtk.reference("")
+    segment.GetTag(tag, value)
+    return str(value)
+
+
 # ------------------------------------------------------------------------------------------------ geometry
 
 def _matrix_to_numpy(m: vtk.vtkMatrix4x4) -> np.ndarray:

@@ -119,8 +119,7 @@ class Presenter:
     # ------------------------------------------------------------------------------------------ course list
 
     def _scene(self):
-        import slicer
-        return self.scene or slicer.mrmlScene
+        return mrml.scene_or_default(self.scene)
 
     def _write(self, courses: list) -> None:
         self.p.courses = courses
@@ -430,19 +429,16 @@ class Presenter:
     def apply_display(self) -> object:
         """Apply the toggles: margins and violations segments, and the foreground slice layer. Returns the
         foreground volume node."""
-        import vtk
         p = self.p
         if p.overlays is not None and p.overlays.GetDisplayNode() is not None:
             seg, display = p.overlays.GetSegmentation(), p.overlays.GetDisplayNode()
             for i in range(seg.GetNumberOfSegments()):
-                kind = vtk.reference("")
-                seg.GetNthSegment(i).GetTag("ReirradiationNPC.Kind", kind)
-                show = p.showMargins if str(kind) == "margin" else p.showViolations
+                kind = mrml.segment_tag(seg.GetNthSegment(i), "ReirradiationNPC.Kind")
+                show = p.showMargins if kind == "margin" else p.showViolations
                 display.SetSegmentVisibility(seg.GetNthSegmentID(i), bool(show))
         roles = {}
         if p.cumulativeEQD2 is not None:
-            import slicer
-            sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self._scene())
+            sh = mrml.subject_hierarchy(self._scene())
             item = sh.GetItemByDataNode(p.cumulativeEQD2)
             if item:
                 roles = mrml.find_output_nodes(sh.GetItemParent(item), self._scene())
