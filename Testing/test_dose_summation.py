@@ -207,6 +207,27 @@ def test_rbe_physical_particle_dose_multiplied_once(tmp_path):
         dr.read_rtdose(tmp_path / "np.dcm", fractions=30, radiation="proton")
 
 
+def test_rbe_rtdose_referencing_an_ion_plan_is_particle_without_the_plan(tmp_path):
+    """A PHYSICAL RTDOSE whose ReferencedRTPlanSequence names an RT Ion Plan (by ReferencedSOPClassUID) is a particle
+    dose even when the plan file is not given (e.g. `metrics` without --plan): refused without rbe, x 1.1 once with
+    rbe 1.1 (0.02 Gy/unit: maximum 68.76 Gy physical -> 75.636 Gy), refused when the case says photon."""
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = dr.RT_ION_PLAN_STORAGE, "1.2.3.4.5"
+    f = make_rtdose(tmp_path / "d.dcm", known_pixels(), "0.02", ReferencedRTPlanSequence=Sequence([ref]))
+    with pytest.raises(InputError, match="RT Ion plan") as exc:
+        dr.read_rtdose(f, fractions=30)
+    assert exc.value.field == "DoseType" and str(f) in str(exc.value)
+    vol = dr.read_rtdose(f, fractions=30, rbe=1.1)
+    assert float(vol.array.max()) == pytest.approx(75.636, rel=1e-6)
+    assert vol.meta["header_check"].rbe_applied
+    with pytest.raises(InputError, match="RT Ion Plan"):
+        dr.read_rtdose(f, fractions=30, radiation="photon")
+    # a photon plan's reference changes nothing: read as is (68.76 Gy)
+    ref.ReferencedSOPClassUID = dr.RT_PLAN_STORAGE
+    g = make_rtdose(tmp_path / "g.dcm", known_pixels(), "0.02", ReferencedRTPlanSequence=Sequence([ref]))
+    assert float(dr.read_rtdose(g, fractions=30).array.max()) == pytest.approx(68.76, rel=1e-6)
+
+
 def test_rbe_effective_dose_recorded_not_applied(tmp_path):
     """An EFFECTIVE (RBE-weighted) dose is refused unless the case states dose_type EFFECTIVE and the RBE; then it
     is taken as is (the RBE is recorded, never applied again)."""

@@ -595,12 +595,14 @@ def _is_own_eqd2(ds) -> bool:
 
 
 def resolve_dose_kind(header_type: str | None, *, dose_type: str | None, rbe: float | None,
-                      radiation: str | None, plan: PlanInfo | None, src: str, key: str = "course"
-                      ) -> tuple[float | None, bool, str, list[str]]:
+                      radiation: str | None, plan: PlanInfo | None, src: str, key: str = "course",
+                      references_ion_plan: bool = False) -> tuple[float | None, bool, str, list[str]]:
     """RBE handling for one course dose. Returns (rbe or None, rbe applied?, radiation, warnings).
 
     ``header_type``: the RTDOSE's DoseType (None for a dose image, whose kind is ``dose_type`` or PHYSICAL);
-    ``dose_type``, ``rbe``, ``radiation``: what the case states (None when not stated). Rules:
+    ``dose_type``, ``rbe``, ``radiation``: what the case states (None when not stated);
+    ``references_ion_plan``: the RTDOSE's ReferencedRTPlanSequence names an RT Ion Plan (by SOP class), which makes
+    it a particle dose even when the plan itself is not given. Rules:
     - EFFECTIVE (RBE-weighted) only with ``dose_type: EFFECTIVE`` and ``rbe:`` stated: taken as is, RBE recorded;
     - PHYSICAL of protons/ions/neutrons (``radiation: proton|ion`` or an RT Ion / particle plan) needs ``rbe:``
       and is multiplied by it once;
@@ -614,12 +616,15 @@ def resolve_dose_kind(header_type: str | None, *, dose_type: str | None, rbe: fl
     rad = (radiation or "").lower()
     if not rad and plan is not None and plan.is_particle:
         rad = "ion" if any(t == "ION" for t in plan.radiation_types) else "proton"
+    if radiation and rad not in ("proton", "ion") and references_ion_plan:
+        raise InputError(f"radiation: {radiation} but the RTDOSE references an RT Ion Plan "
+                         "(ReferencedRTPlanSequence > ReferencedSOPClassUID)", source=src, field=f"{key}.radiation")
     if plan is not None and radiation and plan.radiation_types:
         plan_particle = plan.is_particle
         if plan_particle != (rad in ("proton", "ion")):
             raise InputError(f"radiation: {radiation} disagrees with the plan's RadiationType "
                              f"{', '.join(plan.radiation_types)} ({plan.path})", source=src, field=f"{key}.radiation")
-    particle = rad in ("proton", "ion") or (plan is not None and plan.is_particle)
+    particle = rad in ("proton", "ion") or (plan is not None and plan.is_particle) or references_ion_plan
     if rbe is not None and not (RBE_RANGE[0] <= rbe <= RBE_RANGE[1]):
         raise InputError(f"rbe: {rbe:g} is outside {RBE_RANGE[0]:g}-{RBE_RANGE[1]:g}", source=src,
                          field=f"{key}.rbe")
@@ -635,7 +640,8 @@ def resolve_dose_kind(header_type: str | None, *, dose_type: str | None, rbe: fl
         raise InputError(f"unknown DoseType {kind!r}", source=src, field="DoseType")
     if particle:
         if rbe is None:
-            what = f"radiation {rad}" if rad else "an RT Ion plan"
+            what = f"radiation {rad}" if rad else ("an RT Ion plan" if plan is not None and plan.is_particle
+                                                   else "an RT Ion plan (referenced by the RTDOSE)")
             raise InputError(f"physical dose of {what}: state the course's rbe: (e.g. 1.1 for protons) so that it "
                              "is RBE-weighted once, or export the RBE-weighted dose (EFFECTIVE) with dose_type: "
                              "EFFECTIVE", source=src, field="DoseType")
@@ -713,8 +719,9 @@ def check_rtdose_header(ds, plan: PlanInfo | None = None, fractions: int | None 
     if accept_effective:
         rbe_v, applied, rad, w = None, False, (radiation or ""), []
     else:
+        ion_ref = any(str(getattr(item, "ReferencedSOPClassUID", "") or "") == RT_ION_PLAN_STORAGE for item in refs)
         rbe_v, applied, rad, w = resolve_dose_kind(dtype, dose_type=dose_type, rbe=rbe, radiation=radiation,
-                                                   plan=plan, src=src, key=key)
+                                                   plan=plan, src=src, key=key, references_ion_plan=ion_ref)
     warnings += w
     if fractions is not None and (isinstance(fractions, bool) or int(fractions) != fractions or fractions < 1):
         raise InputError(f"fractions must be a whole number >= 1, got {fractions!r}", source=src, field="fractions")
