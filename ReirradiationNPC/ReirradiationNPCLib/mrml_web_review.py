@@ -57,6 +57,8 @@ class ReviewApp:
         self.cumulative = None
         self.structures = None
         self._worst_cache = {}
+        from .mrml_web_panels import ReviewPanels
+        self.panels = ReviewPanels(self)  # DVH of the selected organ, registration check (review_panels.py)
         self._build_ui()
         self.layout_manager.set_layout(LAYOUT_ID)
         self._load()
@@ -164,6 +166,7 @@ class ReviewApp:
         except (TypeError, ValueError, IndexError):
             return
         state.selected = row["index"]
+        self.panels.show_dvh(row["index"])
         found = self.worst_of(row["structure"])
         if found is None:
             state.selected_info = f"{row['structure']}: no segment or no dose map in this scene to centre on"
@@ -213,6 +216,7 @@ class ReviewApp:
                             html.Input(id="wash-threshold", type="range", min=0, max=("wash_max", 100), step=1,
                                        v_model=("wash_threshold", 0))
                         html.Div("{{ selected_info }}", id="selected-info", style="margin: 4px 0;")
+                        self.panels.build_ui()  # DVH of the selected organ, registration check
                         with html.Table(style="border-collapse: collapse; width: 100%;"):
                             with html.Thead():
                                 with html.Tr():
