@@ -2,7 +2,9 @@
 constraints. Pure arrays in, arrays and a results tree out (no file access here).
 
 Rules (see docs/science.md):
-- Each course is converted to EQD2 voxel by voxel with its own fraction count and the voxel's dose per fraction.
+- Each course is converted to EQD2 voxel by voxel with its own fraction count and the voxel's dose per fraction;
+  a course of several fraction groups is the sum of one EQD2 term per group, each with its own fractions
+  (:func:`course_dose`, the one place that turns a course into EQD2 inputs).
 - Display map (``cumulative``, ``cumulative_eqd2.nrrd/.dcm``; rule text: :data:`MAP_RULE`): per voxel, the LARGEST
   cumulative EQD2 over the organs whose dose-grid mask covers it, each with its own α/β and recovery credit
   (Σ (1 − r_organ) · EQD2(D, n, α/β_organ)); the protocol default α/β and no credit where no organ covers the voxel.
@@ -24,7 +26,7 @@ import numpy as np
 
 from . import dvh
 from .dvh_curves import DVHCurve, cumulative_dvh
-from .eqd2 import course_and_cumulative_eqd2, eqd2
+from .eqd2 import course_and_cumulative_eqd2, effective_fractions, eqd2
 from .geometry import Grid
 from .sampling import StructureSamples, describe_for_dose, sample_structure
 from .protocol import Organ, Protocol, parse_metric
@@ -61,15 +63,71 @@ MODEL_ASSUMPTIONS = [
 
 
 @dataclass
+class DoseTerm:
+    """One EQD2 term of a course: one fraction group's total dose (physical Gy, or RBE-weighted as stated; float32
+    on the evaluation grid) delivered in that group's own ``fractions``."""
+    dose: np.ndarray
+    fractions: int
+    label: str = ""                # e.g. "group 2 (rtdose_boost.dcm)"
+
+
+@dataclass
 class CourseData:
     name: str
-    dose: np.ndarray              # physical Gy on the evaluation grid, float32
-    fractions: int
+    dose: np.ndarray              # physical Gy on the evaluation grid, float32 (several groups: their sum)
+    fractions: int                # several groups: the sum of their fractions (shown; never used for EQD2)
     interval_months: float | None
     is_current: bool
     registration: str = "identity"
     dose_file: str = ""
     coverage: np.ndarray | None = None  # bool map: voxels covered by this course's own dose grid (None = all)
+    #: a plan with several fraction groups: one :class:`DoseTerm` per group (``dose`` is their sum). Empty: the
+    #: course is one term (``dose`` in ``fractions``). Turn a course into EQD2 only through :func:`course_dose`.
+    groups: list[DoseTerm] = field(default_factory=list)
+
+    @property
+    def terms(self) -> list[DoseTerm]:
+        """The course's EQD2 terms: its fraction groups, or the course dose itself as one term."""
+        return list(self.groups) if len(self.groups) > 1 else [DoseTerm(self.dose, self.fractions)]
+
+    @property
+    def fractions_text(self) -> str:
+        """``54`` or ``23+10`` (one number per fraction group)."""
+        return "+".join(str(t.fractions) for t in self.terms)
+
+
+def course_dose(c: CourseData, take: Callable[[np.ndarray], np.ndarray] | None = None):
+    """(physical dose, fractions) of course ``c`` from which ``eqd2(dose, fractions, ab)`` is the course's EQD2,
+    read where ``take`` reads a full-grid array (a crop, sub-voxel samples, shifted samples; None = the whole grid).
+
+    One term: ``(take(c.dose), c.fractions)``. Several fraction groups: each group is read with ``take`` and the
+    pair is (sum of the groups, per-value effective fractions ``eqd2.effective_fractions``), so that the EQD2 is
+    the sum of the groups' own EQD2 terms at every point, for every alpha/beta and dose scaling."""
+    take = take or (lambda a: a)
+    if len(c.groups) <= 1:
+        return take(c.dose), c.fractions
+    parts = [take(t.dose) for t in c.groups]
+    p, n_eff = effective_fractions(parts, [t.fractions for t in c.groups], c.fractions)
+    dtype = np.asarray(parts[0]).dtype
+    return (p.astype(dtype) if dtype in (np.float32, np.float64) else p), n_eff
+
+
+def course_eqd2(c: CourseData, alpha_beta, take: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """EQD2 (Gy) of course ``c`` (every fraction group its own term; no recovery credit); see :func:`course_dose`."""
+    d, n = course_dose(c, take)
+    return eqd2(d, n, alpha_beta)
+
+
+def _flat_terms(courses: list[CourseData], weights: list[float]):
+    """Every EQD2 term of every course with its course's weight: (doses, fractions, weights, owners)."""
+    doses, fx, ws, owner = [], [], [], []
+    for c, w in zip(courses, weights):
+        for t in c.terms:
+            doses.append(t.dose)
+            fx.append(t.fractions)
+            ws.append(w)
+            owner.append(c.name)
+    return doses, fx, ws, owner
 
 
 @dataclass
@@ -109,6 +167,9 @@ class Analysis:
     samples: dict[str, StructureSamples] = field(default_factory=dict, repr=False)
     #: structure name -> course name -> physical dose (Gy) at each sample (as used for the metrics)
     sample_doses: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    #: structure name -> course name -> the fractions paired with ``sample_doses`` (a number, or per-sample
+    #: effective fractions for a course of several fraction groups; :func:`course_dose`)
+    sample_fractions: dict[str, dict[str, object]] = field(default_factory=dict, repr=False)
 
 
 def _map_structures(structures: list[StructureData]) -> list[StructureData]:
@@ -153,9 +214,14 @@ def display_maps(courses: list[CourseData], structures: list[StructureData], pro
     α/β and credit: a voxel covered by organs takes the largest of their values (the default does not compete there).
     """
     default = protocol.default_alpha_beta
-    maps, cumulative = course_and_cumulative_eqd2([c.dose for c in courses], [c.fractions for c in courses],
-                                                  float(default), [1.0] * len(courses))
-    course_eqd2 = {c.name: m for c, m in zip(courses, maps)}
+    doses, fx, ws, owner = _flat_terms(courses, [1.0] * len(courses))
+    maps, cumulative = course_and_cumulative_eqd2(doses, fx, float(default), ws)
+    course_maps: dict[str, np.ndarray] = {}
+    for name, m in zip(owner, maps):   # a course of several fraction groups: the sum of its groups' EQD2
+        if name in course_maps:
+            course_maps[name] += m
+        else:
+            course_maps[name] = m
     ab = np.full(cumulative.shape, np.inf, dtype=np.float32)   # inf = no organ yet (then: default)
     organs = _map_structures(structures)
     credits = {c.name: [protocol.recovery.credit(s.organ.key, c.interval_months) for s in organs]
@@ -170,8 +236,8 @@ def display_maps(courses: list[CourseData], structures: list[StructureData], pro
         first = m & np.isinf(sub_ab)          # no organ has set these voxels yet
         cum_o = np.zeros(m.shape, dtype=np.float32)
         for c in courses:
-            e = eqd2(c.dose[box], c.fractions, oab)
-            sub_c = course_eqd2[c.name][box]
+            e = course_eqd2(c, oab, lambda a: a[box])
+            sub_c = course_maps[c.name][box]
             upd_c = first | (m & (e > sub_c))
             sub_c[upd_c] = e[upd_c]
             r = 0.0 if c.is_current else credits[c.name][idx]
@@ -186,7 +252,7 @@ def display_maps(courses: list[CourseData], structures: list[StructureData], pro
             if not c.is_current and isinstance(credit[c.name], np.ndarray):
                 credit[c.name][box][upd] = np.float32(credits[c.name][idx])
     ab[np.isinf(ab)] = np.float32(default)
-    return course_eqd2, cumulative, ab, credit
+    return course_maps, cumulative, ab, credit
 
 
 @dataclass
@@ -224,8 +290,8 @@ class CheckMap:
     def compute(self, courses: list[CourseData]) -> np.ndarray:
         """The map (float32): one blocked pass, no per-course maps kept."""
         weights = [1.0 if c.is_current else 1.0 - self.credits.get(c.name, 0.0) for c in courses]
-        _, cum = course_and_cumulative_eqd2([c.dose for c in courses], [c.fractions for c in courses],
-                                            float(self.alpha_beta), weights, keep_courses=False)
+        doses, fx, ws, _ = _flat_terms(courses, weights)
+        _, cum = course_and_cumulative_eqd2(doses, fx, float(self.alpha_beta), ws, keep_courses=False)
         return cum
 
 
@@ -292,6 +358,7 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
     dvh_curves: dict[str, dict[str, DVHCurve]] = {}
     kept_samples: dict[str, StructureSamples] = {}
     kept_doses: dict[str, dict[str, np.ndarray]] = {}
+    kept_fx: dict[str, dict[str, object]] = {}
     for s in structures:
         organ = s.organ
         organ_ab = organ.alpha_beta if organ else protocol.default_alpha_beta
@@ -308,9 +375,11 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
         outside = {}
         curves: dict[str, DVHCurve] = {}
         for c in courses:
-            phys = samples.dose(c.dose, grid) if n_vox else np.zeros(0)
+            phys, fx = (course_dose(c, lambda a: samples.dose(a, grid)) if n_vox
+                        else (np.zeros(0), c.fractions))
             kept_doses.setdefault(s.name, {})[c.name] = phys
-            e = eqd2(phys, c.fractions, organ_ab)
+            kept_fx.setdefault(s.name, {})[c.name] = fx
+            e = eqd2(phys, fx, organ_ab)
             r = 0.0 if c.is_current else protocol.recovery.credit(organ.key if organ else None, c.interval_months)
             if not c.is_current:
                 credits_used[c.name] = r
@@ -319,9 +388,12 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
             if n_vox:
                 sorted_phys = dvh.SortedSamples(phys, sample_cc)    # EQD2 keeps the order: one sort per course
                 phys_metrics[c.name] = sorted_phys.metrics(names)
-                res_metrics[c.name] = sorted_phys.mapped(
-                    lambda d, n=c.fractions: eqd2(d, n, organ_ab),
-                    mean=float(np.average(e, weights=np.broadcast_to(sample_cc, e.shape)))).metrics(names)
+                if np.ndim(fx) == 0:
+                    res_metrics[c.name] = sorted_phys.mapped(
+                        lambda d, n=fx: eqd2(d, n, organ_ab),
+                        mean=float(np.average(e, weights=np.broadcast_to(sample_cc, e.shape)))).metrics(names)
+                else:  # several fraction groups: EQD2 is not a function of the summed dose alone
+                    res_metrics[c.name] = dvh.metrics(e, sample_cc, names)
                 curves[c.name] = cumulative_dvh(e, sample_cc)
                 frac_out = (samples.outside_fraction(grid) if c.coverage is None
                             else 1.0 - samples.fraction_in(c.coverage, grid))
@@ -361,15 +433,25 @@ def compute(grid: Grid, courses: list[CourseData], structures: list[StructureDat
             for okey in protocol.recovery.organs:
                 rec[okey] = protocol.recovery.credit(okey, c.interval_months)
         dmax = float(c.dose.max()) if c.dose.size else 0.0
-        course_assumptions.append({
+        groups = [{"label": t.label, "fractions": t.fractions,
+                   "max_dose_gy": float(t.dose.max()) if t.dose.size else 0.0} for t in c.groups]
+        per_fx = max((g["max_dose_gy"] / g["fractions"] for g in groups), default=None) if groups else \
+            dmax / c.fractions
+        entry = {
             "name": c.name, "fractions": c.fractions, "interval_months": c.interval_months,
             "is_current": c.is_current, "registration": c.registration, "dose_file": c.dose_file,
-            "max_dose_gy": dmax, "max_dose_per_fraction_gy": dmax / c.fractions, "recovery_applied": rec})
+            "max_dose_gy": dmax, "max_dose_per_fraction_gy": per_fx, "recovery_applied": rec}
+        if groups:
+            entry["fraction_groups"] = groups
+            entry["eqd2_rule"] = ("one EQD2 term per fraction group, each with its own fractions: EQD2 = sum_g D_g "
+                                  "(D_g/n_g + a/b)/(2 + a/b); 'fractions' is their sum; 'max_dose_gy' the maximum "
+                                  "of the summed physical dose")
+        course_assumptions.append(entry)
 
     return Analysis(grid=grid, alpha_beta=ab, course_eqd2=course_eqd2, credit=credit, cumulative=cumulative,
                     structures=struct_results, constraints=constraints, unmatched=unmatched,
                     course_assumptions=course_assumptions, warnings=warnings, dvh_curves=dvh_curves,
-                    samples=kept_samples, sample_doses=kept_doses)
+                    samples=kept_samples, sample_doses=kept_doses, sample_fractions=kept_fx)
 
 
 def structure_samples(s: StructureData, grid: Grid) -> StructureSamples:

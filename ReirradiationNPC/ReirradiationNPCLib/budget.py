@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import CourseData, StructureData
+from .analysis import CourseData, StructureData, course_dose
 from .eqd2 import eqd2, physical_dose_for_eqd2
 from .geometry import Grid
 from .protocol import Protocol, parse_metric
@@ -71,7 +71,8 @@ def organ_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, 
             continue
         if scope == "per_course" and c.name != course:
             continue
-        e = eqd2(c.dose[s.box].astype(np.float64), c.fractions, ab)
+        d, fx = course_dose(c, lambda a: a[s.box].astype(np.float64))   # every fraction group its own term
+        e = eqd2(d, fx, ab)
         r = 0.0 if (c.is_current or not credit or scope == "per_course") else protocol.recovery.credit(
             key, c.interval_months)
         out += (1.0 - r) * e

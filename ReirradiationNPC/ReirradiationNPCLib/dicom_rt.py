@@ -1298,9 +1298,10 @@ def check_case_inputs(case, reference: Volume | None, doses: list[Volume], warni
     if is_dicom_file(case.reference_structures):
         items.append((str(case.reference_structures), rtstruct_identity(case.reference_structures)))
     for i, (c, d) in enumerate(zip(case.courses, doses)):
-        warnings.extend(d.meta.get("notes", []))
-        if d.meta.get("dicom"):
-            items.append((str(c.dose), d.meta["dicom"]))
+        for g in d.meta.get("groups") or [d]:   # every fraction group's dose file of the course
+            warnings.extend(g.meta.get("notes", []))
+            if g.meta.get("dicom"):
+                items.append((str(g.meta.get("path", c.dose)), g.meta["dicom"]))
         if getattr(c, "plan", None) is not None:
             items.append((str(c.plan), read_rtplan(c.plan, f"courses[{i}].plan").identity))
         if c.image is not None and Path(c.image).is_dir():
@@ -1319,6 +1320,12 @@ def check_case_inputs(case, reference: Volume | None, doses: list[Volume], warni
     for i, (c, d) in enumerate(zip(case.courses, doses)):
         method = (c.registration or {}).get("method", "identity")
         own = d.meta.get("dicom", {}).get("FrameOfReferenceUID", "")
+        for g in (d.meta.get("groups") or [])[1:]:   # the fraction groups of one course share one frame
+            g_own = g.meta.get("dicom", {}).get("FrameOfReferenceUID", "")
+            if own and g_own and g_own != own:
+                raise InputError(f"the dose is in frame of reference {g_own} but the course's first fraction group "
+                                 f"dose is in {own}: the groups of one plan share one frame",
+                                 source=str(g.meta.get("path")), field="FrameOfReferenceUID")
         if method == "identity" and frame and own and own != frame:
             raise InputError(f"the dose is in frame of reference {own} but the "
                              f"{'reference image' if ref_frame else 'current dose'} is in {frame}; "

@@ -35,6 +35,10 @@ ArrayLike = Union[np.ndarray, float]  # typing.Union: Slicer 5.8 runs Python 3.9
 
 
 def _check_fractions(fractions: float) -> float:
+    if isinstance(fractions, np.ndarray) and fractions.ndim > 0:
+        if fractions.size and not (np.isfinite(fractions).all() and (fractions > 0).all()):
+            raise InputError("number of fractions must be finite and > 0 everywhere", field="fractions")
+        return fractions
     if isinstance(fractions, bool) or not isinstance(fractions, numbers.Real):
         raise InputError(f"number of fractions must be a number, got {fractions!r}", field="fractions")
     if not np.isfinite(fractions) or fractions <= 0:
@@ -73,15 +77,19 @@ def _input_kept(d: np.ndarray, res: np.ndarray) -> np.ndarray:
 def eqd2(dose: ArrayLike, fractions: float, alpha_beta: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
     """EQD2 (Gy) of a physical dose ``dose`` (Gy) given in ``fractions`` equal fractions.
 
-    ``alpha_beta`` (Gy) is a scalar or an array broadcastable to ``dose``. ``out`` may be ``dose`` itself
-    for an in-place conversion.
+    ``alpha_beta`` (Gy) is a scalar or an array broadcastable to ``dose``. ``fractions`` is a number, or an array
+    of the dose's shape: a course of several fraction groups as one term (:func:`effective_fractions`). ``out`` may
+    be ``dose`` itself for an in-place conversion.
     """
     n = _check_fractions(fractions)
     ab = _check_alpha_beta(alpha_beta)
     d = np.asarray(dose)
     res = _float_out(d, out)
     d = _input_kept(d, res)
-    np.multiply(d, 1.0 / n, out=res)  # dose per fraction, voxel by voxel
+    if isinstance(n, np.ndarray):
+        np.divide(d, n, out=res, casting="same_kind")
+    else:
+        np.multiply(d, 1.0 / n, out=res)  # dose per fraction, voxel by voxel
     res += ab
     res *= d
     if isinstance(ab, float):
@@ -89,6 +97,28 @@ def eqd2(dose: ArrayLike, fractions: float, alpha_beta: ArrayLike, out: np.ndarr
     else:
         res /= ab + 2.0
     return res
+
+
+def effective_fractions(group_doses: list[np.ndarray], group_fractions: list[float], total_fractions: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """A course of several fraction groups (each group ``g`` its own total dose ``D_g`` in ``n_g`` fractions) as
+    ONE term: (total physical dose P = sum_g D_g, effective fractions n_eff = P**2 / sum_g (D_g**2 / n_g)).
+
+    With these, ``eqd2(P, n_eff, ab)`` = P (P / n_eff + ab) / (2 + ab) = (sum_g D_g**2 / n_g + ab P) / (2 + ab)
+    = sum_g EQD2(D_g, n_g, ab) for every alpha/beta (never EQD2(P, sum_g n_g), which understates it when the
+    groups' doses per fraction differ), and scaling all doses by s leaves n_eff unchanged. n_eff lies between the
+    smallest n_g and sum_g n_g; where no group gives dose it is ``total_fractions``. Float64 arrays of the doses'
+    shape."""
+    p = np.zeros(np.shape(group_doses[0]), dtype=np.float64)
+    q = np.zeros_like(p)
+    for d, n in zip(group_doses, group_fractions):
+        d64 = np.asarray(d, dtype=np.float64)
+        p += d64
+        q += np.square(d64) * (1.0 / _check_fractions(n))
+    n_eff = np.full(p.shape, float(total_fractions))
+    pos = q > 0
+    n_eff[pos] = np.square(p[pos]) / q[pos]
+    return p, n_eff
 
 
 def bed(dose: ArrayLike, fractions: float, alpha_beta: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:

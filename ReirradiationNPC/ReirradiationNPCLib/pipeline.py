@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from . import SOFTWARE_NAME, __version__
-from .analysis import MAP_RULE, check_maps, MODEL_ASSUMPTIONS, Analysis, CourseData, StructureData, compute
+from .analysis import (MAP_RULE, check_maps, MODEL_ASSUMPTIONS, Analysis, CourseData, DoseTerm, StructureData,
+                       compute)
 from .case import CaseSpec, load_case
 from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
@@ -86,15 +87,36 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                              f"({'current dose' if case.grid == 'dose' else 'reference image'})",
                              source=str(c.dose), field=f"courses[{i}].dose")
         say(f"resampling dose of {c.name}")
-        arr = resample_linear(dose, grid, transform)  # transform: evaluation-grid points -> prior dose's frame
-        cov = coverage_map(dose.grid, grid, transform)
-        if transform is not None and cov is not None and not cov.any():
-            raise InputError("after registration the dose grid does not overlap the evaluation grid (check the "
-                             "registration)", source=str(c.dose), field=f"courses[{i}].dose")
-        c.fractions = int(dose.meta.get("fractions") or c.fractions)  # resolved from the plan's fraction group
+        parts = dose.meta.get("groups") or [dose]   # several fraction groups: each resampled once, on its own
+        terms, cov = [], None
+        for j, part in enumerate(parts):
+            if j and transform is None and not grids_overlap(part.grid, grid):
+                raise InputError("dose grid does not overlap the evaluation grid", source=part.meta.get("path"),
+                                 field=f"courses[{i}].dose[{j}]")
+            arr = resample_linear(part, grid, transform)  # transform: evaluation-grid points -> prior dose's frame
+            cov_j = coverage_map(part.grid, grid, transform)
+            if transform is not None and cov_j is not None and not cov_j.any():
+                raise InputError("after registration the dose grid does not overlap the evaluation grid (check the "
+                                 "registration)", source=str(part.meta.get("path", c.dose)),
+                                 field=f"courses[{i}].dose")
+            cov = cov_j if j == 0 else (None if cov is None or cov_j is None else cov | cov_j)
+            chk = part.meta.get("header_check")
+            terms.append(DoseTerm(arr, int(part.meta["fractions"]) if len(parts) > 1 else 0,
+                                  f"group {chk.fraction_group} ({Path(part.meta.get('path', '')).name})"
+                                  if chk is not None and chk.fraction_group is not None else Path(
+                                      part.meta.get("path", "")).name))
+        if len(terms) > 1:
+            c.fractions = sum(t.fractions for t in terms)
+            arr = terms[0].dose.copy()
+            for t in terms[1:]:
+                arr += t.dose
+        else:
+            c.fractions = int(dose.meta.get("fractions") or c.fractions)  # resolved from the plan's fraction group
+            terms = []
         courses.append(CourseData(name=c.name, dose=arr, fractions=c.fractions, interval_months=c.interval_months,
                                   is_current=c.is_current, registration=c.registration["method"],
-                                  dose_file=str(c.dose), coverage=cov))
+                                  dose_file=", ".join(str(p) for p in getattr(c, "doses", None) or [c.dose]),
+                                  coverage=cov, groups=terms))
 
     say("loading structures")
     raw = load_structures_any(case.reference_structures, "reference.structures",  # RTSTRUCT: onto the CT lattice
@@ -132,7 +154,13 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                                                 (outcome.moving_image or doses[i]).meta.get("dicom") or {}
                                             ).get("FrameOfReferenceUID"))
             outcome.dice = prior_structure_dice(outcome, prior_raw, structures, grid, protocol)
-    kinds = {c.name: d.meta["dose_kind"] for c, d in zip(case.courses, doses) if d.meta.get("dose_kind")}
+    kinds = {}
+    for c, d in zip(case.courses, doses):
+        if d.meta.get("groups"):   # several fraction groups: one entry per group, in the plan's group order
+            kinds[c.name] = {"fraction_groups": [g.meta["dose_kind"] for g in d.meta["groups"]],
+                             "rbe": d.meta["dose_kind"].get("rbe"), "rbe_rule": d.meta["dose_kind"].get("rbe_rule")}
+        elif d.meta.get("dose_kind"):
+            kinds[c.name] = d.meta["dose_kind"]
     return Prepared(case, protocol, grid, courses, structures, ref_img, warnings, registrations, kinds)
 
 
@@ -142,8 +170,9 @@ def load_course_doses(c, i: int) -> Volume:
     results' course assumptions record.
 
     A plan with several fraction groups needs one FRACTION / FRACTION_SESSION dose per group (``dose:`` a list);
-    every group must be given exactly once. Combining the groups as separate EQD2 terms is not implemented in the
-    engine yet, so such a course is then refused (after its doses were checked)."""
+    every group must be given exactly once. The returned volume is then the first group's, and
+    ``meta["groups"]`` holds every group's volume in the plan's group order (each one EQD2 term with its own
+    ``meta["fractions"]``; pipeline.prepare resamples each)."""
     plan = read_rtplan(c.plan, f"courses[{i}].plan") if c.plan else None
     paths = getattr(c, "doses", None) or [c.dose]
     vols = []
@@ -169,10 +198,16 @@ def load_course_doses(c, i: int) -> Volume:
             raise InputError(f"{what}: list one FRACTION dose per fraction group of {Path(plan.path).name} "
                              f"({', '.join(f'group {g}: {n} fx' for g, n in zip(want, plan.fraction_groups))})",
                              source=str(c.dose), field=f"courses[{i}].dose")
-        raise InputError(f"the plan has {len(plan.fraction_groups)} fraction groups "
-                         f"({', '.join(map(str, plan.fraction_groups))} fractions): combining them as separate EQD2 "
-                         "terms is not supported yet; this course cannot be evaluated", source=str(c.dose),
-                         field=f"courses[{i}].dose")
+        if len(vols) > 1:
+            order = {g: k for k, g in enumerate(want)}
+            vols = sorted(vols, key=lambda v: order[v.meta["header_check"].fraction_group])
+            kinds = {(v.meta["header_check"].rbe, v.meta["header_check"].rbe_applied) for v in vols}
+            if len(kinds) > 1:  # one course, one RBE rule
+                raise InputError("the fraction groups' doses differ in RBE handling (DoseType or radiation): one "
+                                 "course takes one dose_type / rbe", source=str(c.dose), field=f"courses[{i}].dose")
+            first = vols[0]
+            first.meta["groups"] = vols
+            return first
     vol = vols[0]
     if vol.meta.get("fractions") is None:
         vol.meta["fractions"] = c.fractions

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from . import dvh
+from .analysis import course_dose
 from .eqd2 import eqd2
 from .errors import InputError
 
@@ -100,11 +101,12 @@ def compute(prep, analysis, models: list[dict] | None = None) -> list[dict]:
                 ab = s.organ.alpha_beta
             total = None
             kept = getattr(analysis, "sample_doses", {}).get(s.name) or {}
+            kept_fx = getattr(analysis, "sample_fractions", {}).get(s.name) or {}
             for c in prep.courses:
-                phys = kept.get(c.name)
+                phys, fx = kept.get(c.name), kept_fx.get(c.name, c.fractions)
                 if phys is None or phys.size != samples.n:
-                    phys = samples.dose(c.dose, prep.grid)
-                e = eqd2(phys, c.fractions, float(ab))
+                    phys, fx = course_dose(c, lambda a: samples.dose(a, prep.grid))
+                e = eqd2(phys, fx, float(ab))
                 total = e if total is None else total + e
             value = dvh.metrics(total, samples.sample_volume_cc, [model["metric"]])[model["metric"]]
             if value is None:

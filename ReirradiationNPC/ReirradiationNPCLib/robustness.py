@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from . import dvh
-from .analysis import Analysis, constraint_status
+from .analysis import Analysis, constraint_status, course_dose
 from .dvh_curves import DVHCurve, cumulative_dvh
-from .eqd2 import eqd2
+from .eqd2 import effective_fractions, eqd2
 from .geometry import Grid, bounding_box
 from .protocol import Metric
 
@@ -248,7 +248,8 @@ def compute(prep, analysis: Analysis, progress: Callable[[str], None] | None = N
         if samples is None or samples.n == 0 or s is None:
             continue
         organ = s.organ
-        ev = _StructureScenarios(samples, grid, courses, reg, dirs, analysis.sample_doses.get(sname))
+        ev = _StructureScenarios(samples, grid, courses, reg, dirs, analysis.sample_doses.get(sname),
+                                 getattr(analysis, "sample_fractions", {}).get(sname))
         band_hi = band_lo = None
         for i in idxs:
             row = analysis.constraints[i]
@@ -359,13 +360,21 @@ class _SeparableSampler:
 class _StructureScenarios:
     """Sample doses of one structure: nominal per course, and each prior course's at every shift."""
 
-    def __init__(self, samples, grid: Grid, courses, reg: dict[str, float], dirs: np.ndarray, doses=None):
+    def __init__(self, samples, grid: Grid, courses, reg: dict[str, float], dirs: np.ndarray, doses=None,
+                 fractions=None):
         self.samples, self.grid, self.courses, self.reg, self.dirs = samples, grid, courses, reg, dirs
         self.vol = samples.sample_volume_cc
         self.total = samples.volume_cc
         doses = doses or {}
-        self.nominal = {c.name: (doses[c.name] if doses.get(c.name) is not None and doses[c.name].size == samples.n
-                                 else samples.dose(c.dose, grid)) for c in courses}
+        fractions = fractions or {}
+        self.nominal, self.nominal_fx = {}, {}   # physical dose and its fractions (analysis.course_dose)
+        for c in courses:
+            kept = doses.get(c.name)
+            if kept is not None and kept.size == samples.n and (len(c.groups) <= 1 or c.name in fractions):
+                self.nominal[c.name], self.nominal_fx[c.name] = kept, fractions.get(c.name, c.fractions)
+            else:
+                self.nominal[c.name], self.nominal_fx[c.name] = course_dose(c, lambda a: samples.dose(a, grid))
+        self._fx: dict[str, object] = {}   # course -> fractions: a number, or (rows, N) per stack row and sample
         self._stacks: dict[str, np.ndarray] = {}
         self._idx = None
         self._sep = None
@@ -377,26 +386,46 @@ class _StructureScenarios:
         if c.name in self._stacks:
             return self._stacks[c.name]
         nom = self.nominal[c.name].astype(np.float32)[None, :]
+        fx0 = self.nominal_fx[c.name]
         mm = 0.0 if c.is_current else self.reg.get(c.name, 0.0)
         if mm <= 0:
             st = nom
+            fx = fx0 if np.ndim(fx0) == 0 else np.asarray(fx0, dtype=np.float64)[None, :]
         else:
             deltas = shift_index_vectors(self.grid, self.dirs * mm)
             st = np.empty((1 + len(deltas), nom.shape[1]), dtype=np.float32)
             st[0] = nom[0]
-            if self._sep is None:
-                self._sep = _SeparableSampler(self.samples, self.grid)
-            if self._sep.ok:
-                st[1:] = self._sep.values_many(c.dose, deltas)
-            for k, d in enumerate(deltas):
-                if self._sep.ok:
-                    continue
-                else:
-                    if self._idx is None:
-                        self._idx = self.grid.physical_to_index(self.samples.points_mm)
-                    st[1 + k] = interp_points(c.dose, self._idx + d[None, :])
+            if len(c.groups) <= 1:
+                st[1:] = self._shifted_rows(c.dose, deltas)
+                fx = fx0
+            else:  # several fraction groups: each group shifted, then (sum, effective fractions) per sample
+                parts = [self._shifted_rows(t.dose, deltas) for t in c.groups]
+                p, n_eff = effective_fractions(parts, [t.fractions for t in c.groups], c.fractions)
+                st[1:] = p
+                fx = np.empty(st.shape, dtype=np.float64)
+                fx[0], fx[1:] = fx0, n_eff
         self._stacks[c.name] = st
+        self._fx[c.name] = fx
         return st
+
+    def fractions_of(self, c):
+        """The fractions paired with :meth:`stack` (a number, or an array of the stack's shape)."""
+        self.stack(c)
+        return self._fx[c.name]
+
+    def _shifted_rows(self, arr: np.ndarray, deltas) -> np.ndarray:
+        """(len(deltas), N) values (float32) of the full-grid array ``arr`` at the samples shifted by each delta."""
+        out = np.empty((len(deltas), self.samples.n), dtype=np.float32)
+        if self._sep is None:
+            self._sep = _SeparableSampler(self.samples, self.grid)
+        if self._sep.ok:
+            out[:] = self._sep.values_many(arr, deltas)
+            return out
+        if self._idx is None:
+            self._idx = self.grid.physical_to_index(self.samples.points_mm)
+        for k, d in enumerate(deltas):
+            out[k] = interp_points(arr, self._idx + d[None, :])
+        return out
 
     def row(self, row, organ, spec, protocol, p: float, band: bool = False):
         """(robustness dict, samplewise worst cumulative, samplewise best cumulative) of one constraint row; the
@@ -473,8 +502,9 @@ class _StructureScenarios:
                 u_ab = l_ab = None
                 for c in used:
                     hi_d, lo_d = self._envelope(c, stacks[c.name])
-                    eu = eqd2(hi_d * np.float32(scale), c.fractions, float(ab)) * np.float32(weights[c.name])
-                    el = eqd2(lo_d * np.float32(scale), c.fractions, float(ab)) * np.float32(weights[c.name])
+                    fx_hi, fx_lo = self._fx_envelope(c)   # EQD2 rises with the dose, falls with the fractions
+                    eu = eqd2(hi_d * np.float32(scale), fx_hi, float(ab)) * np.float32(weights[c.name])
+                    el = eqd2(lo_d * np.float32(scale), fx_lo, float(ab)) * np.float32(weights[c.name])
                     u_ab = eu if u_ab is None else u_ab + eu
                     l_ab = el if l_ab is None else l_ab + el
                 U = u_ab if U is None else np.maximum(U, u_ab)
@@ -503,13 +533,16 @@ class _StructureScenarios:
 
             phys = {c.name: rows_of(stacks[c.name], c) * scale if scale != 1.0
                     else rows_of(stacks[c.name], c) for c in used}
+            fxs = {c.name: (self._fx[c.name] if np.ndim(self._fx[c.name]) == 0 else rows_of(self._fx[c.name], c))
+                   for c in used}
             abs_eval = list(ab_ends)
             if len(ab_ends) == 2 and m.kind not in ("max", "mean"):
                 # b = sum_c w_c D_c (d_c - 2) per sample and scenario: both signs = a mixed organ (docs/science.md)
                 b = None
                 for c in used:
                     x_ = phys[c.name]
-                    t = x_ * (1.0 / c.fractions)
+                    fx_ = fxs[c.name]
+                    t = x_ * (1.0 / fx_) if np.ndim(fx_) == 0 else x_ / fx_
                     t -= 2.0
                     t *= x_
                     if weights[c.name] != 1.0:
@@ -526,7 +559,7 @@ class _StructureScenarios:
             for ab in abs_eval:
                 cum = None
                 for c in used:
-                    e = eqd2(phys[c.name], c.fractions, float(ab))
+                    e = eqd2(phys[c.name], fxs[c.name], float(ab))
                     if weights[c.name] != 1.0:
                         e *= weights[c.name]
                     cum = e if cum is None else (cum + e if cum.ndim < e.ndim else np.add(cum, e, out=cum))
@@ -559,6 +592,16 @@ class _StructureScenarios:
                "registration_mm": {c.name: self.reg.get(c.name, 0.0) for c in used if not c.is_current},
                "dose_uncertainty_percent": 100.0 * p}
         return res, bands[0], bands[1]
+
+    def _fx_envelope(self, c):
+        """(smallest, largest) fractions of course ``c`` per sample over its shifts: numbers for one term."""
+        fx = self._fx[c.name]
+        if np.ndim(fx) == 0:
+            return fx, fx
+        key = ("fxenv", c.name)
+        if key not in self._cache:
+            self._cache[key] = (fx.min(axis=0), fx.max(axis=0))
+        return self._cache[key]
 
     def _envelope(self, c, st: np.ndarray):
         """Samplewise (max, min) physical dose of course ``c`` over its shifts (cached)."""
@@ -761,34 +804,44 @@ def worst_case_map(prep, analysis: Analysis, spec, reg: dict[str, float], dirs: 
         phys = []
         for c in courses:
             bb = bboxes[c.name]
-            d = np.zeros((k1 - k0,) + shape[1:], dtype=np.float32)
-            if bb is not None:
-                halo = halos.get(c.name, (0, 0, 0))
-                # the course's nonzero region, grown by the halo, intersected with this slab
-                reg_box = tuple(slice(max(b.start - h, 0), min(b.stop + h, n)) for b, h, n in zip(bb, halo, shape))
-                a, b = max(reg_box[0].start, k0), min(reg_box[0].stop, k1)
-                if a < b:
-                    box = (slice(a, b), reg_box[1], reg_box[2])
-                    if c.name in deltas:
-                        d[a - k0:b - k0, box[1], box[2]] = _shifted_max_box(c.dose, box, deltas[c.name], halo)
-                        if keep is not None and out.size <= KEEP_SHIFTED_MAX_VOXELS:
-                            if c.name not in keep:
-                                keep[c.name] = np.zeros(shape, dtype=np.float32)
-                            keep[c.name][k0:k1] = d
-                    else:
-                        d[a - k0:b - k0, box[1], box[2]] = c.dose[box]
+
+            def slab(arr, c=c, bb=bb):
+                """The slab of ``arr`` (a dose of course c), as the maximum over c's shifts when it has any."""
+                d = np.zeros((k1 - k0,) + shape[1:], dtype=np.float32)
+                if bb is not None:
+                    halo = halos.get(c.name, (0, 0, 0))
+                    # the course's nonzero region, grown by the halo, intersected with this slab
+                    reg_box = tuple(slice(max(b.start - h, 0), min(b.stop + h, n))
+                                    for b, h, n in zip(bb, halo, shape))
+                    a, b = max(reg_box[0].start, k0), min(reg_box[0].stop, k1)
+                    if a < b:
+                        box = (slice(a, b), reg_box[1], reg_box[2])
+                        if c.name in deltas:
+                            d[a - k0:b - k0, box[1], box[2]] = _shifted_max_box(arr, box, deltas[c.name], halo)
+                        else:
+                            d[a - k0:b - k0, box[1], box[2]] = arr[box]
+                return d
+
+            # several fraction groups: each group's own shift maximum, then (sum, effective fractions): an upper
+            # bound of every scenario, as the one-term map is
+            d, fx = course_dose(c, slab)
+            d = np.asarray(d, dtype=np.float32)
+            if c.name in deltas and len(c.groups) <= 1 and keep is not None and out.size <= KEEP_SHIFTED_MAX_VOXELS:
+                if c.name not in keep:
+                    keep[c.name] = np.zeros(shape, dtype=np.float32)
+                keep[c.name][k0:k1] = d
             if scale != 1.0:
                 d *= np.float32(scale)
             w = None
             if not c.is_current and spec.recovery != "range":
                 r = analysis.credit.get(c.name, 0.0)
                 w = (1.0 - r[sl]) if isinstance(r, np.ndarray) else (1.0 - r if r else None)
-            phys.append((c, d, w))
+            phys.append((c, d, w, fx))
         best = None
         for ab in (ab_lo, ab_hi):
             tot = np.zeros(ab.shape, dtype=np.float32)
-            for c, d, w in phys:
-                e = eqd2(d, c.fractions, ab)
+            for c, d, w, fx in phys:
+                e = eqd2(d, fx, ab)
                 if w is not None:
                     e *= w
                 tot += e
@@ -828,19 +881,20 @@ def worst_violations(prep, analysis: Analysis, rob: Robustness, reg, dirs, shift
         phys = []
         for x in used:
             mm = 0.0 if x.is_current else reg.get(x.name, 0.0)
-            if mm > 0 and shifted and x.name in shifted:
-                d = shifted[x.name][s.box].astype(np.float64)
+            if mm > 0 and shifted and x.name in shifted and len(x.groups) <= 1:
+                d, fx = shifted[x.name][s.box].astype(np.float64), x.fractions
             elif mm > 0:
                 deltas = shift_index_vectors(grid, dirs * mm)
-                d = _shifted_max_box(x.dose, s.box, deltas, _halo(grid, deltas)).astype(np.float64)
+                d, fx = course_dose(x, lambda a, deltas=deltas: _shifted_max_box(a, s.box, deltas, _halo(
+                    grid, deltas)).astype(np.float64))
             else:
-                d = x.dose[s.box].astype(np.float64)
+                d, fx = course_dose(x, lambda a: a[s.box].astype(np.float64))
             rr = (protocol.recovery.credit(okey, x.interval_months) if credited and not x.is_current
                   and spec.recovery != "range" else 0.0)
-            phys.append((x, d * scale, 1.0 - rr))
+            phys.append((x, d * scale, 1.0 - rr, fx))
         dose = None
         for ab in (lo, hi):
-            tot = sum(w * eqd2(d, x.fractions, ab) for x, d, w in phys)
+            tot = sum(w * eqd2(d, fx, ab) for x, d, w, fx in phys)
             dose = tot if dose is None else np.maximum(dose, tot)
         status = r["status_worst"]
         if metric.is_volume:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import dvh
-from .analysis import CourseData
+from .analysis import CourseData, course_eqd2
 from .eqd2 import eqd2
 from .geometry import Grid
 from .protocol import Prescription, ReirradiationTypeRule
@@ -83,7 +83,7 @@ def target_eqd2(t: Target, courses: list[CourseData], alpha_beta: float, scope: 
     for c in courses:
         if scope == "current" and not c.is_current:
             continue
-        total += eqd2(samples.dose(c.dose, grid), c.fractions, alpha_beta)
+        total += course_eqd2(c, alpha_beta, lambda a: samples.dose(a, grid))
     return total
 
 
@@ -118,12 +118,13 @@ def check_targets(targets: list[Target], courses: list[CourseData], rx: Prescrip
         samples = t.samples(grid)
         n = samples.n if samples.n and samples.outside_fraction(grid) < 1.0 else 0
         w = samples.sample_volume_cc
-        phys = samples.dose(current.dose, grid) if n else np.zeros(0)
-        eq = {"current": eqd2(phys, current.fractions, rx.alpha_beta) if n else np.zeros(0)}
+        phys = samples.dose(current.dose, grid) if n else np.zeros(0)   # physical: the groups' sum (ICRU)
+        eq = {"current": course_eqd2(current, rx.alpha_beta, lambda a: samples.dose(a, grid)) if n
+              else np.zeros(0)}
         if n:
             eq["cumulative"] = eq["current"] + sum(
-                (eqd2(samples.dose(c.dose, grid), c.fractions, rx.alpha_beta) for c in courses if not c.is_current),
-                np.zeros(n))
+                (course_eqd2(c, rx.alpha_beta, lambda a: samples.dose(a, grid)) for c in courses
+                 if not c.is_current), np.zeros(n))
         else:
             eq["cumulative"] = np.zeros(0)
         for scope in ("current", "cumulative"):
