@@ -392,7 +392,7 @@ def test_demo_prior_dose_rbe_weighted(demo_dicom, plan_map, tmp_path):
 
 def test_fraction_groups_of_one_plan_all_needed(tmp_path):
     """A course whose plan has two fraction groups (25 + 5 fx): one FRACTION dose per group, each group once.
-    Checked before the (not yet supported) combination as separate EQD2 terms is refused."""
+    Both given: the course holds both groups (each one EQD2 term: test_fraction_groups.py)."""
     from ReirradiationNPCLib.case import CourseSpec
     from ReirradiationNPCLib.pipeline import load_course_doses
     pp = make_plan(tmp_path / "p.dcm", [(1, 25), (2, 5)])
@@ -411,8 +411,9 @@ def test_fraction_groups_of_one_plan_all_needed(tmp_path):
         load_course_doses(course(g1, make_rtdose(tmp_path / "g1b.dcm", known_pixels(), "0.015",
                                                  DoseSummationType="FRACTION",
                                                  ReferencedRTPlanSequence=plan_ref(plan, 1))), 0)
-    with pytest.raises(InputError, match="not supported yet"):
-        load_course_doses(course(g1, g2), 0)
+    vol = load_course_doses(course(g2, g1), 0)       # in the plan's group order, each with its own fractions
+    assert [v.meta["fractions"] for v in vol.meta["groups"]] == [25, 5]
+    assert [v.meta["header_check"].fraction_group for v in vol.meta["groups"]] == [1, 2]
 
 
 def test_metrics_cli_reads_a_session_dose_through_its_plan(tmp_path):

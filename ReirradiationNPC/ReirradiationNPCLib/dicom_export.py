@@ -524,7 +524,7 @@ def write_eqd2_rtdose(prep, analysis, stage: Path, *, per_course: bool = False) 
             ref["_SeriesNumber"] += 1
             write_rtdose(Volume(analysis.course_eqd2[c.name], prep.grid), ref, stage / name,
                          series_description=eqd2_series_description(prep.protocol, f"EQD2 {c.name}"),
-                         dose_comment=f"EQD2 of {c.name}, {c.fractions} fx, no credit", dose_type="EFFECTIVE",
+                         dose_comment=f"EQD2 of {c.name}, {c.fractions_text} fx, no credit", dose_type="EFFECTIVE",
                          summation="PLAN", referenced_plan_uids=plan_uids.get(c.name))
             files[name] = f"EQD2 (Gy) of course {c.name} as DICOM RTDOSE; {rule}"
     return files

@@ -1017,6 +1017,8 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
                                     f"{name} EQD2 {c.name}", scene))
         _mark_dose(node, "course_eqd2", c.name)
         node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
+        if len(getattr(c, "groups", ())) > 1:  # one EQD2 term per fraction group
+            node.SetAttribute("ReirradiationNPC.FractionGroups", c.fractions_text)
         _dose_display(node, ctab, top)
         out.course_eqd2[c.name] = node
     ab = keep(add_volume_node(Volume(analysis.alpha_beta.astype(np.float32, copy=False), grid),

@@ -20,6 +20,7 @@ from pathlib import Path
 import slicer
 
 from . import dicom_rt
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ def check_rtdose_header(ds, fractions: int | None, plan: dicom_rt.PlanInfo | Non
     the plan. ``max_dose_gy``: the volume's maximum (Gy) for the plausibility checks."""
     check = dicom_rt.check_rtdose_header(ds, plan=plan, fractions=fractions, source=src, require_fractions=True,
                                          max_dose_gy=max_dose_gy)
+    if not check.whole_course:  # one fraction group of several: the panel takes one whole-course dose per course
+        raise InputError(f"DoseSummationType {check.summation} holds fraction group {check.fraction_group} of a plan "
+                         f"with {check.plan_fraction_groups} fraction groups (each its own EQD2 term); the panel takes "
+                         "one whole-course dose per course: run the case from the command line (reirradiation-npc "
+                         "run, one RTDOSE per group under the course's dose:)", source=src, field="DoseSummationType")
     return float(check.scale), list(check.notes) + list(check.warnings)
 
 

@@ -71,6 +71,8 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_i
         node = mrml.add_volume_node(Volume(c.dose, prep.grid), f"Dose {c.name} (physical, evaluation grid)", scene)
         mrml._mark_dose(node, "course_dose", c.name)
         node.SetAttribute("ReirradiationNPC.Fractions", str(c.fractions))
+        if len(getattr(c, "groups", ())) > 1:  # one EQD2 term per fraction group
+            node.SetAttribute("ReirradiationNPC.FractionGroups", c.fractions_text)
         node.SetAttribute("ReirradiationNPC.Registration", c.registration)
         mrml._dose_display(node, mrml.dose_color_table(scene), mrml.display_top_gy(c.dose))
         nodes["doses"][c.name] = node

@@ -214,6 +214,13 @@ def load_course_doses(c, i: int) -> Volume:
     return vol
 
 
+def _fractions_words(c: CourseData) -> str:
+    """``54 fractions`` or ``fraction groups of 23+5 fractions (one EQD2 term each)``."""
+    if len(c.groups) > 1:
+        return f"fraction groups of {c.fractions_text} fractions (one EQD2 term each)"
+    return f"{c.fractions} fractions"
+
+
 def _clipped(box, grid: Grid) -> bool:
     return any(b.start == 0 or b.stop == n for b, n in zip(box, grid.shape))
 
@@ -343,7 +350,7 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
         _write_check_maps(prep, analysis, stage, files, say)
         for c in prep.courses:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
-                f"EQD2 (Gy) of course {c.name}, {c.fractions} fractions, no recovery credit; per voxel the "
+                f"EQD2 (Gy) of course {c.name}, {_fractions_words(c)}, no recovery credit; per voxel the "
             "largest over the alpha/beta of the organs covering it")
         vol("alpha_beta.nrrd", analysis.alpha_beta, "alpha/beta (Gy) that gave each voxel's cumulative_eqd2 value "
             "(the covering organ with the largest cumulative EQD2; protocol default outside organs)")

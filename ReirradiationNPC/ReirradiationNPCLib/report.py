@@ -245,6 +245,13 @@ def _dose_kind(c: dict) -> str:
     k = c.get("dose") or {}
     if not k:
         return "physical dose (RBE 1)"
+    if k.get("fraction_groups"):   # a plan of several fraction groups: one EQD2 term per group
+        groups = "; ".join(
+            f"group {fmt(g.get('fraction_group'))}: {g.get('dose_summation_type', '')}, {fmt(g.get('fractions'))} fx"
+            + (f" (one session \u00d7 {fmt(g.get('session_factor'))}, sessions assumed identical)"
+               if g.get("sessions_assumed_identical") else "") for g in k["fraction_groups"])
+        rbe = (f"RBE {fmt(k['rbe'])}: {k.get('rbe_rule')}" if k.get("rbe") is not None else "RBE 1 (photons)")
+        return _e(f"{len(k['fraction_groups'])} fraction groups, each its own EQD2 term ({groups}); {rbe}")
     parts = [str(k.get("dose_summation_type", ""))]
     if k.get("fraction_group") is not None:
         parts.append(f"fraction group {k['fraction_group']}")
@@ -264,7 +271,10 @@ def _courses(res: dict) -> str:
         else:
             rec = rec or "none"
             interval = f"{fmt(c.get('interval_months'), 1)} months"
-        rows.append([_e(c.get("name")), _e(fmt(c.get("fractions"))), interval, rec, _e(c.get("registration")),
+        fx = fmt(c.get("fractions"))
+        if c.get("fraction_groups"):
+            fx = "+".join(fmt(g.get("fractions")) for g in c["fraction_groups"]) + f" = {fx}"
+        rows.append([_e(c.get("name")), _e(fx), interval, rec, _e(c.get("registration")),
                      _e(fmt(c.get("max_dose_gy"))), _e(fmt(c.get("max_dose_per_fraction_gy"), 3)),
                      _dose_kind(c), f'<span class="path">{_e(c.get("dose_file"))}</span>'])
     out = _table(["course", "fractions", "interval to current course", "recovery credit applied", "registration",
