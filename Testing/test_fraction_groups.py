@@ -367,3 +367,23 @@ def test_slicer_panel_refuses_one_group_of_several_with_one_line(tmp_path):
     with pytest.raises(InputError, match="fraction group 2 of a plan with 2 fraction groups") as exc:
         check_rtdose_header(ds, 5, plan, src=str(f), max_dose_gy=17.19)
     assert exc.value.field == "DoseSummationType" and "\n" not in str(exc.value)
+
+
+def test_metrics_cli_on_one_group_says_it_is_not_the_course(tmp_path):
+    """metrics --plan on a FRACTION dose of group 2 (5 fx) of a two-group plan: the group's own metrics (Dmax =
+    3438 x 0.005 = 17.19 Gy; EQD2 at ab 3 with its 5 fractions: 17.19 (17.19/5 + 3)/5 = 22.1384 Gy) and a warning
+    that the other group is not included."""
+    pp = make_plan(tmp_path / "plan.dcm", [(1, 23), (2, 5)])
+    plan = dr.read_rtplan(pp)
+    f = make_rtdose(tmp_path / "g2.dcm", known_pixels(), "0.005", DoseSummationType="FRACTION",
+                    ReferencedRTPlanSequence=plan_ref(plan, 2))
+    grid = dr.read_rtdose(f, plan=plan).grid
+    sitk.WriteImage(Volume(np.ones(grid.shape, np.uint8), grid).to_sitk(), str(tmp_path / "Body.nrrd"))
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(main, ["metrics", "--dose", str(f), "--plan", str(pp), "--structures",
+                                  str(tmp_path / "Body.nrrd"), "--fractions", "5", "--alpha-beta", "3",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "fraction group 2 of a plan with 2 fraction groups" in r.output
+    m = json.loads(out.read_text())["structures"][0]["metrics"]
+    assert m["Dmax"] == pytest.approx(hand(17.19, 5, 3.0), abs=1e-3)

@@ -413,6 +413,12 @@ def metrics(ctx, dose_path, structures_path, fractions, alpha_beta, extra, outpu
         plan = read_rtplan(plan_path, "--plan") if plan_path is not None else None
         dose = load_dose_any(dose_path, "--dose", fractions=fractions, plan=plan)
         warnings: list[str] = []
+        chk = dose.meta.get("header_check")
+        if chk is not None and not chk.whole_course:  # one fraction group of several: not the course
+            warnings.append(f"{dose_path.name} is fraction group {chk.fraction_group} of a plan with "
+                            f"{chk.plan_fraction_groups} fraction groups: these metrics are of that group alone "
+                            f"({chk.fractions} fractions), not of the course (a case file with one RTDOSE per group "
+                            "gives the course: reirradiation-npc run)")
         structures = sm.load_structures(structures_path, dose.grid, warnings)
         result = sm.compute(dose, structures, names, fractions, alpha_beta)
         result["warnings"] = warnings + result["warnings"]
