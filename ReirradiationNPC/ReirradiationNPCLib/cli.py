@@ -135,7 +135,10 @@ def print_summary(results, out_dir: Path) -> None:
     for c in results.assumptions["courses"]:
         rec = ", ".join(f"{k} {100 * v:g}%" for k, v in c["recovery_applied"].items() if v > 0) or "none"
         when = "current course" if c["is_current"] else f"{c['interval_months']:g} months before, recovery credit: {rec}"
-        click.echo(f"  course {c['name']}: {c['fractions']} fractions, {when}")
+        fx = c["fractions"] if not c.get("fraction_groups") else \
+            "+".join(str(g["fractions"]) for g in c["fraction_groups"]) + f" = {c['fractions']}"
+        rbe = f", {c['rbe_text']}" if c.get("rbe_text") else ""
+        click.echo(f"  course {c['name']}: {fx} fractions{rbe}, {when}")
     rec = results.assumptions.get("recovery", {})
     if rec.get("model") not in (None, "none"):
         click.echo(f"  recovery: {rec.get('description')} - source: {rec.get('source') or 'none given'}")

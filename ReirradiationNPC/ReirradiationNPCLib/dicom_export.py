@@ -505,15 +505,17 @@ def write_eqd2_rtdose(prep, analysis, stage: Path, *, per_course: bool = False) 
                      (getattr(ds, "ReferencedRTPlanSequence", None) or [])]
         plan_uids[c.name] = sorted({u for u in uids if u})
     from .analysis import MAP_RULE
+    from .dicom_rt import rbe_tag, rbe_words
     rule = f"LQ EQD2, display map: {MAP_RULE}; default a/b {prep.protocol.default_alpha_beta:g} Gy"
     files = {}
     all_plans = sorted({u for v in plan_uids.values() for u in v})
     name = "cumulative_eqd2.dcm"
+    tags = course_rbe_tags(prep)
     write_rtdose(Volume(analysis.cumulative, prep.grid), ref, stage / name,
-                 series_description="Cumulative EQD2 (Gy) DISPLAY: max over organ a/b",
-                 dose_comment="VIEW ONLY: max over covering organs' a/b+credit",
-                 image_comments=(f"Display map for viewing. {rule}. Organ DVHs: use the check map named in "
-                                 "results.json structures[].check_on_file (one a/b per map)."),
+                 series_description=f"Cumulative EQD2 (Gy) DISPLAY: max over organ a/b {tags}",
+                 dose_comment=f"VIEW ONLY: max organs' a/b+credit; {tags}",
+                 image_comments=(f"Display map for viewing. {rule}. {course_rbe_words(prep)}. Organ DVHs: use the "
+                                 "check map named in results.json structures[].check_on_file (one a/b per map)."),
                  dose_type="EFFECTIVE", summation="MULTI_PLAN" if len(prep.courses) > 1 else "PLAN",
                  referenced_plan_uids=all_plans)
     files[name] = (f"Cumulative EQD2 (Gy) as DICOM RTDOSE (DoseType EFFECTIVE) on the reference CT's frame, for "
@@ -522,12 +524,30 @@ def write_eqd2_rtdose(prep, analysis, stage: Path, *, per_course: bool = False) 
         for c in prep.courses:
             name = f"eqd2_{c.name}.dcm"
             ref["_SeriesNumber"] += 1
+            kind = prep.dose_kinds.get(c.name)
             write_rtdose(Volume(analysis.course_eqd2[c.name], prep.grid), ref, stage / name,
-                         series_description=eqd2_series_description(prep.protocol, f"EQD2 {c.name}"),
-                         dose_comment=f"EQD2 of {c.name}, {c.fractions_text} fx, no credit", dose_type="EFFECTIVE",
-                         summation="PLAN", referenced_plan_uids=plan_uids.get(c.name))
+                         series_description=eqd2_series_description(prep.protocol, f"EQD2 {c.name} {rbe_tag(kind)}"),
+                         dose_comment=f"EQD2 {rbe_tag(kind)}, {c.fractions_text} fx, no credit: {c.name}",
+                         image_comments=f"EQD2 (Gy) of course {c.name}, {c.fractions_text} fractions, no recovery "
+                                        f"credit; {rbe_words(kind)}; {rule}",
+                         dose_type="EFFECTIVE", summation="PLAN", referenced_plan_uids=plan_uids.get(c.name))
             files[name] = f"EQD2 (Gy) of course {c.name} as DICOM RTDOSE; {rule}"
     return files
+
+
+def course_rbe_tags(prep) -> str:
+    """Every course's RBE for a 64-character DICOM field: ``RBE 1.1/1`` (oldest first), ``RBE 1`` when all are 1."""
+    vals = []
+    for c in prep.courses:
+        kind = prep.dose_kinds.get(c.name) or {}
+        vals.append(f"{kind['rbe']:g}" if kind.get("rbe") is not None else "1")
+    return "RBE " + ("/".join(vals) if any(v != "1" for v in vals) else "1")
+
+
+def course_rbe_words(prep) -> str:
+    """Every course's RBE in words (dicom_rt.rbe_words)."""
+    from .dicom_rt import rbe_words
+    return "; ".join(f"course {c.name}: {rbe_words(prep.dose_kinds.get(c.name))}" for c in prep.courses)
 
 
 def write_check_rtdose(arr: np.ndarray, prep, check_map, stage: Path, series_number: int) -> str:
@@ -536,8 +556,10 @@ def write_check_rtdose(arr: np.ndarray, prep, check_map, stage: Path, series_num
     name = f"{check_map.stem}.dcm"
     write_rtdose(Volume(arr, prep.grid), ref, stage / name,
                  series_description=(f"EQD2 CHECK a/b {check_map.alpha_beta:g} Gy "
-                                     + ("credited" if check_map.credited else "undiscounted")),
-                 dose_comment=check_map.dose_comment(), image_comments=check_map.description(),
+                                     + ("credited" if check_map.credited else "undiscounted")
+                                     + f" {course_rbe_tags(prep)}"),
+                 dose_comment=check_map.dose_comment(),
+                 image_comments=f"{check_map.description()}. {course_rbe_words(prep)}",
                  dose_type="EFFECTIVE", summation="MULTI_PLAN" if len(prep.courses) > 1 else "PLAN",
                  series_number=series_number)
     return name

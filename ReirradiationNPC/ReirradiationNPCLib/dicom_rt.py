@@ -584,6 +584,32 @@ def _rbe_rule(c: DoseHeaderCheck) -> str:
     return f"RBE-weighted dose (DoseType EFFECTIVE) as exported; stated RBE {c.rbe:g} recorded, not applied"
 
 
+def rbe_words(kind: dict | None) -> str:
+    """The RBE a course's dose carries, in words, for every output's assumptions (results.json ``rbe_text``, CLI,
+    report, NRRD descriptions, RTDOSE ImageComments). ``kind``: :meth:`DoseHeaderCheck.assumptions` (or a course's
+    fraction-group summary); None: nothing recorded (a dose taken as physical, RBE 1)."""
+    kind = kind or {}
+    rbe = kind.get("rbe")
+    rad = str(kind.get("radiation") or "")
+    if rbe is not None:
+        if kind.get("rbe_applied"):
+            return f"RBE {rbe:g} ({rad or 'particle'} physical dose x {rbe:g}, applied once)"
+        return f"RBE {rbe:g} (RBE-weighted dose as exported, not applied again)"
+    if rad in ("photon", "electron"):
+        return f"RBE 1, {rad}s"
+    return "RBE 1, radiation not stated (no RT Ion plan)"
+
+
+def rbe_tag(kind: dict | None) -> str:
+    """:func:`rbe_words` short enough for 64-character DICOM fields: ``RBE 1.1``, ``RBE 1 photons``, ``RBE 1
+    rad. not stated``."""
+    kind = kind or {}
+    if kind.get("rbe") is not None:
+        return f"RBE {kind['rbe']:g}"
+    rad = str(kind.get("radiation") or "")
+    return f"RBE 1 {rad}s" if rad in ("photon", "electron") else "RBE 1 rad. not stated"
+
+
 def _is_own_eqd2(ds) -> bool:
     """An EQD2/BED map (this program's output, DoseType EFFECTIVE, Manufacturer ReirradiationNPC, or any file
     whose description names EQD2 or BED): never a course dose."""

@@ -157,8 +157,9 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
     kinds = {}
     for c, d in zip(case.courses, doses):
         if d.meta.get("groups"):   # several fraction groups: one entry per group, in the plan's group order
+            first = d.meta["dose_kind"]
             kinds[c.name] = {"fraction_groups": [g.meta["dose_kind"] for g in d.meta["groups"]],
-                             "rbe": d.meta["dose_kind"].get("rbe"), "rbe_rule": d.meta["dose_kind"].get("rbe_rule")}
+                             **{k: first.get(k) for k in ("rbe", "rbe_rule", "rbe_applied", "radiation")}}
         elif d.meta.get("dose_kind"):
             kinds[c.name] = d.meta["dose_kind"]
     return Prepared(case, protocol, grid, courses, structures, ref_img, warnings, registrations, kinds)
@@ -270,6 +271,7 @@ def build_results(prep: Prepared, analysis: Analysis) -> Results:
 def _with_dose_kind(course_assumptions: list[dict], kinds: dict) -> list[dict]:
     """Each course's assumptions plus how its dose file became a course dose (summation type, fraction group,
     RBE: ``dose``), and ``rbe`` at the top level (None = photons/electrons, physical dose)."""
+    from .dicom_rt import rbe_words
     out = []
     for a in course_assumptions:
         a = dict(a)
@@ -278,6 +280,7 @@ def _with_dose_kind(course_assumptions: list[dict], kinds: dict) -> list[dict]:
             a["dose"] = kind
             a["rbe"] = kind.get("rbe")
             a["rbe_rule"] = kind.get("rbe_rule")
+        a["rbe_text"] = rbe_words(kind)   # the RBE in words, as in every other output
         out.append(a)
     return out
 
@@ -345,13 +348,16 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             write_volume(Volume(arr.astype(np.float32, copy=False), g, name), stage / name, description=desc,
                          units="Gy" if "alpha_beta" not in name else "Gy (alpha/beta)")
             files[name] = desc
+        from .dicom_rt import rbe_words
+        rbe_all = _rbe_all(prep)
         vol("cumulative_eqd2.nrrd", analysis.cumulative,
-            f"Cumulative EQD2 (Gy) for viewing, recovery credit applied; {MAP_RULE}")
+            f"Cumulative EQD2 (Gy) for viewing, recovery credit applied; {MAP_RULE}; {rbe_all}")
         _write_check_maps(prep, analysis, stage, files, say)
         for c in prep.courses:
             vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
-                f"EQD2 (Gy) of course {c.name}, {_fractions_words(c)}, no recovery credit; per voxel the "
-            "largest over the alpha/beta of the organs covering it")
+                f"EQD2 (Gy) of course {c.name}, {_fractions_words(c)}, no recovery credit, "
+                f"{rbe_words(prep.dose_kinds.get(c.name))}; per voxel the largest over the alpha/beta of the organs "
+                "covering it")
         vol("alpha_beta.nrrd", analysis.alpha_beta, "alpha/beta (Gy) that gave each voxel's cumulative_eqd2 value "
             "(the covering organ with the largest cumulative EQD2; protocol default outside organs)")
         if prep.registrations:
@@ -406,14 +412,20 @@ def _write_check_maps(prep: Prepared, analysis: Analysis, stage: Path, files: di
     for n, m in enumerate(maps):
         say(f"writing check map {m.stem}")
         arr = m.compute(prep.courses)
-        write_volume(Volume(arr, prep.grid, m.stem), stage / f"{m.stem}.nrrd", description=m.description(),
-                     units="Gy")
+        write_volume(Volume(arr, prep.grid, m.stem), stage / f"{m.stem}.nrrd", description=m.description()
+                     + "; " + _rbe_all(prep), units="Gy")
         files[f"{m.stem}.nrrd"] = m.description()
         if dicom:
             from .dicom_export import write_check_rtdose
             name = write_check_rtdose(arr, prep, m, stage, series_number=910 + n)
             files[name] = m.description() + " (DICOM RTDOSE, DoseType EFFECTIVE)"
         del arr
+
+
+def _rbe_all(prep: Prepared) -> str:
+    """Every course's RBE in words (dicom_rt.rbe_words), for the descriptions of maps that sum the courses."""
+    from .dicom_export import course_rbe_words
+    return course_rbe_words(prep)
 
 
 def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,

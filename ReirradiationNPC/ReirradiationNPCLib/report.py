@@ -244,20 +244,22 @@ def _dose_kind(c: dict) -> str:
     """How the course's dose file became a course dose: DICOM summation type, fraction group, RBE (issue 10)."""
     k = c.get("dose") or {}
     if not k:
-        return "physical dose (RBE 1)"
+        return _e(f"physical dose; {c.get('rbe_text') or 'RBE 1'}")
     if k.get("fraction_groups"):   # a plan of several fraction groups: one EQD2 term per group
         groups = "; ".join(
             f"group {fmt(g.get('fraction_group'))}: {g.get('dose_summation_type', '')}, {fmt(g.get('fractions'))} fx"
             + (f" (one session \u00d7 {fmt(g.get('session_factor'))}, sessions assumed identical)"
                if g.get("sessions_assumed_identical") else "") for g in k["fraction_groups"])
-        rbe = (f"RBE {fmt(k['rbe'])}: {k.get('rbe_rule')}" if k.get("rbe") is not None else "RBE 1 (photons)")
+        rbe = (f"RBE {fmt(k['rbe'])}: {k.get('rbe_rule')}" if k.get("rbe") is not None
+               else c.get("rbe_text") or "RBE 1")
         return _e(f"{len(k['fraction_groups'])} fraction groups, each its own EQD2 term ({groups}); {rbe}")
     parts = [str(k.get("dose_summation_type", ""))]
     if k.get("fraction_group") is not None:
         parts.append(f"fraction group {k['fraction_group']}")
     if k.get("sessions_assumed_identical"):
         parts.append(f"one session \u00d7 {fmt(k.get('session_factor'))} fractions (sessions assumed identical)")
-    parts.append(f"RBE {fmt(k['rbe'])}: {k.get('rbe_rule')}" if k.get("rbe") is not None else "RBE 1 (photons)")
+    parts.append(f"RBE {fmt(k['rbe'])}: {k.get('rbe_rule')}" if k.get("rbe") is not None
+                 else c.get("rbe_text") or "RBE 1")
     return _e("; ".join(p for p in parts if p))
 
 
