@@ -61,6 +61,10 @@ class ReirradiationNPCCourse:
     intervalMonths: Annotated[float, WithinRange(0.0, 600.0)] = 0.0
     ct: vtkMRMLScalarVolumeNode
     transform: vtkMRMLTransformNode
+    #: RBE statements as the case file's dose_type / rbe / radiation ("" / 0 = not stated; checked by the presenter)
+    doseType: str = ""
+    rbe: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
+    radiation: str = ""
 
 
 @parameterNodeWrapper
@@ -187,7 +191,10 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.courseDoseSelector.connect("currentIndexChanged(int)", self.onCourseEdited)
         for w, signal in ((self.ui.courseFractionsSpinBox, "valueChanged(int)"),
                           (self.ui.courseIntervalSpinBox, "valueChanged(double)"),
-                          (self.ui.courseCTSelector, "currentNodeChanged(vtkMRMLNode*)")):
+                          (self.ui.courseCTSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                          (self.ui.courseDoseTypeComboBox, "currentIndexChanged(int)"),
+                          (self.ui.courseRBESpinBox, "valueChanged(double)"),
+                          (self.ui.courseRadiationComboBox, "currentIndexChanged(int)")):
             w.connect(signal, self.onCourseEdited)
         self.ui.courseTransformSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTransformChanged)
         self.ui.protocolComboBox.connect("currentTextChanged(QString)", self.onProtocolSelected)
@@ -267,6 +274,13 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.courseIntervalSpinBox.value = c.intervalMonths
                 self.ui.courseIntervalSpinBox.enabled = not self.presenter.is_current(index)
                 self.ui.courseCTSelector.setCurrentNode(c.ct)
+                dose_types = ["", "PHYSICAL", "EFFECTIVE"]
+                self.ui.courseDoseTypeComboBox.currentIndex = (dose_types.index(c.doseType)
+                                                               if c.doseType in dose_types else 0)
+                self.ui.courseRBESpinBox.value = c.rbe
+                radiations = ["", "photon", "electron", "proton", "ion"]
+                self.ui.courseRadiationComboBox.currentIndex = (radiations.index(c.radiation)
+                                                                if c.radiation in radiations else 0)
                 self.ui.courseTransformSelector.setCurrentNode(c.transform)
                 self.ui.courseTransformSelector.enabled = not self.presenter.is_current(index)
                 self._showAdjustment(c.transform)
@@ -392,6 +406,15 @@ class ReirradiationNPCWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.presenter.set_course_fields(p.selectedCourse, dose=dose, fractions=self.ui.courseFractionsSpinBox.value,
                                          intervalMonths=self.ui.courseIntervalSpinBox.value,
                                          ct=self.ui.courseCTSelector.currentNode())
+        # RBE statements (first item "(not stated)" = ""); a malformed one is shown, not stored
+        dose_type = ["", "PHYSICAL", "EFFECTIVE"][max(0, self.ui.courseDoseTypeComboBox.currentIndex)]
+        radiation = ["", "photon", "electron", "proton", "ion"][max(0, self.ui.courseRadiationComboBox.currentIndex)]
+        rbe = self.ui.courseRBESpinBox.value
+        fields = dict(doseType=dose_type, radiation=radiation)
+        if rbe == 0.0 or rbe >= 1.0:  # 0 = not stated; between 0 and 1 the user is still stepping up: not stored
+            fields["rbe"] = rbe
+        with slicer.util.tryWithErrorDisplay(_("The course's dose type, RBE or radiation was not accepted.")):
+            self.presenter.set_course_fields(p.selectedCourse, **fields)
 
     def onTransformChanged(self, node) -> None:
         p = self._parameterNode

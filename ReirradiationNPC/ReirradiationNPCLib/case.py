@@ -118,6 +118,44 @@ def _series_uid(value, src: str, key: str) -> str | None:
     return value.strip()
 
 
+def dose_kind_field(name: str, value, src: str, key: str):
+    """One RBE statement of a course (``dose_type``, ``rbe`` or ``radiation``; None = not stated), normalised;
+    InputError naming ``<key>.<name>`` when malformed. Used by :func:`parse_dose_kind` and the Slicer panel."""
+    if value is None:
+        return None
+    if name == "dose_type":
+        if not isinstance(value, str) or value.strip().upper() not in ("PHYSICAL", "EFFECTIVE"):
+            _fail(src, f"{key}.dose_type", f"must be PHYSICAL or EFFECTIVE (RBE-weighted), got {value!r}")
+        return value.strip().upper()
+    if name == "rbe":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 1.0 <= value <= 5.0:
+            _fail(src, f"{key}.rbe", f"must be a number from 1 to 5 (e.g. 1.1 for protons), got {value!r}")
+        return float(value)
+    if name == "radiation":
+        if not isinstance(value, str) or value.strip().lower() not in ("photon", "electron", "proton", "ion"):
+            _fail(src, f"{key}.radiation", f"must be photon, electron, proton or ion, got {value!r}")
+        return value.strip().lower()
+    raise KeyError(name)
+
+
+def parse_dose_kind(dose_type, rbe, radiation, src: str, key: str) -> tuple[str | None, float | None, str | None]:
+    """A course's RBE statements as given (case-file keys, or the Slicer panel's fields): ``dose_type`` PHYSICAL |
+    EFFECTIVE, ``rbe`` a number 1-5, ``radiation`` photon | electron | proton | ion; each None when not stated.
+    Returns them normalised; InputError naming ``<key>.<field>`` otherwise. The one check of both paths: an
+    EFFECTIVE (RBE-weighted) dose needs its RBE; an RBE does not go with photons or electrons. How they act on a
+    dose: ``dicom_rt.resolve_dose_kind``."""
+    dose_type = dose_kind_field("dose_type", dose_type, src, key)
+    rbe = dose_kind_field("rbe", rbe, src, key)
+    radiation = dose_kind_field("radiation", radiation, src, key)
+    if dose_type == "EFFECTIVE" and rbe is None:
+        _fail(src, f"{key}.rbe", "missing (dose_type: EFFECTIVE is an RBE-weighted dose: state the RBE the "
+                                 "planning system used; it is recorded, not applied again)")
+    if rbe is not None and radiation in ("photon", "electron"):
+        _fail(src, f"{key}.rbe", f"is for proton/ion courses, not radiation: {radiation}")
+    return dose_type, rbe, radiation
+
+
 def parse_case(data, path: Path) -> CaseSpec:
     src = str(path)
     base = path.parent
@@ -180,28 +218,7 @@ def parse_case(data, path: Path) -> CaseSpec:
                     _fail(src, f"{k}.fractions", f"{stated} is not the sum of the plan's fraction groups "
                                                  f"({' + '.join(map(str, info.fraction_groups))} = {total})")
                 n = stated if (stated is not None and len(doses) == 1) else total
-        dose_type = c.get("dose_type")
-        if dose_type is not None:
-            if not isinstance(dose_type, str) or dose_type.strip().upper() not in ("PHYSICAL", "EFFECTIVE"):
-                _fail(src, f"{k}.dose_type", f"must be PHYSICAL or EFFECTIVE (RBE-weighted), got {dose_type!r}")
-            dose_type = dose_type.strip().upper()
-        rbe = c.get("rbe")
-        if rbe is not None:
-            if isinstance(rbe, bool) or not isinstance(rbe, (int, float)) or not math.isfinite(rbe) \
-                    or not 1.0 <= rbe <= 5.0:
-                _fail(src, f"{k}.rbe", f"must be a number from 1 to 5 (e.g. 1.1 for protons), got {rbe!r}")
-            rbe = float(rbe)
-        radiation = c.get("radiation")
-        if radiation is not None:
-            if not isinstance(radiation, str) or radiation.strip().lower() not in ("photon", "electron", "proton",
-                                                                                   "ion"):
-                _fail(src, f"{k}.radiation", f"must be photon, electron, proton or ion, got {radiation!r}")
-            radiation = radiation.strip().lower()
-        if dose_type == "EFFECTIVE" and rbe is None:
-            _fail(src, f"{k}.rbe", "missing (dose_type: EFFECTIVE is an RBE-weighted dose: state the RBE the "
-                                   "planning system used; it is recorded, not applied again)")
-        if rbe is not None and radiation in ("photon", "electron"):
-            _fail(src, f"{k}.rbe", f"is for proton/ion courses, not radiation: {radiation}")
+        dose_type, rbe, radiation = parse_dose_kind(c.get("dose_type"), c.get("rbe"), c.get("radiation"), src, k)
         is_current = i == len(courses_raw) - 1
         interval = c.get("interval_months")
         if is_current:

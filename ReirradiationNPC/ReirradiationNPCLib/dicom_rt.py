@@ -1233,22 +1233,30 @@ def load_dose_any(path: Path, what: str = "dose", *, fractions: int | None = Non
     if plan is not None:
         raise InputError("plan: is given but the dose is not an RTDOSE (the plan/dose link cannot be checked)",
                          source=str(path), field=what)
-    rbe_v, applied, rad, warns = resolve_dose_kind(None, dose_type=dose_type, rbe=rbe, radiation=radiation,
-                                                   plan=None, src=str(path),
-                                                   key=what.split(".dose")[0] if ".dose" in what else "course")
+    chk = image_dose_check(str(path), fractions, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                           key=what.split(".dose")[0] if ".dose" in what else "course")
     vol = read_dose(path, what)
-    if applied:
-        vol.array *= np.float32(rbe_v)
+    if chk.rbe_applied:
+        vol.array *= np.float32(chk.scale)
         hi = float(vol.array.max())
         if hi > MAX_PLAUSIBLE_DOSE_GY:
-            raise InputError(f"maximum dose {hi:.5g} Gy after the RBE {rbe_v:g} exceeds {MAX_PLAUSIBLE_DOSE_GY:g} Gy",
+            raise InputError(f"maximum dose {hi:.5g} Gy after the RBE {chk.rbe:g} exceeds {MAX_PLAUSIBLE_DOSE_GY:g} Gy",
                              source=str(path), field=what)
-    kind = (dose_type or "PHYSICAL").upper()
-    chk = DoseHeaderCheck(str(path), "(image file)", kind, float(rbe_v) if applied else 1.0, fractions,
-                          rbe=rbe_v, rbe_applied=applied, radiation=rad, warnings=warns)
     vol.meta.update(fractions=fractions, header_check=chk, dose_kind=chk.assumptions(),
-                    notes=list(vol.meta.get("notes", [])) + warns)
+                    notes=list(vol.meta.get("notes", [])) + list(chk.warnings))
     return vol
+
+
+def image_dose_check(source: str, fractions: int | None, *, dose_type: str | None, rbe: float | None,
+                     radiation: str | None, key: str = "course") -> DoseHeaderCheck:
+    """The RBE rules (:func:`resolve_dose_kind`) for a dose without a DICOM header (an image file, or a Slicer
+    volume that is not an RTDOSE): physical unless ``dose_type: EFFECTIVE``; ``scale`` is the RBE when it is to be
+    applied (physical particle dose), else 1."""
+    rbe_v, applied, rad, warns = resolve_dose_kind(None, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                                                   plan=None, src=source, key=key)
+    kind = (dose_type or "PHYSICAL").upper()
+    return DoseHeaderCheck(source, "(image file)", kind, float(rbe_v) if applied else 1.0, fractions,
+                           rbe=rbe_v, rbe_applied=applied, radiation=rad, warnings=warns)
 
 
 #: RTSTRUCTs are rasterised on a lattice at least this fine in-plane (mm) ...

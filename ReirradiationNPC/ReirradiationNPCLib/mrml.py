@@ -408,8 +408,11 @@ class CourseInput:
     #: the course's transform node (prior courses): the dose is read through it as if it were under it; the dose
     #: node itself is not re-parented. None: the dose node's own parent transform (if any) is used.
     transform_node: object = None
-    #: factor applied to the voxels (the fractions for a per-fraction RTDOSE, from mrml_provenance)
+    #: factor applied to the voxels (the fractions for a per-fraction RTDOSE, the stated RBE of a physical particle
+    #: dose; from mrml_provenance)
     multiplier: float = 1.0
+    #: how the volume became the course dose (summation type, RBE): ``DoseHeaderCheck.assumptions()`` (None: unknown)
+    dose_kind: dict | None = None
 
 
 def _check_course_inputs(courses: list[CourseInput]) -> None:
@@ -519,7 +522,8 @@ def prepare_from_nodes(courses: list[CourseInput], segmentation_node, protocol: 
     case = CaseSpec(path=Path(scene_url or "MRML scene"), reference_image=None,
                     reference_structures=Path(segmentation_node.GetName()), grid="dose",
                     protocol=protocol.path, courses=specs)
-    return Prepared(case, protocol, grid, course_data, structures, ref_img, warnings)
+    kinds = {c.name: c.dose_kind for c in courses if c.dose_kind}
+    return Prepared(case, protocol, grid, course_data, structures, ref_img, warnings, dose_kinds=kinds)
 
 
 def run_engine(prep: Prepared, progress: Progress | None = None):

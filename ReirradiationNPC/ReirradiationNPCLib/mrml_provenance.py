@@ -48,6 +48,8 @@ class DoseProvenance:
     header: dict = field(default_factory=dict)
     multiplier: float = 1.0
     notes: list = field(default_factory=list)
+    #: how the volume became the course dose (summation, RBE): ``dicom_rt.DoseHeaderCheck.assumptions()``
+    dose_kind: dict = field(default_factory=dict)
 
     @property
     def checked(self) -> bool:
@@ -64,20 +66,29 @@ class DoseProvenance:
 
 
 def check_rtdose_header(ds, fractions: int | None, plan: dicom_rt.PlanInfo | None = None,
-                        src: str = "RTDOSE", max_dose_gy: float | None = None) -> tuple[float, list[str]]:
+                        src: str = "RTDOSE", max_dose_gy: float | None = None, *, dose_type: str | None = None,
+                        rbe: float | None = None, radiation: str | None = None, key: str = "course"
+                        ) -> tuple[float, list[str]]:
     """The command line's RTDOSE header rules (``dicom_rt.check_rtdose_header``, the one header check of both
     paths) on a dataset whose voxels were already scaled by DoseGridScaling, as SlicerRT loads them. The fractions
     entered in the panel are required. Returns (factor for the voxels: the course total / the file's dose, notes
     and warnings); raises InputError for a dose that is not a course dose in Gy, or fractions that disagree with
-    the plan. ``max_dose_gy``: the volume's maximum (Gy) for the plausibility checks."""
+    the plan. ``max_dose_gy``: the volume's maximum (Gy) for the plausibility checks. ``dose_type``, ``rbe``,
+    ``radiation``: the panel's statements (validated by ``case.parse_dose_kind``), as the case-file keys."""
+    return _checked(ds, fractions, plan, src, max_dose_gy, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                    key=key)[:2]
+
+
+def _checked(ds, fractions, plan, src, max_dose_gy, *, dose_type=None, rbe=None, radiation=None, key="course"):
     check = dicom_rt.check_rtdose_header(ds, plan=plan, fractions=fractions, source=src, require_fractions=True,
-                                         max_dose_gy=max_dose_gy)
+                                         max_dose_gy=max_dose_gy, dose_type=dose_type, rbe=rbe, radiation=radiation,
+                                         key=key)
     if not check.whole_course:  # one fraction group of several: the panel takes one whole-course dose per course
         raise InputError(f"DoseSummationType {check.summation} holds fraction group {check.fraction_group} of a plan "
                          f"with {check.plan_fraction_groups} fraction groups (each its own EQD2 term); the panel takes "
                          "one whole-course dose per course: run the case from the command line (reirradiation-npc "
                          "run, one RTDOSE per group under the course's dose:)", source=src, field="DoseSummationType")
-    return float(check.scale), list(check.notes) + list(check.warnings)
+    return float(check.scale), list(check.notes) + list(check.warnings), check
 
 
 def _series_uid(node, scene) -> str:
@@ -99,14 +110,23 @@ def _dataset(path: str):
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def dose_provenance(node, fractions: int | None, database=None, scene=None) -> DoseProvenance:
+def dose_provenance(node, fractions: int | None, database=None, scene=None, *, dose_type: str | None = None,
+                    rbe: float | None = None, radiation: str | None = None, key: str = "course") -> DoseProvenance:
     """Read the RTDOSE header (and its plan) of ``node`` through ``database`` and check it (InputError when the
-    header shows it is not a course's total physical dose, or the fractions disagree with the plan)."""
+    header shows it is not a course's total dose in Gy, or the fractions disagree with the plan). ``dose_type``,
+    ``rbe``, ``radiation``: the panel's RBE statements (as the case-file keys; None = not stated): an RBE-weighted
+    (EFFECTIVE) RTDOSE is accepted only when stated, a physical particle dose is multiplied once by the stated RBE
+    (in ``multiplier``); a volume without a DICOM header is physical unless stated EFFECTIVE."""
     scene = scene or node.GetScene() or slicer.mrmlScene
     name = node.GetName()
     uid = _series_uid(node, scene)
+
+    def unchecked(kind, **kw):
+        chk = dicom_rt.image_dose_check(name, fractions, dose_type=dose_type, rbe=rbe, radiation=radiation, key=key)
+        return DoseProvenance(kind, name, multiplier=float(chk.scale), notes=list(chk.warnings),
+                              dose_kind=chk.assumptions(), **kw)
     if not uid:
-        return DoseProvenance("none", name)
+        return unchecked("none")
     files = list(database.filesForSeries(uid)) if database is not None else []
     rtdose = None
     for f in files:
@@ -118,7 +138,7 @@ def dose_provenance(node, fractions: int | None, database=None, scene=None) -> D
             rtdose = (f, ds)
             break
     if rtdose is None:
-        return DoseProvenance("dicom_unreadable", name, series_uid=uid)
+        return unchecked("dicom_unreadable", series_uid=uid)
     path, ds = rtdose
     plan = None
     plan_uids = _referenced_uids(node, scene) or [str(getattr(item, "ReferencedSOPInstanceUID", "")) for item in
@@ -133,12 +153,13 @@ def dose_provenance(node, fractions: int | None, database=None, scene=None) -> D
         notes.append(f"{name}: the referenced plan is not in the DICOM database; fractions not checked against it")
     image = node.GetImageData()
     top = float(image.GetScalarRange()[1]) if image is not None and image.GetNumberOfPoints() else None
-    multiplier, more = check_rtdose_header(ds, fractions, plan, src=path, max_dose_gy=top)
+    multiplier, more, check = _checked(ds, fractions, plan, path, top, dose_type=dose_type, rbe=rbe,
+                                       radiation=radiation, key=key)
     header = {k: str(getattr(ds, k, "")) for k in ("DoseUnits", "DoseType", "DoseSummationType", "DoseGridScaling",
                                                     "SeriesInstanceUID", "SOPInstanceUID")}
     return DoseProvenance("rtdose", name, series_uid=uid, rtdose_file=str(path),
                           plan_file=plan.path if plan is not None else "", header=header, multiplier=multiplier,
-                          notes=notes + more)
+                          notes=notes + more, dose_kind=check.assumptions())
 
 
 def is_dose_volume(node) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mrml, mrml_provenance, mrml_review, mrml_scene
+from .case import dose_kind_field, parse_dose_kind
 from .errors import InputError
 
 #: automatic course names: "course<position>" (1 = oldest); renumbered when the list changes. Other names are the
@@ -35,6 +36,10 @@ class Course:
     intervalMonths: float = 0.0
     ct: object = None
     transform: object = None
+    #: RBE statements, as the case-file keys dose_type / rbe / radiation ("" / 0.0 = not stated)
+    doseType: str = ""            # "" | PHYSICAL | EFFECTIVE
+    rbe: float = 0.0              # 0 = not stated; else 1-5
+    radiation: str = ""           # "" | photon | electron | proton | ion
 
 
 @dataclass
@@ -187,13 +192,25 @@ class Presenter:
         return [f"{c.name}  ({'current' if i == n - 1 else 'prior'})" for i, c in enumerate(self.p.courses)]
 
     def set_course_fields(self, index: int, **values) -> None:
-        """Set dose, fractions, intervalMonths or ct of a course (names: the course's fields)."""
+        """Set dose, fractions, intervalMonths, ct, doseType, rbe or radiation of a course (names: the course's
+        fields). Each RBE statement is checked on its own here (the case-file rule, ``case.parse_dose_kind``) and
+        together with the others before computing (:meth:`preflight`)."""
         courses = list(self.p.courses)
         for k, v in values.items():
-            if k not in ("dose", "fractions", "intervalMonths", "ct"):
+            if k not in ("dose", "fractions", "intervalMonths", "ct", "doseType", "rbe", "radiation"):
                 raise KeyError(k)
+            if k in ("doseType", "rbe", "radiation"):
+                dose_kind_field({"doseType": "dose_type"}.get(k, k), _stated(v), courses[index].name,
+                                f"courses[{index}]")
             setattr(courses[index], k, v)
         self._write(courses)
+
+    def dose_kind_statements(self, index: int) -> tuple:
+        """(dose_type, rbe, radiation) of a course as the case-file keys (None = not stated), checked together
+        by ``case.parse_dose_kind`` (InputError naming the course and ``courses[i].<key>``)."""
+        c = self.p.courses[index]
+        return parse_dose_kind(_stated(getattr(c, "doseType", "")), _stated(getattr(c, "rbe", 0.0)),
+                               _stated(getattr(c, "radiation", "")), c.name, f"courses[{index}]")
 
     def is_current(self, index: int) -> bool:
         return index == len(self.p.courses) - 1
@@ -210,7 +227,7 @@ class Presenter:
         c.transform = transform_node
         self._write(courses)
 
-    def course_inputs(self, multipliers: dict | None = None) -> list:
+    def course_inputs(self, multipliers: dict | None = None, kinds: dict | None = None) -> list:
         """The courses as the MRML adapter's inputs (nothing in the scene is changed)."""
         out = []
         n = len(self.p.courses)
@@ -219,7 +236,8 @@ class Presenter:
             out.append(mrml.CourseInput(c.name, c.dose, int(c.fractions),
                                         None if current else float(c.intervalMonths),
                                         transform_node=None if current else c.transform,
-                                        multiplier=(multipliers or {}).get(c.name, 1.0)))
+                                        multiplier=(multipliers or {}).get(c.name, 1.0),
+                                        dose_kind=(kinds or {}).get(c.name)))
         return out
 
     # ---------------------------------------------------------------------------------------- dose choices
@@ -246,18 +264,21 @@ class Presenter:
         """The DICOM path's dose checks for every course: the RTDOSE header and plan read through the DICOM
         database (InputError for a dose that is not a course's total physical dose in Gy, or fractions that
         disagree with the plan); doses that cannot be checked are listed in ``confirm`` for the user."""
-        confirm, notes, provenance, multipliers = [], [], [], {}
+        confirm, notes, provenance, multipliers, kinds = [], [], [], {}, {}
         for i, c in enumerate(self.p.courses):
             if c.dose is None:
                 raise InputError("no dose volume selected", source=c.name, field=f"courses[{i}].dose")
+            dose_type, rbe, radiation = self.dose_kind_statements(i)
             prov = mrml_provenance.dose_provenance(c.dose, int(c.fractions) or None, self.database,
-                                                   self._scene())
+                                                   self._scene(), dose_type=dose_type, rbe=rbe, radiation=radiation,
+                                                   key=f"courses[{i}]")
             provenance.append(prov)
             multipliers[c.name] = prov.multiplier
+            kinds[c.name] = prov.dose_kind
             notes += prov.notes
             if not prov.checked:
                 confirm.append(f"{c.name}: {prov.unchecked_reason()}")
-        return Preflight(self.course_inputs(multipliers), confirm, notes, provenance)
+        return Preflight(self.course_inputs(multipliers, kinds), confirm, notes, provenance)
 
     @staticmethod
     def unchecked_warnings(pre: Preflight) -> list[str]:
@@ -461,6 +482,14 @@ class Presenter:
         c, cur = self.p.courses[index], self.p.courses[-1]
         center = mrml_review.volume_center_ras(cur.ct) if cur.ct is not None else (0.0, 0.0, 0.0)
         return mrml_review.adjust(c.transform, tx, ty, tz, rx, ry, rz, center)
+
+
+def _stated(value):
+    """A panel field as a case-file value: "" / 0 (the widgets' "not stated") -> None; text stripped."""
+    if value is None or value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                       and value == 0):
+        return None
+    return value.strip() if isinstance(value, str) else value
 
 
 def next_free_path(path: Path) -> Path:
