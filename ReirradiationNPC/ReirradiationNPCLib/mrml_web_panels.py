@@ -10,6 +10,10 @@
   "off" puts back the foreground each view had (the dose wash).
 
 Everything is read from the results folder; nothing is written into it.
+
+Plugging in: :func:`panel` builds both panels where it is called and follows the selected row through
+``app.on_row_selected`` when the app has that list (the side-panel API of ``mrml_web_review``); otherwise the app
+calls :meth:`ReviewPanels.show_dvh` itself.
 """
 
 from __future__ import annotations
@@ -24,6 +28,17 @@ log = logging.getLogger(__name__)
 
 REG_OFF = "off"
 REG_BLEND = 0.5
+
+
+def panel(app) -> "ReviewPanels":
+    """Both panels as a side-column panel of the review app: built in the current layout context; the DVH follows
+    the selected row (``app.on_row_selected`` callbacks get ``(app, row, found)``)."""
+    panels = ReviewPanels(app)
+    panels.build_ui()
+    hooks = getattr(app, "on_row_selected", None)
+    if isinstance(hooks, list):
+        hooks.append(lambda _app, row, _found: panels.show_dvh(row["index"]))
+    return panels
 
 
 class ReviewPanels:
@@ -134,6 +149,7 @@ class ReviewPanels:
                     view.set_foreground_opacity(opacity)
                     view.schedule_render()
                 self._saved_foreground = None
+                self._restore_wash()
             state.reg_figures = []
             state.reg_info = ("Prior courses: " + ", ".join(self.registrations) if self.registrations
                               else "No prior-course registration in results.json.")
@@ -156,6 +172,19 @@ class ReviewPanels:
             view.schedule_render()
         state.reg_info = (f"{course}: prior CT through its {reg.method} registration ({reg.registered_ct}) over the "
                           f"current CT, opacity {blend:.2f}")
+
+    def _restore_wash(self) -> None:
+        """When the app has a wash selector (``set_wash``), show the wash chosen now (it may have changed while the
+        prior CT was shown), at the wash opacity chosen now."""
+        set_wash = getattr(self.app, "set_wash", None)
+        state = self.app.server.state
+        key, opacity = state["wash_key"], state["wash_opacity"]  # None when the page has no such control
+        if callable(set_wash) and key is not None:
+            set_wash(key)
+            if opacity is not None:
+                for view in self.app.slicer_app.view_manager.get_slice_views():
+                    view.set_foreground_opacity(float(opacity))
+                    view.schedule_render()
 
     # ---------------------------------------------------------------------------------------------------- UI
     def build_ui(self) -> None:
