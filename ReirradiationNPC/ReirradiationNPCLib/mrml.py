@@ -366,9 +366,15 @@ def structures_from_segmentation(segmentation_node) -> list[Structure]:
     return out
 
 
-def _oriented_image(mask: np.ndarray, grid: Grid):
+def _oriented_image(mask: np.ndarray, grid: Grid, lo: tuple[int, int, int] = (0, 0, 0)):
+    """``mask`` (k, j, i) as an oriented image at index ``lo`` (i, j, k) of ``grid``: its extent starts at ``lo``
+    and its geometry is ``grid``'s, so segments on one grid share one geometry (Slicer then stacks them into the
+    .seg.nrrd by copying, not by resampling each one: 1.2 s -> 0.3 s for the demo's 15 structures)."""
     image = slicer.vtkOrientedImageData()
     image.ShallowCopy(_image_data(mask.astype(np.uint8)))
+    if any(lo):
+        image.SetExtent(lo[0], lo[0] + mask.shape[2] - 1, lo[1], lo[1] + mask.shape[1] - 1,
+                        lo[2], lo[2] + mask.shape[0] - 1)
     image.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras_from_grid(grid)))
     return image
 
@@ -381,9 +387,7 @@ def add_segment(segmentation_node, name: str, mask: np.ndarray, box: tuple[slice
     # its own labelmap layer: segments overlap (organs inside the body, margins nested, violations inside organs),
     # and writing into a shared layer would erase the other segments' voxels where they overlap
     seg.SeparateSegmentLabelmap(sid)
-    lo = tuple(b.start for b in box[::-1])
-    hi = tuple(b.stop for b in box[::-1])
-    image = _oriented_image(mask, grid.subgrid(lo, hi))
+    image = _oriented_image(mask, grid, tuple(int(b.start) for b in box[::-1]))
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation_node, sid):
         raise RuntimeError(f"could not set the labelmap of segment {name!r}")
     display = segmentation_node.GetDisplayNode()

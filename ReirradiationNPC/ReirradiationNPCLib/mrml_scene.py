@@ -14,9 +14,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from .analysis import Analysis
 from .errors import InputError
-from .geometry import Volume
+from .geometry import Grid, Volume
 from .pipeline import Prepared
 from .results import Results
 
@@ -82,6 +84,7 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_i
     seg.SetAttribute(mrml.ROLE_ATTRIBUTE, "structures")
     if "reference" in nodes["images"]:
         seg.SetReferenceImageGeometryParameterFromVolumeNode(nodes["images"]["reference"])
+    ref_grid = prep.reference_image.grid if prep.reference_image is not None else None
     for idx, s in enumerate(prep.structures):
         mask, grid = s.source_mask, s.source_grid  # the structure as read (cropped to its bounding box)
         if mask is None or grid is None:
@@ -90,6 +93,10 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_i
             mask, box, grid = s.mask, s.box, prep.grid
         else:
             box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
+            offset = _crop_offset(grid, ref_grid)
+            if offset is not None:  # a crop of the reference CT's grid: placed on that grid (same voxels)
+                box = tuple(slice(o, o + n) for o, n in zip(offset[::-1], mask.shape))
+                grid = ref_grid
         if not mask.any():
             continue
         role = s.organ.role if s.organ is not None else None
@@ -105,6 +112,21 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_i
     nodes["structures"] = seg
     mrml._set_parent(sh, seg, folder)
     return nodes
+
+
+def _crop_offset(grid: Grid, ref: Grid | None, tol_mm: float = 1e-3) -> tuple[int, int, int] | None:
+    """(i, j, k) index of ``grid``'s first voxel in ``ref`` when ``grid`` is a box of ``ref``'s voxels (same spacing
+    and direction, origin on a voxel centre of ``ref``, inside it); else None."""
+    if ref is None or not np.allclose(grid.spacing, ref.spacing, atol=1e-6) \
+            or not np.allclose(grid.direction, ref.direction, atol=1e-6):
+        return None
+    idx = ref.physical_to_index(np.asarray([grid.origin], dtype=float))[0]
+    off = np.rint(idx).astype(int)
+    back = ref.index_to_physical(off[None, :].astype(float))[0]
+    if np.abs(back - np.asarray(grid.origin)).max() > tol_mm or np.any(off < 0) \
+            or np.any(off + np.asarray(grid.size) > np.asarray(ref.size)):
+        return None
+    return tuple(int(v) for v in off)
 
 
 def _review_layout(scene, background, foreground, chart) -> None:
