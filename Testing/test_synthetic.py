@@ -191,3 +191,47 @@ def test_demo_one_volume_per_target_in_every_section(demo):
     assert rt["ptv"] == names["PTV"] and rt["ptv_volume_cc"] == pytest.approx(vols["PTV"], abs=1e-6)
     assert rt["courses"][0]["overlap_with_ptv_cc"] <= rt["ptv_volume_cc"] + 1e-9
     assert rt["category"] == "Type 1"   # the recurrence lies in the first course's 70 Gy volume
+
+
+def test_fast_phantom_paths_give_the_full_grid_arrays():
+    """The generator evaluates the phantom on broadcastable coordinates and each shape inside its box only (speed,
+    issue 15); every voxel must get the value the plain full-grid computation gives: coordinates origin + index x
+    spacing, masks and CTs equal voxel for voxel, on a small grid through the head (and through the known offset)."""
+    from ReirradiationNPCLib import synthetic as syn
+    from ReirradiationNPCLib.geometry import Grid
+
+    g = Grid((40, 44, 30), (-60.75, -50.25, -30.0), (3.0, 2.5, 2.5))
+    x, y, z = syn._axes(g)
+    assert (x.shape, y.shape, z.shape) == ((1, 1, 40), (1, 44, 1), (30, 1, 1))
+    assert x[0, 0, 3] == -60.75 + 3 * 3.0 and y[0, 5, 0] == -50.25 + 5 * 2.5 and z[7, 0, 0] == -30.0 + 7 * 2.5
+    fx, fy, fz = syn._coords(g)
+    for fast, full in ((x, fx), (y, fy), (z, fz)):
+        np.testing.assert_array_equal(np.broadcast_to(fast, g.shape), full)
+    assert sum(bool(syn.STRUCTURES[n].inside(fx, fy, fz).any()) for n in syn.STRUCTURES) >= 8  # shapes on the grid
+    for name, shape in syn.STRUCTURES.items():
+        np.testing.assert_array_equal(syn._inside(shape, x, y, z, g.shape), shape.inside(fx, fy, fz), err_msg=name)
+    # the CT: broadcast coordinates and boxed shapes vs a straightforward full-grid phantom
+    R, t = syn.prior_frame_transform()
+
+    def plain_ct(xx, yy, zz, seed):
+        rng = np.random.default_rng(seed)
+        ct = np.full(g.shape, -1000.0, dtype=np.float32)
+        head = syn.HEAD.level(xx, yy, zz)
+        body = ((head <= 1.0) & (zz > -10.0)) | (
+            (((xx - syn.NECK[0]) / syn.NECK[2]) ** 2 + ((yy - syn.NECK[1]) / syn.NECK[3]) ** 2 <= 1.0) & (zz <= 10.0))
+        ct[body] = 40.0
+        brain = (head <= 0.92) & (zz > 12.0)
+        ct[(head <= 1.0) & ~brain & (zz > 12.0) & body] = 900.0
+        ct[brain] = 32.0
+        ct[syn.VERTEBRA.inside(xx, yy, zz) & ~syn.CANAL.inside(xx, yy, zz)] = 650.0
+        ct[syn.AIRWAY.inside(xx, yy, zz)] = -1000.0
+        ct += rng.normal(0.0, 8.0, size=g.shape).astype(np.float32) * body
+        return ct
+
+    np.testing.assert_array_equal(syn.phantom_ct(g), plain_ct(fx, fy, fz, syn.SEED))
+    px, py, pz = syn._coords(g, transform=lambda q: (q - t) @ R)
+    ax, ay, az = syn._prior_frame_axes(g)
+    for fast, full in ((ax, px), (ay, py), (az, pz)):
+        np.testing.assert_allclose(np.broadcast_to(fast, g.shape), full, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(syn.phantom_ct(g, seed=syn.SEED + 1, coords=(ax, ay, az)),
+                                  plain_ct(px, py, pz, syn.SEED + 1))

@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from .geometry import Grid, Volume
+from .geometry import Grid, Volume, bounding_box
 from .io import write_volume
 from .protocol import protocols_dir
 
@@ -64,6 +64,10 @@ class Ellipsoid:
     def inside(self, x, y, z):
         return self.level(x, y, z) <= 1.0
 
+    def box_mm(self):
+        """Axis-aligned box (lo, hi) in mm that holds every point inside."""
+        return tuple(c - r for c, r in zip(self.c, self.r)), tuple(c + r for c, r in zip(self.c, self.r))
+
 
 @dataclass(frozen=True)
 class Cylinder:
@@ -80,6 +84,11 @@ class Cylinder:
         px, py, pz = p0[0] + t * d[0], p0[1] + t * d[1], p0[2] + t * d[2]
         dist2 = (x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2
         return (t >= 0) & (t <= 1) & (dist2 <= self.r ** 2)
+
+    def box_mm(self):
+        """Axis-aligned box (lo, hi) in mm that holds every point inside."""
+        return (tuple(min(a, b) - self.r for a, b in zip(self.p0, self.p1)),
+                tuple(max(a, b) + self.r for a, b in zip(self.p0, self.p1)))
 
     def approx_distance(self, x, y, z):
         """Signed distance (mm) to the capsule around the segment (exact outside the flat ends' rim)."""
@@ -147,6 +156,57 @@ def _coords(grid: Grid, transform=None):
     return tuple(xyz[:, a].reshape(grid.shape) for a in range(3))
 
 
+def _axes(grid: Grid):
+    """Physical coordinates (mm) of the voxel centres of an axis-aligned grid (identity direction) as three arrays
+    that broadcast to the grid's (k, j, i) shape: x (1, 1, i), y (1, j, 1), z (k, 1, 1). The same numbers as
+    :func:`_coords` (origin + index x spacing), without a 3D array per axis: every shape below evaluated on them
+    does its per-axis arithmetic once per row instead of once per voxel."""
+    if not np.allclose(grid.direction_matrix, np.eye(3), atol=0.0):
+        return _coords(grid)
+    o, sp = grid.origin, grid.spacing
+    ni, nj, nk = grid.size
+    return ((o[0] + np.arange(ni, dtype=np.float64) * sp[0]).reshape(1, 1, ni),
+            (o[1] + np.arange(nj, dtype=np.float64) * sp[1]).reshape(1, nj, 1),
+            (o[2] + np.arange(nk, dtype=np.float64) * sp[2]).reshape(nk, 1, 1))
+
+
+def _prior_frame_points(q):
+    """Current-frame points (N, 3) of the anatomy shown at prior-frame points ``q``: R^T (q - t)."""
+    R, t = prior_frame_transform()
+    return (q - t) @ R
+
+
+def _prior_frame_axes(grid: Grid):
+    """:func:`_coords` of ``grid`` through :func:`_prior_frame_points`, as broadcastable arrays: the known offset
+    rotates about z only, so x and y depend on (j, i) alone (computed on one slice) and z on k alone (one
+    column). Checked against the full computation in Testing/test_synthetic.py."""
+    ni, nj, nk = grid.size
+    x, y, _ = _coords(grid.subgrid((0, 0, 0), (ni, nj, 1)), transform=_prior_frame_points)
+    _, _, z = _coords(grid.subgrid((0, 0, 0), (1, 1, nk)), transform=_prior_frame_points)
+    return x.reshape(1, nj, ni), y.reshape(1, nj, ni), z.reshape(nk, 1, 1)
+
+
+def _inside(shape, x, y, z, grid_shape, margin_mm: float = 5.0) -> np.ndarray:
+    """``shape.inside(x, y, z)`` as a full bool array of ``grid_shape``, evaluated only on the index box whose
+    coordinates come within ``margin_mm`` of the shape's box (False elsewhere, where no point can be inside).
+    ``x, y, z`` broadcast to ``grid_shape`` (see _axes); each voxel gets exactly the arithmetic it would get over
+    the whole grid, so the result is the same array."""
+    lo, hi = shape.box_mm()
+    near = np.ones((1, 1, 1), dtype=bool)
+    for a, v in enumerate((x, y, z)):
+        near = near & (v >= lo[a] - margin_mm) & (v <= hi[a] + margin_mm)
+    out = np.zeros(grid_shape, dtype=bool)
+    box = bounding_box(np.broadcast_to(near, grid_shape))
+    if box is None:
+        return out
+
+    def crop(v):
+        return v[tuple(b if v.shape[d] > 1 else slice(None) for d, b in enumerate(box))]
+
+    out[box] = shape.inside(crop(x), crop(y), crop(z))
+    return out
+
+
 def _erfc_arr(x):
     # Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7), vectorised
     z = np.abs(x)
@@ -163,24 +223,32 @@ def _dose(x, y, z, targets, prescription, sigma_mm, bath_fraction, bath_mm, shif
     return (prescription * np.maximum(core, bath)).astype(np.float32)
 
 
-def _body(x, y, z):
-    head = HEAD.inside(x, y, z) & (z > -10.0)
+def _body(x, y, z, head_level=None):
+    """Body mask; ``head_level``: HEAD.level(x, y, z) when the caller has it already."""
+    head = (HEAD.level(x, y, z) if head_level is None else head_level) <= 1.0
+    head = head & (z > -10.0)
     neck = ((((x - NECK[0]) / NECK[2]) ** 2 + ((y - NECK[1]) / NECK[3]) ** 2) <= 1.0) & (z <= 10.0)
     return head | neck
 
 
-def phantom_ct(grid: Grid, transform=None, seed: int = SEED) -> np.ndarray:
-    x, y, z = _coords(grid, transform)
+def phantom_ct(grid: Grid, transform=None, seed: int = SEED, coords=None) -> np.ndarray:
+    """The phantom CT (HU, float32) on ``grid``; ``transform`` maps the grid's points (N, 3) to the current frame
+    (the anatomy shown); ``coords``: the (x, y, z) arrays already mapped (full or broadcastable, see _axes)."""
+    if coords is not None:
+        x, y, z = coords
+    else:
+        x, y, z = _coords(grid, transform) if transform is not None else _axes(grid)
     rng = np.random.default_rng(seed)
     ct = np.full(grid.shape, -1000.0, dtype=np.float32)
-    body = _body(x, y, z)
+    head_level = HEAD.level(x, y, z)
+    body = np.broadcast_to(_body(x, y, z, head_level), grid.shape)
     ct[body] = 40.0
-    brain = (HEAD.level(x, y, z) <= 0.92) & (z > 12.0)
-    skull = (HEAD.level(x, y, z) <= 1.0) & ~brain & (z > 12.0)
+    brain = (head_level <= 0.92) & (z > 12.0)
+    skull = (head_level <= 1.0) & ~brain & (z > 12.0)
     ct[skull & body] = 900.0
     ct[brain] = 32.0
-    ct[(VERTEBRA.inside(x, y, z)) & ~CANAL.inside(x, y, z)] = 650.0
-    ct[AIRWAY.inside(x, y, z)] = -1000.0
+    ct[_inside(VERTEBRA, x, y, z, grid.shape) & ~_inside(CANAL, x, y, z, grid.shape)] = 650.0
+    ct[_inside(AIRWAY, x, y, z, grid.shape)] = -1000.0
     ct += rng.normal(0.0, 8.0, size=grid.shape).astype(np.float32) * body
     return ct
 
@@ -243,18 +311,17 @@ def generate(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = CT_GRID
-    write_volume(Volume(phantom_ct(g).astype(np.int16), g), out_dir / "ct.nrrd",
+    x, y, z = _axes(g)  # broadcastable coordinates: the same numbers as _coords(g), far fewer operations
+    write_volume(Volume(phantom_ct(g, coords=(x, y, z)).astype(np.int16), g), out_dir / "ct.nrrd",
                  description="SYNTHETIC current planning CT (HU)")
     # prior CT: voxel at prior-frame point q shows the anatomy at current-frame point R^T (q - t)
-    R, t = prior_frame_transform()
-    write_volume(Volume(phantom_ct(g, transform=lambda q: (q - t) @ R, seed=SEED + 1).astype(np.int16), g),
+    write_volume(Volume(phantom_ct(g, seed=SEED + 1, coords=_prior_frame_axes(g)).astype(np.int16), g),
                  out_dir / "ct_prior.nrrd", description="SYNTHETIC prior-course CT (HU), known rigid offset")
     masks = out_dir / "structures"
     masks.mkdir(exist_ok=True)
-    x, y, z = _coords(g)
-    write_volume(Volume(_body(x, y, z).astype(np.uint8), g), masks / "External.nrrd")
+    write_volume(Volume(np.broadcast_to(_body(x, y, z), g.shape).astype(np.uint8), g), masks / "External.nrrd")
     for name, shape in STRUCTURES.items():
-        write_volume(Volume(shape.inside(x, y, z).astype(np.uint8), g), masks / f"{name}.nrrd")
+        write_volume(Volume(_inside(shape, x, y, z, g.shape).astype(np.uint8), g), masks / f"{name}.nrrd")
     del x, y, z
     write_volume(Volume(prior_dose(), PRIOR_DOSE_GRID), out_dir / "dose_course1.nrrd", units="Gy",
                  description="SYNTHETIC prior course physical dose (Gy), 70 Gy / 33 fx, in the current CT frame")

@@ -60,11 +60,12 @@ def known_prior_to_current_matrix() -> np.ndarray:
 
 
 def _masks(grid, transform=None) -> tuple[list[np.ndarray], list[str], list[tuple]]:
-    x, y, z = syn._coords(grid, transform)
-    masks, names, colors = [syn._body(x, y, z)], ["External"], [_COLORS["External"]]
+    x, y, z = syn._coords(grid, transform) if transform is not None else syn._axes(grid)
+    body = np.broadcast_to(syn._body(x, y, z), grid.shape).copy()
+    masks, names, colors = [body], ["External"], [_COLORS["External"]]
     rng = np.random.default_rng(7)
     for name, shape in syn.STRUCTURES.items():
-        masks.append(shape.inside(x, y, z))
+        masks.append(syn._inside(shape, x, y, z, grid.shape))
         names.append(name)
         colors.append(_COLORS.get(name, tuple(float(v) for v in rng.uniform(0.2, 1.0, 3))))
     return masks, names, colors
