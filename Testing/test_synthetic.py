@@ -235,3 +235,19 @@ def test_fast_phantom_paths_give_the_full_grid_arrays():
         np.testing.assert_allclose(np.broadcast_to(fast, g.shape), full, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(syn.phantom_ct(g, seed=syn.SEED + 1, coords=(ax, ay, az)),
                                   plain_ct(px, py, pz, syn.SEED + 1))
+
+
+def test_demo_timings_cover_its_stages(demo):
+    """results.json timings (issue 15) hold the case generation, the registration, the report and, when written,
+    the scene (built beside the report), each a wall time >= 0."""
+    out, proc = demo
+    assert proc.returncode == 0, proc.stderr
+    t = json.loads((out / "results" / "results.json").read_text())["timings"]
+    stages = list(t)
+    for needle in ("generating the synthetic NPC case", "registration of course1 (rigid)", "structure metrics",
+                   "writing report"):
+        assert needle in stages, stages
+    assert stages[0] == "generating the synthetic NPC case"
+    if (out / "results" / "scene.mrb").is_file():
+        assert any(k.startswith("writing scene.mrb") for k in stages), stages
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in t.values())

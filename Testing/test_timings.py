@@ -34,3 +34,39 @@ def test_results_json_holds_each_stage_time(tmp_path):
         assert needle in stages, stages
     assert stages.index("loading doses") < stages.index("structure metrics") < stages.index("writing report")
     assert all(isinstance(v, (int, float)) and v >= 0 for v in t.values())
+
+
+def _fake_scene(stage, prep, analysis, results, planning=None, progress=None):
+    progress("building the Slicer scene")
+    if prep == "fail":
+        from ReirradiationNPCLib.errors import InputError
+        raise InputError("no reference image", field="reference.image")
+    (stage / "scene.mrb").write_bytes(b"PK")
+    progress("writing scene.mrb")
+    return {"scene.mrb": "scene"}
+
+
+def test_scene_in_a_child_process_returns_its_files_and_timings_and_raises_its_errors(tmp_path, monkeypatch):
+    """SceneInChildProcess (the scene beside the report, issue 15): the child's file is in the staging folder,
+    its stages are recorded in the parent's clock, its InputError is raised in the parent."""
+    import pytest
+
+    from ReirradiationNPCLib import mrml_scene
+    from ReirradiationNPCLib.errors import InputError
+    if not mrml_scene.can_write_in_child_process():
+        pytest.skip("fork: Linux only")
+    monkeypatch.setattr(mrml_scene, "scene_output", _fake_scene)   # the fork copies the patched module
+    seen = []
+    clock = StageClock(seen.append)
+    writer = mrml_scene.SceneInChildProcess()
+    finish = writer.start(tmp_path, "prep", None, None, None, clock)
+    clock("writing report")                                         # the parent goes on meanwhile
+    assert finish() == {"scene.mrb": "scene"}
+    assert (tmp_path / "scene.mrb").read_bytes() == b"PK"
+    t = clock.timings()
+    assert "building the Slicer scene (child process, beside the report)" in t
+    assert "writing scene.mrb (child process, beside the report)" in t
+    assert "writing report" in t and seen[-1] == "writing report"   # the child's messages stay in the child
+    finish = writer.start(tmp_path, "fail", None, None, None, clock)
+    with pytest.raises(InputError, match="no reference image"):
+        finish()

@@ -181,9 +181,10 @@ def _scene_outputs(scene: bool) -> list:
     the MRML layer). A missing slicer-core is reported before any work."""
     if not scene:
         return []
-    from .mrml_scene import check_available, scene_output
+    from .mrml_scene import SceneInChildProcess, can_write_in_child_process, check_available, scene_output
     check_available()
-    return [scene_output]
+    # on Linux the scene is built in a child process beside the report (the two overlap on 2 cores; issue 15)
+    return [SceneInChildProcess() if can_write_in_child_process() else scene_output]
 
 
 @main.command()
@@ -264,26 +265,32 @@ def demo(ctx, output, overwrite, dicom):
     from .io import ensure_writable_dir
     from .pipeline import run_case
     from .synthetic import generate
+    from .timing import StageClock
 
     prog = _Progress(not ctx.obj["quiet"])
+    clock = StageClock(prog)  # results.json timings: the case generation too
 
     def go():
         ensure_writable_dir(output, overwrite)
-        prog("generating the synthetic NPC case")
+        clock("generating the synthetic NPC case")
         if dicom:
             from .synthetic_dicom import generate_dicom
             case_path = generate_dicom(output / "case")
         else:
             case_path = generate(output / "case")
-        return run_case(case_path, output / "results", overwrite=True, progress=prog,
-                        extra_outputs=_scene_outputs(scene))
+        return run_case(case_path, output / "results", overwrite=True, progress=clock, extra_outputs=writers)
 
     from .mrml_headless import unavailable_reason
-    no_scene = unavailable_reason()  # the demo writes scene.mrb whenever slicer-core is installed
-    scene = no_scene is None
+    from .mrml_scene import SceneInChildProcess, can_write_in_child_process
+    # the demo writes scene.mrb whenever slicer-core is installed; on Linux the child process that builds the scene
+    # beside the report imports it (and says so if it cannot), so the demo does not wait for that import
+    child = can_write_in_child_process()
+    no_scene = unavailable_reason(import_check=not child)
+    writers = [] if no_scene else ([SceneInChildProcess()] if child else _scene_outputs(True))
     results = _guard(go, ctx.obj["verbose"])
     prog.finish()
     click.echo("SYNTHETIC DEMO - not a patient, not for clinical use.")
+    no_scene = no_scene or next((w.unavailable for w in writers if getattr(w, "unavailable", None)), None)
     if no_scene:
         click.echo(f"scene.mrb not written: {no_scene}")
     print_summary(results, output / "results")

@@ -21,11 +21,15 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'reirradiation-npc[slicer]' (the PyPI package slicer-core 5.11.0.x)"
 
 
-def unavailable_reason() -> str | None:
-    """None when slicer-core can be imported here, otherwise a one-line reason."""
+def unavailable_reason(import_check: bool = True) -> str | None:
+    """None when slicer-core can be imported here, otherwise a one-line reason. ``import_check=False``: only
+    whether the package is installed (no import, which takes 1-2 s; the demo imports it later in the process that
+    builds the scene and reports a failed import there)."""
     try:
         if importlib.util.find_spec("slicer") is None:
             return f"the Python package slicer-core is not installed ({INSTALL_HINT})"
+        if not import_check:
+            return None
         import slicer
     except ImportError as exc:
         return f"the Python package slicer-core cannot be imported ({exc}; {INSTALL_HINT})"

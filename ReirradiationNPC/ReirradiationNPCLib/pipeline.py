@@ -333,7 +333,9 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
     ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
     ``extra_outputs``: writers called with (staging folder, prep, analysis, results, planning, progress) that write
     their files into the staging folder and return {file name: description}; the caller at the edge passes e.g.
-    the Slicer scene writer (``mrml_scene.scene_output``), so this module never imports the MRML layer.
+    the Slicer scene writer (``mrml_scene.scene_output``), so this module never imports the MRML layer. A writer
+    with a ``start`` method (same arguments) is started before the report and finished after it (it returns a
+    callable that waits and returns the {file name: description}): ``mrml_scene.SceneInChildProcess``.
     """
     say = progress or (lambda m: None)
     out_dir = Path(out_dir)
@@ -385,11 +387,15 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
             say("writing DICOM RTDOSE")
             from .dicom_export import write_eqd2_rtdose
             files.update(write_eqd2_rtdose(prep, analysis, stage, per_course=dicom_courses))
+        # an extra output with a ``start`` runs beside the report (e.g. the Slicer scene in a child process): start
+        # returns a callable that waits for it and returns its {file name: description}
+        started = [writer.start(stage, prep, analysis, results, planning, progress)
+                   if callable(getattr(writer, "start", None)) else None for writer in extra_outputs]
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
         files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
-        for writer in extra_outputs:
-            files.update(writer(stage, prep, analysis, results, planning, progress))
+        for writer, finish in zip(extra_outputs, started):
+            files.update(finish() if finish is not None else writer(stage, prep, analysis, results, planning, progress))
         results.outputs = files
         timings = getattr(progress, "timings", None)   # a timing.StageClock: each stage's wall time (s)
         if callable(timings):
@@ -439,7 +445,9 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
     if overwrite and (out_dir / "results.json").exists():
         (out_dir / "results.json").unlink()  # a failing re-run must not leave an old results.json behind
-    progress = StageClock(progress)   # records each stage's time for results.json (timings)
+    # records each stage's time for results.json (timings); a StageClock passed in (the demo's, which has timed
+    # the case generation) keeps recording
+    progress = progress if isinstance(progress, StageClock) else StageClock(progress)
     case = load_case(Path(case_path))
     if protocol is not None:
         case = dataclasses.replace(case, protocol=str(protocol))

@@ -33,6 +33,10 @@ class StageClock:
             self._timings[self._stage] = self._timings.get(self._stage, 0.0) + (now - self._t)
         self._t = now
 
+    def add(self, stage: str, seconds: float) -> None:
+        """Record a stage timed elsewhere (e.g. in a child process running beside the announced stages)."""
+        self._timings[stage] = self._timings.get(stage, 0.0) + float(seconds)
+
     def timings(self) -> dict[str, float]:
         """{stage: seconds} so far, the running stage included up to now."""
         self._close()
