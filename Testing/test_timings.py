@@ -70,3 +70,15 @@ def test_scene_in_a_child_process_returns_its_files_and_timings_and_raises_its_e
     finish = writer.start(tmp_path, "fail", None, None, None, clock)
     with pytest.raises(InputError, match="no reference image"):
         finish()
+
+
+def test_timings_start_with_reading_and_hashing_the_inputs(tmp_path):
+    """The case file is read and every input hashed (provenance) before the first computing stage: that time is
+    a stage too (large DICOM inputs take a while to hash)."""
+    case = make_case(tmp_path / "case")
+    out = tmp_path / "out"
+    r = invoke("run", case, "--output", out)
+    assert r.exit_code == 0, r.output
+    stages = list(json.loads((out / "results.json").read_text())["timings"])
+    assert stages[0] == "reading the case file and hashing its inputs (provenance)", stages
+    assert stages.index(stages[0]) < stages.index("loading doses")

@@ -393,7 +393,16 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
                    if callable(getattr(writer, "start", None)) else None for writer in extra_outputs]
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
-        files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
+        try:
+            files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
+        except BaseException:
+            for finish in started:  # let a started writer end before its staging folder is removed
+                if finish is not None:
+                    try:
+                        finish()
+                    except Exception:  # noqa: BLE001 - the report's error is the one to raise
+                        log.debug("extra output failed after the report failed", exc_info=True)
+            raise
         for writer, finish in zip(extra_outputs, started):
             files.update(finish() if finish is not None else writer(stage, prep, analysis, results, planning, progress))
         results.outputs = files
@@ -448,6 +457,7 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     # records each stage's time for results.json (timings); a StageClock passed in (the demo's, which has timed
     # the case generation) keeps recording
     progress = progress if isinstance(progress, StageClock) else StageClock(progress)
+    progress("reading the case file and hashing its inputs (provenance)")
     case = load_case(Path(case_path))
     if protocol is not None:
         case = dataclasses.replace(case, protocol=str(protocol))

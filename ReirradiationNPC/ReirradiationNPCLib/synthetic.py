@@ -265,10 +265,9 @@ def prior_dose(in_prior_frame: bool = False) -> np.ndarray:
     """Prior course physical dose (Gy, float32) on ``PRIOR_DOSE_GRID``: in the current CT's frame (already
     registered) or, with ``in_prior_frame``, in the prior CT's frame (the grid placed there)."""
     if in_prior_frame:
-        R, t = prior_frame_transform()
-        x, y, z = _coords(PRIOR_DOSE_GRID, transform=lambda q: (q - t) @ R)
+        x, y, z = _prior_frame_axes(PRIOR_DOSE_GRID)
     else:
-        x, y, z = _coords(PRIOR_DOSE_GRID)
+        x, y, z = _axes(PRIOR_DOSE_GRID)
     return prior_dose_at(x, y, z)
 
 
@@ -290,7 +289,7 @@ def prior_dose_at(x, y, z) -> np.ndarray:
 
 def current_dose() -> np.ndarray:
     """Current course physical dose (Gy, float32) on ``CURRENT_DOSE_GRID`` (current CT's frame)."""
-    x, y, z = _coords(CURRENT_DOSE_GRID)
+    x, y, z = _axes(CURRENT_DOSE_GRID)
     dose = _dose(x, y, z, [CURRENT_TARGET], CURRENT_DOSE_GY * CURRENT_NORMALISATION, sigma_mm=2.5,
                  bath_fraction=0.45, bath_mm=14.0)
     dose *= _body(x, y, z)
