@@ -387,3 +387,16 @@ def test_metrics_cli_on_one_group_says_it_is_not_the_course(tmp_path):
     assert "fraction group 2 of a plan with 2 fraction groups" in r.output
     m = json.loads(out.read_text())["structures"][0]["metrics"]
     assert m["Dmax"] == pytest.approx(hand(17.19, 5, 3.0), abs=1e-3)
+
+
+def test_report_table_and_provenance_name_every_group(tmp_path):
+    """The report's course table shows 23+5 = 28 fractions and each group; provenance hashes every group's file."""
+    from ReirradiationNPCLib import provenance, report
+    from ReirradiationNPCLib.case import load_case
+    case = group_case(tmp_path)
+    _, _, out = _prepared(case)
+    html = report._courses(out)
+    assert "23+5 = 28" in html and "2 fraction groups, each its own EQD2 term" in html
+    assert "group 2: FRACTION_SESSION, 5 fx (one session \u00d7 5, sessions assumed identical)" in html
+    paths = provenance.case_input_paths(load_case(case))
+    assert paths["courses[0].dose[0]"].name == "g1.dcm" and paths["courses[0].dose[1]"].name == "g2.dcm"

@@ -89,7 +89,12 @@ def case_input_paths(case) -> dict[str, Path]:
     out["reference.structures"] = Path(case.reference_structures)
     for i, c in enumerate(case.courses):
         k = f"courses[{i}]"
-        out[f"{k}.dose"] = Path(c.dose)
+        doses = list(getattr(c, "doses", None) or [c.dose])
+        if len(doses) > 1:   # one RTDOSE per fraction group: every file is an input
+            for j, d in enumerate(doses):
+                out[f"{k}.dose[{j}]"] = Path(d)
+        else:
+            out[f"{k}.dose"] = Path(c.dose)
         for attr in ("image", "plan", "structures"):
             v = getattr(c, attr, None)
             if v is not None:

@@ -41,7 +41,6 @@ import numpy as np
 
 from . import dvh
 from .analysis import CourseData, course_eqd2
-from .eqd2 import eqd2
 from .geometry import Grid
 from .protocol import Prescription, ReirradiationTypeRule
 from .sampling import StructureSamples, sample_structure
