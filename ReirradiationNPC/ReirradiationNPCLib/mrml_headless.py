@@ -55,6 +55,12 @@ def _cache_dir() -> str:
     return _CACHE_DIR[0]
 
 
+def remove_cache_dir() -> None:
+    """Remove this process's cache folder now (a process that ends with os._exit runs no atexit handler)."""
+    while _CACHE_DIR:
+        shutil.rmtree(_CACHE_DIR.pop(), ignore_errors=True)
+
+
 class _Module:
     """Stand-in for ``slicer.modules.<name>`` (only ``logic()`` is needed by slicer.util)."""
 

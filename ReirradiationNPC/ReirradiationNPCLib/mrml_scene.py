@@ -315,7 +315,11 @@ class SceneInChildProcess:
                     data = data[os.write(write_fd, data):]
                 os.close(write_fd)
             finally:
-                os._exit(code)  # no atexit handlers, no flushing of the parent's buffers a second time
+                try:
+                    from .mrml_headless import remove_cache_dir
+                    remove_cache_dir()  # os._exit runs no atexit handler
+                finally:
+                    os._exit(code)  # no atexit handlers, no flushing of the parent's buffers a second time
         os.close(write_fd)
 
         def finish() -> dict:
