@@ -11,9 +11,8 @@
 
 Everything is read from the results folder; nothing is written into it.
 
-Plugging in: :func:`panel` builds both panels where it is called and follows the selected row through
-``app.on_row_selected`` when the app has that list (the side-panel API of ``mrml_web_review``); otherwise the app
-calls :meth:`ReviewPanels.show_dvh` itself.
+The review app builds them (``ReviewPanels(app)``, ``build_ui()`` where they go on the page) and calls
+:meth:`ReviewPanels.show_dvh` when a row is selected.
 """
 
 from __future__ import annotations
@@ -28,17 +27,6 @@ log = logging.getLogger(__name__)
 
 REG_OFF = "off"
 REG_BLEND = 0.5
-
-
-def panel(app) -> "ReviewPanels":
-    """Both panels as a side-column panel of the review app: built in the current layout context; the DVH follows
-    the selected row (``app.on_row_selected`` callbacks get ``(app, row, found)``)."""
-    panels = ReviewPanels(app)
-    panels.build_ui()
-    hooks = getattr(app, "on_row_selected", None)
-    if isinstance(hooks, list):
-        hooks.append(lambda _app, row, _found: panels.show_dvh(row["index"]))
-    return panels
 
 
 class ReviewPanels:
