@@ -644,6 +644,22 @@ def _dose_display(node, color_table, top_gy: float, threshold_gy: float = 0.5) -
     display.SetApplyThreshold(1)
 
 
+def limit_map_display(node, array: np.ndarray, role: str, scene=None) -> None:
+    """Display of a limit map (not a plan dose). ``headroom``: the diverging headroom table over a window symmetric
+    about 0 Gy (± the ``WINDOW_PERCENTILE`` of |headroom|, at least 1 Gy); ``remaining_dose``: the dose table from
+    0 Gy, the negative markers (−1 no limit, −2 not representable) below the threshold and not washed."""
+    finite = array[np.isfinite(array)]
+    if role == "headroom":
+        span = float(np.percentile(np.abs(finite), WINDOW_PERCENTILE)) if finite.size else 1.0
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(headroom_color_table(scene).GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(-max(span, 1.0), max(span, 1.0))
+    else:
+        _dose_display(node, dose_color_table(scene), display_top_gy(finite) if finite.size else 1.0,
+                      threshold_gy=0.0)
+
+
 def add_color_legend(node, title: str):
     """A colour legend for ``node`` in the slice and 3D views (Slicer's colour legend display node); None when the
     scene cannot make one."""
@@ -1071,15 +1087,7 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
         if isinstance(arr, np.ndarray) and arr.shape == grid.shape:
             node = keep(add_volume_node(Volume(arr.astype(np.float32, copy=False), grid), f"{name} {label}", scene))
             node.SetAttribute(ROLE_ATTRIBUTE, role)
-            finite = arr[np.isfinite(arr)]
-            if role == "headroom":
-                span = float(np.percentile(np.abs(finite), WINDOW_PERCENTILE)) if finite.size else 1.0
-                display = node.GetDisplayNode()
-                display.SetAndObserveColorNodeID(headroom_color_table(scene).GetID())
-                display.AutoWindowLevelOff()
-                display.SetWindowLevelMinMax(-max(span, 1.0), max(span, 1.0))
-            else:
-                _dose_display(node, ctab, display_top_gy(finite) if finite.size else 1.0, threshold_gy=0.0)
+            limit_map_display(node, arr, role, scene)
             setattr(out, attr, node)
     if seg.GetSegmentation().GetNumberOfSegments():
         # no smoothing: a violation of a few voxels must be shown as those voxels, not shrunk away

@@ -130,3 +130,91 @@ def worst_point(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, dose: np.ndarray,
     best = int(np.argmax(values))
     ras = np.linalg.inv(r2d) @ np.r_[dijk[best].astype(float), 1.0]
     return ras[:3].copy(), float(values[best])
+
+
+# ----------------------------------------------------------------------------------------- what the wash shows
+
+#: the maps the colour wash can show, in the selector's order (kind, label). "dose" kinds are doses in Gy; headroom
+#: and remaining dose are limits derived from the protocol, not doses of a plan, and are labelled so.
+WASH_KINDS = ("cumulative_eqd2", "course_eqd2", "course_dose", "headroom", "remaining_dose")
+
+
+@dataclass(frozen=True)
+class WashChoice:
+    """One entry of the wash selector. ``key`` is unique (kind, or kind:course)."""
+    key: str
+    kind: str
+    course: Optional[str]
+    label: str
+    is_dose: bool
+
+
+def wash_choice(kind: str, course: Optional[str] = None) -> WashChoice:
+    """The selector entry of a map ``kind`` (one of :data:`WASH_KINDS`), with its label."""
+    if kind == "cumulative_eqd2":
+        label, is_dose = "Cumulative EQD2 (Gy) — display map", True
+    elif kind == "course_eqd2":
+        label, is_dose = f"EQD2 of {course} (Gy, no recovery credit)", True
+    elif kind == "course_dose":
+        label, is_dose = f"Physical dose of {course} (Gy, evaluation grid)", True
+    elif kind == "headroom":
+        label, is_dose = "Headroom to the tightest point limit (Gy EQD2) — NOT a dose", False
+    elif kind == "remaining_dose":
+        label, is_dose = "Remaining dose limit of the current course (Gy physical) — NOT a plan dose", False
+    else:
+        raise ValueError(f"unknown wash map kind {kind!r}")
+    return WashChoice(f"{kind}:{course}" if course else kind, kind, course, label, is_dose)
+
+
+def wash_kind_of_file(name: str):
+    """(kind, course) of a NRRD output of ``run`` by its file name (docs/outputs.md), None for other files.
+
+    ``cumulative_eqd2.nrrd`` -> ("cumulative_eqd2", None); ``eqd2_<course>.nrrd`` -> ("course_eqd2", course);
+    ``headroom.nrrd``, ``remaining_dose.nrrd``. The check maps (``cumulative_eqd2_ab*``), the robustness
+    worst-case map and the α/β map are not wash choices. The physical course doses are not written as NRRD
+    outputs (they are in scene.mrb only)."""
+    if not name.endswith(".nrrd") or name.endswith(".seg.nrrd"):
+        return None
+    stem = name[: -len(".nrrd")]
+    if stem == "cumulative_eqd2":
+        return "cumulative_eqd2", None
+    if stem in ("headroom", "remaining_dose"):
+        return stem, None
+    if stem.startswith("eqd2_") and len(stem) > len("eqd2_"):
+        return "course_eqd2", stem[len("eqd2_"):]
+    return None
+
+
+def sort_wash_choices(choices: list) -> list:
+    """Selector order: cumulative, each course's EQD2, each course's physical dose, headroom, remaining dose; courses
+    in the order they were given (stable)."""
+    return sorted(choices, key=lambda c: WASH_KINDS.index(c.kind))
+
+
+def isodose_levels(results: dict) -> list:
+    """Distinct Gy limits of the cumulative dose constraints of results.json, lowest first (the levels of the
+    isodose lines the run draws: the same rule as the scene's isodose lines)."""
+    levels = set()
+    for c in results.get("constraints") or []:
+        if not isinstance(c, dict):
+            continue
+        limit = c.get("limit")
+        if c.get("scope") == "cumulative" and c.get("unit") == "Gy" and isinstance(limit, (int, float)) \
+                and not isinstance(limit, bool) and limit > 0:
+            levels.add(round(float(limit), 3))
+    return sorted(levels)
+
+
+def violation_segments(results: dict, structure: str) -> list:
+    """Names of the violation segments (results.json ``violations[].segment``) of ``structure``."""
+    return [str(v.get("segment")) for v in results.get("violations") or []
+            if isinstance(v, dict) and v.get("structure") == structure and v.get("segment")]
+
+
+def recorded_input(results: dict, key: str):
+    """(path, sha256) of an input recorded in results.json ``provenance.inputs[key]`` (e.g. ``reference.image``),
+    None when the run did not record it."""
+    entry = ((results.get("provenance") or {}).get("inputs") or {}).get(key)
+    if not isinstance(entry, dict) or not entry.get("path"):
+        return None
+    return Path(str(entry["path"])), entry.get("sha256")
