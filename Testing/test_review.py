@@ -26,7 +26,9 @@ import pytest
 
 from analytic import cli_env, run_cli
 from ReirradiationNPCLib.errors import InputError
-from ReirradiationNPCLib.review_results import load_run, table_rows, verdict_line, worst_point
+from ReirradiationNPCLib.review_results import (isodose_levels, load_run, recorded_input, sort_wash_choices,
+                                                table_rows, verdict_line, violation_segments, wash_choice,
+                                                wash_kind_of_file, worst_point)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -161,6 +163,114 @@ def _stable_shot(locator, timeout: float = 40.0) -> np.ndarray:
     return prev
 
 
+
+# ------------------------------------------------------------------------------------- pure helpers (wash maps)
+
+def test_wash_kinds_of_the_run_output_files():
+    assert wash_kind_of_file("cumulative_eqd2.nrrd") == ("cumulative_eqd2", None)
+    assert wash_kind_of_file("eqd2_course1.nrrd") == ("course_eqd2", "course1")
+    assert wash_kind_of_file("eqd2_re_rt_2024.nrrd") == ("course_eqd2", "re_rt_2024")
+    assert wash_kind_of_file("headroom.nrrd") == ("headroom", None)
+    assert wash_kind_of_file("remaining_dose.nrrd") == ("remaining_dose", None)
+    for other in ("cumulative_eqd2_ab2.nrrd", "cumulative_eqd2_ab2_credit50.nrrd", "cumulative_eqd2_worst.nrrd",
+                  "alpha_beta.nrrd", "violations.seg.nrrd", "margins.seg.nrrd", "eqd2_.nrrd", "results.json"):
+        assert wash_kind_of_file(other) is None, other
+
+
+def test_wash_choices_order_and_labels_say_what_is_not_a_dose():
+    shuffled = [wash_choice("remaining_dose"), wash_choice("course_dose", "c2"), wash_choice("headroom"),
+                wash_choice("course_eqd2", "c1"), wash_choice("cumulative_eqd2"), wash_choice("course_eqd2", "c2"),
+                wash_choice("course_dose", "c1")]
+    keys = [c.key for c in sort_wash_choices(shuffled)]
+    # kinds in the selector's order; courses keep the order they came in
+    assert keys == ["cumulative_eqd2", "course_eqd2:c1", "course_eqd2:c2", "course_dose:c2", "course_dose:c1",
+                    "headroom", "remaining_dose"]
+    assert "NOT a dose" in wash_choice("headroom").label and not wash_choice("headroom").is_dose
+    assert "NOT a plan dose" in wash_choice("remaining_dose").label
+    assert "Physical" in wash_choice("course_dose", "c1").label and "c1" in wash_choice("course_dose", "c1").label
+    with pytest.raises(ValueError):
+        wash_choice("alpha_beta")
+
+
+def test_isodose_levels_are_the_distinct_cumulative_gy_limits():
+    results = {"constraints": [
+        {"scope": "cumulative", "unit": "Gy", "limit": 54.0}, {"scope": "cumulative", "unit": "Gy", "limit": 54},
+        {"scope": "cumulative", "unit": "Gy", "limit": 67.75}, {"scope": "per_course", "unit": "Gy", "limit": 49.0},
+        {"scope": "cumulative", "unit": "cc", "limit": 1.0}, {"scope": "cumulative", "unit": "Gy", "limit": None},
+        {"scope": "cumulative", "unit": "Gy", "limit": 0.0}, {"scope": "current", "unit": "Gy", "limit": 30.0},
+        "not a row"]}
+    assert isodose_levels(results) == [54.0, 67.75]
+
+
+def test_violation_segments_and_recorded_inputs():
+    results = {"violations": [{"segment": "Brainstem D0.03cc > 50 Gy", "structure": "Brainstem"},
+                              {"segment": "Lobe_Temporal_L V40Gy > 1 cc", "structure": "Lobe_Temporal_L"},
+                              {"segment": "Lobe_Temporal_L D0.03cc > 60 Gy", "structure": "Lobe_Temporal_L"}],
+               "provenance": {"inputs": {"reference.image": {"path": "/data/ct", "sha256": "ab"}}}}
+    assert violation_segments(results, "Lobe_Temporal_L") == ["Lobe_Temporal_L V40Gy > 1 cc",
+                                                              "Lobe_Temporal_L D0.03cc > 60 Gy"]
+    assert violation_segments(results, "SpinalCord") == []
+    assert recorded_input(results, "reference.image") == (Path("/data/ct"), "ab")
+    assert recorded_input(results, "reference.structures") is None
+    assert recorded_input({}, "reference.image") is None
+
+
+# ------------------------------------------------------------------------------------------ real browser tests
+
+def _quadrants(page):
+    """(slice views, 3D view) locators: trame-slicer's layout items; the 3D view is the one without a slice slider."""
+    items = page.locator(".layout-grid-item")
+    three_d = page.locator(".layout-grid-item", has_not=page.locator(".slice-slider-gutter"))
+    return items, three_d
+
+
+def _changed_fraction(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.count_nonzero(np.any(a != b, axis=-1))) / (a.shape[0] * a.shape[1])
+
+
+class Review:
+    """A review server subprocess on a free local port (stopped with SIGINT, i.e. Ctrl-C, by ``stop``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "ReirradiationNPCLib.cli", "review", str(folder),
+                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=cli_env(), start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"review server exited early:\n{self.output()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("no HTTP 200 from the review server")
+            time.sleep(1.0)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        out = self.output()
+        self.log.close()
+        return out
+
+
 @pytest.fixture(scope="module")
 def demo_results(synthetic_case, tmp_path_factory):
     missing = _missing()
@@ -173,94 +283,231 @@ def demo_results(synthetic_case, tmp_path_factory):
     return out
 
 
-def test_review_in_a_real_browser(demo_results):
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as user_dir:
+        ctx = p.chromium.launch_persistent_context(user_dir, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+                                                   headless=True, viewport={"width": 1400, "height": 850})
+        try:
+            yield ctx
+        finally:
+            ctx.close()
 
+
+@pytest.fixture(scope="module")
+def server(demo_results):
+    """One review server on the demo results (with scene.mrb) for the module's browser tests; on teardown it is
+    stopped with Ctrl-C and must say so, exit 0, and leave the results folder byte for byte as it was."""
     before = _checksums(demo_results)
-    results = json.loads((demo_results / "results.json").read_text(encoding="utf-8"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "ReirradiationNPCLib.cli", "review", str(demo_results),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "review server exited early"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no HTTP 200 from the review server"
-            time.sleep(1.0)
-
-        with sync_playwright() as p, tempfile.TemporaryDirectory() as user_dir:
-            ctx = p.chromium.launch_persistent_context(user_dir, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                                       headless=True, viewport={"width": 1400, "height": 850})
-            try:
-                page = ctx.new_page()
-                page.goto(url)
-                page.wait_for_selector("tr.constraint-row", timeout=90_000)
-                # the table has the run's rows, in order
-                names = page.locator("tr.constraint-row td.col-structure").all_inner_texts()
-                expected = [c.get("structure") or c.get("organ") for c in results["constraints"]]
-                assert [n.strip() for n in names] == expected
-                statuses = [s.strip() for s in page.locator("tr.constraint-row td.col-status").all_inner_texts()]
-                assert statuses == [c.get("status") for c in results["constraints"]]
-                assert results["summary"]["verdict"] in page.inner_text("#verdict")
-
-                views = page.locator("#views")
-                # the demo exceeds limits: violation regions drawn in red in the views (once the streamed
-                # renders have arrived)
-                assert "fail" in statuses
-                end = time.monotonic() + 90
-                first = _png(views.screenshot())
-                while _red_pixels(first) <= 50 and time.monotonic() < end:
-                    time.sleep(1.0)
-                    first = _png(views.screenshot())
-                assert _red_pixels(first) > 50, "no violation-red pixels in the views"
-                first = _stable_shot(views)
-                shot = os.environ.get("REIRRADIATION_REVIEW_SCREENSHOT")
-                if shot:
-                    page.screenshot(path=shot)
-
-                # clicking a failing row centres the slice views on that organ's worst voxel: the pixels change
-                fail_idx = statuses.index("fail")
-                page.locator("tr.constraint-row").nth(fail_idx).click()
-                organ = expected[fail_idx]
-                page.wait_for_function(
-                    "([o]) => document.querySelector('#selected-info').innerText.startsWith(o + ': worst voxel')",
-                    arg=[organ], timeout=60_000)
-                after = _stable_shot(views)
-                changed = np.count_nonzero(np.any(after != first, axis=-1))
-                assert changed > 0.01 * first.shape[0] * first.shape[1], "slice views did not move on a row click"
-                info = page.inner_text("#selected-info")
-                # the wash threshold above every dose hides the colour wash: the slice pixels change again
-                page.locator("#wash-threshold").fill(page.locator("#wash-threshold").get_attribute("max"))
-                washed_out = _stable_shot(views)
-                assert np.count_nonzero(np.any(washed_out != after, axis=-1)) > \
-                    0.01 * first.shape[0] * first.shape[1], "the threshold control did not change the views"
-                # the worst voxel value (voxel-centre rule) is at most the table's sub-voxel Dmax of that organ
-                dmax = [s for s in results["structures"] if s["name"] == organ][0]["metrics"]["cumulative"]["Dmax"]
-                value = float(info.split("worst voxel ")[1].split(" Gy")[0])
-                assert 0 < value <= dmax + 0.01
-            finally:
-                ctx.close()
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        log.seek(0)
-        output = log.read().decode("utf-8", "replace")
-        log.close()
-    assert f"http://127.0.0.1:{port}/" in output
+    review = Review(demo_results)
+    yield review
+    output = review.stop()
+    assert f"http://127.0.0.1:{review.port}/" in output
     assert "review stopped" in output, output[-2000:]
-    assert proc.returncode == 0
+    assert review.proc.returncode == 0
     assert _checksums(demo_results) == before, "the review wrote into RESULTS_DIR"
+
+
+def _open(browser, url: str):
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("tr.constraint-row", timeout=90_000)
+    # every browser on one server shares the page state (docs/review.md): start from the initial display
+    if page.locator("#clear-selection").is_visible():
+        page.locator("#clear-selection").click()
+        page.wait_for_function("() => document.querySelector('#selected-info').innerText.startsWith('No row')")
+    page.select_option("#wash-map", "cumulative_eqd2")
+    if page.locator("#isodose-toggle").count():
+        page.locator("#isodose-toggle").check()
+    return page
+
+
+def _red_settled(locator, minimum: int = 50, timeout: float = 90.0) -> np.ndarray:
+    """A settled screenshot of ``locator`` once it shows more than ``minimum`` violation-red pixels."""
+    end = time.monotonic() + timeout
+    shot = _png(locator.screenshot())
+    while _red_pixels(shot) <= minimum and time.monotonic() < end:
+        time.sleep(1.0)
+        shot = _png(locator.screenshot())
+    assert _red_pixels(shot) > minimum, "no violation-red pixels"
+    return _stable_shot(locator)
+
+
+def test_review_in_a_real_browser(server, browser):
+    results = json.loads((server.folder / "results.json").read_text(encoding="utf-8"))
+    page = _open(browser, server.url)
+    try:
+        page.select_option("#wash-map", "cumulative_eqd2")
+        # the table has the run's rows, in order
+        names = page.locator("tr.constraint-row td.col-structure").all_inner_texts()
+        expected = [c.get("structure") or c.get("organ") for c in results["constraints"]]
+        assert [n.strip() for n in names] == expected
+        statuses = [s.strip() for s in page.locator("tr.constraint-row td.col-status").all_inner_texts()]
+        assert statuses == [c.get("status") for c in results["constraints"]]
+        assert results["summary"]["verdict"] in page.inner_text("#verdict")
+
+        views = page.locator("#views")
+        # the demo exceeds limits: violation regions drawn in red in the views (once the streamed renders arrived)
+        assert "fail" in statuses
+        first = _red_settled(views)
+        shot = os.environ.get("REIRRADIATION_REVIEW_SCREENSHOT")
+        if shot:
+            page.screenshot(path=shot)
+
+        # clicking a failing row centres the slice views on that organ's worst voxel: the pixels change
+        fail_idx = statuses.index("fail")
+        page.locator("tr.constraint-row").nth(fail_idx).click()
+        organ = expected[fail_idx]
+        page.wait_for_function(
+            "([o]) => document.querySelector('#selected-info').innerText.startsWith(o + ': worst voxel')",
+            arg=[organ], timeout=60_000)
+        after = _stable_shot(views)
+        assert _changed_fraction(first, after) > 0.01, "slice views did not move on a row click"
+        info = page.inner_text("#selected-info")
+        # the wash threshold above every dose hides the colour wash: the slice pixels change again
+        page.locator("#wash-threshold").fill(page.locator("#wash-threshold").get_attribute("max"))
+        washed_out = _stable_shot(views)
+        assert _changed_fraction(after, washed_out) > 0.01, "the threshold control did not change the views"
+        page.locator("#wash-threshold").fill("0.5")
+        # the worst voxel value (voxel-centre rule) is at most the table's sub-voxel Dmax of that organ
+        dmax = [s for s in results["structures"] if s["name"] == organ][0]["metrics"]["cumulative"]["Dmax"]
+        value = float(info.split("worst voxel ")[1].split(" Gy")[0])
+        assert 0 < value <= dmax + 0.01
+    finally:
+        page.close()
+
+
+def test_wash_selector_offers_every_map_of_the_run_and_each_changes_the_views(server, browser):
+    results = json.loads((server.folder / "results.json").read_text(encoding="utf-8"))
+    courses = [k[len("eqd2_"):-len(".nrrd")] for k in results["outputs"] if k.startswith("eqd2_")]
+    assert len(courses) == 2  # the demo: a prior course and the current one
+    page = _open(browser, server.url)
+    try:
+        keys = page.eval_on_selector_all("#wash-map option", "os => os.map(o => o.value)")
+        labels = page.eval_on_selector_all("#wash-map option", "os => os.map(o => o.textContent)")
+        assert keys == (["cumulative_eqd2"] + [f"course_eqd2:{c}" for c in courses]
+                        + [f"course_dose:{c}" for c in courses] + ["headroom", "remaining_dose"])
+        assert "NOT a dose" in labels[keys.index("headroom")]
+        assert "NOT a plan dose" in labels[keys.index("remaining_dose")]
+        slices, _ = _quadrants(page)
+        views = page.locator("#views")
+        page.select_option("#wash-map", "cumulative_eqd2")
+        page.wait_for_function("() => document.querySelector('#wash-legend').innerText.startsWith('Cumulative')")
+        prev = _red_settled(views)
+        for key, label in zip(keys[1:], labels[1:]):
+            page.select_option("#wash-map", key)
+            page.wait_for_function("([l]) => document.querySelector('#wash-legend').innerText.startsWith(l)",
+                                   arg=[label.strip()], timeout=30_000)
+            cur = _stable_shot(views)
+            assert _changed_fraction(prev, cur) > 0.005, f"selecting {key} did not change the views"
+            legend = page.inner_text("#wash-legend")
+            if key == "headroom":
+                assert "over the tightest point limit" in legend
+                assert not page.locator("#wash-threshold").is_visible()  # no threshold on a signed map
+                # green where there is room left, in the slice views
+                g = cur[..., 1] - np.maximum(cur[..., 0], cur[..., 2])
+                assert np.count_nonzero(g > 60) > 100, "no headroom-green pixels"
+            else:
+                assert page.locator("#wash-threshold").is_visible()
+            prev = cur
+    finally:
+        page.select_option("#wash-map", "cumulative_eqd2")
+        page.close()
+
+
+def test_isodose_lines_toggle_off_and_on(server, browser):
+    page = _open(browser, server.url)
+    try:
+        page.select_option("#wash-map", "cumulative_eqd2")
+        views = page.locator("#views")
+        toggle = page.locator("#isodose-toggle")
+        toggle.check()
+        on = _red_settled(views)
+        toggle.uncheck()
+        off = _stable_shot(views)
+        assert _changed_fraction(on, off) > 0.002, "hiding the isodose lines did not change the views"
+        toggle.check()
+        again = _stable_shot(views)
+        assert _changed_fraction(on, again) < _changed_fraction(on, off) / 4, "isodose lines did not come back"
+    finally:
+        page.locator("#isodose-toggle").check()
+        page.close()
+
+
+def _saturated_non_red(img: np.ndarray) -> int:
+    """Pixels with a colour that is neither grey nor violation red (organ surfaces in the 3D view)."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    spread = np.max(img, axis=-1) - np.min(img, axis=-1)
+    red = (r > 170) & (g < 80) & (b < 80)
+    return int(np.count_nonzero((spread > 25) & ~red))
+
+
+def test_3d_view_shows_organs_and_violations_and_a_row_click_highlights_one_organ(server, browser):
+    results = json.loads((server.folder / "results.json").read_text(encoding="utf-8"))
+    page = _open(browser, server.url)
+    try:
+        _, three_d = _quadrants(page)
+        assert three_d.count() == 1
+        before = _red_settled(three_d.first)
+        # not empty: violation red and coloured organ surfaces (semi-transparent) on the dark background
+        assert _red_pixels(before) > 50
+        assert _saturated_non_red(before) > 2000, "no organ surfaces in the 3D view"
+        # the structure with the most violation segments: its violations stay red, the others are dimmed
+        per = {}
+        for v in results["violations"]:
+            per[v["structure"]] = per.get(v["structure"], 0) + 1
+        organ = max(per, key=per.get)
+        assert len(per) > 1
+        rows = [c.get("structure") for c in results["constraints"]]
+        page.locator("tr.constraint-row").nth(rows.index(organ)).click()
+        page.wait_for_function("([o]) => document.querySelector('#selected-info').innerText.startsWith(o + ':')",
+                               arg=[organ], timeout=60_000)
+        after = _stable_shot(three_d.first)
+        assert _changed_fraction(before, after) > 0.005, "the 3D view did not change on a row click"
+        assert 0 < _red_pixels(after) < _red_pixels(before), "the other violations were not dimmed"
+    finally:
+        page.close()
+
+
+def test_review_without_scene_shows_the_ct_of_the_run_inputs(demo_results, browser, synthetic_case):
+    """No scene.mrb (a run without --scene): the NRRD outputs, the CT and structures read from the run's inputs
+    (unchanged: sha256), isodose lines made in memory; the folder and the inputs are not touched."""
+    import shutil
+    folder = demo_results.parent / "no_scene"
+    shutil.copytree(demo_results, folder, ignore=shutil.ignore_patterns("scene.mrb"))
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    ct_path = Path(results["provenance"]["inputs"]["reference.image"]["path"])
+    before, ct_before = _checksums(folder), hashlib.sha256(ct_path.read_bytes()).hexdigest()
+    review = Review(folder)
+    try:
+        page = _open(browser, review.url)
+        try:
+            note = page.inner_text("#scene-note")
+            assert "No scene.mrb" in note and f"CT underlay read from the run's input {ct_path}" in note
+            keys = page.eval_on_selector_all("#wash-map option", "os => os.map(o => o.value)")
+            # the physical course doses are in scene.mrb only: absent from the selector, not an error
+            assert keys == ["cumulative_eqd2", "course_eqd2:course1", "course_eqd2:course2", "headroom",
+                            "remaining_dose"]
+            views = page.locator("#views")
+            shot = _red_settled(views)
+            # the CT underlay: grey pixels (bone white, soft tissue grey) beside the wash
+            spread = np.max(shot, axis=-1) - np.min(shot, axis=-1)
+            assert np.count_nonzero((spread < 8) & (shot[..., 0] > 60)) > 5000, "no CT underlay"
+            page.locator("#isodose-toggle").uncheck()
+            assert _changed_fraction(shot, _stable_shot(views)) > 0.002, "no isodose lines to hide"
+            page.locator("#isodose-toggle").check()
+            # the structures came with the CT: a row click centres on the organ's worst voxel
+            fail_idx = [c["status"] for c in results["constraints"]].index("fail")
+            organ = results["constraints"][fail_idx]["structure"]
+            page.locator("tr.constraint-row").nth(fail_idx).click()
+            page.wait_for_function(
+                "([o]) => document.querySelector('#selected-info').innerText.startsWith(o + ': worst voxel')",
+                arg=[organ], timeout=60_000)
+        finally:
+            page.close()
+    finally:
+        output = review.stop()
+    assert "review stopped" in output and review.proc.returncode == 0, output[-2000:]
+    assert _checksums(folder) == before, "the review wrote into RESULTS_DIR"
+    assert hashlib.sha256(ct_path.read_bytes()).hexdigest() == ct_before

@@ -79,7 +79,7 @@ class ReviewApp:
         self.cumulative = None
         self.ct = None
         self.structures = None
-        self.overlays = None
+        self.overlays: list = []        # segmentation nodes with the targets and the violations
         self.isodose = None
         self.wash: dict = {}            # key -> (WashChoice, volume node)
         self.wash_key = None
@@ -89,8 +89,9 @@ class ReviewApp:
         self._build_ui()
         self.layout_manager.set_layout(LAYOUT_ID)
         self._load()
-        self._prepare_3d()
         self._show()
+        self._prepare_3d()
+        self._reset_3d()
         state = self.server.state
         state.wash_items = [{"key": c.key, "label": c.label} for c, _ in self.wash.values()]
         state.isodose_available = self.isodose is not None
@@ -121,10 +122,12 @@ class ReviewApp:
                 log.warning("scene.mrb loaded with warnings (some nodes may be missing)")
         else:
             self._load_without_scene()
+        from .mrml import ROLE_ATTRIBUTE
         self.cumulative = self._find_cumulative(scene)
         self.ct = self.ct or self._find_ct(scene)
         self.structures = self.structures or self._find_role(scene, "vtkMRMLSegmentationNode", "structures", "Structures")
-        self.overlays = self._find_role(scene, "vtkMRMLSegmentationNode", "overlays")
+        self.overlays = [n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode")
+                         if n.GetAttribute(ROLE_ATTRIBUTE) == "overlays"]
         self.isodose = self.isodose or self._find_role(scene, "vtkMRMLSegmentationNode", "isodose")
         self._collect_wash_maps(scene)
 
@@ -151,12 +154,14 @@ class ReviewApp:
             if course:
                 node.SetAttribute(mrml.COURSE_ATTRIBUTE, course)
             node.SetName(p.name[: -len(".nrrd")])
-        overlay = None
         for p in segs:
+            # the targets and the violations; not the robustness worst case nor the remaining-dose regions (they
+            # are other questions: they would be mistaken for the violations)
+            if p.name not in ("margins.seg.nrrd", "violations.seg.nrrd"):
+                continue
             node = io.load_segmentation(str(p))
-            if node is not None and p.name in ("violations.seg.nrrd", "margins.seg.nrrd"):
+            if node is not None:
                 node.SetAttribute(ROLE_ATTRIBUTE, "overlays")
-                overlay = overlay or node
         cum = self._find_cumulative(scene)
         cum_array = None
         if cum is not None:
@@ -222,20 +227,32 @@ class ReviewApp:
             return text + f" The structures could not be read ({exc})."
         roles = {s.get("name"): s.get("role") for s in self.run.results.get("structures") or []
                  if isinstance(s, dict)}
-        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
-        seg.CreateDefaultDisplayNodes()
-        seg.SetAttribute(ROLE_ATTRIBUTE, "structures")
-        for idx, s in enumerate(structures):
-            if not s.mask.any():
-                continue
-            role = roles.get(s.name)
-            box = tuple(slice(0, n) for n in s.mask.shape)
-            sid = mrml.add_segment(seg, s.name, s.mask, box, s.grid, s.color or mrml.structure_color(s, idx),
-                                   0.15 if role == "body" else ORGAN_OPACITY_3D)
-            seg.GetDisplayNode().SetSegmentOpacity2DFill(sid, 0.15 if role == "body" else 0.5)
-            seg.GetDisplayNode().SetSegmentVisibility3D(sid, role not in ("body", "target"))
+        seg = self._structures_node([s for s in structures if s.mask.any()], roles)
+        if seg is None:
+            return text + " No structure in the run's structures input."
         self.structures = seg
         return text + f" Structures read from {st_path} (unchanged)."
+
+    def _structures_node(self, structures: list, roles: dict):
+        """The structures (engine Structures on their own grids) as a segmentation node, in memory."""
+        from . import mrml
+        from .mrml import ROLE_ATTRIBUTE
+        if not structures:
+            return None
+        seg = self.slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
+        seg.CreateDefaultDisplayNodes()
+        seg.SetAttribute(ROLE_ATTRIBUTE, "structures")
+        if self.ct is not None:
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(self.ct)
+        display = seg.GetDisplayNode()
+        for idx, s in enumerate(structures):
+            role = roles.get(s.name)
+            box = tuple(slice(0, n) for n in s.mask.shape)
+            sid = mrml.add_segment(seg, s.name, s.mask, box, s.grid, tuple(s.color or mrml.structure_color(s, idx)),
+                                   0.15 if role == "body" else ORGAN_OPACITY_3D)
+            display.SetSegmentOpacity2DFill(sid, 0.15 if role == "body" else 0.5)
+            display.SetSegmentVisibility3D(sid, role not in ("body", "target"))
+        return seg
 
     @staticmethod
     def _find_role(scene, cls: str, role: str, name: str | None = None):
@@ -287,7 +304,16 @@ class ReviewApp:
     # ------------------------------------------------------------------------------------------------- display
     def _prepare_3d(self) -> None:
         """Closed surfaces built in memory (never saved) for the structures, targets and violations; organs
-        semi-transparent, the GTV and the violations opaque, CTV/PTV faint; isodose lines not in 3D."""
+        semi-transparent, the GTV and the violations opaque, CTV/PTV faint; isodose lines not in 3D.
+
+        Called after the slice views are set up (``_show``). Every segmentation's labelmaps are merged into as few
+        layers as the overlaps allow (in memory). Segmentations made or read before the slice views were fitted
+        (the no-scene path) otherwise kept 2D pipelines that composited a large segment's fill (the body) as if
+        opaque, darkening everything under it; the merge after the fit rebuilds them (found by trial, see
+        docs/review.md)."""
+        for node in [self.structures, self.isodose] + self.overlays:
+            if node is not None:
+                node.GetSegmentation().CollapseBinaryLabelmaps(False)
         if self.structures is not None:
             self.structures.CreateClosedSurfaceRepresentation()
             display = self.structures.GetDisplayNode()
@@ -298,11 +324,11 @@ class ReviewApp:
                     sid = seg.GetNthSegmentID(i)
                     if display.GetSegmentVisibility3D(sid):
                         display.SetSegmentOpacity3D(sid, ORGAN_OPACITY_3D)
-        if self.overlays is not None:
-            seg = self.overlays.GetSegmentation()
+        for overlay in self.overlays:
+            seg = overlay.GetSegmentation()
             seg.SetConversionParameter("Smoothing factor", "0.0")  # a few-voxel violation stays those voxels
-            self.overlays.CreateClosedSurfaceRepresentation()
-            display = self.overlays.GetDisplayNode()
+            overlay.CreateClosedSurfaceRepresentation()
+            display = overlay.GetDisplayNode()
             if display is not None:
                 display.SetVisibility3D(True)
                 for i in range(seg.GetNumberOfSegments()):
@@ -312,7 +338,7 @@ class ReviewApp:
                     display.SetSegmentOpacity3D(sid, TARGET_OPACITY_3D.get(target, 1.0))
         if self.isodose is not None and self.isodose.GetDisplayNode() is not None:
             self.isodose.GetDisplayNode().SetVisibility3D(False)
-        for node in (self.structures, self.overlays):
+        for node in [self.structures] + self.overlays:
             if node is None or node.GetDisplayNode() is None:
                 continue
             seg, display = node.GetSegmentation(), node.GetDisplayNode()
@@ -323,13 +349,17 @@ class ReviewApp:
                                                         display.GetSegmentOpacity2DOutline(sid))
 
     def _show(self) -> None:
-        """CT in the background of every slice view (else the cumulative EQD2); 3D camera on the content."""
+        """CT in the background of every slice view (else the cumulative EQD2), fitted to the content."""
         bg = self.ct or self.cumulative
         for view in self.slicer_app.view_manager.get_slice_views():
             view.set_background_volume_id(bg.GetID() if bg else None)
             view.set_foreground_volume_id(None)
             view.set_foreground_opacity(WASH_OPACITY)
             view.fit_view_to_content()
+        self._render()
+
+    def _reset_3d(self) -> None:
+        """3D camera on the content (after the closed surfaces exist)."""
         for view in self.slicer_app.view_manager.get_threed_views():
             # trame-slicer's 3D views use depth peeling on an 8x multisampled window: on Mesa's offscreen renderer
             # every translucent surface (the organs) then disappears. Without multisampling depth peeling works.
@@ -427,7 +457,7 @@ class ReviewApp:
         wanted = set(violation_segments(self.run.results, structure)) if structure else set()
         every_violation = {str(v.get("segment")) for v in self.run.results.get("violations") or []
                            if isinstance(v, dict)}
-        for node, kind in ((self.structures, "organ"), (self.overlays, "overlay")):
+        for node, kind in [(self.structures, "organ")] + [(n, "overlay") for n in self.overlays]:
             if node is None or node.GetDisplayNode() is None:
                 continue
             seg, display = node.GetSegmentation(), node.GetDisplayNode()
@@ -498,7 +528,10 @@ class ReviewApp:
             callback(self, row, found)
 
     def clear_selection(self) -> None:
-        self.server.state.selected = -1
+        """No row selected: every organ and violation shown as at load (the slice positions stay)."""
+        state = self.server.state
+        state.selected = -1
+        state.selected_info = "No row selected: every organ and violation shown."
         self.highlight(None)
 
     # ---------------------------------------------------------------------------------------------------- UI
@@ -562,7 +595,11 @@ class ReviewApp:
                            v_model=("wash_threshold", 0))
 
     def _build_table(self, html) -> None:
-        html.Div("{{ selected_info }}", id="selected-info", style="margin: 4px 0;")
+        with html.Div(style="display: flex; gap: 8px; align-items: center; margin: 4px 0;"):
+            html.Div("{{ selected_info }}", id="selected-info", style="flex: 1 1 auto;")
+            html.Button("show all", id="clear-selection", click=self.clear_selection, v_show="selected >= 0",
+                        title="undo the highlight of the selected row (the slice positions stay)",
+                        style="border: 1px solid #888; border-radius: 3px; padding: 0 6px;")
         with html.Table(id="constraints", style="border-collapse: collapse; width: 100%;"):
             with html.Thead():
                 with html.Tr():
