@@ -8,7 +8,8 @@ selector), isodose lines at the protocol's limit levels (toggle), the structures
 constraint table beside them. Clicking a row centres the slice views on that structure's worst voxel of the
 cumulative EQD2 map and highlights its violation regions (the others dimmed).
 
-Extension points for other panels (``ReviewApp.add_panel`` / ``PANELS``, ``on_row_selected``): a panel is a callable
+The DVH of the selected organ and the registration check are :class:`.mrml_web_panels.ReviewPanels`
+(``app.review_panels``), built above the table. Further panels: ``PANELS`` / ``ReviewApp.add_panel`` — a callable
 ``panel(app)`` called while the side column is built, below the table; it builds its trame UI there and may append
 callbacks ``callback(app, row, found)`` to ``app.on_row_selected`` (``found``: (ras, Gy) of the worst voxel or None).
 
@@ -18,6 +19,7 @@ Needs the ``review`` extra (``pip install "reirradiation-npc[review]"``); the en
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -74,7 +76,7 @@ class ReviewApp:
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.rows = table_rows(run.results)
-        self.panels = list(PANELS if panels is None else panels)
+        self.extra_panels = list(PANELS if panels is None else panels)
         self.on_row_selected: list = []
         self.cumulative = None
         self.ct = None
@@ -86,6 +88,8 @@ class ReviewApp:
         self.scene_note = ""
         self._worst_cache: dict = {}
         self._opacity_3d: dict = {}     # (segmentation node ID, segment ID) -> 3D opacity before highlighting
+        from .mrml_web_panels import ReviewPanels
+        self.review_panels = ReviewPanels(self)  # DVH of the selected organ, registration check (review_panels.py)
         self._build_ui()
         self.layout_manager.set_layout(LAYOUT_ID)
         self._load()
@@ -107,7 +111,7 @@ class ReviewApp:
 
     def add_panel(self, panel) -> None:
         """Register a side-column panel before the UI is built (see the module docstring); prefer ``PANELS``."""
-        self.panels.append(panel)
+        self.extra_panels.append(panel)
 
     # ------------------------------------------------------------------------------------------------ loading
     def _load(self) -> None:
@@ -381,11 +385,13 @@ class ReviewApp:
         self.wash_key = key
         state = self.server.state
         bg = self.ct or self.cumulative
-        for view in self.slicer_app.view_manager.get_slice_views():
-            if bg is node:  # no CT: the map itself is the background
-                view.set_foreground_volume_id(None)
-            else:
-                view.set_foreground_volume_id(node.GetID())
+        wash_id = None if bg is node else node.GetID()  # no CT: the map itself is the background
+        saved = getattr(self.review_panels, "_saved_foreground", None)
+        if saved is not None:  # the registration check has the foreground: the wash comes back when it is off
+            self.review_panels._saved_foreground = [(wash_id, opacity) for _, opacity in saved]
+        else:
+            for view in self.slicer_app.view_manager.get_slice_views():
+                view.set_foreground_volume_id(wash_id)
         display = node.GetDisplayNode()
         if choice.kind == "headroom" and display is not None:
             display.SetApplyThreshold(1)  # NaN (no point limit there) falls outside and is not washed
@@ -511,6 +517,7 @@ class ReviewApp:
         except (TypeError, ValueError, IndexError):
             return
         state.selected = row["index"]
+        self.review_panels.show_dvh(row["index"])
         self.highlight(row["structure"])
         found = self.worst_of(row["structure"])
         if found is None:
@@ -568,9 +575,11 @@ class ReviewApp:
                         self.layout_manager.initialize_layout_grid(layout)
                     with html.Div(id="side", style="flex: 2 1 0; overflow: auto; font-size: 12px; padding: 4px;"):
                         self._build_wash_controls(html)
+                        self._build_selection(html)
+                        self.review_panels.build_ui()  # DVH of the selected organ, registration check
                         self._build_table(html)
                         with html.Div(id="side-panels") as self.side_column:
-                            for panel in self.panels:
+                            for panel in self.extra_panels:
                                 panel(self)
 
     def _build_wash_controls(self, html) -> None:
@@ -594,12 +603,14 @@ class ReviewApp:
                 html.Input(id="wash-threshold", type="range", min=0, max=("wash_max", 100), step=0.5,
                            v_model=("wash_threshold", 0))
 
-    def _build_table(self, html) -> None:
+    def _build_selection(self, html) -> None:
         with html.Div(style="display: flex; gap: 8px; align-items: center; margin: 4px 0;"):
             html.Div("{{ selected_info }}", id="selected-info", style="flex: 1 1 auto;")
             html.Button("show all", id="clear-selection", click=self.clear_selection, v_show="selected >= 0",
                         title="undo the highlight of the selected row (the slice positions stay)",
                         style="border: 1px solid #888; border-radius: 3px; padding: 0 6px;")
+
+    def _build_table(self, html) -> None:
         with html.Table(id="constraints", style="border-collapse: collapse; width: 100%;"):
             with html.Thead():
                 with html.Tr():
@@ -625,8 +636,15 @@ def serve(results_dir, port: int = 8080, host: str = "127.0.0.1", echo=print) ->
     app = ReviewApp(run)
     where = "scene.mrb" if run.scene else "NRRD outputs (no scene.mrb)"
     echo(f"review of {Path(results_dir)} ({where}) at http://{host}:{port}/  (Ctrl-C stops)")
+
+    def _terminate(*_):  # SIGTERM (e.g. a service manager) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         app.server.start(port=port, host=host, open_browser=False, show_connection_info=False)
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     echo("review stopped")
