@@ -511,3 +511,78 @@ def test_review_without_scene_shows_the_ct_of_the_run_inputs(demo_results, brows
     assert "review stopped" in output and review.proc.returncode == 0, output[-2000:]
     assert _checksums(folder) == before, "the review wrote into RESULTS_DIR"
     assert hashlib.sha256(ct_path.read_bytes()).hexdigest() == ct_before
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_per_viewer_gives_each_browser_its_own_server_and_camera(demo_results, browser):
+    """--per-viewer: two browsers get two servers; turning the 3D camera in one leaves the other's pictures as they
+    were, and so does a row click; a third viewer over --max-viewers is refused; Ctrl-C stops every server."""
+    import re
+    import urllib.error
+    before = _checksums(demo_results)
+    port = _free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "ReirradiationNPCLib.cli", "review", str(demo_results),
+                             "--port", str(port), "--per-viewer", "--max-viewers", "2"], stdout=log,
+                            stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    ports = []
+    try:
+        deadline = time.monotonic() + 120
+        while not _port_open(port):
+            assert proc.poll() is None, "the launcher exited early"
+            assert time.monotonic() < deadline, "the launcher does not listen"
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/"
+        pages = [browser.new_page(), browser.new_page()]
+        for page in pages:
+            page.goto(url)  # the waiting page, which moves on to the viewer's own server once it answers
+        own = re.compile(rf"http://127\.0\.0\.1:(?!{port}/)\d+/.*")
+        for page in pages:
+            page.wait_for_url(own, timeout=240_000)
+            page.wait_for_selector("tr.constraint-row", timeout=120_000)
+        ports = [int(page.url.split(":")[2].split("/")[0]) for page in pages]
+        assert len(set(ports)) == 2 and port not in ports
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a third viewer: over --max-viewers
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 503
+
+        a, b = pages
+        three_a = _quadrants(a)[1].first
+        three_b = _quadrants(b)[1].first
+        shot_a, shot_b = _red_settled(three_a), _red_settled(three_b)
+        box = three_a.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        a.mouse.move(cx, cy)
+        a.mouse.down()
+        a.mouse.move(cx + box["width"] / 4, cy + box["height"] / 8, steps=12)
+        a.mouse.up()
+        turned = _stable_shot(three_a)
+        assert _changed_fraction(shot_a, turned) > 0.02, "dragging did not turn the 3D camera"
+        b_after = _stable_shot(three_b)
+        assert _changed_fraction(shot_b, b_after) < 0.001, "the other viewer's 3D view moved too"
+        a.locator("tr.constraint-row").nth(0).click()
+        a.wait_for_function("() => document.querySelector('#selected-info').innerText.includes('worst voxel')",
+                            timeout=60_000)
+        assert b.inner_text("#selected-info").startswith("Click a constraint row")  # B's page: nothing selected
+        for page in pages:
+            page.close()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        log.seek(0)
+        output = log.read().decode("utf-8", "replace")
+        log.close()
+    assert proc.returncode == 0, output[-2000:]
+    assert "review stopped (2 viewer server(s) started and stopped)" in output, output[-2000:]
+    assert ports and not any(_port_open(p) for p in ports), "a viewer's server is still running"
+    assert _checksums(demo_results) == before, "the review wrote into RESULTS_DIR"

@@ -476,8 +476,13 @@ def scan(ctx, folder, write_case):
 @click.option("--port", type=int, default=8080, show_default=True, help="TCP port of the review server.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind (127.0.0.1: this machine only; 0.0.0.0 opens it to the network).")
+@click.option("--per-viewer", is_flag=True,
+              help="Give each browser its own review server (its own camera, slices and selection; about 20 s "
+                   "and 0.8 GB per viewer). Without it every browser shares one set of views.")
+@click.option("--max-viewers", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="With --per-viewer: how many viewers' servers may run at once.")
 @click.pass_context
-def review(ctx, results_dir, port, host):
+def review(ctx, results_dir, port, host, per_viewer, max_viewers):
     """Serve a run's results (scene.mrb, else NRRD outputs and results.json) in the browser, read-only
     (needs the 'review' extra: trame-slicer). Ctrl-C stops."""
     from .review_results import load_run
@@ -490,6 +495,10 @@ def review(ctx, results_dir, port, host):
             raise InputError(f"review needs the 'review' extra ({exc}); install it with "
                              'pip install "reirradiation-npc[review]"', field="review") from None
         check_available()
+        if per_viewer:
+            from .review_launcher import serve_per_viewer
+            serve_per_viewer(results_dir, port=port, host=host, max_viewers=max_viewers, echo=click.echo)
+            return
         serve(results_dir, port=port, host=host, echo=click.echo)
 
     _guard(go, ctx.obj["verbose"])
