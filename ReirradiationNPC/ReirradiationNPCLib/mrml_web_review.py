@@ -9,9 +9,10 @@ constraint table beside them. Clicking a row centres the slice views on that str
 cumulative EQD2 map and highlights its violation regions (the others dimmed).
 
 The DVH of the selected organ and the registration check are :class:`.mrml_web_panels.ReviewPanels`
-(``app.review_panels``), built above the table. Further panels: ``PANELS`` / ``ReviewApp.add_panel`` — a callable
-``panel(app)`` called while the side column is built, below the table; it builds its trame UI there and may append
-callbacks ``callback(app, row, found)`` to ``app.on_row_selected`` (``found``: (ras, Gy) of the worst voxel or None).
+(``app.review_panels``), built above the table. Further panels: ``PANELS`` (or ``ReviewApp(run, panels=[...])``):
+a callable ``panel(app)`` called while the side column is built, below the table; it builds its trame UI there and
+may append callbacks ``callback(app, row, found)`` to ``app.on_row_selected`` (``found``: (ras, Gy) of the worst
+voxel or None).
 
 Needs the ``review`` extra (``pip install "reirradiation-npc[review]"``); the engine never imports this module.
 """
@@ -109,10 +110,6 @@ class ReviewApp:
         state.change("wash_threshold")(self._on_threshold)
         state.change("isodose_on")(self._on_isodose)
 
-    def add_panel(self, panel) -> None:
-        """Register a side-column panel before the UI is built (see the module docstring); prefer ``PANELS``."""
-        self.extra_panels.append(panel)
-
     # ------------------------------------------------------------------------------------------------ loading
     def _load(self) -> None:
         scene = self.slicer_app.scene
@@ -129,7 +126,8 @@ class ReviewApp:
         from .mrml import ROLE_ATTRIBUTE
         self.cumulative = self._find_cumulative(scene)
         self.ct = self.ct or self._find_ct(scene)
-        self.structures = self.structures or self._find_role(scene, "vtkMRMLSegmentationNode", "structures", "Structures")
+        self.structures = self.structures or self._find_role(scene, "vtkMRMLSegmentationNode", "structures",
+                                                             "Structures")
         self.overlays = [n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode")
                          if n.GetAttribute(ROLE_ATTRIBUTE) == "overlays"]
         self.isodose = self.isodose or self._find_role(scene, "vtkMRMLSegmentationNode", "isodose")
