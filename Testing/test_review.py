@@ -224,8 +224,14 @@ def _quadrants(page):
     return items, three_d
 
 
+#: a pixel "changed" when a channel moved by more than this (0-255): the streamed views come as JPEG-like images whose
+#: quality can step up once a render settles, which moves most pixels by a few units without anything shown changing
+PIXEL_TOLERANCE = 40
+
+
 def _changed_fraction(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.count_nonzero(np.any(a != b, axis=-1))) / (a.shape[0] * a.shape[1])
+    """Fraction of the pixels that changed by more than PIXEL_TOLERANCE in a channel."""
+    return float(np.count_nonzero(np.any(np.abs(a - b) > PIXEL_TOLERANCE, axis=-1))) / (a.shape[0] * a.shape[1])
 
 
 class Review:

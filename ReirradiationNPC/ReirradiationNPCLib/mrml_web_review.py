@@ -482,6 +482,8 @@ class ReviewApp:
                         display.SetSegmentOpacity3D(sid, DIMMED_3D)
                         display.SetSegmentOpacity2DFill(sid, DIMMED_2D)
                         display.SetSegmentOpacity2DOutline(sid, 0.2)
+                    else:  # a target: see-through in 3D so that it does not hide the selected violation
+                        display.SetSegmentOpacity3D(sid, min(o3, DIMMED_3D))
                 else:
                     if name == structure:
                         display.SetSegmentOpacity3D(sid, max(o3, SELECTED_ORGAN_3D))
