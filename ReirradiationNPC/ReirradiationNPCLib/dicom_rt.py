@@ -1280,9 +1280,12 @@ def fine_lattice(grid: Grid) -> Grid:
 
 
 def load_structures_any(path: Path, what: str = "structures", *, lattice: Grid | None = None,
-                        expected_frame_uid: str | None = None, warnings: list[str] | None = None
-                        ) -> list[Structure]:
+                        expected_frame_uid: str | None = None, warnings: list[str] | None = None,
+                        crop: bool = False) -> list[Structure]:
     """An RTSTRUCT file, a folder of masks or a Slicer .seg.nrrd.
+
+    ``crop``: masks read from files are kept as their bounding boxes (``io.read_structures``); an RTSTRUCT's
+    structures are boxes of the lattice anyway.
 
     An RTSTRUCT is rasterised onto ``lattice`` (the reference CT's grid in the pipeline, else the evaluation
     grid), subdivided by :func:`fine_lattice` when coarser than ~1 mm, so that small organs keep their shape
@@ -1294,7 +1297,7 @@ def load_structures_any(path: Path, what: str = "structures", *, lattice: Grid |
             raise ValueError("an RTSTRUCT needs a lattice to be rasterised onto")
         return read_rtstruct(path, fine_lattice(lattice), what, expected_frame_uid=expected_frame_uid,
                              warnings=warnings)
-    return read_structures(path, what)
+    return read_structures(path, what, crop=crop)
 
 
 # ------------------------------------------------------------------------------------- case-level checks

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid, Volume, check_finite_geometry
+from .geometry import Grid, Volume, bounding_box, check_finite_geometry
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,43 @@ def read_dose(path: Path, what: str = "dose") -> Volume:
 
 @dataclass
 class Structure:
-    """A binary structure on its own grid (the grid it was read on). ``mask`` is bool, indexed k, j, i."""
+    """A binary structure on its own grid (the grid it was read on). ``mask`` is bool, indexed k, j, i.
+
+    ``parent``: set by readers that crop (``read_structures(..., crop=True)``): the grid of the file and the
+    (k, j, i) box of ``mask`` in it; ``grid`` is then that box's sub-grid. :func:`masks.structure_on_grid` computes
+    from the parent grid, so a crop gives exactly the numbers the whole mask gives.
+    """
 
     name: str
     mask: np.ndarray
     grid: Grid
     source: str
     color: tuple[float, float, float] | None = None
+    parent: tuple[Grid, tuple[slice, slice, slice]] | None = None
 
     def volume(self) -> Volume:
         return Volume(self.mask.astype(np.uint8), self.grid, self.name)
 
 
-def read_structures(path: Path, what: str = "structures") -> list[Structure]:
-    """A folder of binary masks (file stem = structure name) or a Slicer ``.seg.nrrd``."""
+def _structure(name: str, arr: np.ndarray, grid: Grid, source: str, color=None, crop: bool = False) -> Structure:
+    """A Structure from a mask array (bool, or non-zero = inside); ``crop``: kept as its bounding box only, with
+    ``parent`` set (an empty mask: one voxel at the grid's corner)."""
+    if not crop:
+        return Structure(name, arr if arr.dtype == np.bool_ else arr != 0, grid, source, color)
+    box = bounding_box(arr)
+    if box is None:
+        box = (slice(0, 1),) * 3
+    mask = arr[box] != 0 if arr.dtype != np.bool_ else np.array(arr[box], dtype=bool)
+    lo = tuple(b.start for b in box[::-1])
+    hi = tuple(b.stop for b in box[::-1])
+    return Structure(name, mask, grid.subgrid(lo, hi), source, color, parent=(grid, box))
+
+
+def read_structures(path: Path, what: str = "structures", crop: bool = False) -> list[Structure]:
+    """A folder of binary masks (file stem = structure name) or a Slicer ``.seg.nrrd``.
+
+    ``crop``: each mask kept as its bounding box (see ``Structure.parent``): a 512 x 512 x 150 mask is read,
+    boxed and dropped one file at a time instead of being held whole (the pipeline's way)."""
     path = Path(path)
     if not path.exists():
         raise InputError("not found", source=str(path), field=what)
@@ -123,16 +146,18 @@ def read_structures(path: Path, what: str = "structures") -> list[Structure]:
         out = []
         for f in files:
             if _suffix(f) == ".seg.nrrd":
-                out.extend(read_segmentation(f, what))
+                out.extend(read_segmentation(f, what, crop=crop))
                 continue
             img = read_sitk(f, what)
-            arr = sitk.GetArrayFromImage(img)
-            if not np.isfinite(arr).all():
-                raise InputError("mask contains NaN", source=str(f), field=what)
-            out.append(Structure(stem(f), arr > 0.5 if arr.dtype.kind == "f" else arr != 0, Grid.of_image(img),
-                                 str(f)))
+            arr = sitk.GetArrayViewFromImage(img)   # no copy; ``img`` stays alive while it is used
+            if arr.dtype.kind == "f":
+                if not np.isfinite(arr).all():
+                    raise InputError("mask contains NaN", source=str(f), field=what)
+                arr = arr > 0.5
+            out.append(_structure(stem(f), arr, Grid.of_image(img), str(f), crop=crop))
+            del arr, img
     elif _suffix(path) == ".seg.nrrd":
-        out = read_segmentation(path, what)
+        out = read_segmentation(path, what, crop=crop)
     else:
         raise InputError("expected a folder of masks or a Slicer .seg.nrrd", source=str(path), field=what)
     names = [s.name for s in out]
@@ -142,8 +167,9 @@ def read_structures(path: Path, what: str = "structures") -> list[Structure]:
     return out
 
 
-def read_segmentation(path: Path, what: str = "structures") -> list[Structure]:
-    """Read a Slicer segmentation (.seg.nrrd): 3D labelmap or 4D layered, ``Segment<i>_*`` metadata."""
+def read_segmentation(path: Path, what: str = "structures", crop: bool = False) -> list[Structure]:
+    """Read a Slicer segmentation (.seg.nrrd): 3D labelmap or 4D layered, ``Segment<i>_*`` metadata.
+    ``crop``: see :func:`read_structures`."""
     img = read_sitk(path, what)
     grid = Grid.of_image(img)
     keys = set(img.GetMetaDataKeys())
@@ -167,7 +193,7 @@ def read_segmentation(path: Path, what: str = "structures") -> list[Structure]:
                 color = tuple(float(c) for c in md("Color").split()[:3])
             except ValueError:
                 color = None
-        out.append(Structure(name, np.asarray(arrays[layer] == label), grid, str(path), color))
+        out.append(_structure(name, np.asarray(arrays[layer] == label), grid, str(path), color, crop=crop))
         i += 1
     if not out:
         raise InputError("no Segment<i>_Name entries: not a Slicer segmentation", source=str(path), field=what)

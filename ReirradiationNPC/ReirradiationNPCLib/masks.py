@@ -43,13 +43,20 @@ def structure_on_grid(structure: Structure, grid: Grid, rule: str = "volume"
     Same grid: cropped as is. Another grid: ``rule`` ``volume`` (default) the N most-covered voxels, N = the
     covered volume in voxels; ``half`` the voxels at least half covered (see the module docstring).
     """
-    src_box = bounding_box(structure.mask)
-    if src_box is None:
-        return None
-    if structure.grid.same_as(grid, tol_mm=1e-4):
+    if structure.parent is not None:      # a crop of the file's mask (io.Structure.parent): computed on that grid
+        source, src_box = structure.parent
+        crop = structure.mask
+        if not crop.any():
+            return None
+    else:
+        source = structure.grid
+        src_box = bounding_box(structure.mask)
+        if src_box is None:
+            return None
         crop = structure.mask[src_box]
+    if source.same_as(grid, tol_mm=1e-4):
         return crop.copy(), src_box
-    cov = coverage_fraction(structure.mask, structure.grid, grid, src_box)
+    cov = _coverage(crop, source, grid, src_box)
     if cov is None:
         return None
     frac, tbox = cov
@@ -87,9 +94,14 @@ def coverage_fraction(mask: np.ndarray, source: Grid, target: Grid, src_box=None
     src_box = src_box or bounding_box(mask)
     if src_box is None:
         return None
+    return _coverage(mask[src_box], source, target, src_box)
+
+
+def _coverage(crop: np.ndarray, source: Grid, target: Grid, src_box):
+    """:func:`coverage_fraction` of ``crop``, the mask's voxels in its (k, j, i) box ``src_box`` of ``source``."""
     if np.allclose(source.direction, target.direction, atol=1e-6):
-        return _coverage_separable(mask, source, target, src_box)
-    return _coverage_supersampled(mask, source, target, src_box)
+        return _coverage_separable(crop, source, target, src_box)
+    return _coverage_supersampled(crop, source, target, src_box)
 
 
 def _axis_map(source: Grid, target: Grid) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +137,7 @@ def _target_range(t0: float, r: float, start: int, stop: int, size: int) -> tupl
     return jlo, jhi
 
 
-def _coverage_separable(mask, source: Grid, target: Grid, src_box):
+def _coverage_separable(crop, source: Grid, target: Grid, src_box):
     t0, r = _axis_map(source, target)
     rng = []
     for ax_ijk in range(3):                 # i, j, k
@@ -134,7 +146,6 @@ def _coverage_separable(mask, source: Grid, target: Grid, src_box):
     if any(h <= l for l, h in rng):
         return None
     (ilo, ihi), (jlo, jhi), (klo, khi) = rng
-    crop = mask[src_box]
     # offsets of the crop's first voxel: t0 for the crop
     c0 = [t0[a] + r[a] * src_box[2 - a].start for a in range(3)]
     planes = []
@@ -148,7 +159,7 @@ def _coverage_separable(mask, source: Grid, target: Grid, src_box):
     return frac, (slice(klo, khi), slice(jlo, jhi), slice(ilo, ihi))
 
 
-def _coverage_supersampled(mask, source: Grid, target: Grid, src_box):
+def _coverage_supersampled(crop, source: Grid, target: Grid, src_box):
     """Different axes: the mask (padded with one voxel of zeros, so nothing is clamped) looked up by nearest
     neighbour on a lattice of m^3 points per target voxel, m chosen so the lattice step is at most half the
     finest source spacing (capped at 8)."""
@@ -167,7 +178,7 @@ def _coverage_supersampled(mask, source: Grid, target: Grid, src_box):
     fine_origin = sub.index_to_physical(shift[None, :])[0]
     fine = Grid(tuple(int(n * m) for n in sub.size), tuple(float(v) for v in fine_origin), fine_sp, sub.direction)
     pad = [(1, 1)] * 3
-    src = sitk.GetImageFromArray(np.pad(mask[src_box], pad).astype(np.uint8))
+    src = sitk.GetImageFromArray(np.pad(crop, pad).astype(np.uint8))
     source.subgrid(tuple(s.start - 1 for s in src_box[::-1]), tuple(s.stop + 1 for s in src_box[::-1])).apply_to(src)
     out = sitk.GetArrayFromImage(sitk.Resample(src, fine.reference_image(), sitk.Transform(),
                                                    sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))

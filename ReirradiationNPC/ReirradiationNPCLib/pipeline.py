@@ -122,7 +122,7 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
     raw = load_structures_any(case.reference_structures, "reference.structures",  # RTSTRUCT: onto the CT lattice
                               lattice=ref_img.grid if ref_img is not None else grid, warnings=warnings,
                               expected_frame_uid=(ref_img.meta.get("dicom") or {}).get("FrameOfReferenceUID")
-                              if ref_img is not None else None)
+                              if ref_img is not None else None, crop=True)   # masks kept as boxes
     structures = []
     for s in raw:
         organ = protocol.match(s.name)
