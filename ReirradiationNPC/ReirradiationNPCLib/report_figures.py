@@ -109,6 +109,25 @@ def _slab_grid(grid: Grid, axis: int, idx: int) -> Grid:
     return grid.subgrid(tuple(lo), tuple(hi))
 
 
+def _ct_on(reference_image: Volume, grid: Grid) -> np.ndarray:
+    """The CT linearly interpolated on ``grid`` (a slab of the evaluation grid; -1000 HU outside the CT), from the
+    CT's box around that slab only (2 voxels of margin, so every interpolation neighbour is inside the box and
+    the CT's own edges stay where they are): the whole CT converted for each slab took a second per figure."""
+    ct_grid = reference_image.grid
+    lo, hi = np.asarray([0, 0, 0]), np.asarray(ct_grid.size)
+    corners = np.array([[x, y, z] for x in (-0.5, grid.size[0] - 0.5) for y in (-0.5, grid.size[1] - 0.5)
+                        for z in (-0.5, grid.size[2] - 0.5)])
+    idx = ct_grid.physical_to_index(grid.index_to_physical(corners))
+    if np.all(np.isfinite(idx)):
+        lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 2, 0, hi)
+        hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 3, lo, hi)
+    if np.any(hi <= lo):      # the slab misses the CT
+        return np.full(grid.shape, -1000.0, dtype=np.float32)
+    box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+    sub = Volume(np.ascontiguousarray(reference_image.array[box]), ct_grid.subgrid(tuple(lo), tuple(hi)))
+    return resample_linear(sub, grid, default=-1000.0)
+
+
 def _slice_of_crop(s, shape, axis: int, idx: int) -> np.ndarray | None:
     b = s.box
     if not (b[axis].start <= idx < b[axis].stop):
@@ -125,6 +144,19 @@ def _slice_of_crop(s, shape, axis: int, idx: int) -> np.ndarray | None:
     return out
 
 
+def _contour_lines(ax, us: np.ndarray, vs: np.ndarray, m2: np.ndarray, color: str, lw: float) -> list[np.ndarray]:
+    """The 0.5 iso-lines of the bool slice ``m2`` sampled at (``us``, ``vs``), as (n, 2) arrays: contourpy's
+    mpl2014 algorithm, the one ``Axes.contour`` uses by default, without building a contour set; without contourpy
+    (older matplotlib) drawn by ``ax.contour`` and nothing returned."""
+    try:
+        from contourpy import LineType, contour_generator
+    except ImportError:
+        ax.contour(us, vs, m2.astype(np.float32), levels=[0.5], colors=[color], linewidths=lw)
+        return []
+    gen = contour_generator(us, vs, m2.astype(np.float64), name="mpl2014", line_type=LineType.SeparateCode)
+    return [seg for seg in gen.lines(0.5)[0] if len(seg) > 1]     # closed lines end on their first point
+
+
 def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structures, focus: Focus,
                   reference_image: Volume | None, structure_colors: dict[str, str], violation=None) -> bytes:
     """Axial, coronal and sagittal slices through ``focus.index``: CT (if given), EQD2 colour wash,
@@ -132,9 +164,11 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
     (``violation``: an object with ``mask`` / ``box`` on ``grid``; default: the focus structure's voxels at or
     above the threshold in the displayed map)."""
     plt = _plt()
+    from matplotlib.collections import LineCollection
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     arr = cumulative if focus.map_name == "cumulative" else course_eqd2[focus.map_name]
     vmax = float(np.nanmax(arr)) if arr.size else 1.0
@@ -162,7 +196,7 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
         if axis == 0:
             extent = (extent[0], extent[1], extent[3], extent[2])
         if reference_image is not None:
-            ct = resample_linear(reference_image, _slab_grid(grid, axis, idx), default=-1000.0)
+            ct = _ct_on(reference_image, _slab_grid(grid, axis, idx))
             ct2d = np.squeeze(ct, axis=axis)
             ax.imshow(ct2d, cmap="gray", vmin=-160, vmax=240, extent=extent, origin=origin,
                       interpolation="bilinear")
@@ -174,6 +208,7 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
         # contours on the same extent: contour() takes x/y coordinates of sample centres
         us = ou + np.arange(nu) * su
         vs = ov + np.arange(nv) * sv
+        lines: list[tuple[np.ndarray, str, float]] = []
         for s in structures:
             if s.organ is None or s.organ.role == "body":
                 continue
@@ -182,8 +217,11 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
                 continue
             col = structure_colors.get(s.name, "white")
             lw = 2.2 if s.name == focus.structure else 1.0
-            ax.contour(us, vs, m2.astype(np.float32), levels=[0.5], colors=[col], linewidths=lw)
+            lines.extend((seg, col, lw) for seg in _contour_lines(ax, us, vs, m2, col, lw))
             handles.setdefault(s.name, Line2D([0], [0], color=col, lw=lw))
+        if lines:   # every organ's outline in one artist (a contour set per organ and view cost a fifth of the figure)
+            ax.add_collection(LineCollection([seg for seg, _, _ in lines], colors=[c for _, c, _ in lines],
+                                             linewidths=[w for _, _, w in lines]), autolim=False)
         if focus.threshold_gy is not None or violation is not None:
             m2 = _slice_of_crop(violation if violation is not None else focus_s, arr.shape, axis, idx)
             if m2 is not None:
@@ -203,6 +241,8 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
         ax.set_xlabel(xl, fontsize=8)
         ax.set_ylabel(yl, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.yaxis.set_major_locator(MaxNLocator(6))
         ax.set_aspect("equal")
     # fixed layout instead of a tight bounding box (that draws the whole figure twice); before the colour bar,
     # which takes its room from these axes
@@ -233,7 +273,12 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
     courses = [c["name"] for c in results.get("assumptions", {}).get("courses", [])]
     ncol = 4
     nrow = (len(structs) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 2.9 * nrow), squeeze=False)
+    # panels share the volume axis (0-100 %): its tick labels and title are drawn on the first column only, the
+    # dose axis title on the lowest panel of each column (text and ticks are most of the drawing time)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 2.9 * nrow), squeeze=False, sharey=True)
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+    axes[0, 0].set_ylim(0, 102)      # shared by every panel; fixed first (no autoscaling of the shared axis per line)
+    axes[0, 0].yaxis.set_major_locator(FixedLocator([0, 20, 40, 60, 80, 100]))
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     # one key for the curve styles above the panels; each panel's legend lists only its limits (a legend per
     # panel repeating the curve styles cost a third of the report's drawing time)
@@ -242,7 +287,8 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
     key.append(Line2D([0], [0], color="black", lw=2.0))
     fig.legend(key, [f"{c} (EQD2, no credit)" for c in courses] + ["cumulative EQD2 (structure colour)"],
                loc="upper center", ncol=len(key), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
-    for ax, s in zip(axes.ravel(), structs):
+    lowest = {n % ncol: n for n in range(len(structs))}      # column -> index of its lowest panel
+    for n_ax, (ax, s) in enumerate(zip(axes.ravel(), structs)):
         cv = curves[s["name"]]
         col = structure_colors.get(s["name"], "black")
         xmax = 1.0
@@ -284,14 +330,15 @@ def dvh_figure(results: dict, curves: dict, structure_colors: dict[str, str]) ->
                 ax.axvline(lim, color=colr, lw=1.2, ls=ls, label=tag)
                 xmax = max(xmax, lim * 1.05)
         ax.set_xlim(0, xmax * 1.02)
-        ax.set_ylim(0, 102)
-        ax.set_yticks([0, 20, 40, 60, 80, 100])
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         # y given: the title is not re-positioned around the tick labels at every draw (costly, not needed here)
         ax.set_title(f"{s['name']} ({s.get('organ') or 'unmatched'}, \u03b1/\u03b2 {s['alpha_beta']:g} Gy)",
                      fontsize=9, y=1.0)
-        ax.set_xlabel("EQD2 (Gy)", fontsize=8)
-        ax.set_ylabel("volume (%)", fontsize=8)
-        ax.tick_params(labelsize=7)
+        if lowest[n_ax % ncol] == n_ax:
+            ax.set_xlabel("EQD2 (Gy)", fontsize=8)
+        if n_ax % ncol == 0:
+            ax.set_ylabel("volume (%)", fontsize=8)
+        ax.tick_params(labelsize=7, labelleft=n_ax % ncol == 0)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="upper right")
@@ -364,8 +411,9 @@ def view3d_figure(layers: list[tuple], max_faces: int = 60000, focus: list[str] 
     step = 1
     while total / step ** 2 > max_faces * 0.6 and step < 8:  # faces scale ~ with surface, i.e. 1/step^2
         step += 1
-    fig = plt.figure(figsize=(8.5, 7.0))
-    ax = fig.add_subplot(111, projection="3d")
+    # fixed layout (a tight bounding box draws the whole 3D scene twice): the view on the left, the key on the right
+    fig = plt.figure(figsize=(8.8, 5.6))
+    ax = fig.add_axes((0.0, 0.0, 0.68, 1.0), projection="3d")
     lo = np.full(3, np.inf)
     hi = np.full(3, -np.inf)
     legend = []
@@ -405,8 +453,9 @@ def view3d_figure(layers: list[tuple], max_faces: int = 60000, focus: list[str] 
     ax.set_ylabel("y (mm, posterior)", fontsize=8)
     ax.set_zlabel("z (mm, superior)", fontsize=8)
     ax.tick_params(labelsize=6)
-    ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False)
-    return _png(fig, dpi=100)
+    fig.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(0.69, 0.97), frameon=False,
+               ncol=1 + (len(legend) - 1) // 34 if legend else 1)
+    return _png(fig, dpi=100, tight=False)
 
 
 def layers_3d(grid: Grid, structures, colors: dict[str, str], violations: list[tuple], margins=None) -> list[tuple]:
