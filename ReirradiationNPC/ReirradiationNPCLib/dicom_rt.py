@@ -29,15 +29,21 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-try:  # pydicom is an engine dependency; keep the import error readable if it is missing
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-except ImportError as _exc:  # pragma: no cover
-    raise ImportError("pydicom>=2.4 is required for DICOM input and output (pip install pydicom)") from _exc
-
 from .errors import InputError
 from .geometry import Grid, Volume
 from .io import MAX_PLAUSIBLE_DOSE_GY, Structure, read_dose, read_image, read_structures
+
+
+def _pydicom():
+    """pydicom, imported on first use (a fifth of a second: a case of NRRD files never needs it). pydicom is an
+    engine dependency; the import error stays readable if it is missing."""
+    try:
+        import pydicom
+        import pydicom.errors  # noqa: F401 - InvalidDicomError
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("pydicom>=2.4 is required for DICOM input and output (pip install pydicom)") from exc
+    return pydicom
+
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +123,8 @@ def read_dataset(path: Path, what: str, *, header_only: bool = False):
         raise InputError("file not found", source=src, field=what)
     if path.is_dir():
         raise InputError("is a folder, expected a DICOM file", source=src, field=what)
+    pydicom = _pydicom()
+    InvalidDicomError = pydicom.errors.InvalidDicomError
     try:
         try:
             ds = pydicom.dcmread(src, stop_before_pixels=header_only)
@@ -376,7 +384,7 @@ def _pixels_via_sitk(path: Path) -> np.ndarray:
                          field="PixelData") from None
     a = sitk.GetArrayFromImage(img)
     # SimpleITK applies the rescale; undo it so the caller applies it once
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    ds = _pydicom().dcmread(str(path), stop_before_pixels=True)
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
     return np.rint((a.reshape(a.shape[-2:]) - inter) / slope)
