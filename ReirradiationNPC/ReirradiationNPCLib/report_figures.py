@@ -38,9 +38,14 @@ def _figure(figsize: tuple[float, float]):
     return fig
 
 
+#: zlib level of the figures' PNG (PIL's default 6 took twice the time for 1-10 % fewer bytes on the report's figures)
+PNG_COMPRESS_LEVEL = 3
+
+
 def _png(fig, dpi: int = 110, tight: bool = True) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
+                pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return buf.getvalue()
 
 
