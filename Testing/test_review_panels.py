@@ -271,8 +271,10 @@ def _stable_shot(locator, timeout: float = 40.0) -> np.ndarray:
     return prev
 
 
-def _changed(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.count_nonzero(np.any(a != b, axis=-1))) / (a.shape[0] * a.shape[1])
+def _changed(a: np.ndarray, b: np.ndarray, by: int = 40) -> float:
+    """Fraction of pixels where a channel moved by more than ``by`` (the streamed images' quality steps up after a
+    render settles: a few units everywhere)."""
+    return float(np.count_nonzero(np.abs(a - b).max(axis=-1) > by)) / (a.shape[0] * a.shape[1])
 
 
 def test_panels_in_a_real_browser(demo):
@@ -344,12 +346,18 @@ def test_panels_in_a_real_browser(demo):
                 assert f"{reg['mattes_mi_before']:.3f} -> {reg['mattes_mi_after']:.3f} nats" in figures
                 assert f"{reg['rotation_deg']:.2f} deg" in figures and "rigid" in figures
                 blended = _stable_shot(views)
-                assert _changed(blended, wash) > 0.05, "the prior CT did not replace the dose wash"
+                assert _changed(blended, wash) > 0.2, "the prior CT did not replace the dose wash"
+                # the blend: prior CT hidden (0) vs alone (1). The two CTs are registered, so they differ only in
+                # places (measured on the demo: 2 % of the views' pixels by more than 10 grey levels)
+                page.locator("#reg-blend").fill("0")
+                page.wait_for_function("() => document.querySelector('#reg-info').innerText"
+                                       ".includes('opacity 0.00')", timeout=30_000)
+                hidden = _stable_shot(views)
                 page.locator("#reg-blend").fill("1")
                 page.wait_for_function("() => document.querySelector('#reg-info').innerText"
                                        ".includes('opacity 1.00')", timeout=30_000)
                 opaque = _stable_shot(views)
-                assert _changed(opaque, blended) > 0.05, "the blend control did not change the views"
+                assert _changed(opaque, hidden, by=10) > 0.005, "the blend control did not change the views"
                 shot_path = os.environ.get("REIRRADIATION_REVIEW_PANELS_SCREENSHOT")
                 if shot_path:
                     page.locator("#reg-blend").fill("0.5")
@@ -363,9 +371,9 @@ def test_panels_in_a_real_browser(demo):
                 page.wait_for_function("() => document.querySelectorAll('tr.reg-figure').length === 0",
                                        timeout=30_000)
                 back = _stable_shot(views)
-                assert _changed(back, opaque) > 0.05
+                assert _changed(back, opaque) > 0.2
                 if not shot_path:
-                    assert _changed(back, wash) < 0.005, "the dose wash did not come back"
+                    assert _changed(back, wash) < 0.01, "the dose wash did not come back"
             finally:
                 ctx.close()
     finally:
