@@ -357,9 +357,6 @@ def test_review_in_a_real_browser(server, browser):
         # the demo exceeds limits: violation regions drawn in red in the views (once the streamed renders arrived)
         assert "fail" in statuses
         first = _red_settled(views)
-        shot = os.environ.get("REIRRADIATION_REVIEW_SCREENSHOT")
-        if shot:
-            page.screenshot(path=shot)
 
         # clicking a failing row centres the slice views on that organ's worst voxel: the pixels change
         fail_idx = statuses.index("fail")
@@ -370,6 +367,10 @@ def test_review_in_a_real_browser(server, browser):
             arg=[organ], timeout=60_000)
         after = _stable_shot(views)
         assert _changed_fraction(first, after) > 0.01, "slice views did not move on a row click"
+        shot = os.environ.get("REIRRADIATION_REVIEW_SCREENSHOT")
+        if shot:  # the page as a reviewer sees it after clicking a failed row: centred, highlighted, its DVH
+            page.wait_for_selector("#dvh svg .dvh-curve", timeout=60_000)
+            page.screenshot(path=shot)
         info = page.inner_text("#selected-info")
         # the wash threshold above every dose hides the colour wash: the slice pixels change again
         page.locator("#wash-threshold").fill(page.locator("#wash-threshold").get_attribute("max"))
