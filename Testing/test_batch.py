@@ -165,16 +165,13 @@ def test_cohort_html_is_self_contained(cohort_run):
 
 
 def test_resume_recomputes_nothing_and_sees_changes_by_hash(cohort_run, tmp_path, synthetic_case):
-    cohort, out, _, first_s = cohort_run
+    cohort, out, _, _ = cohort_run
     before = {n: (out / n / "results.json").stat().st_mtime_ns for n in ("A", "B")}
-    t0 = time.perf_counter()
     proc = run_cli("batch", cohort, "--output", out, "--resume", timeout=300)
-    resume_s = time.perf_counter() - t0
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the broken cases are still broken
     assert "0 computed, 2 unchanged (resume), 2 failed" in proc.stdout
     assert "Dask dashboard" not in proc.stderr  # nothing to compute: no cluster started
     assert {n: (out / n / "results.json").stat().st_mtime_ns for n in ("A", "B")} == before
-    assert resume_s < first_s
     rows = {r["case"]: r for r in read_csv(out / "cohort_summary.csv")}
     assert rows["A"]["state"] == "resumed" and rows["A"]["resume_reason"].startswith("inputs, protocol")
     # a case that failed on bad input is not retried while its inputs are unchanged; its error is kept
