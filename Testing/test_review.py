@@ -9,10 +9,8 @@ Set REIRRADIATION_REVIEW_SCREENSHOT=path to also save the page screenshot (docs/
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,14 +23,14 @@ import numpy as np
 import pytest
 
 from analytic import cli_env, run_cli
+from browser_support import (CHROMIUM, CHROMIUM_ARGS, checksums as _checksums, free_port as _free_port,
+                             missing as _missing, png as _png, red_pixels as _red_pixels,
+                             stable_shot as _stable_shot, stop_server as _stop_server)
 from ReirradiationNPCLib.errors import InputError
 from ReirradiationNPCLib.review_results import (isodose_levels, load_run, recorded_input, sort_wash_choices,
                                                 table_rows, verdict_line, violation_segments, wash_choice,
                                                 wash_kind_of_file, worst_point)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
@@ -115,52 +113,16 @@ def test_cli_review_on_a_folder_that_is_not_a_run_exits_2_with_one_line(tmp_path
 
 # ------------------------------------------------------------------------------------------ real browser test
 
-def _missing() -> str | None:
-    try:
-        import trame_slicer.core  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"trame-slicer not importable ({type(exc).__name__}: {exc}); pip install '.[review]'"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"playwright not importable ({exc}); pip install '.[review]'"
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} missing (apt-get install chromium)"
-    return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _checksums(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _png(data: bytes) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
 
 
-def _red_pixels(img: np.ndarray) -> int:
-    r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    return int(np.count_nonzero((r > 170) & (g < 80) & (b < 80)))
 
 
-def _stable_shot(locator, timeout: float = 40.0) -> np.ndarray:
-    """Screenshot of ``locator`` once two consecutive shots 1 s apart are identical (streamed views settled)."""
-    end = time.monotonic() + timeout
-    prev = _png(locator.screenshot())
-    while time.monotonic() < end:
-        time.sleep(1.0)
-        cur = _png(locator.screenshot())
-        if cur.shape == prev.shape and np.array_equal(cur, prev):
-            return cur
-        prev = cur
-    return prev
 
 
 
@@ -265,13 +227,7 @@ class Review:
         return self.log.read().decode("utf-8", "replace")
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        _stop_server(self.proc, timeout=30)  # SIGINT: what Ctrl-C does
         out = self.output()
         self.log.close()
         return out
@@ -579,13 +535,7 @@ def test_per_viewer_gives_each_browser_its_own_server_and_camera(demo_results, b
         for page in pages:
             page.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        _stop_server(proc, timeout=90)
         log.seek(0)
         output = log.read().decode("utf-8", "replace")
         log.close()

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from analytic import cli_env, run_cli
+from browser_support import (CHROMIUM, CHROMIUM_ARGS, checksums as _checksums, free_port as _free_port,
+                             missing as _missing, png as _png, red_pixels as _red_pixels,
+                             stable_shot as _stable_shot, stop_server as _stop_server,
+                             wait_http_200 as _wait_http_200)
 from ReirradiationNPCLib.dvh_curves import DVHCurve
 from ReirradiationNPCLib.geometry import Grid
 from ReirradiationNPCLib.review_panels import (curve_source, dose_at_volume, dvh_svg, limit_marks, organ_curve,
@@ -179,9 +180,6 @@ def test_registration_summary_lists_the_qa_figures():
 
 # ------------------------------------------------------------------------------------------- on the demo
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -228,47 +226,14 @@ def test_demo_curves_read_back_the_tables_values(demo):
     assert cord["cumulative_undiscounted"]["D0.03cc"] > 1.5 * cord["metrics"]["cumulative"]["D0.03cc"]
 
 
-def _missing() -> str | None:
-    try:
-        import trame_slicer.core  # noqa: F401
-        import playwright.sync_api  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"review extra not importable ({type(exc).__name__}: {exc}); pip install '.[review]'"
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} missing (apt-get install chromium)"
-    return None
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _checksums(folder: Path) -> dict:
-    import hashlib
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _png(data: bytes) -> np.ndarray:
-    import io
-    from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
 
 
-def _stable_shot(locator, timeout: float = 40.0) -> np.ndarray:
-    """Screenshot once two consecutive shots 1 s apart are identical (the streamed views have settled)."""
-    end = time.monotonic() + timeout
-    prev = _png(locator.screenshot())
-    while time.monotonic() < end:
-        time.sleep(1.0)
-        cur = _png(locator.screenshot())
-        if cur.shape == prev.shape and np.array_equal(cur, prev):
-            return cur
-        prev = cur
-    return prev
 
 
 def _changed(a: np.ndarray, b: np.ndarray, by: int = 40) -> float:
@@ -294,17 +259,7 @@ def test_panels_in_a_real_browser(demo):
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "review server exited early"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no HTTP 200 from the review server"
-            time.sleep(1.0)
+        _wait_http_200(url, proc, timeout=180)
         with sync_playwright() as p, tempfile.TemporaryDirectory() as user_dir:
             ctx = p.chromium.launch_persistent_context(user_dir, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
                                                        headless=True, viewport={"width": 1400, "height": 1000})
@@ -377,13 +332,7 @@ def test_panels_in_a_real_browser(demo):
             finally:
                 ctx.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        _stop_server(proc, timeout=30)
         log.seek(0)
         output = log.read().decode("utf-8", "replace")
         log.close()

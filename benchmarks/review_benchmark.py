@@ -22,26 +22,22 @@ docs/benchmarks.md. The results folder is checksummed before and after (the revi
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(ROOT / "Testing"))  # the browser helpers the review tests use
+from browser_support import (CHROMIUM, CHROMIUM_ARGS, checksums as _checksums,  # noqa: E402
+                             free_port as _free_port, png, red_pixels, stop_server as _stop_server,
+                             wait_http_200 as _wait_http_200)
 TARGET_S = 10.0
 
 
@@ -51,10 +47,6 @@ def _env() -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_s(pid: int) -> float:
@@ -63,15 +55,8 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _checksums(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _red_pixels(png: bytes) -> int:
-    from PIL import Image
-    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
-    return int(np.count_nonzero((a[..., 0] > 170) & (a[..., 1] < 80) & (a[..., 2] < 80)))
 
 
 def _full_render(page, timeout: float = 120.0) -> None:
@@ -79,7 +64,7 @@ def _full_render(page, timeout: float = 120.0) -> None:
     page.wait_for_selector("tr.constraint-row", timeout=timeout * 1000)
     end = time.monotonic() + timeout
     views = page.locator("#views")
-    while _red_pixels(views.screenshot()) <= 50:
+    while red_pixels(png(views.screenshot())) <= 50:
         if time.monotonic() > end:
             raise TimeoutError("no violation-red pixels in the views")
         time.sleep(0.25)
@@ -89,7 +74,7 @@ def _load_page(p, url: str) -> tuple:
     """(seconds from browser launch to goto, seconds from goto to full render) with a fresh profile."""
     with tempfile.TemporaryDirectory() as user_dir:
         t0 = time.monotonic()
-        ctx = p.chromium.launch_persistent_context(user_dir, executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+        ctx = p.chromium.launch_persistent_context(user_dir, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
                                                    headless=True, viewport={"width": 1400, "height": 850})
         try:
             page = ctx.new_page()
@@ -133,18 +118,7 @@ def main() -> int:
                             start_new_session=True)
     rows = {}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("the review server exited")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t_start > 300:
-                raise TimeoutError("no HTTP 200 within 300 s")
-            time.sleep(0.1)
+        _wait_http_200(url, proc, timeout=300, poll=0.1)
         t_http = time.monotonic()
         rows["http"] = (t_http - t_start, _cpu_s(proc.pid))
         with sync_playwright() as p:
@@ -152,13 +126,7 @@ def main() -> int:
             rows["first"] = (time.monotonic() - t_http, launch, render, _cpu_s(proc.pid))
             rows["loads"] = [_load_page(p, url)[1] for _ in range(args.loads)]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        _stop_server(proc, timeout=30)
         log.close()
     load_after = os.getloadavg()[0]
     unchanged = _checksums(results) == before

@@ -524,6 +524,22 @@ def _fmt_actual(v) -> str:
     return "unknown" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def isodose_levels(constraints) -> list[float]:
+    """The isodose levels of a run (Gy, lowest first): the distinct positive limits of its cumulative constraints in
+    Gy. ``constraints``: constraint rows as objects (``scope``, ``unit``, ``limit`` attributes) or as results.json
+    dicts. One rule for the Slicer scene's isodose lines and the browser review's."""
+    levels = set()
+    for c in constraints or []:
+        if isinstance(c, dict):
+            scope, unit, limit = c.get("scope"), c.get("unit"), c.get("limit")
+        else:
+            scope, unit, limit = (getattr(c, k, None) for k in ("scope", "unit", "limit"))
+        if scope == "cumulative" and unit == "Gy" and isinstance(limit, (int, float)) \
+                and not isinstance(limit, bool) and limit > 0:
+            levels.add(round(float(limit), 3))
+    return sorted(levels)
+
+
 def unmet_conditions_text(conditions) -> str:
     """A row's conditions that do not hold, as one line ``condition (actual: x); ...``; "" when all hold."""
     return "; ".join(f"{c.get('condition', '')} (actual: {_fmt_actual(c.get('actual'))})"

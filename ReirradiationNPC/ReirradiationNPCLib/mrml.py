@@ -25,7 +25,7 @@ from vtk.util import numpy_support
 
 from . import budget
 from . import planning as planning_aids
-from .analysis import Analysis, CourseData, StructureData, compute, unmet_conditions_text
+from .analysis import Analysis, CourseData, StructureData, compute, isodose_levels, unmet_conditions_text
 from .case import CaseSpec, CourseSpec
 from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
@@ -937,15 +937,6 @@ def remove_analysis(folder_item: int, scene=None) -> None:
         sh.RemoveItem(folder_item, False, True)
 
 
-def _limit_levels(constraints) -> list[float]:
-    """Distinct Gy limits of the cumulative dose constraints (the isodose levels), lowest first."""
-    levels = set()
-    for c in constraints:
-        if c.scope == "cumulative" and c.unit == "Gy" and c.limit is not None and c.limit > 0:
-            levels.add(round(float(c.limit), 3))
-    return sorted(levels)
-
-
 def isodose_segmentation(cumulative: np.ndarray, grid: Grid, levels: list[float], color_table, top_gy: float,
                          name: str, scene=None):
     """Isodose lines of the cumulative EQD2 at ``levels`` (Gy): one segment per level holding the voxels at or
@@ -1051,7 +1042,7 @@ def create_output_nodes(prep: Prepared, analysis: Analysis, results: Results, na
     out.alpha_beta = ab
 
     say("creating isodose lines at the protocol's limit levels")
-    out.isodose = keep(isodose_segmentation(analysis.cumulative, grid, _limit_levels(analysis.constraints), ctab,
+    out.isodose = keep(isodose_segmentation(analysis.cumulative, grid, isodose_levels(analysis.constraints), ctab,
                                             top, f"{name} isodose lines", scene))
 
     say("creating target and violation segments")

@@ -192,17 +192,11 @@ def sort_wash_choices(choices: list) -> list:
 
 
 def isodose_levels(results: dict) -> list:
-    """Distinct Gy limits of the cumulative dose constraints of results.json, lowest first (the levels of the
-    isodose lines the run draws: the same rule as the scene's isodose lines)."""
-    levels = set()
-    for c in results.get("constraints") or []:
-        if not isinstance(c, dict):
-            continue
-        limit = c.get("limit")
-        if c.get("scope") == "cumulative" and c.get("unit") == "Gy" and isinstance(limit, (int, float)) \
-                and not isinstance(limit, bool) and limit > 0:
-            levels.add(round(float(limit), 3))
-    return sorted(levels)
+    """The run's isodose levels from results.json (Gy, lowest first): ``analysis.isodose_levels`` of its
+    constraint rows, the same rule as the scene's isodose lines."""
+    from .analysis import isodose_levels as levels_of
+    rows = results.get("constraints") or []
+    return levels_of([c for c in rows if isinstance(c, dict)])
 
 
 def violation_segments(results: dict, structure: str) -> list:
