@@ -64,12 +64,8 @@ def organ_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, 
     ab = s.organ.alpha_beta if s.organ is not None else protocol.default_alpha_beta
     key = s.organ.key if s.organ is not None else None
     out = np.zeros(s.mask.shape, dtype=np.float64)
-    for c in courses:
+    for c in courses_in_scope(courses, scope, course):
         if c.is_current and not include_current:
-            continue
-        if scope == "current" and not c.is_current:
-            continue
-        if scope == "per_course" and c.name != course:
             continue
         d, fx = course_dose(c, lambda a: a[s.box].astype(np.float64))   # every fraction group its own term
         e = eqd2(d, fx, ab)
@@ -77,6 +73,27 @@ def organ_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, 
             key, c.interval_months)
         out += (1.0 - r) * e
     return out
+
+
+def courses_in_scope(courses: list[CourseData], scope: str, course: str | None = None) -> list[CourseData]:
+    """The courses a row of ``scope`` judges: ``current`` the current course, ``per_course`` the course named
+    ``course``, ``cumulative`` all of them."""
+    if scope == "current":
+        return [c for c in courses if c.is_current]
+    if scope == "per_course":
+        return [c for c in courses if c.name == course]
+    return list(courses)
+
+
+def region_structure(c, by_name: dict):
+    """The structure on which constraint row ``c`` gets a violation region, or None: rows without a limit or a
+    structure, Dmin-type dose rows (lower bounds) and structures absent or empty get none."""
+    if c.limit is None or c.structure is None:
+        return None
+    if c.unit == "Gy" and parse_metric(c.metric).kind == "min":
+        return None
+    s = by_name.get(c.structure)
+    return None if s is None or s.mask.size == 0 else s
 
 
 def constraint_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, c) -> np.ndarray:
@@ -139,14 +156,10 @@ def violations(constraints, structures: list[StructureData], courses: list[Cours
     out = []
     cache: dict[tuple[str, str], np.ndarray] = {}
     for c in constraints:
-        if c.status not in ("fail", "warn") or c.limit is None or c.structure is None:
+        s = region_structure(c, by_name) if c.status in ("fail", "warn") else None
+        if s is None:
             continue
         metric = parse_metric(c.metric)
-        if c.unit == "Gy" and metric.kind == "min":
-            continue
-        s = by_name.get(c.structure)
-        if s is None or s.mask.size == 0:
-            continue
         key = (s.name, c.scope, getattr(c, "basis", None), getattr(c, "course", None))
         if key not in cache:
             cache[key] = constraint_eqd2(s, courses, protocol, c)

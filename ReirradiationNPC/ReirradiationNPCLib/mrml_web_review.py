@@ -265,28 +265,24 @@ class ReviewApp:
         return scene.GetFirstNodeByName(name) if name else None
 
     @staticmethod
+    def _find_volume(scene, role: str, fallback):
+        """The scalar volume of the scene with ``role``, else the first for which ``fallback(node)`` holds."""
+        node = ReviewApp._find_role(scene, "vtkMRMLScalarVolumeNode", role)
+        if node is not None:
+            return node
+        return next((n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if fallback(n)), None)
+
+    @staticmethod
     def _find_cumulative(scene):
-        from .mrml import ROLE_ATTRIBUTE
-        nodes = list(scene.GetNodesByClass("vtkMRMLScalarVolumeNode"))
-        for n in nodes:
-            if n.GetAttribute(ROLE_ATTRIBUTE) == "cumulative_eqd2":
-                return n
-        for n in nodes:  # NRRD fallback: the file name is the node name
-            if n.GetName() in ("cumulative_eqd2", "cumulative_eqd2.nrrd"):
-                return n
-        return None
+        # NRRD fallback: the file name is the node name
+        return ReviewApp._find_volume(scene, "cumulative_eqd2",
+                                      lambda n: n.GetName() in ("cumulative_eqd2", "cumulative_eqd2.nrrd"))
 
     @staticmethod
     def _find_ct(scene):
-        from .mrml import DOSE_VOLUME_ATTRIBUTE, ROLE_ATTRIBUTE
-        nodes = list(scene.GetNodesByClass("vtkMRMLScalarVolumeNode"))
-        for n in nodes:
-            if n.GetAttribute(ROLE_ATTRIBUTE) == "reference_image":
-                return n
-        for n in nodes:
-            if n.GetName().startswith("CT") and not n.GetAttribute(DOSE_VOLUME_ATTRIBUTE):
-                return n
-        return None
+        from .mrml import DOSE_VOLUME_ATTRIBUTE
+        return ReviewApp._find_volume(scene, "reference_image", lambda n: n.GetName().startswith("CT")
+                                      and not n.GetAttribute(DOSE_VOLUME_ATTRIBUTE))
 
     def _collect_wash_maps(self, scene) -> None:
         """The selector's maps: the volumes of the scene by their role (a map the run did not write is absent)."""

@@ -854,27 +854,18 @@ def worst_violations(prep, analysis: Analysis, rob: Robustness, reg, dirs, shift
     """One worst-case violation region per row whose worst scenario fails or warns: the organ's voxels whose
     voxelwise worst-case EQD2 (organ's own alpha/beta range, the row's courses) exceeds the limit (fail) or the
     warning threshold (warn); V<x>Gy rows: the voxels receiving at least x Gy in the worst case."""
-    from .budget import AMBER, RED, Violation, warn_threshold
+    from .budget import AMBER, RED, Violation, courses_in_scope, region_structure, warn_threshold
     from .protocol import parse_metric
     spec, grid, protocol = prep.protocol.robustness, prep.grid, prep.protocol
     structs = {s.name: s for s in prep.structures}
     scale = 1.0 + spec.dose_uncertainty_percent / 100.0
     out = []
     for c, r in zip(analysis.constraints, rob.rows):
-        if r is None or r["status_worst"] not in ("fail", "warn") or c.limit is None:
+        s = region_structure(c, structs) if r is not None and r["status_worst"] in ("fail", "warn") else None
+        if s is None:
             continue
         metric = parse_metric(c.metric)
-        if c.unit == "Gy" and metric.kind == "min":
-            continue
-        s = structs.get(c.structure)
-        if s is None or s.mask.size == 0:
-            continue
-        if c.scope == "current":
-            used = [x for x in prep.courses if x.is_current]
-        elif c.scope == "per_course":
-            used = [x for x in prep.courses if x.name == getattr(c, "course", None)]
-        else:
-            used = list(prep.courses)
+        used = courses_in_scope(prep.courses, c.scope, getattr(c, "course", None))
         lo, hi, _ = _ab_range(spec, s.organ, c.alpha_beta or s.organ.alpha_beta)
         credited = c.scope == "cumulative" and getattr(c, "basis", None) in (None, "credited")
         okey = s.organ.key if s.organ is not None else None
