@@ -173,6 +173,40 @@ def test_recovery_range_and_dose_uncertainty_corners(tmp_path):
     assert np.allclose(rob.worst_map[_cylinder()], worst, atol=1e-3)
 
 
+def test_cumulative_row_without_basis_counts_the_prior_course_in_full(tmp_path):
+    """One rule (protocol.judged_with_credit): a cumulative row that states no basis is judged undiscounted by
+    the verdict, the maps, the budget and the robustness scenarios alike. Here its best case must not take the
+    protocol's 50 % credit: best = EQD2(40 x 0.97 / 20) + EQD2(20 x 0.97 / 10), by hand at alpha/beta 2."""
+    import dataclasses
+
+    from ReirradiationNPCLib.protocol import judged_with_credit
+    prior = np.full(SHAPE, 40.0)
+    current = np.full(SHAPE, 20.0)
+    proto = _protocol(None, reg_mm=0.0, recovery=0.5, dose_pct=3.0, metrics=("Dmax",))
+    for c in proto["organs"]["spinal_cord"]["constraints"]:
+        c["basis"] = "credited"
+    prep, analysis, _ = _run(tmp_path, prior, current, _cylinder(), proto, fr=(20, 10))
+    assert [judged_with_credit(c) for c in analysis.constraints] == [True]
+    analysis.constraints = [dataclasses.replace(c, basis=None) for c in analysis.constraints]
+    assert [judged_with_credit(c) for c in analysis.constraints] == [False]
+    c, r = _row(analysis, robustness.compute(prep, analysis), "Dmax")
+    best = float(eqd2_hand(40 * 0.97, 20, 2.0) + eqd2_hand(20 * 0.97, 10, 2.0))
+    assert r["best_value"] == pytest.approx(best, abs=1e-3)
+    assert r["best_value"] > float(0.5 * eqd2_hand(40 * 0.97, 20, 2.0) + eqd2_hand(20 * 0.97, 10, 2.0)) + 15  # the credit: 19.1 Gy
+
+
+def test_judged_with_credit_only_for_credited_cumulative_rows():
+    from types import SimpleNamespace as NS
+
+    from ReirradiationNPCLib.protocol import judged_with_credit
+    assert judged_with_credit(NS(scope="cumulative", basis="credited"))
+    assert not judged_with_credit(NS(scope="cumulative", basis="undiscounted"))
+    assert not judged_with_credit(NS(scope="cumulative", basis=None))
+    assert not judged_with_credit(NS(scope="cumulative"))
+    assert not judged_with_credit(NS(scope="current", basis="credited"))
+    assert not judged_with_credit(NS(scope="per_course", basis=None))
+
+
 def test_worst_status_and_summary(tmp_path):
     """A row that passes nominally and fails in its worst scenario makes the robust status robust_fail."""
     prior = np.full(SHAPE, 60.0)

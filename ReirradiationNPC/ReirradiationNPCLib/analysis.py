@@ -29,7 +29,7 @@ from .dvh_curves import DVHCurve, cumulative_dvh
 from .eqd2 import course_and_cumulative_eqd2, effective_fractions, eqd2
 from .geometry import Grid
 from .sampling import StructureSamples, describe_for_dose, sample_structure
-from .protocol import Organ, Protocol, parse_metric
+from .protocol import Organ, Protocol, judged_with_credit, parse_metric
 from .results import ConstraintResult, StructureResult
 
 log = logging.getLogger(__name__)
@@ -590,7 +590,7 @@ def evaluate_constraints(protocol: Protocol, structures: list[StructureData], re
                 if con.scope == "cumulative":
                     vu = metric_of(r.cumulative_undiscounted or r.metrics.get("cumulative"))
                     vc = metric_of(r.metrics.get("cumulative"))
-                    value = vc if con.basis == "credited" else vu
+                    value = vc if judged_with_credit(con) else vu
                     extra = dict(value_undiscounted=vu, value_credited=vc, recovery_credit=r.recovery_credit)
                 else:
                     value = metric_of(r.metrics.get(current))

@@ -37,7 +37,7 @@ import numpy as np
 from .analysis import CourseData, StructureData, course_dose
 from .eqd2 import eqd2, physical_dose_for_eqd2
 from .geometry import Grid
-from .protocol import Protocol, parse_metric
+from .protocol import Protocol, judged_with_credit, parse_metric
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def region_structure(c, by_name: dict):
 def constraint_eqd2(s: StructureData, courses: list[CourseData], protocol: Protocol, c) -> np.ndarray:
     """The organ EQD2 a constraint row (or a Violation) is judged on: its scope, recovery basis and course."""
     scope = getattr(c, "scope", "cumulative")
-    return organ_eqd2(s, courses, protocol, scope, credit=getattr(c, "basis", None) == "credited",
+    return organ_eqd2(s, courses, protocol, scope, credit=judged_with_credit(c),
                       course=getattr(c, "course", None))
 
 
@@ -235,7 +235,7 @@ def headroom_map(structures: list[StructureData], courses: list[CourseData], pro
             if c.scope == "per_course":
                 keys = [("per_course", k.name) for k in courses]
             elif c.scope == "cumulative":
-                keys = [("cumulative", getattr(c, "basis", None) == "credited")]
+                keys = [("cumulative", judged_with_credit(c))]
             else:
                 keys = [(c.scope, None)]
             for key in keys:
@@ -329,7 +329,7 @@ def remaining_dose(structures: list[StructureData], courses: list[CourseData], p
         binding = np.full(s.mask.shape, np.inf)
         for c in lims:
             if c.scope == "cumulative":
-                credited = c.basis == "credited"  # an undiscounted limit counts the prior courses in full
+                credited = judged_with_credit(c)  # an undiscounted limit counts the prior courses in full
                 if credited not in priors:
                     priors[credited] = organ_eqd2(s, courses, protocol, "cumulative", include_current=False,
                                                   credit=credited)

@@ -44,6 +44,14 @@ class Metric:
         return self.kind == "max" or (self.kind == "dcc" and (self.param or 0) <= 0.1)
 
 
+def judged_with_credit(row) -> bool:
+    """Whether a limit (a protocol ``Constraint``, a results row or a violation) is judged on the EQD2 with the
+    protocol's recovery credit: only a cumulative limit whose basis says "credited". Every other row, a cumulative
+    one without a basis included, counts the prior courses in full (the conservative reading; clinical facts
+    section 3). The one rule for the verdict, the maps, the budget and the robustness scenarios."""
+    return getattr(row, "scope", "cumulative") == "cumulative" and getattr(row, "basis", None) == "credited"
+
+
 def parse_metric(text: str) -> Metric:
     """Parse ``Dmax``, ``Dmean``, ``Dmin``, ``D<x>cc``, ``D<x>%`` or ``V<x>Gy``; raise ValueError otherwise."""
     m = _METRIC_RE.match(str(text).strip())

@@ -47,7 +47,7 @@ from .analysis import Analysis, constraint_status, course_dose
 from .dvh_curves import DVHCurve, cumulative_dvh
 from .eqd2 import effective_fractions, eqd2
 from .geometry import Grid, bounding_box
-from .protocol import Metric
+from .protocol import Metric, judged_with_credit
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,6 @@ class _StructureScenarios:
         ab_lo, ab_hi, has_range = _ab_range(spec, organ, nominal_ab)
         okey = organ.key if organ is not None else None
         scope = row.scope
-        basis = getattr(row, "basis", None)
         if scope == "current":
             used = [c for c in self.courses if c.is_current]
         elif scope == "per_course":
@@ -445,7 +444,7 @@ class _StructureScenarios:
             used = list(self.courses)
         if not used:
             return None, None, None
-        credited = scope == "cumulative" and (basis == "credited" or basis is None)
+        credited = judged_with_credit(row)
         credit = {c.name: (protocol.recovery.credit(okey, c.interval_months) if credited and not c.is_current
                            else 0.0) for c in used}
         r_worst = {k: (0.0 if spec.recovery == "range" else v) for k, v in credit.items()}
@@ -867,7 +866,7 @@ def worst_violations(prep, analysis: Analysis, rob: Robustness, reg, dirs, shift
         metric = parse_metric(c.metric)
         used = courses_in_scope(prep.courses, c.scope, getattr(c, "course", None))
         lo, hi, _ = _ab_range(spec, s.organ, c.alpha_beta or s.organ.alpha_beta)
-        credited = c.scope == "cumulative" and getattr(c, "basis", None) in (None, "credited")
+        credited = judged_with_credit(c)
         okey = s.organ.key if s.organ is not None else None
         phys = []
         for x in used:
