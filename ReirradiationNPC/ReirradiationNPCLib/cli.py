@@ -176,6 +176,26 @@ def main(ctx, quiet, verbose):
     ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
+class _FiguresBesideTheRun:
+    """The report's figures drawn in child processes beside the run (``report.FiguresInChildProcess``), started
+    before the engine is imported so that matplotlib is imported beside the run: on Linux only
+    (``child_process.available``), and not with ``REIRRADIATION_NPC_NO_FORK`` set. A context manager: the figure
+    process is ended on the way out whatever happened."""
+
+    def __enter__(self):
+        from .child_process import available
+        self.figures = None
+        if available() and not os.environ.get("REIRRADIATION_NPC_NO_FORK"):
+            from .report import FiguresInChildProcess
+            self.figures = FiguresInChildProcess()
+        return self.figures
+
+    def __exit__(self, *exc):
+        if self.figures is not None:
+            self.figures.close()
+        return False
+
+
 def _scene_outputs(scene: bool) -> list:
     """The Slicer scene writer as an extra output of the run (called here, at the edge: the pipeline never imports
     the MRML layer). A missing slicer-core is reported before any work."""
@@ -198,11 +218,13 @@ def _scene_outputs(scene: bool) -> list:
 @click.pass_context
 def run(ctx, case, output, overwrite, scene, dicom_courses):
     """Run the analysis described by the CASE file (YAML or JSON)."""
-    from .pipeline import run_case
     prog = _Progress(not ctx.obj["quiet"])
-    results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog, dicom_courses=dicom_courses,
-                                      extra_outputs=_scene_outputs(scene)),
-                     ctx.obj["verbose"])
+    with _FiguresBesideTheRun() as figures:
+        from .pipeline import run_case
+        results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog,
+                                          dicom_courses=dicom_courses, extra_outputs=_scene_outputs(scene),
+                                          figures=figures),
+                         ctx.obj["verbose"])
     prog.finish()
     print_summary(results, output)
 
@@ -262,6 +284,11 @@ def batch(ctx, cases, output, protocol_override, scheduler, workers, scene, resu
 @click.pass_context
 def demo(ctx, output, overwrite, dicom):
     """Generate the synthetic NPC case and run it (no data needed)."""
+    with _FiguresBesideTheRun() as figures:
+        _demo(ctx, output, overwrite, dicom, figures)
+
+
+def _demo(ctx, output, overwrite, dicom, figures):
     from .io import ensure_writable_dir
     from .pipeline import run_case
     from .synthetic import generate
@@ -278,7 +305,8 @@ def demo(ctx, output, overwrite, dicom):
             case_path = generate_dicom(output / "case")
         else:
             case_path = generate(output / "case")
-        return run_case(case_path, output / "results", overwrite=True, progress=clock, extra_outputs=writers)
+        return run_case(case_path, output / "results", overwrite=True, progress=clock, extra_outputs=writers,
+                        figures=figures)
 
     from .mrml_headless import unavailable_reason
     from .mrml_scene import SceneInChildProcess, can_write_in_child_process

@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from . import SOFTWARE_NAME, __version__
 from .dicom_rt import (CT_IMAGE_STORAGE, PATIENT_KEYS, RT_DOSE_STORAGE, RT_PLAN_STORAGE, RT_STRUCT_STORAGE,
-                       SPATIAL_REGISTRATION_STORAGE, STUDY_KEYS)
+                       SPATIAL_REGISTRATION_STORAGE, STUDY_KEYS, course_rbe_words)
 from .geometry import Grid, Volume
 
 log = logging.getLogger(__name__)
@@ -542,12 +542,6 @@ def course_rbe_tags(prep) -> str:
         kind = prep.dose_kinds.get(c.name) or {}
         vals.append(f"{kind['rbe']:g}" if kind.get("rbe") is not None else "1")
     return "RBE " + ("/".join(vals) if any(v != "1" for v in vals) else "1")
-
-
-def course_rbe_words(prep) -> str:
-    """Every course's RBE in words (dicom_rt.rbe_words)."""
-    from .dicom_rt import rbe_words
-    return "; ".join(f"course {c.name}: {rbe_words(prep.dose_kinds.get(c.name))}" for c in prep.courses)
 
 
 def write_check_rtdose(arr: np.ndarray, prep, check_map, stage: Path, series_number: int) -> str:

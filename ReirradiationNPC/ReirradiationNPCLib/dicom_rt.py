@@ -608,6 +608,12 @@ def rbe_words(kind: dict | None) -> str:
     return "RBE 1, radiation not stated (no RT Ion plan)"
 
 
+def course_rbe_words(prep) -> str:
+    """Every course's RBE in words (:func:`rbe_words`), for the descriptions of maps that sum the courses (NRRD
+    and RTDOSE). ``prep``: a ``pipeline.Prepared``."""
+    return "; ".join(f"course {c.name}: {rbe_words(prep.dose_kinds.get(c.name))}" for c in prep.courses)
+
+
 def rbe_tag(kind: dict | None) -> str:
     """:func:`rbe_words` short enough for 64-character DICOM fields: ``RBE 1.1``, ``RBE 1 photons``, ``RBE 1
     rad. not stated``."""

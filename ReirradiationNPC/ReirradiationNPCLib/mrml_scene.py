@@ -7,11 +7,9 @@ Needs ``slicer-core`` (see :mod:`.mrml_headless`). The bundle is written to a te
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -266,19 +264,35 @@ def write_scene(prep: Prepared, analysis: Analysis, results: Results, path: Path
 
 
 def can_write_in_child_process() -> bool:
-    """Whether :class:`SceneInChildProcess` can run here: Linux (os.fork; not Windows, and not macOS, where forking
-    a process that has loaded system frameworks is unsafe)."""
-    return sys.platform.startswith("linux") and hasattr(os, "fork")
+    """Whether :class:`SceneInChildProcess` can run here (:func:`.child_process.available`: Linux; not Windows, and
+    not macOS, where forking a process that has loaded system frameworks is unsafe)."""
+    from .child_process import available
+    return available()
+
+
+def _scene_in_child(stage, prep, analysis, results, planning) -> dict:
+    """What the scene's child process runs (:class:`SceneInChildProcess`)."""
+    try:
+        from .mrml_headless import unavailable_reason
+        reason = unavailable_reason()  # imported here, beside the report, when the parent has not
+        if reason:
+            return {"unavailable": reason}
+        clock = StageClock()  # the child's own stages (silent: the parent announced them)
+        desc = scene_output(stage, prep, analysis, results, planning, clock)
+        return {"files": desc, "timings": clock.timings()}
+    finally:
+        from .mrml_headless import remove_cache_dir
+        remove_cache_dir()  # the child ends with os._exit: no atexit handler runs
 
 
 class SceneInChildProcess:
     """``scene.mrb`` written by a forked child process while the parent writes the report (issue 15: the two are
     independent, and on 2 cores they overlap). An extra output for ``pipeline.write_outputs`` with a ``start``:
-    the child gets a copy of the computed analysis (fork: nothing is pickled or computed again), builds the scene
-    and writes the bundle into the staging folder, and reports back its files and stage timings through a pipe;
-    the parent waits for it after the report. A failure in the child is raised in the parent (InputError as
-    InputError); when slicer-core cannot be imported in the child, no scene is written and ``unavailable`` says
-    why. Linux only (:func:`can_write_in_child_process`); elsewhere use :func:`scene_output`."""
+    the child (:class:`.child_process.Child`) gets a copy of the computed analysis (fork: nothing is pickled or
+    computed again), builds the scene and writes the bundle into the staging folder, and returns its files and
+    stage timings; the parent waits for it after the report. A failure in the child is raised in the parent
+    (InputError as InputError); when slicer-core cannot be imported in the child, no scene is written and
+    ``unavailable`` says why. Linux only (:func:`can_write_in_child_process`); elsewhere use :func:`scene_output`."""
 
     def __init__(self):
         #: why no scene was written (slicer-core could not be imported in the child), else None
@@ -288,55 +302,21 @@ class SceneInChildProcess:
         return scene_output(stage, prep, analysis, results, planning, progress)
 
     def start(self, stage, prep, analysis, results, planning=None, progress=None):
+        from .child_process import Child, ChildError
         say = progress or (lambda m: None)
         say("building the Slicer scene and writing scene.mrb (in a child process, beside the report)")
-        read_fd, write_fd = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into the caller's code
-            code = 1
-            try:
-                os.close(read_fd)
-                from .mrml_headless import unavailable_reason
-                reason = unavailable_reason()  # imported here, beside the report, when the parent has not
-                if reason:
-                    msg = {"unavailable": reason}
-                else:
-                    clock = StageClock()  # the child's own stages (silent: the parent announced them)
-                    desc = scene_output(stage, prep, analysis, results, planning, clock)
-                    msg = {"files": desc, "timings": clock.timings()}
-                code = 0
-            except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-                msg = {"error": f"{type(exc).__name__}: {exc}", "input_error": isinstance(exc, InputError)}
-            try:
-                data = json.dumps(msg).encode("utf-8")
-                while data:
-                    data = data[os.write(write_fd, data):]
-                os.close(write_fd)
-            finally:
-                try:
-                    from .mrml_headless import remove_cache_dir
-                    remove_cache_dir()  # os._exit runs no atexit handler
-                finally:
-                    os._exit(code)  # no atexit handlers, no flushing of the parent's buffers a second time
-        os.close(write_fd)
+        child = Child(_scene_in_child, stage, prep, analysis, results, planning)
 
         def finish() -> dict:
-            chunks = []
-            with os.fdopen(read_fd, "rb") as fh:
-                chunks.append(fh.read())
-            _, status = os.waitpid(pid, 0)
-            raw = b"".join(chunks)
-            msg = json.loads(raw.decode("utf-8")) if raw else {
-                "error": f"the scene's child process ended without a result (wait status {status})"}
+            try:
+                msg = child.result()
+            except ChildError as exc:
+                if exc.input_error:
+                    raise InputError(f"scene.mrb: {exc}", field="--scene") from None
+                raise RuntimeError(f"scene.mrb could not be written: {exc}") from None
             if "unavailable" in msg:  # slicer-core could not be imported: no scene (the caller says so)
                 self.unavailable = msg["unavailable"]
                 return {}
-            if "error" in msg:
-                if msg.get("input_error"):
-                    raise InputError(f"scene.mrb: {msg['error']}", field="--scene")
-                raise RuntimeError(f"scene.mrb could not be written: {msg['error']}")
             add = getattr(progress, "add", None)
             if callable(add):
                 for k, v in msg.get("timings", {}).items():
@@ -344,4 +324,3 @@ class SceneInChildProcess:
             return msg["files"]
 
         return finish
-

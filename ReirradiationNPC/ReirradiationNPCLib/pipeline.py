@@ -327,84 +327,42 @@ def _registration_results(prep: Prepared) -> dict:
 
 def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir: Path, overwrite: bool,
                   progress: Progress | None = None, planning=None, dicom_courses: bool = False,
-                  extra_outputs: Sequence[ExtraOutput] = (), robustness=None) -> dict[str, str]:
+                  extra_outputs: Sequence[ExtraOutput] = (), robustness=None, figures=None) -> dict[str, str]:
     """Write every output into a staging folder, then move it into ``out_dir``; results.json goes last.
 
     ``planning`` (a :class:`.planning.Planning`, optional) adds margins, violation, headroom and remaining-dose files.
     ``extra_outputs``: writers called with (staging folder, prep, analysis, results, planning, progress) that write
     their files into the staging folder and return {file name: description}; the caller at the edge passes e.g.
     the Slicer scene writer (``mrml_scene.scene_output``), so this module never imports the MRML layer. A writer
-    with a ``start`` method (same arguments) is started before the report and finished after it (it returns a
-    callable that waits and returns the {file name: description}): ``mrml_scene.SceneInChildProcess``.
+    with a ``start`` method (same arguments) is started before anything is written and finished after the report
+    (it returns a callable that waits and returns the {file name: description}): ``mrml_scene.SceneInChildProcess``.
+    ``figures``: a ``report.FiguresInChildProcess`` started by the caller: it is given the report's figures to draw
+    first, so that they are drawn while the volumes are written (else the report draws them itself).
     """
     say = progress or (lambda m: None)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    started = []
     try:
-        say("writing volumes")
-        g = prep.grid
-        files = {}
-        def vol(name, arr, desc):
-            write_volume(Volume(arr.astype(np.float32, copy=False), g, name), stage / name, description=desc,
-                         units="Gy" if "alpha_beta" not in name else "Gy (alpha/beta)")
-            files[name] = desc
-        from .dicom_rt import rbe_words
-        rbe_all = _rbe_all(prep)
-        vol("cumulative_eqd2.nrrd", analysis.cumulative,
-            f"Cumulative EQD2 (Gy) for viewing, recovery credit applied; {MAP_RULE}; {rbe_all}")
-        _write_check_maps(prep, analysis, stage, files, say)
-        for c in prep.courses:
-            vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
-                f"EQD2 (Gy) of course {c.name}, {_fractions_words(c)}, no recovery credit, "
-                f"{rbe_words(prep.dose_kinds.get(c.name))}; per voxel the largest over the alpha/beta of the organs "
-                "covering it")
-        vol("alpha_beta.nrrd", analysis.alpha_beta, "alpha/beta (Gy) that gave each voxel's cumulative_eqd2 value "
-            "(the covering organ with the largest cumulative EQD2; protocol default outside organs)")
-        if prep.registrations:
-            say("writing registration transforms and registered prior CTs")
-            from .registration import registered_image, write_transform
-            for name, o in prep.registrations.items():
-                if o.method != "identity":
-                    write_transform(o, stage / f"transform_{name}.tfm")
-                    files[f"transform_{name}.tfm"] = (f"ITK transform of course {name} ({o.method}): maps reference-"
-                                                      "image points (LPS mm) to the prior course's frame")
-                if o.moving_image is not None and prep.reference_image is not None:
-                    fname = f"prior_ct_{name}_registered.nrrd"
-                    write_volume(registered_image(o, prep.reference_image.grid), stage / fname,
-                                 description=f"CT of course {name} mapped onto the reference CT ({o.method})")
-                    files[fname] = f"CT of course {name} on the reference CT grid through its registration (HU)"
-        if robustness is not None:
-            say("writing the worst-case map and its violation regions")
-            from .robustness import write as write_robustness
-            write_robustness(robustness, g, stage, files)
-        if planning is not None:
-            say("writing margins, violation, headroom and remaining-dose maps")
-            from .planning import write as write_planning
-            write_planning(planning, g, stage, files)
-        if prep.reference_image is not None and prep.reference_image.meta.get("dicom"):
-            say("writing DICOM RTDOSE")
-            from .dicom_export import write_eqd2_rtdose
-            files.update(write_eqd2_rtdose(prep, analysis, stage, per_course=dicom_courses))
-        # an extra output with a ``start`` runs beside the report (e.g. the Slicer scene in a child process): start
-        # returns a callable that waits for it and returns its {file name: description}
+        # what runs beside the writing is started first (2 cores): an extra output with a ``start`` (the Slicer
+        # scene in a child process: start returns a callable that waits for it and returns its {file name:
+        # description}), then the report's figures
         started = [writer.start(stage, prep, analysis, results, planning, progress)
                    if callable(getattr(writer, "start", None)) else None for writer in extra_outputs]
+        pending_figures = None
+        if figures is not None:
+            say("preparing the report's figures (drawn in child processes beside the next stages)")
+            pending_figures = figures.start(results, analysis, prep, planning, progress)
+        files = _write_files(prep, analysis, stage, say, planning, dicom_courses, robustness)
         say("writing report")
         from .report import write_report  # matplotlib is imported only when a report is written
-        try:
-            files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning))
-        except BaseException:
-            for finish in started:  # let a started writer end before its staging folder is removed
-                if finish is not None:
-                    try:
-                        finish()
-                    except Exception:  # noqa: BLE001 - the report's error is the one to raise
-                        log.debug("extra output failed after the report failed", exc_info=True)
-            raise
+        files.update(write_report(results, stage, analysis=analysis, prepared=prep, planning=planning,
+                                  figures=pending_figures))
         for writer, finish in zip(extra_outputs, started):
             files.update(finish() if finish is not None else writer(stage, prep, analysis, results, planning, progress))
+        started = []
         results.outputs = files
         timings = getattr(progress, "timings", None)   # a timing.StageClock: each stage's wall time (s)
         if callable(timings):
@@ -412,8 +370,68 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
         (stage / "results.json").write_text(json.dumps(results.to_dict(), indent=2), encoding="utf-8")
         for name in list(files) + ["results.json"]:
             os.replace(stage / name, out_dir / name)
+    except BaseException:
+        for finish in started:  # let a started writer end before its staging folder is removed
+            if finish is not None:
+                try:
+                    finish()
+                except Exception:  # noqa: BLE001 - the first error is the one to raise
+                    log.debug("extra output failed after an earlier error", exc_info=True)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    return files
+
+
+def _write_files(prep: Prepared, analysis: Analysis, stage: Path, say, planning, dicom_courses: bool,
+                 robustness) -> dict[str, str]:
+    """The volumes, check maps, registration files, worst-case, planning and DICOM outputs (not the report, not
+    results.json) into ``stage``; returns {file name: description}."""
+    say("writing volumes")
+    g = prep.grid
+    files = {}
+
+    def vol(name, arr, desc):
+        write_volume(Volume(arr.astype(np.float32, copy=False), g, name), stage / name, description=desc,
+                     units="Gy" if "alpha_beta" not in name else "Gy (alpha/beta)")
+        files[name] = desc
+    from .dicom_rt import rbe_words
+    rbe_all = _rbe_all(prep)
+    vol("cumulative_eqd2.nrrd", analysis.cumulative,
+        f"Cumulative EQD2 (Gy) for viewing, recovery credit applied; {MAP_RULE}; {rbe_all}")
+    _write_check_maps(prep, analysis, stage, files, say)
+    for c in prep.courses:
+        vol(f"eqd2_{c.name}.nrrd", analysis.course_eqd2[c.name],
+            f"EQD2 (Gy) of course {c.name}, {_fractions_words(c)}, no recovery credit, "
+            f"{rbe_words(prep.dose_kinds.get(c.name))}; per voxel the largest over the alpha/beta of the organs "
+            "covering it")
+    vol("alpha_beta.nrrd", analysis.alpha_beta, "alpha/beta (Gy) that gave each voxel's cumulative_eqd2 value "
+        "(the covering organ with the largest cumulative EQD2; protocol default outside organs)")
+    if prep.registrations:
+        say("writing registration transforms and registered prior CTs")
+        from .registration import registered_image, write_transform
+        for name, o in prep.registrations.items():
+            if o.method != "identity":
+                write_transform(o, stage / f"transform_{name}.tfm")
+                files[f"transform_{name}.tfm"] = (f"ITK transform of course {name} ({o.method}): maps reference-"
+                                                  "image points (LPS mm) to the prior course's frame")
+            if o.moving_image is not None and prep.reference_image is not None:
+                fname = f"prior_ct_{name}_registered.nrrd"
+                write_volume(registered_image(o, prep.reference_image.grid), stage / fname,
+                             description=f"CT of course {name} mapped onto the reference CT ({o.method})")
+                files[fname] = f"CT of course {name} on the reference CT grid through its registration (HU)"
+    if robustness is not None:
+        say("writing the worst-case map and its violation regions")
+        from .robustness import write as write_robustness
+        write_robustness(robustness, g, stage, files)
+    if planning is not None:
+        say("writing margins, violation, headroom and remaining-dose maps")
+        from .planning import write as write_planning
+        write_planning(planning, g, stage, files)
+    if prep.reference_image is not None and prep.reference_image.meta.get("dicom"):
+        say("writing DICOM RTDOSE")
+        from .dicom_export import write_eqd2_rtdose
+        files.update(write_eqd2_rtdose(prep, analysis, stage, per_course=dicom_courses))
     return files
 
 
@@ -439,17 +457,17 @@ def _write_check_maps(prep: Prepared, analysis: Analysis, stage: Path, files: di
 
 def _rbe_all(prep: Prepared) -> str:
     """Every course's RBE in words (dicom_rt.rbe_words), for the descriptions of maps that sum the courses."""
-    from .dicom_export import course_rbe_words
+    from .dicom_rt import course_rbe_words   # not dicom_export: that imports pydicom (0.3 s) for a sentence
     return course_rbe_words(prep)
 
 
 def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: Progress | None = None,
              dicom_courses: bool = False, extra_outputs: Sequence[ExtraOutput] = (),
-             protocol: str | None = None) -> Results:
+             protocol: str | None = None, figures=None) -> Results:
     """Load, compute and write a case. ``extra_outputs``: see :func:`write_outputs` (check that they can run
     before calling: nothing here knows what they need). ``protocol`` (a shipped name or an absolute path) replaces
     the case file's own protocol (``reirradiation-npc batch --protocol``: re-checking old cases against a new
-    protocol)."""
+    protocol). ``figures``: see :func:`write_outputs`."""
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir, overwrite)  # refuse early, before any work
     if overwrite and (out_dir / "results.json").exists():
@@ -480,5 +498,5 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     from .risk_estimates import add_to_results as _add_risk
     _add_risk(results, prep, analysis)
     write_outputs(prep, analysis, results, out_dir, overwrite, progress, planning=plan,
-                  dicom_courses=dicom_courses, extra_outputs=extra_outputs, robustness=rob)
+                  dicom_courses=dicom_courses, extra_outputs=extra_outputs, robustness=rob, figures=figures)
     return results

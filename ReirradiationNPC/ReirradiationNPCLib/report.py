@@ -19,6 +19,7 @@ import html
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -78,42 +79,194 @@ def _img(png: bytes | None, alt: str, caption: str, placeholder: str, tall: bool
             f'<figcaption>{caption}</figcaption></figure>')
 
 
-def make_figures(res: dict, analysis=None, prepared=None, planning=None) -> dict[str, bytes | None]:
-    """PNG bytes of each figure (None when it cannot be drawn). Failures are logged, never fatal: the
-    numbers of the report do not depend on its pictures."""
-    figs: dict[str, bytes | None] = {"dvh": None, "slices": None, "view3d": None, "focus": None}
-    if analysis is None or prepared is None:
-        return figs
-    try:
-        from . import report_figures as rf
-    except ImportError as exc:  # matplotlib missing
-        log.warning("report figures skipped: %s", exc)
-        return figs
+#: the report's figures, in the order they are drawn: DVH small multiples, slices, 3D view
+FIGURES = ("dvh", "slices", "view3d")
+_FAILED = {"dvh": "DVH figure failed", "slices": "slice figure failed", "view3d": "3D view failed"}
+
+
+def figure_inputs(res: dict, analysis, prepared, planning=None) -> tuple[object, dict[str, tuple]]:
+    """What each figure is drawn from, computed here (numpy and SimpleITK; no matplotlib): ``(focus, {figure:
+    arguments of draw_figure})``. A figure whose inputs fail is left out (logged). The slices get the CT planes
+    they show (``report_figures.ct_planes``), not the CT."""
+    from . import report_figures as rf
     structures = prepared.structures
     names = [s.name for s in structures if s.organ is not None and s.organ.role != "body"]
     colors = rf.structure_colors(names)
-    try:
-        figs["dvh"] = rf.dvh_figure(res, getattr(analysis, "dvh_curves", {}) or {}, colors)
-    except Exception:  # noqa: BLE001 - a figure must not stop the report
-        log.exception("DVH figure failed")
+    jobs: dict[str, tuple] = {"dvh": (res, getattr(analysis, "dvh_curves", {}) or {}, colors)}
+    focus = None
     try:
         focus = rf.choose_focus(res, structures, analysis.cumulative, analysis.course_eqd2)
         if focus is not None:
-            figs["focus"] = focus
             viol = None
             for v in (getattr(planning, "violations", None) or []) if planning is not None else []:
                 c = focus.constraint
                 if (v.structure, v.metric, v.scope) == (focus.structure, c.get("metric"), c.get("scope")):
                     viol = v
-            figs["slices"] = rf.slices_figure(prepared.grid, analysis.cumulative, analysis.course_eqd2, structures,
-                                              focus, prepared.reference_image, colors, violation=viol)
+            jobs["slices"] = (prepared.grid, analysis.cumulative, analysis.course_eqd2, structures, focus,
+                              rf.ct_planes(prepared.grid, focus, prepared.reference_image), colors, viol)
+    except Exception:  # noqa: BLE001 - a figure must not stop the report
+        log.exception(_FAILED["slices"])
+    try:   # the 3D view, offscreen: matplotlib voxel-face surfaces of the organs, targets, margins and violations
+        # (the Slicer part renders the same scene with VTK; the report does not depend on it, so it looks the same
+        # everywhere)
+        layers = rf.layers_3d(prepared.grid, structures, colors, _violations(res, analysis, prepared, planning),
+                              getattr(planning, "margins", None) if planning is not None else None)
+        focus3d = [lay[0] for lay in layers if lay[4] in ("#ff8c00", "#ffd700", "#00bfff")]  # targets and margins
+        jobs["view3d"] = (layers, focus3d)
     except Exception:  # noqa: BLE001
-        log.exception("slice figure failed")
-    try:
-        figs["view3d"] = render_3d(res, analysis, prepared, colors, planning)
-    except Exception:  # noqa: BLE001
-        log.exception("3D view failed")
+        log.exception(_FAILED["view3d"])
+    return focus, jobs
+
+
+def draw_figure(name: str, args: tuple) -> bytes | None:
+    """PNG bytes of figure ``name`` (one of FIGURES) from its :func:`figure_inputs` arguments."""
+    from . import report_figures as rf
+    if name == "dvh":
+        return rf.dvh_figure(*args)
+    if name == "slices":
+        grid, cumulative, course_eqd2, structures, focus, ct, colors, viol = args
+        return rf.slices_figure(grid, cumulative, course_eqd2, structures, focus, None, colors, violation=viol,
+                                ct=ct)
+    if name == "view3d":
+        layers, focus3d = args
+        return rf.view3d_figure(layers, focus=focus3d)
+    raise ValueError(f"no figure {name!r}")
+
+
+def make_figures(res: dict, analysis=None, prepared=None, planning=None) -> dict[str, bytes | None]:
+    """PNG bytes of each figure (None when it cannot be drawn), drawn in this process one after the other.
+    Failures are logged, never fatal: the numbers of the report do not depend on its pictures."""
+    figs: dict[str, bytes | None] = {"dvh": None, "slices": None, "view3d": None, "focus": None}
+    if analysis is None or prepared is None:
+        return figs
+    focus, jobs = figure_inputs(res, analysis, prepared, planning)
+    figs["focus"] = focus
+    for name in FIGURES:
+        if name in jobs:
+            try:
+                figs[name] = draw_figure(name, jobs[name])
+            except Exception:  # noqa: BLE001 - a figure must not stop the report
+                log.exception(_FAILED[name])
     return figs
+
+
+# ------------------------------------------------------------------------------------------ figures beside the run
+
+#: longest wait (s) for the figure processes before the figures are drawn in this process instead
+FIGURE_TIMEOUT_S = 300.0
+
+
+def _import_for_figures() -> None:
+    """What drawing the figures imports (matplotlib, its 3D toolkit, contourpy) and what unpickling their inputs
+    needs: done by the figure process while the run computes."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.collections  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import matplotlib.legend  # noqa: F401
+    import mpl_toolkits.mplot3d  # noqa: F401
+    try:
+        import contourpy  # noqa: F401
+    except ImportError:
+        pass
+    from . import analysis, planning, report_figures  # noqa: F401
+
+
+def _draw_timed(name: str, args: tuple) -> tuple:
+    t = time.perf_counter()
+    try:
+        png = draw_figure(name, args)
+    except Exception as exc:  # noqa: BLE001 - a figure must not stop the report
+        return ("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
+    return ("ok", png, time.perf_counter() - t)
+
+
+def _figure_process(inbox) -> dict | None:
+    """The figure process (:class:`FiguresInChildProcess`): imports matplotlib at once, waits for the figures'
+    inputs, draws the first figures in child processes of its own and the last one itself (2 cores: the three
+    overlap each other and the parent's writing)."""
+    from .child_process import Child, ChildError
+    t = time.perf_counter()
+    try:
+        _import_for_figures()
+    except ImportError as exc:  # matplotlib missing: the report says so under each figure
+        return {"unavailable": str(exc)}
+    imported = time.perf_counter() - t
+    jobs = inbox()
+    if jobs is None:          # the run ended before its report
+        return None
+    names = [n for n in FIGURES if n in jobs]
+    children = {n: Child(_draw_timed, n, jobs[n]) for n in names[:-1]}
+    out = {names[-1]: _draw_timed(names[-1], jobs[names[-1]])} if names else {}
+    for n, child in children.items():
+        try:
+            out[n] = child.result()
+        except ChildError as exc:
+            out[n] = ("error", str(exc), 0.0)
+    return {"figures": out, "import_s": imported}
+
+
+class FiguresInChildProcess:
+    """The report's figures drawn beside the run (issue 15): created when the command starts, it forks a figure
+    process (:class:`.child_process.Child`) that imports matplotlib (about 0.8 s of CPU) while the run loads and
+    computes; :meth:`start` gives it the figures' inputs (:func:`figure_inputs`, computed here) as soon as the
+    results exist, and the three figures are drawn in parallel while the outputs are written. The PNGs are those of
+    :func:`make_figures` (same inputs, same drawing functions). If the figure process fails or is not done within
+    FIGURE_TIMEOUT_S, the figures are drawn here instead (logged). Linux only (``child_process.available``); not
+    inside Slicer (the Slicer module draws them in its own process). Call :meth:`close` when done."""
+
+    def __init__(self):
+        from .child_process import Child
+        self._child = Child(_figure_process, inbox=True)
+
+    def start(self, results, analysis, prepared, planning=None, progress=None):
+        """Send the figures' inputs; returns a callable that waits and returns the figures as
+        :func:`make_figures` does. ``progress``: a ``timing.StageClock`` gets the figure process's times."""
+        res = _results_dict(results)
+        focus, jobs = figure_inputs(res, analysis, prepared, planning)
+        light = {n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()}
+        self._child.send(light)
+
+        def finish() -> dict:
+            from .child_process import ChildError
+            try:
+                msg = self._child.result(timeout=FIGURE_TIMEOUT_S)
+            except ChildError as exc:
+                log.warning("the report's figure process failed (%s); drawing the figures here", exc)
+                return make_figures(res, analysis, prepared, planning)
+            if msg is None or "unavailable" in msg:
+                log.warning("report figures skipped: %s", (msg or {}).get("unavailable", "no figure process"))
+                return {"dvh": None, "slices": None, "view3d": None, "focus": focus}
+            figs = {"dvh": None, "slices": None, "view3d": None, "focus": focus}
+            add = getattr(progress, "add", None)
+            if callable(add):
+                add("importing matplotlib (report figure process, from the start of the run)", msg["import_s"])
+            for name, (status, value, seconds) in msg["figures"].items():
+                if status == "ok":
+                    figs[name] = value
+                else:
+                    log.error("%s: %s", _FAILED[name], value)
+                if callable(add):
+                    add(f"drawing the report figure {name!r} (figure process, beside the outputs)", seconds)
+            return figs
+
+        return finish
+
+    def close(self) -> None:
+        """End the figure process if its figures were not collected (e.g. the run failed): it may be waiting for
+        inputs or for the parent to read them."""
+        self._child.kill()
+
+
+def _light(args: tuple) -> tuple:
+    """A figure's arguments without what it never reads, for pickling: structures without their masks as read
+    (``source_mask``: on the CT grid, up to tens of MB each)."""
+    import dataclasses
+    out = []
+    for a in args:
+        if isinstance(a, list) and a and all(dataclasses.is_dataclass(x) and hasattr(x, "source_mask") for x in a):
+            a = [dataclasses.replace(x, source_mask=None, source_grid=None) for x in a]
+        out.append(a)
+    return tuple(out)
 
 
 def _violations(res: dict, analysis, prepared, planning) -> list[tuple[str, object, tuple]]:
@@ -125,18 +278,6 @@ def _violations(res: dict, analysis, prepared, planning) -> list[tuple[str, obje
     done = {(v.structure, v.metric, v.scope) for v in viol or []}
     own = rf.violation_masks(res, prepared.structures, analysis.cumulative, analysis.course_eqd2)
     return out + [o for o, key in zip(own, rf.failed_keys(res, prepared.structures)) if key not in done]
-
-
-def render_3d(res: dict, analysis, prepared, colors: dict[str, str], planning=None) -> bytes | None:
-    """The 3D view, offscreen: matplotlib voxel-face surfaces of the organs, targets, margins and violations.
-
-    (The Slicer part renders the same scene with VTK inside Slicer / slicer-core; the report does not depend
-    on it, so the report looks the same everywhere.)"""
-    from . import report_figures as rf
-    layers = rf.layers_3d(prepared.grid, prepared.structures, colors, _violations(res, analysis, prepared, planning),
-                          getattr(planning, "margins", None) if planning is not None else None)
-    focus = [lay[0] for lay in layers if lay[4] in ("#ff8c00", "#ffd700", "#00bfff")]  # targets and margins
-    return rf.view3d_figure(layers, focus=focus)
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -844,17 +985,18 @@ def write_pdf(html_text: str, path: Path) -> bool:
         return False
 
 
-def write_report(results, out_dir: Path, analysis=None, prepared=None, planning=None, pdf: bool = True
-                 ) -> dict[str, str]:
+def write_report(results, out_dir: Path, analysis=None, prepared=None, planning=None, pdf: bool = True,
+                 figures=None) -> dict[str, str]:
     """Write ``report.html`` (and ``report.pdf`` when possible) into ``out_dir``; return {file: description}.
 
     ``results``: the ``Results`` tree (or the ``results.json`` dictionary). ``analysis`` / ``prepared``: the
     :class:`analysis.Analysis` and :class:`pipeline.Prepared` whose arrays the figures are drawn from (optional);
-    ``planning``: the :class:`planning.Planning` (margins, violation regions) when computed.
+    ``planning``: the :class:`planning.Planning` (margins, violation regions) when computed. ``figures``: the
+    callable :meth:`FiguresInChildProcess.start` returned (figures drawn beside the run), else they are drawn here.
     """
     out_dir = Path(out_dir)
     res = _results_dict(results)
-    figs = make_figures(res, analysis, prepared, planning)
+    figs = figures() if figures is not None else make_figures(res, analysis, prepared, planning)
     text = render_html(res, figs)
     (out_dir / "report.html").write_text(text, encoding="utf-8")
     files = {"report.html": "Self-contained report (HTML, images embedded; prints cleanly)"}

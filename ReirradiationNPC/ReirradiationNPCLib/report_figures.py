@@ -164,12 +164,28 @@ def _contour_lines(ax, us: np.ndarray, vs: np.ndarray, m2: np.ndarray, color: st
     return [seg for seg in gen.lines(0.5)[0] if len(seg) > 1]     # closed lines end on their first point
 
 
+#: the views of :func:`slices_figure`: (title, numpy axis across the slice)
+_VIEWS = (("axial", 0), ("coronal", 1), ("sagittal", 2))
+
+
+def ct_planes(grid: Grid, focus: Focus, reference_image: Volume | None) -> list[np.ndarray] | None:
+    """The CT under each view of :func:`slices_figure` (axial, coronal, sagittal through ``focus.index``), as 2D
+    arrays on the evaluation grid's slice; None without a CT. Separate from the drawing so that a process without
+    the CT (the report's figure process, :class:`.report.FiguresInChildProcess`) can be given just these planes."""
+    if reference_image is None:
+        return None
+    return [np.squeeze(_ct_on(reference_image, _slab_grid(grid, axis, focus.index[axis])), axis=axis)
+            for _, axis in _VIEWS]
+
+
 def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structures, focus: Focus,
-                  reference_image: Volume | None, structure_colors: dict[str, str], violation=None) -> bytes:
+                  reference_image: Volume | None, structure_colors: dict[str, str], violation=None,
+                  ct: list[np.ndarray] | None = None) -> bytes:
     """Axial, coronal and sagittal slices through ``focus.index``: CT (if given), EQD2 colour wash,
     contours of every organ and target, and the violating voxels of the focus structure hatched in red
     (``violation``: an object with ``mask`` / ``box`` on ``grid``; default: the focus structure's voxels at or
-    above the threshold in the displayed map)."""
+    above the threshold in the displayed map). ``ct``: the CT planes of :func:`ct_planes` when already computed
+    (``reference_image`` is then not read)."""
     from matplotlib.collections import LineCollection
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
@@ -183,12 +199,14 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
     views = [("axial", 0, k, (sp[0], sp[1]), "x (mm) \u2192 patient left", "y (mm) \u2192 posterior"),
              ("coronal", 1, j, (sp[0], sp[2]), "x (mm) \u2192 patient left", "z (mm) \u2192 superior"),
              ("sagittal", 2, i, (sp[1], sp[2]), "y (mm) \u2192 posterior", "z (mm) \u2192 superior")]
+    if ct is None:
+        ct = ct_planes(grid, focus, reference_image)
     fig = _figure((15, 5.6))
     axes = fig.subplots(1, 3)
     focus_s = next(s for s in structures if s.name == focus.structure)
     handles = {}
     im = None
-    for ax, (title, axis, idx, (su, sv), xl, yl) in zip(axes, views):
+    for n, (ax, (title, axis, idx, (su, sv), xl, yl)) in enumerate(zip(axes, views)):
         sel = [slice(None)] * 3
         sel[axis] = idx
         wash = arr[tuple(sel)].astype(np.float32)
@@ -202,10 +220,8 @@ def slices_figure(grid: Grid, cumulative: np.ndarray, course_eqd2: dict, structu
         origin = "upper" if axis == 0 else "lower"
         if axis == 0:
             extent = (extent[0], extent[1], extent[3], extent[2])
-        if reference_image is not None:
-            ct = _ct_on(reference_image, _slab_grid(grid, axis, idx))
-            ct2d = np.squeeze(ct, axis=axis)
-            ax.imshow(ct2d, cmap="gray", vmin=-160, vmax=240, extent=extent, origin=origin,
+        if ct is not None:
+            ax.imshow(ct[n], cmap="gray", vmin=-160, vmax=240, extent=extent, origin=origin,
                       interpolation="bilinear")
         else:
             ax.set_facecolor("black")
