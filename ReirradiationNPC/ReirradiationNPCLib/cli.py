@@ -178,7 +178,8 @@ def main(ctx, quiet, verbose):
 
 class _FiguresBesideTheRun:
     """The report's figures drawn in child processes beside the run (``report.FiguresInChildProcess``), started
-    before the engine is imported so that matplotlib is imported beside the run: on Linux only
+    before the run so that matplotlib is imported beside it (after the engine's own imports, which the figure
+    process then shares): on Linux only
     (``child_process.available``), and not with ``REIRRADIATION_NPC_NO_FORK`` set. A context manager: the figure
     process is ended on the way out whatever happened."""
 
@@ -218,9 +219,9 @@ def _scene_outputs(scene: bool) -> list:
 @click.pass_context
 def run(ctx, case, output, overwrite, scene, dicom_courses):
     """Run the analysis described by the CASE file (YAML or JSON)."""
+    from .pipeline import run_case  # before the fork: the figure process shares the engine's imports (numpy, ...)
     prog = _Progress(not ctx.obj["quiet"])
     with _FiguresBesideTheRun() as figures:
-        from .pipeline import run_case
         results = _guard(lambda: run_case(case, output, overwrite=overwrite, progress=prog,
                                           dicom_courses=dicom_courses, extra_outputs=_scene_outputs(scene),
                                           figures=figures),
@@ -284,6 +285,7 @@ def batch(ctx, cases, output, protocol_override, scheduler, workers, scene, resu
 @click.pass_context
 def demo(ctx, output, overwrite, dicom):
     """Generate the synthetic NPC case and run it (no data needed)."""
+    from . import pipeline  # noqa: F401 - before the fork: the figure process shares the engine's imports
     with _FiguresBesideTheRun() as figures:
         _demo(ctx, output, overwrite, dicom, figures)
 

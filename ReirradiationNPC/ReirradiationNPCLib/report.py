@@ -222,9 +222,14 @@ class FiguresInChildProcess:
         """Send the figures' inputs; returns a callable that waits and returns the figures as
         :func:`make_figures` does. ``progress``: a ``timing.StageClock`` gets the figure process's times."""
         res = _results_dict(results)
-        focus, jobs = figure_inputs(res, analysis, prepared, planning)
-        light = {n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()}
-        self._child.send(light)
+        try:
+            focus, jobs = figure_inputs(res, analysis, prepared, planning)
+            self._child.send({n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()})
+        except Exception as exc:  # noqa: BLE001 - e.g. no room for the inputs' file: the figures are drawn here
+            log.warning("the report's figure process could not be given its inputs (%s: %s); drawing the figures "
+                        "here", type(exc).__name__, exc)
+            self._child.kill()
+            return lambda: make_figures(res, analysis, prepared, planning)
 
         def finish() -> dict:
             from .child_process import ChildError
