@@ -60,6 +60,20 @@ def test_inbox_gets_what_is_sent_later_or_none():
     c.kill()
 
 
+def _read_two(inbox):
+    first = inbox()
+    # a process forked after the first read reads the next ones (the forking process reads no more)
+    second, after = Child(lambda: (inbox(), inbox())).result()
+    return first, second, after
+
+
+def test_inbox_objects_come_in_order_and_a_forked_reader_gets_the_next():
+    c = Child(_read_two, inbox=True)
+    c.send("one", last=False)
+    c.send({"two": 2})                              # last: the inbox is closed, nothing after it
+    assert c.result() == ("one", {"two": 2}, None)
+
+
 def _sleep():
     import time
     time.sleep(30)
@@ -107,6 +121,34 @@ def test_figures_in_child_processes_are_the_in_process_figures(computed):
     assert "importing matplotlib (report figure process, from the start of the run)" in stages
     for n in report.FIGURES:
         assert f"drawing the report figure {n!r} (figure process, beside the outputs)" in stages
+
+
+def test_slices_and_3d_sent_early_are_the_in_process_figures(computed, caplog):
+    """run_case gives the slices and the 3D view to the figure process before the robustness scenarios
+    (start_early), the DVH after (start): the same PNGs as make_figures on the final results."""
+    res, analysis, prep, plan = computed
+    here = report.make_figures(res, analysis, prep, plan)
+    figures = report.FiguresInChildProcess()
+    try:
+        figures.start_early(res, analysis, prep, plan)
+        there = figures.start(res, analysis, prep, plan)()
+    finally:
+        figures.close()
+    assert all(there[n] == here[n] for n in report.FIGURES)
+    assert "drawn again" not in caplog.text
+    # results that change after the early figures were sent (they should not): the slices and the 3D view are
+    # drawn again from the final results
+    early = json.loads(json.dumps(res))
+    worst = next(c for c in early["constraints"] if c.get("status") == "fail")
+    worst["status"] = "pass"
+    figures = report.FiguresInChildProcess()
+    try:
+        figures.start_early(early, analysis, prep, plan)
+        there = figures.start(res, analysis, prep, plan)()
+    finally:
+        figures.close()
+    assert "drawn again" in caplog.text
+    assert all(there[n] == here[n] for n in report.FIGURES)
 
 
 def _broken_figure_process(inbox):

@@ -6,10 +6,11 @@ the way in, nothing computed again), sends back the pickled return value, or its
 ends with ``os._exit`` (it never returns into the caller's code, runs no atexit handler and flushes none of the
 parent's buffers). ``result()`` waits for it and returns the value or raises :class:`ChildError`.
 
-A child started with ``inbox=True`` can be given one more object later (:meth:`Child.send`): it reads it with the
-``inbox`` callable passed as its first argument. The object goes through a temporary file, so ``send`` never waits
-for the child (a pipe of 64 kB would block the parent until the child reads); ``inbox()`` returns None when the
-parent ended or closed the child without sending.
+A child started with ``inbox=True`` can be given objects later (:meth:`Child.send`): it reads them, in order, with
+the ``inbox`` callable passed as its first argument. Each object goes through a temporary file, so ``send`` never
+waits for the child (a pipe of 64 kB would block the parent until the child reads); ``inbox()`` returns None once
+the parent has ended or closed the inbox and nothing more is to be read. A process the child forks after reading
+some objects can read the next ones (it gets a copy of the inbox, read position included).
 
 Only where fork is safe (:func:`available`): Linux. Not Windows (no fork) and not macOS (forking a process that has
 loaded system frameworks is unsafe); never call it inside Slicer (a Qt application): the engine's callers decide
@@ -87,18 +88,23 @@ class Child:
             os.close(in_r)
             self._to_child = in_w
 
-    def send(self, obj) -> None:
-        """Give the child (started with ``inbox=True``) one object; returns at once (the object is pickled into a
-        temporary file that the child reads and removes)."""
-        fd, path = tempfile.mkstemp(prefix="reirradiation-npc-child-", suffix=".pickle")
+    def send(self, obj, last: bool = True) -> None:
+        """Give the child (started with ``inbox=True``) an object; returns at once (the object is pickled into a
+        temporary file that the child reads and removes). ``last``: nothing more will be sent (the inbox is
+        closed)."""
         try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            _write_all(self._to_child, path.encode("utf-8") + b"\n")
+            fd, path = tempfile.mkstemp(prefix="reirradiation-npc-child-", suffix=".pickle")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                _write_all(self._to_child, path.encode("utf-8") + b"\n")
+            except BaseException:
+                os.unlink(path)
+                raise
         except BaseException:
-            os.unlink(path)
+            self.close_inbox()
             raise
-        finally:
+        if last:
             self.close_inbox()
 
     def close_inbox(self) -> None:
@@ -156,24 +162,26 @@ class Child:
 
 
 class _Inbox:
-    """The child's end of :meth:`Child.send`: ``inbox()`` blocks until the parent sends (the object) or closes
-    the child's inbox / ends (None)."""
+    """The child's end of :meth:`Child.send`: ``inbox()`` blocks until the parent sends (the next object) or
+    closes the child's inbox / ends (None)."""
 
     def __init__(self, fd: int):
         self._fd = fd
+        self._buf = b""
 
     def __call__(self):
-        chunks = []
-        while True:   # up to the line's end, not the pipe's: a process forked later may hold a copy of its write end
+        # one line (a file name) per object: read up to a line's end, not to the pipe's end (a process forked
+        # later by the parent may hold a copy of the pipe's write end)
+        while b"\n" not in self._buf and self._fd is not None:
             data = os.read(self._fd, 4096)
             if not data:
+                os.close(self._fd)
+                self._fd = None
                 break
-            chunks.append(data)
-            if data.endswith(b"\n"):
-                break
-        os.close(self._fd)
-        path = b"".join(chunks).decode("utf-8").strip()
-        if not path:
+            self._buf += data
+        line, sep, self._buf = self._buf.partition(b"\n")
+        path = line.decode("utf-8").strip()
+        if not sep or not path:
             return None
         try:
             with open(path, "rb") as fh:

@@ -61,6 +61,10 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
             raise InputError(exc.detail, source=str(case.path), field=exc.field) from None
         raise
 
+    # structures from mask files (not an RTSTRUCT, which is rasterised on the reference CT's lattice) are read
+    # beside the reference image and the doses (the readers release the GIL; 2 cores): announced and waited for
+    # at "loading structures", where their errors are raised as before
+    early = _read_structures_beside(case)
     ref_img = None
     if case.reference_image is not None:
         say("loading reference image")
@@ -119,10 +123,13 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                                   coverage=cov, groups=terms))
 
     say("loading structures")
-    raw = load_structures_any(case.reference_structures, "reference.structures",  # RTSTRUCT: onto the CT lattice
-                              lattice=ref_img.grid if ref_img is not None else grid, warnings=warnings,
-                              expected_frame_uid=(ref_img.meta.get("dicom") or {}).get("FrameOfReferenceUID")
-                              if ref_img is not None else None, crop=True)   # masks kept as boxes
+    if early is not None:
+        raw = early.result()
+    else:
+        raw = load_structures_any(case.reference_structures, "reference.structures",  # RTSTRUCT: onto the CT lattice
+                                  lattice=ref_img.grid if ref_img is not None else grid, warnings=warnings,
+                                  expected_frame_uid=(ref_img.meta.get("dicom") or {}).get("FrameOfReferenceUID")
+                                  if ref_img is not None else None, crop=True)   # masks kept as boxes
     structures = []
     for s in raw:
         organ = protocol.match(s.name)
@@ -163,6 +170,22 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
         elif d.meta.get("dose_kind"):
             kinds[c.name] = d.meta["dose_kind"]
     return Prepared(case, protocol, grid, courses, structures, ref_img, warnings, registrations, kinds)
+
+
+def _read_structures_beside(case: CaseSpec):
+    """A future of the case's structures when they are mask files (a folder or a .seg.nrrd), read in a thread of
+    their own (kept as boxes, ``io.read_structures(..., crop=True)``); None for an RTSTRUCT (it needs the reference
+    CT's lattice first)."""
+    from .dicom_rt import is_dicom_file
+    path = case.reference_structures
+    if path is None or is_dicom_file(Path(path)):
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="structures")
+    try:
+        return pool.submit(load_structures_any, path, "reference.structures", crop=True)
+    finally:
+        pool.shutdown(wait=False)   # the thread ends when the reading does
 
 
 def load_course_doses(c, i: int) -> Volume:
@@ -353,7 +376,7 @@ def write_outputs(prep: Prepared, analysis: Analysis, results: Results, out_dir:
                    if callable(getattr(writer, "start", None)) else None for writer in extra_outputs]
         pending_figures = None
         if figures is not None:
-            say("preparing the report's figures (drawn in child processes beside the next stages)")
+            say("preparing the report's figures (drawn in the figure process beside the next stages)")
             pending_figures = figures.start(results, analysis, prep, planning, progress)
         files = _write_files(prep, analysis, stage, say, planning, dicom_courses, robustness)
         say("writing report")
@@ -489,10 +512,13 @@ def run_case(case_path: Path, out_dir: Path, overwrite: bool = False, progress: 
     analysis = compute(prep.grid, prep.courses, prep.structures, prep.protocol, progress)
     from . import planning as _planning
     plan = _planning.compute(prep, analysis, progress)
+    results = build_results(prep, analysis)   # (needs neither the robustness scenarios nor the provenance)
+    _planning.add_to_results(results, plan)
+    if figures is not None:   # the slices and the 3D view are drawn beside the robustness scenarios
+        progress("preparing the report's slices and 3D view (drawn in the figure process beside the next stages)")
+        figures.start_early(results, analysis, prep, plan)
     from . import robustness as _robustness
     rob = _robustness.compute(prep, analysis, progress)
-    results = build_results(prep, analysis)
-    _planning.add_to_results(results, plan)
     results.provenance = prov
     _robustness.add_to_results(results, rob)
     from .risk_estimates import add_to_results as _add_risk

@@ -84,15 +84,17 @@ FIGURES = ("dvh", "slices", "view3d")
 _FAILED = {"dvh": "DVH figure failed", "slices": "slice figure failed", "view3d": "3D view failed"}
 
 
-def figure_inputs(res: dict, analysis, prepared, planning=None) -> tuple[object, dict[str, tuple]]:
-    """What each figure is drawn from, computed here (numpy and SimpleITK; no matplotlib): ``(focus, {figure:
-    arguments of draw_figure})``. A figure whose inputs fail is left out (logged). The slices get the CT planes
-    they show (``report_figures.ct_planes``), not the CT."""
+def figure_inputs(res: dict, analysis, prepared, planning=None, names: tuple[str, ...] = FIGURES
+                  ) -> tuple[object, dict[str, tuple]]:
+    """What each figure of ``names`` is drawn from, computed here (numpy and SimpleITK; no matplotlib): ``(focus,
+    {figure: arguments of draw_figure})``. A figure whose inputs fail is left out (logged). The slices get the CT
+    planes they show (``report_figures.ct_planes``), not the CT."""
     from . import report_figures as rf
     structures = prepared.structures
-    names = [s.name for s in structures if s.organ is not None and s.organ.role != "body"]
-    colors = rf.structure_colors(names)
-    jobs: dict[str, tuple] = {"dvh": (res, getattr(analysis, "dvh_curves", {}) or {}, colors)}
+    colors = rf.structure_colors([s.name for s in structures if s.organ is not None and s.organ.role != "body"])
+    jobs: dict[str, tuple] = {}
+    if "dvh" in names:
+        jobs["dvh"] = (res, getattr(analysis, "dvh_curves", {}) or {}, colors)
     focus = None
     try:
         focus = rf.choose_focus(res, structures, analysis.cumulative, analysis.course_eqd2)
@@ -102,10 +104,13 @@ def figure_inputs(res: dict, analysis, prepared, planning=None) -> tuple[object,
                 c = focus.constraint
                 if (v.structure, v.metric, v.scope) == (focus.structure, c.get("metric"), c.get("scope")):
                     viol = v
-            jobs["slices"] = (prepared.grid, analysis.cumulative, analysis.course_eqd2, structures, focus,
-                              rf.ct_planes(prepared.grid, focus, prepared.reference_image), colors, viol)
+            if "slices" in names:
+                jobs["slices"] = (prepared.grid, analysis.cumulative, analysis.course_eqd2, structures, focus,
+                                  rf.ct_planes(prepared.grid, focus, prepared.reference_image), colors, viol)
     except Exception:  # noqa: BLE001 - a figure must not stop the report
         log.exception(_FAILED["slices"])
+    if "view3d" not in names:
+        return focus, jobs
     try:   # the 3D view, offscreen: matplotlib voxel-face surfaces of the organs, targets, margins and violations
         # (the Slicer part renders the same scene with VTK; the report does not depend on it, so it looks the same
         # everywhere)
@@ -181,71 +186,133 @@ def _draw_timed(name: str, args: tuple) -> tuple:
 
 
 def _figure_process(inbox) -> dict | None:
-    """The figure process (:class:`FiguresInChildProcess`): imports matplotlib at once, waits for the figures'
-    inputs, draws the first figures in child processes of its own and the last one itself (2 cores: the three
-    overlap each other and the parent's writing)."""
-    from .child_process import Child, ChildError
+    """The figure process (:class:`FiguresInChildProcess`): imports matplotlib at once, then draws the figures of
+    each message it is sent (:func:`_draw_messages`)."""
     t = time.perf_counter()
     try:
         _import_for_figures()
     except ImportError as exc:  # matplotlib missing: the report says so under each figure
         return {"unavailable": str(exc)}
     imported = time.perf_counter() - t
-    jobs = inbox()
-    if jobs is None:          # the run ended before its report
+    msg = inbox()
+    if msg is None:          # the run ended before its report
         return None
+    return {"figures": _draw_messages(inbox, msg), "import_s": imported}
+
+
+def _draw_messages(inbox, msg: dict) -> dict:
+    """Draw the figures of ``msg`` ({"jobs": {figure: inputs}, "more": bool}) and of the messages after it:
+    {figure: ("ok", png, s) or ("error", text, s)}. While more is to come (the run still computing on the other
+    core), this message's figures are drawn one after the other and a child process waits for the next message;
+    the last message's figures are drawn in parallel (its first ones in child processes)."""
+    from .child_process import Child, ChildError
+    jobs = msg["jobs"]
     names = [n for n in FIGURES if n in jobs]
-    children = {n: Child(_draw_timed, n, jobs[n]) for n in names[:-1]}
-    out = {names[-1]: _draw_timed(names[-1], jobs[names[-1]])} if names else {}
+    if msg.get("more"):
+        rest = Child(_next_message, inbox)
+        out = {n: _draw_timed(n, jobs[n]) for n in names}
+        children = {"the next figures": rest}
+    else:
+        children = {n: Child(_draw_timed, n, jobs[n]) for n in names[:-1]}
+        out = {names[-1]: _draw_timed(names[-1], jobs[names[-1]])} if names else {}
     for n, child in children.items():
         try:
-            out[n] = child.result()
+            got = child.result()
         except ChildError as exc:
-            out[n] = ("error", str(exc), 0.0)
-    return {"figures": out, "import_s": imported}
+            got = {} if n == "the next figures" else ("error", str(exc), 0.0)   # missing: drawn by the parent
+        if n == "the next figures":
+            out.update(got)
+        else:
+            out[n] = got
+    return out
+
+
+def _next_message(inbox) -> dict:
+    msg = inbox()
+    return {} if msg is None else _draw_messages(inbox, msg)
 
 
 class FiguresInChildProcess:
     """The report's figures drawn beside the run (issue 15): created when the command starts, it forks a figure
     process (:class:`.child_process.Child`) that imports matplotlib (about 0.8 s of CPU) while the run loads and
-    computes; :meth:`start` gives it the figures' inputs (:func:`figure_inputs`, computed here) as soon as the
-    results exist, and the three figures are drawn in parallel while the outputs are written. The PNGs are those of
-    :func:`make_figures` (same inputs, same drawing functions). If the figure process fails or is not done within
-    FIGURE_TIMEOUT_S, the figures are drawn here instead (logged). Linux only (``child_process.available``); not
+    computes. :meth:`start_early` gives it the slices and the 3D view as soon as the targets and violation regions
+    exist (they are drawn while the robustness scenarios are computed), :meth:`start` the DVH figure (it shows the
+    robustness band) and whatever was not given yet; the outputs are written meanwhile. The figures' inputs are
+    computed here (:func:`figure_inputs`, the same as :func:`make_figures`), and the same drawing functions run,
+    so the PNGs are those of :func:`make_figures`. A figure the figure process did not return (it failed, or was not
+    done within FIGURE_TIMEOUT_S) is drawn here instead (logged). Linux only (``child_process.available``); not
     inside Slicer (the Slicer module draws them in its own process). Call :meth:`close` when done."""
 
     def __init__(self):
         from .child_process import Child
         self._child = Child(_figure_process, inbox=True)
+        self._sent: dict[str, tuple] = {}      # figure -> the inputs sent (the last ones)
+        self._broken = False
+        self._early = None
+
+    def _send(self, res: dict, analysis, prepared, planning, names: tuple[str, ...], last: bool):
+        """Compute and send the inputs of the figures ``names``; returns the focus of the slices."""
+        focus, jobs = figure_inputs(res, analysis, prepared, planning, names=names)
+        if not self._broken:
+            try:
+                self._child.send({"jobs": {n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()},
+                                  "more": not last}, last=last)
+            except Exception as exc:  # noqa: BLE001 - e.g. no room for the inputs' file: the figures are drawn here
+                log.warning("the report's figure process could not be given its inputs (%s: %s); drawing the "
+                            "figures here", type(exc).__name__, exc)
+                self._broken = True
+                self._child.kill()
+        self._sent.update(jobs)
+        return focus
+
+    def start_early(self, results, analysis, prepared, planning=None) -> None:
+        """Send the slices and the 3D view (they need the constraints, targets and violation regions only)."""
+        res = _results_dict(results)
+        focus = self._send(res, analysis, prepared, planning, ("slices", "view3d"), last=False)
+        self._early = _what_early_figures_show(res, prepared.structures, focus)
 
     def start(self, results, analysis, prepared, planning=None, progress=None):
-        """Send the figures' inputs; returns a callable that waits and returns the figures as
+        """Send the remaining figures' inputs; returns a callable that waits and returns the figures as
         :func:`make_figures` does. ``progress``: a ``timing.StageClock`` gets the figure process's times."""
         res = _results_dict(results)
-        try:
-            focus, jobs = figure_inputs(res, analysis, prepared, planning)
-            self._child.send({n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()})
-        except Exception as exc:  # noqa: BLE001 - e.g. no room for the inputs' file: the figures are drawn here
-            log.warning("the report's figure process could not be given its inputs (%s: %s); drawing the figures "
-                        "here", type(exc).__name__, exc)
-            self._child.kill()
-            return lambda: make_figures(res, analysis, prepared, planning)
+        rest = tuple(n for n in FIGURES if n not in self._sent)
+        if self._sent:   # sent early: sent again if what they show has changed since (it should not)
+            from . import report_figures as rf
+            focus = rf.choose_focus(res, prepared.structures, analysis.cumulative, analysis.course_eqd2)
+            if _what_early_figures_show(res, prepared.structures, focus) != self._early:
+                log.warning("the report's slices and 3D view were given to the figure process before the results "
+                            "were complete, and what they show has changed since: drawn again")
+                rest = FIGURES
+        focus = self._send(res, analysis, prepared, planning, rest, last=True)
 
         def finish() -> dict:
             from .child_process import ChildError
-            try:
-                msg = self._child.result(timeout=FIGURE_TIMEOUT_S)
-            except ChildError as exc:
-                log.warning("the report's figure process failed (%s); drawing the figures here", exc)
-                return make_figures(res, analysis, prepared, planning)
-            if msg is None or "unavailable" in msg:
-                log.warning("report figures skipped: %s", (msg or {}).get("unavailable", "no figure process"))
+            msg = None
+            if not self._broken:
+                try:
+                    msg = self._child.result(timeout=FIGURE_TIMEOUT_S)
+                except ChildError as exc:
+                    log.warning("the report's figure process failed (%s); drawing the figures here", exc)
+            if msg is not None and "unavailable" in msg:
+                log.warning("report figures skipped: %s", msg["unavailable"])
                 return {"dvh": None, "slices": None, "view3d": None, "focus": focus}
             figs = {"dvh": None, "slices": None, "view3d": None, "focus": focus}
             add = getattr(progress, "add", None)
-            if callable(add):
+            if msg is not None and callable(add):
                 add("importing matplotlib (report figure process, from the start of the run)", msg["import_s"])
-            for name, (status, value, seconds) in msg["figures"].items():
+            got = (msg or {}).get("figures", {})
+            for name in FIGURES:
+                if name not in self._sent:
+                    continue
+                if name not in got:   # the figure process did not draw it: drawn here
+                    if msg is not None:
+                        log.warning("the report's figure process returned no %s; drawn here", name)
+                    try:
+                        figs[name] = draw_figure(name, self._sent[name])
+                    except Exception:  # noqa: BLE001 - a figure must not stop the report
+                        log.exception(_FAILED[name])
+                    continue
+                status, value, seconds = got[name]
                 if status == "ok":
                     figs[name] = value
                 else:
@@ -260,6 +327,17 @@ class FiguresInChildProcess:
         """End the figure process if its figures were not collected (e.g. the run failed): it may be waiting for
         inputs or for the parent to read them."""
         self._child.kill()
+
+
+def _what_early_figures_show(res: dict, structures, focus) -> tuple:
+    """What decides the slices and the 3D view in the results tree: the focus (structure, voxel, threshold, map,
+    and the constraint's fields the figure and its caption use) and the failed constraints (violation regions)."""
+    from . import report_figures as rf
+    f = None if focus is None else (
+        focus.structure, focus.index, focus.threshold_gy, focus.map_name, focus.failing,
+        tuple(focus.constraint.get(k) for k in ("organ", "metric", "scope", "course", "value", "limit", "unit",
+                                                "status", "margin")))
+    return f, tuple(rf.failed_keys(res, structures))
 
 
 def _light(args: tuple) -> tuple:
