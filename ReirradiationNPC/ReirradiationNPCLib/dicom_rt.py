@@ -89,6 +89,8 @@ RADIATION_CHOICES = ("photon", "electron", "proton", "ion")
 POSITION_TOL_MM = 0.01
 #: Contours of one ROI closer than this along the slice normal (mm) are on one plane (even-odd together).
 CONTOUR_PLANE_TOL_MM = 0.1
+#: Rasterisation counts the in-plane coverage of this many pixels at a time (memory: 8 bytes each, a few times).
+COVERAGE_CHUNK_PIXELS = 2_000_000
 #: Identity attributes copied from an image into everything derived from it.
 PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
@@ -1041,15 +1043,24 @@ def _supersampling(grid: Grid) -> int:
     return n if n % 2 else n + 1
 
 
-def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: float, dy: float,
-                 nrows: int) -> np.ndarray:
-    """Even-odd rule fill of the polygons ``polys`` ((N, 2) arrays of x, y) sampled at x0 + c dx, y0 + r dy.
+def _crossings(planes: list[list[np.ndarray]], x0: float, dx: float, ncols: int, y0: float, dy: float,
+               nrows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the edges of the polygons of each plane ((N, 2) arrays of x, y) cross the sample rows y0 + r dy:
+    (p nrows + r, col) of every crossing on plane p, col the first sample column at or right of it (0 ..
+    ``ncols``; a crossing at col flips the samples col, col + 1, ...).
 
-    Returns bool (nrows, ncols). A sample is inside when an odd number of polygon edges cross its row to its
-    left (so holes and islands on one plane follow the even-odd rule). Vectorised over edges and rows.
-    """
+    An edge crosses the rows with ylo <= y < yhi (half open, so every row crosses a closed polygon an even number
+    of times). Vectorised over the edges of all planes and their rows."""
+    polys = [q for plane in planes for q in plane]
+    if not polys:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     a = np.concatenate(polys)
-    b = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
+    lens = np.array([len(q) for q in polys], dtype=np.int64)
+    ends = np.cumsum(lens)
+    nxt = np.arange(1, a.shape[0] + 1)
+    nxt[ends - 1] = ends - lens                          # each polygon closes on its first point
+    b = a[nxt]
+    plane_of = np.repeat(np.repeat(np.arange(len(planes)), [len(plane) for plane in planes]), lens)
     xa, ya, xb, yb = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
     ylo, yhi = np.minimum(ya, yb), np.maximum(ya, yb)
     r_lo = np.clip(np.ceil((ylo - y0) / dy), 0, nrows).astype(np.int64)   # rows with ylo <= y < yhi
@@ -1057,7 +1068,7 @@ def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: 
     cnt = r_hi - r_lo
     keep = cnt > 0
     if not keep.any():
-        return np.zeros((nrows, ncols), dtype=bool)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     xa, ya, xb, yb, r_lo, cnt = xa[keep], ya[keep], xb[keep], yb[keep], r_lo[keep], cnt[keep]
     e = np.repeat(np.arange(cnt.size), cnt)
     start = np.cumsum(cnt) - cnt
@@ -1065,21 +1076,59 @@ def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: 
     y = y0 + r * dy
     x = xa[e] + (y - ya[e]) * (xb[e] - xa[e]) / (yb[e] - ya[e])
     col = np.clip(np.floor((x - x0) / dx).astype(np.int64) + 1, 0, ncols)
+    return plane_of[keep][e] * nrows + r, col
+
+
+def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: float, dy: float,
+                 nrows: int) -> np.ndarray:
+    """Even-odd rule fill of the polygons ``polys`` ((N, 2) arrays of x, y) sampled at x0 + c dx, y0 + r dy.
+
+    Returns bool (nrows, ncols). A sample is inside when an odd number of polygon edges cross its row to its
+    left (so holes and islands on one plane follow the even-odd rule). Vectorised over edges and rows.
+    (:func:`evenodd_coverage` counts the same samples per pixel without making this array.)
+    """
+    r, col = _crossings([polys], x0, dx, ncols, y0, dy, nrows)
+    if r.size == 0:
+        return np.zeros((nrows, ncols), dtype=bool)
     toggles = np.bincount(r * (ncols + 1) + col, minlength=nrows * (ncols + 1)).reshape(nrows, ncols + 1)
     parity = np.bitwise_xor.accumulate((toggles[:, :ncols] & 1).astype(np.uint8), axis=1)
     return parity.astype(bool)
 
 
-def _block_mean(inside: np.ndarray, n: int) -> np.ndarray:
-    """Mean of each n x n block of a bool (J n, I n) array as float32 (J, I); loops over the n offsets only."""
-    u = inside.view(np.uint8)
-    rows = u[0::n].copy()
-    for m in range(1, n):
-        rows += u[m::n]
-    s = rows[:, 0::n].copy()
-    for m in range(1, n):
-        s += rows[:, m::n]
-    return s.astype(np.float32) * np.float32(1.0 / (n * n))
+def evenodd_coverage(planes: list[list[np.ndarray]], x0: float, n: int, ni: int, y0: float, nj: int
+                     ) -> np.ndarray:
+    """For each plane's polygons, the number of the n x n sub-samples of each pixel inside them by the even-odd
+    rule: (len(planes), nj, ni), whole numbers held as float64.
+
+    The sub-samples are those of :func:`evenodd_fill` with ``dx = dy = 1 / n``, ``ncols = ni n``, ``nrows = nj n``
+    (x0, y0: the first sub-sample), and the counts are exactly the sums of its n x n blocks; but the sub-sample
+    arrays are never made. The sorted crossings of each sub-sample row bound its inside runs [c0, c1), [c2, c3),
+    ... (even-odd rule; a run left open at the end of a row runs to its end, as the parity does). A run end at
+    column c adds to pixel column I of its pixel row the number of the pixel's sub-samples left of c,
+    min(max(c - I n, 0), n), and a run start subtracts it: a difference array over the pixel columns, summed up.
+    """
+    ncols, nrows = ni * n, nj * n
+    r, col = _crossings(planes, x0, 1.0 / n, ncols, y0, 1.0 / n, nrows)
+    if r.size == 0:
+        return np.zeros((len(planes), nj, ni))
+    key = np.sort(r * (ncols + 1) + col)
+    r, col = key // (ncols + 1), key % (ncols + 1)
+    pos = np.arange(r.size)
+    first = np.r_[True, r[1:] != r[:-1]]
+    rank = pos - np.maximum.accumulate(np.where(first, pos, 0))
+    unclosed = np.r_[first[1:], True] & (rank % 2 == 0)  # an odd number of crossings: the run goes to the end
+    if unclosed.any():
+        r = np.r_[r, r[unclosed]]
+        col = np.r_[col, np.full(int(np.count_nonzero(unclosed)), ncols, dtype=np.int64)]
+        rank = np.r_[rank, rank[unclosed] + 1]
+    sign = np.where(rank % 2 == 1, 1, -1)                # run end +, run start -
+    q, m = col // n, col % n
+    row0 = (r // n) * (ni + 2)                           # r // n = plane nj + pixel row
+    idx = np.concatenate([row0, row0 + q, row0 + q + 1])
+    val = np.concatenate([sign * n, sign * (m - n), -sign * m]).astype(np.float64)
+    diff = np.bincount(idx, weights=val, minlength=len(planes) * nj * (ni + 2)).reshape(len(planes), nj, ni + 2)
+    np.cumsum(diff, axis=2, out=diff)                    # sums of small whole numbers: exact in float64
+    return diff[:, :, :ni]
 
 
 def _contour_points(cont, src: str) -> np.ndarray:
@@ -1146,13 +1195,16 @@ def rasterise_contours(contours: list[np.ndarray], lattice: Grid, slab_mm: float
     frac = np.zeros((k1 - k0 + 1, nj, ni), dtype=np.float32)
     sub0_i = i0 - 0.5 + 0.5 / n
     sub0_j = j0 - 0.5 + 0.5 / n
-    for kc, polys in planes:
-        inside = evenodd_fill(polys, sub0_i, 1.0 / n, ni * n, sub0_j, 1.0 / n, nj * n)
-        cov = _block_mean(inside, n)
-        for K in range(int(math.floor(kc - h + 0.5)), int(math.ceil(kc + h - 0.5)) + 1):
-            w = min(K + 0.5, kc + h) - max(K - 0.5, kc - h)
-            if w > 1e-9:
-                frac[K - k0] += np.float32(w) * cov
+    # in-plane coverage, planes a chunk at a time (the counts take 8 bytes a pixel)
+    chunk = max(1, COVERAGE_CHUNK_PIXELS // max(1, nj * (ni + 2)))
+    for c0 in range(0, len(planes), chunk):
+        counts = evenodd_coverage([polys for _, polys in planes[c0:c0 + chunk]], sub0_i, n, ni, sub0_j, nj)
+        for (kc, _), cnt in zip(planes[c0:c0 + chunk], counts):
+            cov = cnt.astype(np.float32) * np.float32(1.0 / (n * n))
+            for K in range(int(math.floor(kc - h + 0.5)), int(math.ceil(kc + h - 0.5)) + 1):
+                w = min(K + 0.5, kc + h) - max(K - 0.5, kc - h)
+                if w > 1e-9:
+                    frac[K - k0] += np.float32(w) * cov
     mask = frac >= 0.5 - 1e-6
     if not mask.any():
         return None

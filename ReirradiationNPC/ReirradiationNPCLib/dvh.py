@@ -59,7 +59,10 @@ class SortedSamples:
             d = doses[order]
             v = vols[order]
             self.total_cc = float(v.sum()) if d.size else 0.0
-            self._mean = float(np.dot(doses, vols) / self.total_cc) if self.total_cc > 0 else float("nan")
+            # numpy's own (pairwise) sum of the products, as np.average: np.dot would call the BLAS, whose result
+            # depends on its thread count and which wakes its threads for every call (0.1 s for 19 structures)
+            self._mean = (float(np.multiply(doses, vols).sum() / self.total_cc) if self.total_cc > 0
+                          else float("nan"))
         self.n = int(d.size)
         if d.size:
             # distinct dose levels (descending) and the volume at each
