@@ -132,3 +132,28 @@ def test_structures_in_threads_give_what_one_at_a_time_gives(tmp_path, monkeypat
     assert r2 == r1 and w2 == w1
     assert any("Edge" in w and "outside the dose grid" in w for w in r1["warnings"])
     assert r1["structures"][1]["metrics"]["Dmax"] is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
+       block=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)), seed=st.integers(0, 1000),
+       fill=st.floats(0.0, 1.0))
+def test_block_counts_equal_the_reshaped_sum(shape, block, seed, fill):
+    from ReirradiationNPCLib.sampling import _block_counts
+    bk, bj, bi = block
+    nk, nj, ni = shape
+    a = np.random.default_rng(seed).random((nk * bk, nj * bj, ni * bi)) < fill
+    want = a.reshape(nk, bk, nj, bj, ni, bi).sum(axis=(1, 3, 5))
+    got = _block_counts(a, bk, bj, bi)
+    assert got.dtype == np.uint32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_block_counts_by_hand():
+    from ReirradiationNPCLib.sampling import _block_counts
+    a = np.zeros((2, 2, 4), dtype=bool)
+    a[0, 0, :3] = True           # block (0, 0, 0) holds a[:, :, 0:2]: 2 set; block (0, 0, 1) a[:, :, 2:4]: 1 set
+    a[1, 1, 3] = True            # block (0, 0, 1) gets one more
+    assert _block_counts(a, 2, 2, 2).tolist() == [[[2, 2]]]
+    big = np.ones((1, 300, 300), dtype=bool)      # 90 000 per block: past uint16
+    assert _block_counts(big, 1, 300, 300).tolist() == [[[90000]]]

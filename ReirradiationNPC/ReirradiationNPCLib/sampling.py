@@ -315,7 +315,7 @@ def _merged_samples(crop: np.ndarray, box, grid: Grid, n_vox: int, merge: np.nda
         padded[:K, :J, :I] = crop
     else:
         padded = crop
-    counts = padded.reshape(nk, bk, nj, bj, ni, bi).sum(axis=(1, 3, 5), dtype=np.uint32)
+    counts = _block_counts(padded, bk, bj, bi)
     del padded
     if fk * fj * fi > 1:
         counts = _upsample(counts, fk, fj, fi)
@@ -356,7 +356,7 @@ def _block_samples(crop: np.ndarray, box, grid: Grid, n_vox: int) -> StructureSa
     nk, nj, ni = -(-K // bk), -(-J // bj), -(-I // bi)
     padded = np.zeros((nk * bk, nj * bj, ni * bi), dtype=bool)
     padded[:K, :J, :I] = crop
-    counts = padded.reshape(nk, bk, nj, bj, ni, bi).sum(axis=(1, 3, 5), dtype=np.uint32)
+    counts = _block_counts(padded, bk, bj, bi)
     del padded
     flat = np.flatnonzero(counts)
     weights = counts.ravel()[flat].astype(np.float64) * grid.voxel_volume_cc
@@ -377,6 +377,25 @@ def _block_samples(crop: np.ndarray, box, grid: Grid, n_vox: int) -> StructureSa
         "dose_interpolation": "trilinear at sample centres",
     }
     return StructureSamples(bgrid, flat, weights, info)
+
+
+def _block_counts(padded: np.ndarray, bk: int, bj: int, bi: int) -> np.ndarray:
+    """Number of set voxels in each bk x bj x bi block of the bool array ``padded`` (shape a multiple of the block):
+    uint32 (K / bk, J / bj, I / bi). Sums of strided slices, one axis after the other (the same whole numbers as
+    ``padded.reshape(...).sum(axis=(1, 3, 5))``, about 5x faster)."""
+    u = padded.view(np.uint8)
+    acc = u[:, :, 0::bi].astype(np.uint16 if bi * bj < 2 ** 16 else np.uint32)
+    for c in range(1, bi):
+        acc += u[:, :, c::bi]
+    if bj > 1:
+        rows = acc[:, 0::bj].copy()
+        for b in range(1, bj):
+            rows += acc[:, b::bj]
+        acc = rows
+    out = acc[0::bk].astype(np.uint32)
+    for a in range(1, bk):
+        out += acc[a::bk]
+    return out
 
 
 def _upsample(a: np.ndarray, fk: int, fj: int, fi: int) -> np.ndarray:
