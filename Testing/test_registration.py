@@ -490,3 +490,78 @@ def test_deformable_qa_reports_the_mutual_information_after_the_demons(deformed_
     assert out.metric_before is not None and out.metric_after is not None
     assert out.metric_after > out.metric_before + 0.05, (out.metric_before, out.metric_after)
     assert reg.qa_dict(out)["mattes_mi_after"] == out.metric_after
+
+
+# ------------------------------------------------------------------------------- overheads (issue 15)
+
+def _body_mask_whole_image(image, threshold_hu, dilate_mm=5.0):
+    """The body mask computed on the whole image (the definition that body_mask computes on the body's box)."""
+    b = sitk.BinaryThreshold(image, float(threshold_hu), 1e9, 1, 0)
+    largest = sitk.BinaryFillhole(sitk.RelabelComponent(sitk.ConnectedComponent(b), sortByObjectSize=True) == 1)
+    radius = [max(1, int(round(dilate_mm / s))) for s in image.GetSpacing()]
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(largest, radius)).astype(np.uint8)
+
+
+def test_body_mask_fills_enclosed_air_only_and_matches_the_whole_image_definition():
+    """A 'head' block (0 HU, voxels k 4-11, j 4-15, i 5-14 of 1 mm) with an enclosed 2 x 2 x 2 air cavity, an air
+    channel of 4 x 4 voxels open through the block's face to the last slice of the image (the block touches it), and
+    a separate smaller block. The cavity is filled; the channel is not (the dilation, at least 1 voxel, closes only
+    its outer ring and its floor: its central 2 x 2 column, 2 voxels from walls and floor, stays air); the small
+    block is dropped; nothing lies further than the dilation from the block. With 0, 2 and 5 mm of dilation the
+    mask equals the whole-image computation voxel for voxel (body touching the image's border, dilation reaching
+    it)."""
+    arr = np.full((12, 20, 20), -1000, np.int16)          # (k, j, i)
+    arr[4:12, 4:16, 5:15] = 0                               # head block touching the last slice (k = 11)
+    arr[6:8, 6:8, 7:9] = -1000                              # enclosed cavity: filled
+    arr[9:12, 10:14, 8:12] = -1000                          # channel open through the image's border: not filled
+    arr[0:2, 0:2, 0:2] = 100                                # a smaller component: dropped
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetOrigin((-3.0, 5.0, 7.5))
+    m0 = sitk.GetArrayFromImage(reg.body_mask(img, -400.0, 0.0))
+    assert m0.dtype == np.uint8
+    assert m0[4:12, 4:16, 5:15][arr[4:12, 4:16, 5:15] == 0].all()
+    assert m0[6:8, 6:8, 7:9].all() and not m0[10:12, 11:13, 9:11].any() and not m0[0:2, 0:2, 0:2].any()
+    assert not m0[:2].any() and not m0[:, :2].any() and not m0[:, :, :3].any() and not m0[:, 18:].any()
+    for dilate in (0.0, 2.0, 5.0):
+        m = reg.body_mask(img, -400.0, dilate)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(m), _body_mask_whole_image(img, -400.0, dilate))
+        assert m.GetOrigin() == img.GetOrigin() and m.GetSpacing() == img.GetSpacing()
+        assert m.GetPixelID() == sitk.sitkUInt8
+
+
+def test_body_mask_of_the_phantom_matches_the_whole_image_definition():
+    ref = Volume(synthetic.phantom_ct(synthetic.CT_GRID).astype(np.int16), synthetic.CT_GRID)
+    img = reg.working_image(reg._float_image(ref), 2.5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(reg.body_mask(img, -400.0)),
+                                  _body_mask_whole_image(img, -400.0))
+
+
+def test_registered_image_rounds_half_way_values_to_even_and_fills_outside_with_air():
+    """A prior CT row 0, 3, 32767, -32768, -1 HU (1 mm voxels) moved by half a voxel along x: linear interpolation
+    gives 1.5, 16385, -0.5, -16384.5 HU, rounded half to even: 2, 16385, 0, -16384; the last target voxel maps beyond
+    the prior CT: -1000 HU (air)."""
+    g = Grid((5, 1, 1), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    prior = Volume(np.array([[[0, 3, 32767, -32768, -1]]], np.int16), g)
+    tx = sitk.TranslationTransform(3, (0.5, 0.0, 0.0))
+    out = reg.RegistrationOutcome("c1", "file", tx, linear=tx)
+    out.moving_image = prior
+    v = reg.registered_image(out, g)
+    assert v.array.dtype == np.int16 and v.grid == g
+    np.testing.assert_array_equal(v.array[0, 0], [2, 16385, 0, -16384, -1000])
+
+
+def test_mutual_information_qa_on_the_mask_box_equals_the_whole_image_evaluation():
+    """mattes_mi evaluates the metric on the mask's box only; ITK's evaluation on the whole image (every voxel inside
+    the mask) gives the same value to 1e-12."""
+    truth = synthetic.prior_to_current_sitk_transform()
+    ref, prior = phantom_pair(Grid((60, 64, 40), (-90.0, -94.0, -40.0), (3.0, 3.0, 3.0)), truth)
+    f, m = reg._float_image(ref), reg._float_image(prior)
+    body = reg.body_mask(f, -400.0)
+    for tx in (sitk.Euler3DTransform(), truth):
+        R = sitk.ImageRegistrationMethod()
+        R.SetMetricAsMattesMutualInformation(50)
+        R.SetMetricFixedMask(body)
+        R.SetInterpolator(sitk.sitkLinear)
+        R.SetInitialTransform(tx)
+        whole = -R.MetricEvaluate(f, m)
+        assert reg.mattes_mi(f, m, tx, body) == pytest.approx(whole, rel=1e-12, abs=0)

@@ -274,6 +274,10 @@ def _head_box_error(tx) -> tuple[float, float]:
     return max(e), float(np.mean(e))
 
 
+def _fmt_mi(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def bench_registration(folder: Path, say, demons: bool = True) -> list[dict]:
     try:
         from ReirradiationNPCLib import registration as reg
@@ -310,10 +314,14 @@ def bench_registration(folder: Path, say, demons: bool = True) -> list[dict]:
             err = np.array([np.linalg.norm(np.subtract(out.transform.TransformPoint(tuple(q)),
                                                        truth.TransformPoint(tuple(q)))) for q in pts])
             jac = out.jacobian or {}
-            note = (f"rigid + diffeomorphic demons (defaults); error vs the known rigid offset at {len(pts)} body "
+            p = out.parameters
+            note = (f"rigid + diffeomorphic demons (defaults: {p.get('demons_iterations')} iterations at shrink "
+                    f"{p.get('demons_shrink_factors')} of the working voxels, field sigma "
+                    f"{p.get('demons_smoothing_mm')} mm); error vs the known rigid offset at {len(pts)} body "
                     f"points: mean {err.mean():.2f} mm, 95th percentile {np.percentile(err, 95):.2f} mm, max "
                     f"{err.max():.2f} mm; Jacobian {jac.get('min', float('nan')):.2f}-"
-                    f"{jac.get('max', float('nan')):.2f}, folded voxels {jac.get('folded_voxels')}; process CPU "
+                    f"{jac.get('max', float('nan')):.2f}, folded voxels {jac.get('folded_voxels')}; Mattes MI "
+                    f"before/after {_fmt_mi(out.metric_before)} -> {_fmt_mi(out.metric_after)} nats; process CPU "
                     f"{cpu:.1f} s; load {load}")
             rows.append({"what": "deformable registration (rigid + demons), same CTs", "s": dt, "cpu_s": cpu,
                          "ratio": None, "err_mm": float(err.mean()), "note": note})
