@@ -15,9 +15,10 @@ Methods (case file ``registration.method``):
   intensities (a smooth displacement field; diffeomorphic updates, so no folding) or (``algorithm: bspline``) a
   cubic B-spline free-form deformation (mean squares, L-BFGS-B), SimpleITK. Demons, validated on a textured
   phantom with a known smooth deformation (3 mm voxels, up to 4.9 mm, 3.1 mm mean in the body): 0.67 mm mean
-  error, no folding, about 6 s of demons on 2 cores; on the untextured phantom (featureless neck, unobservable
-  deformation) 2.6 mm (measured with the earlier 100 + 50 iterations). On the 512x512x150 clinical-size case with
-  a purely rigid truth (every displacement the demons add is error): 0.79 mm mean, 2.7 mm max (docs/benchmarks.md).
+  error, no folding, about 9 s of demons CPU time (was 12-14 s); on the untextured phantom (featureless neck,
+  unobservable deformation) 2.6 mm (measured with the earlier 100 + 50 iterations). On the 512x512x150
+  clinical-size case with a purely rigid truth (every displacement the demons add is error): 0.79 mm mean, 2.7 mm
+  max (docs/benchmarks.md).
   The B-spline remains EXPERIMENTAL (a warning says so in the results).
 - ``file``: ``transform:`` an ITK transform file (.tfm/.txt/.h5, read as mapping reference -> prior unless
   ``invert: true``) or a DICOM Spatial Registration object (rigid REG; its matrix maps the registered frame to
