@@ -72,6 +72,34 @@ def test_scene_in_a_child_process_returns_its_files_and_timings_and_raises_its_e
         finish()
 
 
+def test_early_scene_process_is_sent_the_run_and_records_its_import(tmp_path, monkeypatch):
+    """SceneInChildProcess(early=True) (the demo): the child is forked before the run, imports slicer-core meanwhile,
+    and builds the scene from what start() sends it (pickled): same files, its stages and its import time recorded;
+    close() ends an early child that was never sent a run (the run failed), leaving no process behind."""
+    import os
+
+    import pytest
+
+    from ReirradiationNPCLib import mrml_scene
+    if not mrml_scene.can_write_in_child_process():
+        pytest.skip("fork: Linux only")
+    monkeypatch.setattr(mrml_scene, "scene_output", _fake_scene)   # before the fork: the child has the patch
+    clock = StageClock(lambda m: None)
+    writer = mrml_scene.SceneInChildProcess(early=True)
+    finish = writer.start(tmp_path, "prep", None, None, None, clock)
+    assert finish() == {"scene.mrb": "scene"}
+    assert (tmp_path / "scene.mrb").read_bytes() == b"PK"
+    t = clock.timings()
+    assert mrml_scene.EARLY_IMPORT_STAGE in t
+    assert "writing scene.mrb (child process, beside the report)" in t
+    writer.close()                                                   # already sent: nothing to end
+    unused = mrml_scene.SceneInChildProcess(early=True)
+    pid = unused._early.pid
+    unused.close()
+    with pytest.raises(ChildProcessError):                           # reaped: no such child any more
+        os.waitpid(pid, os.WNOHANG)
+
+
 def test_timings_start_with_reading_and_hashing_the_inputs(tmp_path):
     """The case file is read and every input hashed (provenance) before the first computing stage: that time is
     a stage too (large DICOM inputs take a while to hash)."""

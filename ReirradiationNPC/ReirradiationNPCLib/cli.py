@@ -316,8 +316,16 @@ def _demo(ctx, output, overwrite, dicom, figures):
     # beside the report imports it (and says so if it cannot), so the demo does not wait for that import
     child = can_write_in_child_process()
     no_scene = unavailable_reason(import_check=not child)
-    writers = [] if no_scene else ([SceneInChildProcess()] if child else _scene_outputs(True))
-    results = _guard(go, ctx.obj["verbose"])
+    # on Linux the scene's child process is forked now, to import slicer-core beside the case generation and
+    # the registration (the demo's parent never imports it)
+    writers = [] if no_scene else ([SceneInChildProcess(early=True)] if child else _scene_outputs(True))
+    try:
+        results = _guard(go, ctx.obj["verbose"])
+    finally:
+        for w in writers:
+            close = getattr(w, "close", None)
+            if callable(close):
+                close()
     prog.finish()
     click.echo("SYNTHETIC DEMO - not a patient, not for clinical use.")
     no_scene = no_scene or next((w.unavailable for w in writers if getattr(w, "unavailable", None)), None)
