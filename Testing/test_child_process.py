@@ -123,17 +123,22 @@ def test_figures_in_child_processes_are_the_in_process_figures(computed):
         assert f"drawing the report figure {n!r} (figure process, beside the outputs)" in stages
 
 
+def _early_then_final(early, final, analysis, prep, plan) -> dict:
+    """The figures of a figure process given ``early`` results at start_early and ``final`` ones at start."""
+    figures = report.FiguresInChildProcess()
+    try:
+        figures.start_early(early, analysis, prep, plan)
+        return figures.start(final, analysis, prep, plan)()
+    finally:
+        figures.close()
+
+
 def test_slices_and_3d_sent_early_are_the_in_process_figures(computed, caplog):
     """run_case gives the slices and the 3D view to the figure process before the robustness scenarios
     (start_early), the DVH after (start): the same PNGs as make_figures on the final results."""
     res, analysis, prep, plan = computed
     here = report.make_figures(res, analysis, prep, plan)
-    figures = report.FiguresInChildProcess()
-    try:
-        figures.start_early(res, analysis, prep, plan)
-        there = figures.start(res, analysis, prep, plan)()
-    finally:
-        figures.close()
+    there = _early_then_final(res, res, analysis, prep, plan)
     assert all(there[n] == here[n] for n in report.FIGURES)
     assert "drawn again" not in caplog.text
     # results that change after the early figures were sent (they should not): the slices and the 3D view are
@@ -141,12 +146,7 @@ def test_slices_and_3d_sent_early_are_the_in_process_figures(computed, caplog):
     early = json.loads(json.dumps(res))
     worst = next(c for c in early["constraints"] if c.get("status") == "fail")
     worst["status"] = "pass"
-    figures = report.FiguresInChildProcess()
-    try:
-        figures.start_early(early, analysis, prep, plan)
-        there = figures.start(res, analysis, prep, plan)()
-    finally:
-        figures.close()
+    there = _early_then_final(early, res, analysis, prep, plan)
     assert "drawn again" in caplog.text
     assert all(there[n] == here[n] for n in report.FIGURES)
 
