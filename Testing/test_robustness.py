@@ -308,13 +308,31 @@ def test_fast_metric_equals_sorted_samples(n, seed, uniform, name):
     rng = np.random.default_rng(seed)
     d = np.round(rng.uniform(0, 40, n), 1)      # ties on purpose
     vol = 0.01 if uniform else rng.uniform(0.001, 0.02, n)
-    total = float(0.01 * n) if uniform else float(np.sum(vol))
-    ref = dvh.SortedSamples(d, vol).metric(dvh.parse(name))
+    ss = dvh.SortedSamples(d, vol)
+    total = float(0.01 * n) if uniform else ss.total_cc
+    ref = ss.metric(dvh.parse(name))
     got = robustness.metric_value(d, vol, total, dvh.parse(name))
     if ref is None:
         assert got is None
     else:
         assert got == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    if name == "Dmean" and not uniform:
+        assert got == ref    # one formula (dvh.weighted_mean): the same bits, not only close
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_dmean_is_the_same_bits_in_the_scenarios_and_the_table(seed):
+    """Thousands of unequal samples (merged sub-voxel samples): the robustness scenarios' Dmean and the table's are
+    one formula (dvh.weighted_mean), so equal to the last bit; a BLAS dot product sums in another order and
+    differs in the last bits for most such arrays. The mean itself by hand: sum(d * v) / sum(v) within 1e-12."""
+    rng = np.random.default_rng(seed)
+    n = 5000 + 1000 * seed
+    d = np.round(rng.uniform(0, 40, n), 1)
+    v = rng.uniform(0.001, 0.02, n)
+    ss = dvh.SortedSamples(d, v)
+    got = robustness.metric_value(d, v, ss.total_cc, dvh.parse("Dmean"))
+    assert got == ss.metric(dvh.parse("Dmean"))
+    assert got == pytest.approx(math.fsum(d * v) / math.fsum(v), rel=1e-12)
 
 
 @settings(max_examples=40, deadline=None)

@@ -184,7 +184,7 @@ def metric_value(doses: np.ndarray, vol, total_cc: float, m) -> float | None:
     if m.kind == "min":
         return float(doses.min())
     if m.kind == "mean":
-        return float(doses.mean()) if uniform else float(np.dot(doses, vol) / total_cc)
+        return float(doses.mean()) if uniform else dvh.weighted_mean(doses, vol, total_cc)
     if m.kind in ("dcc", "dpct"):
         x = m.param if m.kind == "dcc" else total_cc * m.param / 100.0
         if total_cc <= 0 or x < 0 or x > total_cc * (1 + 1e-9):
