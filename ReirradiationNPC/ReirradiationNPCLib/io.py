@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import Grid, Volume, bounding_box, check_finite_geometry
+from .threads import map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,8 @@ def read_structures(path: Path, what: str = "structures", crop: bool = False) ->
         files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in IMAGE_SUFFIXES + (".seg.nrrd",))
         if not files:
             raise InputError("folder holds no mask files (.nrrd, .nii, .nii.gz)", source=str(path), field=what)
-        if crop and len(files) > 1:   # two files at a time: reading and unzipping run without the GIL
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-                parts = list(pool.map(lambda f: _read_mask_file(f, what, crop), files))   # in file order
-        else:
-            parts = [_read_mask_file(f, what, crop) for f in files]
+        # cropped: two files at a time (reading and unzipping run without the GIL); whole masks one at a time
+        parts = map_in_order(lambda f: _read_mask_file(f, what, crop), files, READ_THREADS if crop else 1)
         out = [s for part in parts for s in part]
     elif _suffix(path) == ".seg.nrrd":
         out = read_segmentation(path, what, crop=crop)

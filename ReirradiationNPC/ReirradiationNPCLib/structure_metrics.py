@@ -25,6 +25,7 @@ from .errors import InputError
 from .geometry import Grid, Volume
 from .io import IMAGE_SUFFIXES, Structure, _suffix, read_sitk, read_structures, stem
 from .sampling import describe_for_dose, sample_structure
+from .threads import map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def read_rtstruct_fine(path: Path, dose_grid: Grid, warnings: list[str]) -> list
         return (Structure(roi.name, mask, lattice.subgrid(lo, (lo[0] + i, lo[1] + j, lo[2] + k)), src, roi.color),
                 res is None)
 
-    done = _in_threads(one, rois)                 # in the ROIs' order
+    done = map_in_order(one, rois, THREADS)                 # in the ROIs' order
     for roi, (_, empty) in zip(rois, done):
         if empty:
             warnings.append(f"{Path(src).name}: ROI {roi.name!r} covers no sample point (too small?)")
@@ -158,7 +159,7 @@ def compute(dose: Volume, structures: list[Structure], names: list[str], fractio
 
     # structures are independent: THREADS at a time (SimpleITK's resampling and numpy's sorts run without the
     # GIL); results and warnings in the structures' order, the same numbers as one at a time
-    done = _in_threads(one, structures)
+    done = map_in_order(one, structures, THREADS)
     rows = [entry for entry, _ in done]
     warnings = [w for _, warns in done for w in warns]
     quantity = "physical dose" if fractions is None else "EQD2"
@@ -176,16 +177,6 @@ def compute(dose: Volume, structures: list[Structure], names: list[str], fractio
         "structures": rows,
         "warnings": warnings,
     }
-
-
-def _in_threads(fn, items: list) -> list:
-    """``[fn(x) for x in items]``, ``THREADS`` items at a time (in order; the first error is raised)."""
-    n = max(1, min(THREADS, os.cpu_count() or 1, len(items)))
-    if n == 1:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(fn, items))
 
 
 def _clean(obj):
