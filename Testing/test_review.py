@@ -104,6 +104,21 @@ def test_cli_review_without_the_extra_names_it_and_exits_2(tmp_path):
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_cli_review_on_a_port_in_use_exits_2_with_one_line(tmp_path):
+    """Another program listens on the port: one line naming it and --port, exit 2, before any heavy import (it was
+    an internal error, exit 1, after the scene had loaded)."""
+    import socket
+    (tmp_path / "results.json").write_text('{"constraints": [], "summary": {"verdict": "x"}}', encoding="utf-8")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        res = run_cli("review", tmp_path, "--port", port)
+    assert res.returncode == 2, res.stderr
+    assert f"127.0.0.1:{port}" in res.stderr and "--port" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_cli_review_on_a_folder_that_is_not_a_run_exits_2_with_one_line(tmp_path):
     res = run_cli("review", tmp_path)
     assert res.returncode == 2

@@ -509,6 +509,20 @@ def scan(ctx, folder, write_case):
     _guard(go, ctx.obj["verbose"])
 
 
+def _check_port(host: str, port: int) -> None:
+    """InputError when ``host``:``port`` cannot be listened on (in use, or not an address of this machine). The
+    same socket options as the servers (address reuse), so a port only in TIME_WAIT passes."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"cannot listen on {host}:{port} ({reason}); give another --port or --host",
+                         field="--port") from None
+
+
 @main.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.option("--port", type=int, default=8080, show_default=True, help="TCP port of the review server.")
@@ -527,6 +541,7 @@ def review(ctx, results_dir, port, host, per_viewer, max_viewers):
 
     def go():
         load_run(results_dir)  # a clear message for a folder that is not a run's output, before any heavy import
+        _check_port(host, port)  # a port in use: one line now, not an internal error after the scene has loaded
         try:
             from .mrml_web_review import check_available, serve
         except ImportError as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .geometry import bounding_box
 from .review_results import (RunOutput, WashChoice, isodose_levels, load_run, recorded_input, sort_wash_choices,
                              table_rows, verdict_line, violation_segments, wash_choice, wash_kind_of_file,
                              worst_point)
@@ -167,7 +168,8 @@ class ReviewApp:
         cum = self._find_cumulative(scene)
         cum_array = None
         if cum is not None:
-            cum_array = mrml.volume_from_node(cum).array
+            cum_volume = mrml.volume_from_node(cum)   # one copy of the map, for its window and its isodose lines
+            cum_array = cum_volume.array
             top = mrml.display_top_gy(cum_array)
             ctab = mrml.dose_color_table(scene)
             for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
@@ -178,8 +180,8 @@ class ReviewApp:
                     mrml.limit_map_display(n, mrml.volume_from_node(n).array, role, scene)
             levels = isodose_levels(self.run.results)
             if levels:  # in memory only, the same rule as the scene's isodose lines
-                self.isodose = mrml.isodose_segmentation(cum_array, mrml.volume_from_node(cum).grid, levels, ctab,
-                                                         top, "isodose lines", scene)
+                self.isodose = mrml.isodose_segmentation(cum_array, cum_volume.grid, levels, ctab, top,
+                                                         "isodose lines", scene)
                 if self.isodose is not None:
                     self.isodose.CreateDefaultDisplayNodes()
         notes.append(self._load_inputs_read_only())
@@ -249,8 +251,10 @@ class ReviewApp:
         display = seg.GetDisplayNode()
         for idx, s in enumerate(structures):
             role = roles.get(s.name)
-            box = tuple(slice(0, n) for n in s.mask.shape)
-            sid = mrml.add_segment(seg, s.name, s.mask, box, s.grid, tuple(s.color or mrml.structure_color(s, idx)),
+            # the structure's bounding box only (a mask file is a whole CT-size array)
+            box = bounding_box(s.mask) or (slice(0, 1),) * 3
+            sid = mrml.add_segment(seg, s.name, s.mask[box], box, s.grid,
+                                   tuple(s.color or mrml.structure_color(s, idx)),
                                    0.15 if role == "body" else ORGAN_OPACITY_3D)
             display.SetSegmentOpacity2DFill(sid, 0.15 if role == "body" else 0.5)
             display.SetSegmentVisibility3D(sid, role not in ("body", "target"))
@@ -525,8 +529,9 @@ class ReviewApp:
                 if node is not None:
                     node.JumpSliceByCentering(float(ras[0]), float(ras[1]), float(ras[2]))
                 view.schedule_render()
-            state.selected_info = (f"{row['structure']}: worst voxel {value:.2f} Gy cumulative EQD2 at RAS "
-                                   f"({ras[0]:.1f}, {ras[1]:.1f}, {ras[2]:.1f}) mm")
+            state.selected_info = (f"{row['structure']}: worst voxel {value:.2f} Gy on the cumulative EQD2 display "
+                                   f"map at RAS ({ras[0]:.1f}, {ras[1]:.1f}, {ras[2]:.1f}) mm (the row is judged "
+                                   "on its check map: see the table)")
         for callback in self.on_row_selected:
             callback(self, row, found)
 
