@@ -100,6 +100,25 @@ def test_early_scene_process_is_sent_the_run_and_records_its_import(tmp_path, mo
         os.waitpid(pid, os.WNOHANG)
 
 
+def test_early_scene_process_without_slicer_core_says_why_and_does_not_break_the_run(tmp_path, monkeypatch):
+    """slicer-core installed but not importable: the early child ends at once without reading its inbox; sending
+    it the run must not raise (it did: BrokenPipeError, an internal error), and the writer says why no scene."""
+    import time
+
+    import pytest
+
+    from ReirradiationNPCLib import mrml_headless, mrml_scene
+    if not mrml_scene.can_write_in_child_process():
+        pytest.skip("fork: Linux only")
+    monkeypatch.setattr(mrml_headless, "unavailable_reason", lambda *a, **k: "slicer-core broken here")
+    writer = mrml_scene.SceneInChildProcess(early=True)
+    time.sleep(1.0)                                                  # the child has ended, its inbox closed
+    finish = writer.start(tmp_path, "prep", None, None, None, StageClock(lambda m: None))
+    assert finish() == {}
+    assert writer.unavailable == "slicer-core broken here"
+    assert not (tmp_path / "scene.mrb").exists()
+
+
 def test_timings_start_with_reading_and_hashing_the_inputs(tmp_path):
     """The case file is read and every input hashed (provenance) before the first computing stage: that time is
     a stage too (large DICOM inputs take a while to hash)."""

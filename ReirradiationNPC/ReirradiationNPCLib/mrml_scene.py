@@ -339,7 +339,10 @@ class SceneInChildProcess:
         say("building the Slicer scene and writing scene.mrb (in a child process, beside the report)")
         if self._early is not None:
             child, self._early = self._early, None
-            child.send((stage, prep, analysis, results, planning))
+            try:
+                child.send((stage, prep, analysis, results, planning))
+            except OSError:  # it ended without reading (slicer-core could not be imported): finish() says why
+                log.debug("the early scene process ended before it was sent the run", exc_info=True)
         else:
             child = Child(_scene_in_child, stage, prep, analysis, results, planning)
 

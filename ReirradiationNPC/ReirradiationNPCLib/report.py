@@ -105,7 +105,12 @@ def figure_inputs(res: dict, analysis, prepared, planning=None, names: tuple[str
                 if (v.structure, v.metric, v.scope) == (focus.structure, c.get("metric"), c.get("scope")):
                     viol = v
             if "slices" in names:
-                jobs["slices"] = (prepared.grid, analysis.cumulative, analysis.course_eqd2, structures, focus,
+                # only the map the slices show (the figure process gets these inputs pickled through a file:
+                # every course's map on a CT-size grid would be 157 MB each)
+                shown = {} if focus.map_name == "cumulative" else {
+                    focus.map_name: analysis.course_eqd2[focus.map_name]}
+                cumulative = analysis.cumulative if focus.map_name == "cumulative" else None
+                jobs["slices"] = (prepared.grid, cumulative, shown, structures, focus,
                                   rf.ct_planes(prepared.grid, focus, prepared.reference_image), colors, viol)
     except Exception:  # noqa: BLE001 - a figure must not stop the report
         log.exception(_FAILED["slices"])
