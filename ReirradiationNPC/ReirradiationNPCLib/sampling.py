@@ -115,7 +115,9 @@ class StructureSamples:
         grid). Samples beyond ``grid``'s extent (more than half a voxel past its outermost voxel centres) get
         ``outside``; within that half voxel the edge value is extended.
         """
-        vals = self._resample(array, grid, sitk.sitkLinear, float(outside))
+        vals = _aligned_linear(self, array, grid, float(outside))
+        if vals is None:
+            vals = self._resample(array, grid, sitk.sitkLinear, float(outside))
         return vals.astype(np.float64)
 
     def outside_fraction(self, grid: Grid) -> float:
@@ -190,6 +192,68 @@ class StructureSamples:
         region = None if np.any(hi <= lo) else (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
         self._cache[key] = region
         return region
+
+
+def _axis_linear(first: float, step: float, m: int, n: int):
+    """One axis of trilinear interpolation: ``m`` sample positions ``first + a step`` (continuous indices of an axis
+    of ``n`` voxels) -> lower and upper voxel index, the fraction towards the upper one, and whether each position
+    lies within the axis (voxel centres +- half a voxel, the lower bound included). At the axis ends the edge value
+    is extended: the index is clamped and the fraction is 0 (below the first centre) or moot (beyond the last)."""
+    c = first + np.arange(m) * step
+    inside = (c >= -0.5) & (c < n - 0.5)
+    lo = np.clip(np.floor(c), 0, n - 1).astype(np.intp)
+    frac = np.maximum(c - lo, 0.0)
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, frac, inside
+
+
+#: Sampling and dose grids whose direction matrices differ by at most this are taken as parallel (fast path below).
+PARALLEL_TOLERANCE = 1e-9
+
+
+def _aligned_linear(samples: StructureSamples, array: np.ndarray, grid: Grid, outside: float):
+    """Trilinear interpolation of ``array`` (float32 or float64, indexed k, j, i on ``grid``) at the samples, when the
+    sampling grid's axes are parallel to ``grid``'s (the usual case: masks and dose share an orientation); None
+    otherwise (then SimpleITK resamples, :meth:`StructureSamples._resample`).
+
+    On parallel grids trilinear interpolation separates by axis: the sample positions along each axis are one row of
+    continuous indices, so the dose is interpolated along i, then j, then k, each as ``a + (b - a) t`` in float64 --
+    the order and the formula of ITK's linear interpolator, with its border rule (inside: continuous index in
+    [-0.5, n - 0.5) on every axis; the edge value extended within that half voxel; ``outside`` beyond), and the
+    result in the array's type as SimpleITK returns it. Only the dose voxels around the samples are read; the last
+    step runs over the sampling box (its planes are weighted sums of two planes). The values equal SimpleITK's
+    resampling but for the last bit of a few samples (the continuous indices are computed once per axis here,
+    accumulated along each scan line there)."""
+    if samples.n == 0 or array.dtype not in (np.float32, np.float64) or array.ndim != 3:
+        return None
+    g = samples.grid
+    rot = grid.direction_matrix
+    if np.abs(g.direction_matrix - rot).max() > PARALLEL_TOLERANCE:
+        return None
+    first = (np.asarray(g.origin) - np.asarray(grid.origin)) @ rot / np.asarray(grid.spacing)
+    step = np.asarray(g.spacing) / np.asarray(grid.spacing)
+    (li, hi_i, ti, in_i), (lj, hi_j, tj, in_j), (lk, hi_k, tk, in_k) = (
+        _axis_linear(float(first[a]), float(step[a]), g.size[a], grid.size[a]) for a in range(3))
+    i0, j0, k0 = int(li[0]), int(lj[0]), int(lk[0])            # lowest indices read (positions increase)
+    crop = np.asarray(array[k0:int(hi_k[-1]) + 1, j0:int(hi_j[-1]) + 1, i0:int(hi_i[-1]) + 1], dtype=np.float64)
+    a, b = crop[:, :, li - i0], crop[:, :, hi_i - i0]
+    b -= a
+    b *= ti
+    b += a                                                        # along i: (k, j, samples i)
+    a, b = b[:, lj - j0, :], b[:, hi_j - j0, :]
+    b -= a
+    b *= tj[:, None]
+    b += a                                                        # along j: (k, samples j, samples i)
+    a, b = b[lk - k0], b[hi_k - k0]
+    b -= a
+    b *= tk[:, None, None]
+    b += a                                                        # along k: the sampling box
+    vals = b.reshape(-1)[samples.flat].astype(array.dtype)
+    del a, b
+    if not (in_i.all() and in_j.all() and in_k.all()):
+        inside = (in_k[:, None, None] & in_j[None, :, None] & in_i[None, None, :]).reshape(-1)[samples.flat]
+        vals[~inside] = outside
+    return vals
 
 
 def _grid_key(grid: Grid):
