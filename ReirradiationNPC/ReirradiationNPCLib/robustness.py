@@ -189,15 +189,7 @@ def metric_value(doses: np.ndarray, vol, total_cc: float, m) -> float | None:
         x = m.param if m.kind == "dcc" else total_cc * m.param / 100.0
         if total_cc <= 0 or x < 0 or x > total_cc * (1 + 1e-9):
             return None
-        if uniform and vol > 0:
-            k = int(math.ceil(x / vol)) + 2
-            if k < n:
-                thr = np.partition(doses, n - k)[n - k]
-                sel = doses >= thr
-                ss = dvh.SortedSamples(doses[sel], vol)
-                if ss.level_cum.size and ss.level_cum[-1] >= x:
-                    return float(np.interp(x, ss.level_cum, ss.levels))
-        return dvh.SortedSamples(doses, vol).dose_at_volume(x)
+        return dvh.SortedSamples(doses, vol).dose_at_volume(x)   # read on the hot or cold tail of the samples
     if m.kind in ("vgy", "vpct"):
         x = float(m.param)
         dmax, dmin = float(doses.max()), float(doses.min())
