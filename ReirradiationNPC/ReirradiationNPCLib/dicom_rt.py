@@ -1098,7 +1098,7 @@ def evenodd_fill(polys: list[np.ndarray], x0: float, dx: float, ncols: int, y0: 
 def evenodd_coverage(planes: list[list[np.ndarray]], x0: float, n: int, ni: int, y0: float, nj: int
                      ) -> np.ndarray:
     """For each plane's polygons, the number of the n x n sub-samples of each pixel inside them by the even-odd
-    rule: (len(planes), nj, ni), whole numbers held as float64.
+    rule: (len(planes), nj, ni), int32.
 
     The sub-samples are those of :func:`evenodd_fill` with ``dx = dy = 1 / n``, ``ncols = ni n``, ``nrows = nj n``
     (x0, y0: the first sub-sample), and the counts are exactly the sums of its n x n blocks; but the sub-sample
@@ -1125,10 +1125,14 @@ def evenodd_coverage(planes: list[list[np.ndarray]], x0: float, n: int, ni: int,
     q, m = col // n, col % n
     row0 = (r // n) * (ni + 2)                           # r // n = plane nj + pixel row
     idx = np.concatenate([row0, row0 + q, row0 + q + 1])
-    val = np.concatenate([sign * n, sign * (m - n), -sign * m]).astype(np.float64)
-    diff = np.bincount(idx, weights=val, minlength=len(planes) * nj * (ni + 2)).reshape(len(planes), nj, ni + 2)
-    np.cumsum(diff, axis=2, out=diff)                    # sums of small whole numbers: exact in float64
-    return diff[:, :, :ni]
+    val = np.concatenate([sign * n, sign * (m - n), -sign * m]).astype(np.int32)
+    diff = np.zeros(len(planes) * nj * (ni + 2), dtype=np.int32)
+    np.add.at(diff, idx, val)
+    # the three entries of every run end or start sum to 0 within its pixel row, so each row's differences total 0
+    # and one running sum over all rows gives every row's own running sum: one flat pass, in whole numbers (a
+    # running sum of integers is ~7x faster than of floats here; the values are exact either way)
+    np.cumsum(diff, out=diff)
+    return diff.reshape(len(planes), nj, ni + 2)[:, :, :ni]
 
 
 def _contour_points(cont, src: str) -> np.ndarray:
