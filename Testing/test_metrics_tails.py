@@ -64,6 +64,8 @@ def test_grids_that_are_not_parallel_go_to_simpleitk():
     dose = np.arange(64, dtype=np.float32).reshape(4, 4, 4)
     assert _aligned_linear(_samples(turned), dose, grid, 0.0) is None
     assert _aligned_linear(_samples(grid), dose.astype(np.int16), grid, 0.0) is None      # not float: ITK's rules
+    assert _aligned_linear(_samples(grid, [5, 2, 9]), dose, grid, 0.0) is None             # samples not in order
+    np.testing.assert_allclose(_samples(grid, [5, 2, 9]).dose(dose, grid), [5.0, 2.0, 9.0])
     # the dose is still read (SimpleITK): a linear field, so exact inside
     k, j, i = np.meshgrid(np.arange(4), np.arange(4), np.arange(4), indexing="ij")
     lin = (1 + 2 * i + 3 * j + 5 * k).astype(np.float64)

@@ -220,15 +220,17 @@ def _aligned_linear(samples: StructureSamples, array: np.ndarray, grid: Grid, ou
     continuous indices, so the dose is interpolated along i, then j, then k, each as ``a + (b - a) t`` in float64 --
     the order and the formula of ITK's linear interpolator, with its border rule (inside: continuous index in
     [-0.5, n - 0.5) on every axis; the edge value extended within that half voxel; ``outside`` beyond), and the
-    result in the array's type as SimpleITK returns it. Only the dose voxels around the samples are read; the last
-    step runs over the sampling box (its planes are weighted sums of two planes). The values equal SimpleITK's
-    resampling but for the last bit of a few samples (the continuous indices are computed once per axis here,
-    accumulated along each scan line there)."""
+    result in the array's type as SimpleITK returns it. Only the dose voxels around the samples are read; the steps
+    along j and k go a plane at a time (small temporaries), the last one only where samples lie. The values equal
+    SimpleITK's resampling but for the last bit of a few samples (the continuous indices are computed once per axis
+    here, accumulated along each scan line there). ``samples.flat`` must be sorted (as the sampling makes it; None
+    otherwise)."""
     if samples.n == 0 or array.dtype not in (np.float32, np.float64) or array.ndim != 3:
         return None
     g = samples.grid
     rot = grid.direction_matrix
-    if np.abs(g.direction_matrix - rot).max() > PARALLEL_TOLERANCE:
+    flat = samples.flat
+    if np.abs(g.direction_matrix - rot).max() > PARALLEL_TOLERANCE or np.any(flat[1:] < flat[:-1]):
         return None
     first = (np.asarray(g.origin) - np.asarray(grid.origin)) @ rot / np.asarray(grid.spacing)
     step = np.asarray(g.spacing) / np.asarray(grid.spacing)
@@ -239,19 +241,36 @@ def _aligned_linear(samples: StructureSamples, array: np.ndarray, grid: Grid, ou
     a, b = crop[:, :, li - i0], crop[:, :, hi_i - i0]
     b -= a
     b *= ti
-    b += a                                                        # along i: (k, j, samples i)
-    a, b = b[:, lj - j0, :], b[:, hi_j - j0, :]
-    b -= a
-    b *= tj[:, None]
-    b += a                                                        # along j: (k, samples j, samples i)
-    a, b = b[lk - k0], b[hi_k - k0]
-    b -= a
-    b *= tk[:, None, None]
-    b += a                                                        # along k: the sampling box
-    vals = b.reshape(-1)[samples.flat].astype(array.dtype)
-    del a, b
+    b += a                                                        # along i: (dose k, dose j, samples i)
+    ni, nj, nk = g.size
+    plane = nj * ni
+    along_j = np.empty((b.shape[0], nj, ni))                      # along j: (dose k, samples j, samples i)
+    tj = tj[:, None]
+    for kd in range(b.shape[0]):                                  # a dose plane at a time: small temporaries
+        lo = b[kd][lj - j0]
+        np.subtract(b[kd][hi_j - j0], lo, out=along_j[kd])
+        along_j[kd] *= tj
+        along_j[kd] += lo
+    along_j = along_j.reshape(b.shape[0], plane)
+    # along k, a sampling plane at a time, only for the samples on it (flat is sorted: plane c holds
+    # flat[bounds[c]:bounds[c + 1]])
+    bounds = np.searchsorted(flat, np.arange(nk + 1) * plane)
+    vals = np.empty(flat.size, dtype=array.dtype)
+    buf = np.empty(plane)
+    for c in range(nk):
+        s0, s1 = int(bounds[c]), int(bounds[c + 1])
+        if s0 == s1:
+            continue
+        lo_c, hi_c = int(lk[c]) - k0, int(hi_k[c]) - k0
+        lower = along_j[lo_c]
+        if hi_c != lo_c and tk[c] != 0.0:                         # else a + (b - a) 0 = a
+            np.subtract(along_j[hi_c], lower, out=buf)
+            buf *= tk[c]
+            buf += lower
+            lower = buf
+        vals[s0:s1] = lower[flat[s0:s1] - c * plane]
     if not (in_i.all() and in_j.all() and in_k.all()):
-        inside = (in_k[:, None, None] & in_j[None, :, None] & in_i[None, None, :]).reshape(-1)[samples.flat]
+        inside = (in_k[:, None, None] & in_j[None, :, None] & in_i[None, None, :]).reshape(-1)[flat]
         vals[~inside] = outside
     return vals
 
