@@ -90,3 +90,39 @@ def test_segmentation_crop(tmp_path):
     assert got["A"].parent[1] == (slice(2, 4), slice(1, 2), slice(5, 9)) and got["A"].mask.sum() == 8
     assert got["B"].parent[1] == (slice(6, 7), slice(7, 9), slice(0, 1)) and got["B"].mask.sum() == 2
     assert np.allclose(got["B"].grid.origin, (-10.0, -13.0, -24.0))
+
+
+def test_prepared_structures_keep_the_crop_and_its_exact_box(synthetic_case):
+    """pipeline.prepare crops each mask file once (on reading) and keeps the file's grid and the crop's exact box
+    (StructureData.source_parent): the crop is the whole mask's bounding box, on the sub-grid of that box."""
+    from ReirradiationNPCLib.case import load_case
+    from ReirradiationNPCLib.pipeline import prepare
+    case = load_case(synthetic_case)
+    prep = prepare(case)
+    whole = {s.name: s for s in read_structures(case.reference_structures)}
+    assert prep.structures and all(s.source_parent is not None for s in prep.structures)
+    for s in prep.structures:
+        file_grid, box = s.source_parent
+        w = whole[s.name]
+        assert file_grid == w.grid and box == bounding_box(w.mask)
+        assert np.array_equal(s.source_mask, w.mask[box]) and s.source_mask.flags.c_contiguous
+        assert s.source_grid == w.grid.subgrid(tuple(b.start for b in box[::-1]), tuple(b.stop for b in box[::-1]))
+
+
+def test_scene_placement_of_a_structure_by_hand():
+    """mrml_scene._on_reference: a crop of a mask file on the reference grid goes to its exact box on that grid;
+    a box of the reference grid's voxels without a known offset (an RTSTRUCT rasterised on the CT's lattice) to the
+    box found from its origin: (-7, -18, -29) mm is voxel (3, 2, 1) of FINE; anything else stays on its own grid."""
+    from ReirradiationNPCLib.mrml_scene import _on_reference
+    mask = np.ones((1, 2, 3), bool)
+    sub = FINE.subgrid((3, 2, 1), (6, 4, 2))
+    box = (slice(1, 2), slice(2, 4), slice(3, 6))
+    assert _on_reference(mask, sub, (FINE, box), FINE) == (box, FINE)
+    assert _on_reference(mask, sub, None, FINE) == (box, FINE)
+    other = Grid((12, 10, 8), (-10.0, -20.0, -30.0), (1.0, 1.0, 2.0))        # another lattice: own grid
+    own = (slice(0, 1), slice(0, 2), slice(0, 3))
+    assert _on_reference(mask, other.subgrid((3, 2, 1), (6, 4, 2)), (other, box), FINE) == \
+        (own, other.subgrid((3, 2, 1), (6, 4, 2)))
+    half = Grid((3, 2, 1), (-6.5, -18.0, -29.0), (1.0, 1.0, 1.0))             # half a voxel off FINE's centres
+    assert _on_reference(mask, half, None, FINE) == (own, half)
+    assert _on_reference(mask, sub, None, None) == (own, sub)

@@ -139,6 +139,9 @@ class StructureData:
     #: the mask as read, on its own grid (cropped to its bounding box), for sub-voxel metrics; None = use ``mask``
     source_mask: np.ndarray | None = None
     source_grid: Grid | None = None
+    #: when ``source_mask`` is a crop of a mask file (io.Structure.parent): that file's grid and the exact (k, j, i)
+    #: box of ``source_mask`` in it; None otherwise (an RTSTRUCT's rasterised box, a Slicer segment)
+    source_parent: tuple[Grid, tuple[slice, slice, slice]] | None = None
 
     def full_mask(self, shape) -> np.ndarray:
         m = np.zeros(shape, dtype=bool)

@@ -94,11 +94,7 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_i
                 continue
             mask, box, grid = s.mask, s.box, prep.grid
         else:
-            box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
-            offset = _crop_offset(grid, ref_grid)
-            if offset is not None:  # a crop of the reference CT's grid: placed on that grid (same voxels)
-                box = tuple(slice(o, o + n) for o, n in zip(offset[::-1], mask.shape))
-                grid = ref_grid
+            box, grid = _on_reference(mask, grid, s.source_parent, ref_grid)
         if not mask.any():
             continue
         role = s.organ.role if s.organ is not None else None
@@ -116,9 +112,24 @@ def load_inputs(prep: Prepared, folder_name: str = "Inputs", scene=None, study_i
     return nodes
 
 
+def _on_reference(mask: np.ndarray, grid: Grid, parent: tuple[Grid, tuple[slice, slice, slice]] | None,
+                  ref: Grid | None) -> tuple[tuple[slice, slice, slice], Grid]:
+    """Where a structure's own mask (on ``grid``) goes in the scene: (k, j, i box, grid of that box). A crop of the
+    reference CT's grid is placed on that grid (the same voxels): a crop of a mask file on that grid by its exact box
+    (``parent``, io.Structure.parent); a box of that grid's voxels without one (an RTSTRUCT rasterised on the CT's
+    own lattice) by :func:`_crop_offset`. Anything else on its own grid."""
+    if parent is not None and ref is not None and parent[0].same_as(ref):
+        return parent[1], ref
+    offset = _crop_offset(grid, ref)
+    if offset is not None:
+        return tuple(slice(o, o + n) for o, n in zip(offset[::-1], mask.shape)), ref
+    return (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2])), grid
+
+
 def _crop_offset(grid: Grid, ref: Grid | None, tol_mm: float = 1e-3) -> tuple[int, int, int] | None:
     """(i, j, k) index of ``grid``'s first voxel in ``ref`` when ``grid`` is a box of ``ref``'s voxels (same spacing
-    and direction, origin on a voxel centre of ``ref``, inside it); else None."""
+    and direction, origin on a voxel centre of ``ref`` within ``tol_mm``, inside it); else None. Found by rounding:
+    only for boxes whose offset is not known (a crop's is: :func:`_on_reference`)."""
     if ref is None or not np.allclose(grid.spacing, ref.spacing, atol=1e-6) \
             or not np.allclose(grid.direction, ref.direction, atol=1e-6):
         return None

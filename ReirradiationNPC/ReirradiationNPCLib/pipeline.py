@@ -148,8 +148,12 @@ def prepare(case: CaseSpec, progress: Progress | None = None) -> Prepared:
                 warnings.append(f"structure {s.name!r}: about {100 * (1 - eval_cc / own_cc):.0f}% of its volume "
                                 "lies outside the evaluation grid; the dose there is read as 0 Gy (use grid: image or "
                                 "a larger dose grid)")
-        src_mask, src_grid = crop_to_structure(s.mask, s.grid)
-        structures.append(StructureData(s.name, mask, box, organ, source_mask=src_mask, source_grid=src_grid))
+        if s.parent is not None:   # read as its bounding box (io.read_structures(..., crop=True)): cropped once
+            src_mask, src_grid = s.mask, s.grid
+        else:                      # an RTSTRUCT's rasterised box, not always tight
+            src_mask, src_grid = crop_to_structure(s.mask, s.grid)
+        structures.append(StructureData(s.name, mask, box, organ, source_mask=src_mask, source_grid=src_grid,
+                                        source_parent=s.parent))
     for i, c in enumerate(case.courses):
         if c.name in registrations and getattr(c, "structures", None) is not None:
             say(f"registration QA of {c.name}: prior structures")
