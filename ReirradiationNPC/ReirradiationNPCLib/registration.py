@@ -862,8 +862,10 @@ def register_course(course: str, options: dict, reference: Volume | None, prior_
 
 # ------------------------------------------------------------------------------------ mapping helpers
 
-def _target_box(src_grid: Grid, src_box, target: Grid, outcome: RegistrationOutcome | None, pad_mm: float = 2.0):
-    """Index box (k, j, i slices) of ``target`` that can map into ``src_box`` of ``src_grid``."""
+def target_box(src_grid: Grid, src_box, target: Grid, outcome: RegistrationOutcome | None, pad_mm=2.0):
+    """Index box (k, j, i slices) of ``target`` that can map into ``src_box`` of ``src_grid`` (None: none of it),
+    with ``pad_mm`` of margin (mm; one number, or one per target axis i, j, k) beyond the mapped box's corners,
+    plus the deformation's largest displacement. ``outcome`` None: no transform (both grids in one frame)."""
     if outcome is not None and (outcome.linear is None or outcome.max_deformation_mm is None):
         return tuple(slice(0, n) for n in target.shape)
     lo = np.array([s.start for s in src_box][::-1], dtype=float) - 0.5
@@ -891,7 +893,7 @@ def map_mask(mask: np.ndarray, grid: Grid, target: Grid, outcome: RegistrationOu
     src_box = bounding_box(mask)
     if src_box is None:
         return None
-    tbox = _target_box(grid, src_box, target, outcome)
+    tbox = target_box(grid, src_box, target, outcome)
     if tbox is None:
         return None
     sub = target.subgrid(tuple(b.start for b in tbox[::-1]), tuple(b.stop for b in tbox[::-1]))

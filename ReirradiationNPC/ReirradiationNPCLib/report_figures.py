@@ -18,6 +18,7 @@ import numpy as np
 
 from .geometry import Grid, Volume, resample_linear
 from .protocol import parse_metric
+from .registration import target_box
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,16 @@ def _slab_grid(grid: Grid, axis: int, idx: int) -> Grid:
 
 def _ct_on(reference_image: Volume, grid: Grid) -> np.ndarray:
     """The CT linearly interpolated on ``grid`` (a slab of the evaluation grid; -1000 HU outside the CT), from the
-    CT's box around that slab only (2 voxels of margin, so every interpolation neighbour is inside the box and
-    the CT's own edges stay where they are): the whole CT converted for each slab took a second per figure."""
+    CT's box around that slab only (registration.target_box with 2 CT voxels of margin, so every interpolation
+    neighbour is inside the box and the CT's own edges stay where they are): the whole CT converted for each slab
+    took a second per figure."""
     ct_grid = reference_image.grid
-    lo, hi = np.asarray([0, 0, 0]), np.asarray(ct_grid.size)
-    corners = np.array([[x, y, z] for x in (-0.5, grid.size[0] - 0.5) for y in (-0.5, grid.size[1] - 0.5)
-                        for z in (-0.5, grid.size[2] - 0.5)])
-    idx = ct_grid.physical_to_index(grid.index_to_physical(corners))
-    if np.all(np.isfinite(idx)):
-        lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 2, 0, hi)
-        hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 3, lo, hi)
-    if np.any(hi <= lo):      # the slab misses the CT
+    whole = tuple(slice(0, n) for n in grid.shape)
+    box = target_box(grid, whole, ct_grid, None, pad_mm=2.0 * np.asarray(ct_grid.spacing))
+    if box is None:           # the slab misses the CT
         return np.full(grid.shape, -1000.0, dtype=np.float32)
-    box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-    sub = Volume(np.ascontiguousarray(reference_image.array[box]), ct_grid.subgrid(tuple(lo), tuple(hi)))
+    lo, hi = tuple(b.start for b in box[::-1]), tuple(b.stop for b in box[::-1])
+    sub = Volume(np.ascontiguousarray(reference_image.array[box]), ct_grid.subgrid(lo, hi))
     return resample_linear(sub, grid, default=-1000.0)
 
 
