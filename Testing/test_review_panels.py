@@ -178,6 +178,106 @@ def test_registration_summary_lists_the_qa_figures():
     assert registration_summary({"registration": []}) == []
 
 
+# ------------------------------------------------------------- the wash and the registration check (no browser)
+
+class _State(dict):
+    """trame's server state as the panels use it: attributes and items, None for a name never set."""
+
+    def __getattr__(self, name):
+        return self.get(name)
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def change(self, *names):
+        return lambda f: f
+
+
+class _View:
+    def __init__(self, fg, opacity):
+        self.fg, self.opacity = fg, opacity
+
+    def get_foreground_volume_id(self):
+        return self.fg
+
+    def set_foreground_volume_id(self, fg):
+        self.fg = fg
+
+    def get_foreground_opacity(self):
+        return self.opacity
+
+    def set_foreground_opacity(self, opacity):
+        self.opacity = opacity
+
+    def schedule_render(self):
+        pass
+
+
+class _Node:
+    def __init__(self, node_id):
+        self.node_id = node_id
+
+    def GetID(self):  # noqa: N802 - MRML's name
+        return self.node_id
+
+    def GetDisplayNode(self):  # noqa: N802
+        return None
+
+    def GetImageData(self):  # noqa: N802
+        return None
+
+
+def test_a_wash_chosen_during_the_registration_check_comes_back_when_the_check_is_off(tmp_path):
+    """Three slice views show wash A at opacities 0.5, 0.4, 0.3. The registration check puts the prior CT over them
+    (opacity 0.7); choosing wash B meanwhile leaves the prior CT shown (ReviewPanels.wash_held says so) and "off"
+    then shows B, not A, at the wash opacity of the page (0.6); with the check off, choosing A shows A at once and
+    wash_held says False."""
+    from types import SimpleNamespace
+
+    from ReirradiationNPCLib.mrml_web_panels import ReviewPanels
+    from ReirradiationNPCLib.mrml_web_review import ReviewApp
+    from ReirradiationNPCLib.review_panels import CourseRegistration
+    from ReirradiationNPCLib.review_results import wash_choice
+
+    views = [_View("wash_a", 0.5), _View("wash_a", 0.4), _View("wash_a", 0.3)]
+    vm = SimpleNamespace(get_slice_views=lambda: views, get_views=lambda: views)
+    app = object.__new__(ReviewApp)   # the review app without trame: its set_wash on these views
+    app.run = SimpleNamespace(results={}, folder=tmp_path)
+    app.server = SimpleNamespace(state=_State())
+    app.slicer_app = SimpleNamespace(view_manager=vm)
+    app.ct, app.cumulative, app.wash_key = _Node("ct"), _Node("wash_a"), "a"
+    app.wash = {"a": (wash_choice("cumulative_eqd2"), _Node("wash_a")),
+                "b": (wash_choice("course_dose", "course1"), _Node("wash_b"))}
+    panels = ReviewPanels(app)
+    app.review_panels = panels
+    panels.registrations = {"course1": CourseRegistration("course1", "rigid", "prior.nrrd", [])}
+    panels._prior_nodes["course1"] = _Node("prior")   # as if loaded from prior.nrrd
+
+    panels._on_registration(reg_course="course1", reg_blend=0.7)
+    assert [(v.fg, v.opacity) for v in views] == [("prior", 0.7)] * 3
+    app.server.state.update(wash_key="b", wash_opacity=0.6)
+    app.set_wash("b")
+    assert app.wash_key == "b"
+    assert [(v.fg, v.opacity) for v in views] == [("prior", 0.7)] * 3   # the check keeps the foreground
+    panels._on_registration(reg_course="off")
+    assert [(v.fg, v.opacity) for v in views] == [("wash_b", 0.6)] * 3
+    assert panels.wash_held("wash_a") is False
+    assert [v.fg for v in views] == ["wash_b"] * 3
+    app.set_wash("a")
+    assert [v.fg for v in views] == ["wash_a"] * 3
+    # during the check: held, the views unchanged; off puts back the held wash at each view's saved opacity
+    app.server.state.update(wash_key=None, wash_opacity=None)   # a page without the wash controls
+    views[1].opacity = 0.2
+    panels._on_registration(reg_course="course1", reg_blend=0.7)
+    assert panels.wash_held("wash_b") is True
+    assert [v.fg for v in views] == ["prior"] * 3
+    panels._on_registration(reg_course="off")
+    assert [(v.fg, v.opacity) for v in views] == [("wash_b", 0.6), ("wash_b", 0.2), ("wash_b", 0.6)]
+
+
 # ------------------------------------------------------------------------------------------- on the demo
 
 

@@ -161,6 +161,16 @@ class ReviewPanels:
         state.reg_info = (f"{course}: prior CT through its {reg.method} registration ({reg.registered_ct}) over the "
                           f"current CT, opacity {blend:.2f}")
 
+    def wash_held(self, wash_id) -> bool:
+        """While the registration check shows a prior CT in the slice views' foreground: make ``wash_id`` (a volume
+        node ID, or None for no foreground) what "off" puts back in every view (each view keeps its own opacity), and
+        say True; the views are left as they are. When the check is off: False, nothing changed (the caller shows
+        the wash itself)."""
+        if self._saved_foreground is None:
+            return False
+        self._saved_foreground = [(wash_id, opacity) for _, opacity in self._saved_foreground]
+        return True
+
     def _restore_wash(self) -> None:
         """When the app has a wash selector (``set_wash``), show the wash chosen now (it may have changed while the
         prior CT was shown), at the wash opacity chosen now."""

@@ -384,10 +384,8 @@ class ReviewApp:
         state = self.server.state
         bg = self.ct or self.cumulative
         wash_id = None if bg is node else node.GetID()  # no CT: the map itself is the background
-        saved = getattr(self.review_panels, "_saved_foreground", None)
-        if saved is not None:  # the registration check has the foreground: the wash comes back when it is off
-            self.review_panels._saved_foreground = [(wash_id, opacity) for _, opacity in saved]
-        else:
+        # while the registration check has the foreground, the wash comes back when it is turned off
+        if not self.review_panels.wash_held(wash_id):
             for view in self.slicer_app.view_manager.get_slice_views():
                 view.set_foreground_volume_id(wash_id)
         display = node.GetDisplayNode()
