@@ -20,7 +20,6 @@ Needs the ``review`` extra (``pip install "reirradiation-npc[review]"``); the en
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .geometry import bounding_box
 from .review_results import (RunOutput, WashChoice, isodose_levels, load_run, recorded_input, sort_wash_choices,
                              table_rows, verdict_line, violation_segments, wash_choice, wash_kind_of_file,
                              worst_point)
+from .stop_signals import sigterm_as_ctrl_c
 
 log = logging.getLogger(__name__)
 
@@ -636,14 +636,9 @@ def serve(results_dir, port: int = 8080, host: str = "127.0.0.1", echo=print) ->
     where = "scene.mrb" if run.scene else "NRRD outputs (no scene.mrb)"
     echo(f"review of {Path(results_dir)} ({where}) at http://{host}:{port}/  (Ctrl-C stops)")
 
-    def _terminate(*_):  # SIGTERM (e.g. a service manager) stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        app.server.start(port=port, host=host, open_browser=False, show_connection_info=False)
+        with sigterm_as_ctrl_c():  # SIGTERM (e.g. a service manager) stops as cleanly as Ctrl-C
+            app.server.start(port=port, host=host, open_browser=False, show_connection_info=False)
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     echo("review stopped")

@@ -23,6 +23,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .stop_signals import sigterm_as_ctrl_c
+
 #: seconds a viewer's server may take to answer before the launcher gives up on it
 START_TIMEOUT_S = 180.0
 
@@ -168,18 +170,14 @@ def serve_per_viewer(results_dir, port: int = 8080, host: str = "127.0.0.1", max
     httpd = ThreadingHTTPServer((host, port), _handler(launcher))
     httpd.daemon_threads = True
 
-    def _terminate(*_):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
     echo(f"review of {Path(results_dir)}: one server per viewer (at most {max_viewers}) from "
          f"http://{host}:{port}/  (Ctrl-C stops)")
     try:
-        httpd.serve_forever(poll_interval=0.5)
+        with sigterm_as_ctrl_c():
+            httpd.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         httpd.server_close()
         launcher.stop_all()
     echo(f"review stopped ({len(launcher.viewers)} viewer server(s) started and stopped)")

@@ -1,0 +1,165 @@
+"""``reirradiation-npc review --per-viewer``'s launcher (review_launcher.py) without a browser and without trame:
+each viewer's "review server" is a small stand-in script (standard library) that answers HTTP 200 on its port, so
+the launcher's own behaviour is what is tested: SIGTERM stops it as Ctrl-C does, with every viewer it started.
+The real servers and browsers: Testing/test_review.py (test_per_viewer_...)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from analytic import cli_env
+from ReirradiationNPCLib.stop_signals import sigterm_as_ctrl_c
+
+#: the stand-in for ``reirradiation-npc review DIR --port P --host H``: serves HTTP 200 until SIGINT (exit 0)
+FAKE_VIEWER = r'''
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+httpd = HTTPServer(("127.0.0.1", port), H)
+try:
+    httpd.serve_forever(poll_interval=0.2)
+except KeyboardInterrupt:
+    pass
+'''
+
+#: the launcher with the stand-in viewer: python -c LAUNCHER RESULTS_DIR PORT MAX_VIEWERS VIEWER_SCRIPT
+LAUNCHER = ("import sys; from ReirradiationNPCLib.review_launcher import serve_per_viewer; "
+            "serve_per_viewer(sys.argv[1], port=int(sys.argv[2]), max_viewers=int(sys.argv[3]), "
+            "command=[sys.executable, sys.argv[4]])")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _get(url: str):
+    """(status, Location header, body) of a GET, redirects not followed."""
+    try:
+        with _OPENER.open(url, timeout=10) as r:
+            return r.status, r.headers.get("Location"), r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location"), exc.read().decode("utf-8", "replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_launcher(tmp_path, viewer_script: str, max_viewers: int = 2):
+    script = tmp_path / "fake_viewer.py"
+    script.write_text(viewer_script, encoding="utf-8")
+    port = _free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path), str(port), str(max_viewers),
+                             str(script)], stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not _port_open(port):
+        assert proc.poll() is None, "the launcher exited early"
+        assert time.monotonic() < deadline, "the launcher does not listen"
+        time.sleep(0.2)
+    return proc, port, log
+
+
+def _output(log) -> str:
+    log.seek(0)
+    return log.read().decode("utf-8", "replace")
+
+
+def _open_viewer(port: int, timeout: float = 60.0):
+    """Visit the launcher's / as a browser would: (viewer path, the viewer's own port once it answers)."""
+    status, location, _ = _get(f"http://127.0.0.1:{port}/")
+    assert status == 303 and location.startswith("/viewer/"), (status, location)
+    deadline = time.monotonic() + timeout
+    while True:
+        status, where, body = _get(f"http://127.0.0.1:{port}{location}")
+        if status == 302:
+            return location, int(where.rsplit(":", 1)[1].strip("/"))
+        assert status == 200 and "Starting your own review view" in body, (status, body)
+        assert time.monotonic() < deadline, "the viewer did not become ready"
+        time.sleep(0.3)
+
+
+def _kill_group(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+def test_sigterm_inside_the_block_is_a_ctrl_c_and_the_previous_handler_comes_back():
+    """One SIGTERM handler for the review server and the launcher: inside the block SIGTERM raises
+    KeyboardInterrupt; after it (left normally or by the interrupt) the handler before is in place again."""
+    seen = []
+
+    def before(signum, frame):
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_ctrl_c():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)   # the handler runs at the next bytecode; never reached
+        assert signal.getsignal(signal.SIGTERM) is before
+        with sigterm_as_ctrl_c():
+            assert signal.getsignal(signal.SIGTERM) is not before
+        assert signal.getsignal(signal.SIGTERM) is before
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_launcher_stops_on_sigterm_with_every_viewer_it_started(tmp_path):
+    """Two viewers started (each answers on its own port); SIGTERM to the launcher: exit code 0, its closing line
+    counts 2 servers started and stopped, and both viewers' ports are closed."""
+    proc, port, log = _start_launcher(tmp_path, FAKE_VIEWER, max_viewers=2)
+    try:
+        ports = [_open_viewer(port)[1] for _ in range(2)]
+        assert len(set(ports)) == 2 and all(_port_open(p) for p in ports)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        _kill_group(proc)
+    out = _output(log)
+    assert proc.returncode == 0, out
+    assert "review stopped (2 viewer server(s) started and stopped)" in out, out
+    assert not any(_port_open(p) for p in ports), "a viewer is still running"
