@@ -353,6 +353,49 @@ def test_scenario_rows_metric_equals_per_row_metric(seed, name, rounding):
         assert got == pytest.approx(ref, rel=1e-9, abs=1e-9)
 
 
+#: the scenarios' Dmean rows of unequal samples (K scenarios x N samples): printed as hex, to the last bit
+_DMEAN_ROWS = """
+import numpy as np
+from ReirradiationNPCLib import dvh, robustness
+rng = np.random.default_rng(7)
+for k, n in ((1, 200000), (9, 60000)):
+    cum = rng.uniform(20, 60, (k, n)).astype(np.float32)
+    ev = object.__new__(robustness._StructureScenarios)
+    ev.vol = rng.uniform(0.0002, 0.002, n)
+    ev.total = float(ev.vol.sum())
+    print(k, n, [v.hex() for v in ev._metric_rows(cum, dvh.parse("Dmean"))])
+"""
+
+
+def test_scenario_dmean_rows_are_numpys_sum_whatever_the_blas_threads():
+    """The scenarios' Dmean of unequal samples (robustness DVH band rows) is the table's formula
+    (dvh.weighted_mean) to the last bit, equals sum(d v) / V by math.fsum within 1e-12, and is bit-identical with
+    OPENBLAS_NUM_THREADS=1 and 2 (a BLAS matrix-vector product split its sums by thread: 1 x 200000 and 9 x 60000
+    samples differed in the last bit)."""
+    rng = np.random.default_rng(3)
+    cum = rng.uniform(20, 60, (4, 30000)).astype(np.float32)
+    ev = object.__new__(robustness._StructureScenarios)
+    ev.vol = rng.uniform(0.0002, 0.002, 30000)
+    ev.total = float(np.sum(ev.vol))
+    got = ev._metric_rows(cum, dvh.parse("Dmean"))
+    for r in range(4):
+        d = cum[r].astype(np.float64)
+        assert got[r] == dvh.weighted_mean(d, ev.vol, ev.total)
+        assert got[r] == pytest.approx(math.fsum(d * ev.vol) / math.fsum(ev.vol), rel=1e-12, abs=0)
+    import subprocess
+    import sys
+
+    from analytic import cli_env
+    outs = []
+    for threads in ("1", "2"):
+        env = dict(cli_env(), OPENBLAS_NUM_THREADS=threads)
+        res = subprocess.run([sys.executable, "-c", _DMEAN_ROWS], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0].count("0x") == 10 and outs[0] == outs[1], outs
+
+
 def test_interp_points_matches_nominal_sampling(tmp_path):
     x, y, z = coords(SIZE, ORIGIN, SPACING)
     prior = 30.0 + 0.3 * x + 0.2 * y * y / 19.5 - 0.1 * z

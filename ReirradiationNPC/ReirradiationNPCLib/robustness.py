@@ -613,7 +613,10 @@ class _StructureScenarios:
         if m.kind == "mean":
             if np.ndim(vol) == 0:
                 return [float(v) for v in cum.mean(axis=1, dtype=np.float64)]
-            return [float(v) for v in (cum.astype(np.float64) @ np.asarray(vol)) / self.total]
+            # one formula with the table's Dmean (dvh.weighted_mean, numpy's own sum): a BLAS product here woke
+            # OpenBLAS's threads (they spin on after it) and its last bits depended on their number
+            vol = np.asarray(vol, dtype=np.float64)
+            return [dvh.weighted_mean(row.astype(np.float64), vol, self.total) for row in cum]
         if m.kind in ("dcc", "dpct") and np.ndim(vol) == 0 and vol > 0:
             x = m.param if m.kind == "dcc" else self.total * m.param / 100.0
             n = cum.shape[1]
