@@ -498,18 +498,45 @@ def _body_mask_whole_image(image, threshold_hu, dilate_mm=5.0):
     """The body mask computed on the whole image (the definition that body_mask computes on the body's box)."""
     b = sitk.BinaryThreshold(image, float(threshold_hu), 1e9, 1, 0)
     largest = sitk.BinaryFillhole(sitk.RelabelComponent(sitk.ConnectedComponent(b), sortByObjectSize=True) == 1)
-    radius = [max(1, int(round(dilate_mm / s))) for s in image.GetSpacing()]
-    return sitk.GetArrayFromImage(sitk.BinaryDilate(largest, radius)).astype(np.uint8)
+    if dilate_mm > 0:
+        largest = sitk.BinaryDilate(largest, [max(1, int(round(dilate_mm / s))) for s in image.GetSpacing()])
+    return sitk.GetArrayFromImage(largest).astype(np.uint8)
+
+
+def test_body_mask_with_no_dilation_is_the_filled_body_itself():
+    """dilate_mm=0 means no dilation: on a hand-made phantom (1 mm voxels; a 'head' block of 0 HU, voxels k 2-7,
+    j 3-10, i 4-12, with an enclosed 2 x 2 x 2 air cavity; a separate one-voxel 100 HU speck) the mask is exactly the
+    block with its cavity filled; the speck is dropped (it was dilated by one voxel: 872 voxels instead of 432).
+    1 mm: one voxel of ITK's ball (the 3 x 3 x 3 cube without its 8 corners): the 6 x 8 x 9 block gains its six
+    faces, 2 x (8 x 9 + 6 x 9 + 6 x 8) = 348 voxels, and its twelve edges, 4 x (6 + 8 + 9) = 92, not its corners:
+    872. Anisotropic 1 x 1 x 3 mm voxels: 0 mm is still the block; 1 mm still one voxel along k (at least one)."""
+    arr = np.full((10, 14, 16), -1000, np.int16)          # (k, j, i)
+    arr[2:8, 3:11, 4:13] = 0
+    arr[4:6, 5:7, 6:8] = -1000                              # enclosed cavity
+    arr[9, 0, 0] = 100                                      # a one-voxel speck: not the body
+    expected = np.zeros(arr.shape, np.uint8)
+    expected[2:8, 3:11, 4:13] = 1
+    assert int(expected.sum()) == 6 * 8 * 9 == 432
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    m0 = sitk.GetArrayFromImage(reg.body_mask(img, -400.0, 0.0))
+    np.testing.assert_array_equal(m0, expected)
+    m1 = sitk.GetArrayFromImage(reg.body_mask(img, -400.0, 1.0))
+    assert int(m1.sum()) == 432 + 2 * (8 * 9 + 6 * 9 + 6 * 8) + 4 * (6 + 8 + 9) == 872
+    assert m1[expected == 1].all() and m1[1, 3:11, 4:13].all() and m1[1, 2, 4:13].all() and not m1[1, 2, 3]
+    img.SetSpacing((1.0, 1.0, 3.0))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(reg.body_mask(img, -400.0, 0.0)), expected)
+    m1 = sitk.GetArrayFromImage(reg.body_mask(img, -400.0, 1.0))
+    assert int(m1.sum()) == 872 and m1[1, 3:11, 4:13].all() and m1[8, 3:11, 4:13].all()
+    with pytest.raises(ValueError):
+        reg.body_mask(img, -400.0, -1.0)
 
 
 def test_body_mask_fills_enclosed_air_only_and_matches_the_whole_image_definition():
     """A 'head' block (0 HU, voxels k 4-11, j 4-15, i 5-14 of 1 mm) with an enclosed 2 x 2 x 2 air cavity, an air
     channel of 4 x 4 voxels open through the block's face to the last slice of the image (the block touches it), and
-    a separate smaller block. The cavity is filled; the channel is not (the dilation, at least 1 voxel, closes only
-    its outer ring and its floor: its central 2 x 2 column, 2 voxels from walls and floor, stays air); the small
-    block is dropped; nothing lies further than the dilation from the block. With 0, 2 and 5 mm of dilation the
-    mask equals the whole-image computation voxel for voxel (body touching the image's border, dilation reaching
-    it)."""
+    a separate smaller block. Without dilation the cavity is filled; the channel is not; the small block is dropped;
+    nothing lies outside the block. With 0, 2 and 5 mm of dilation the mask equals the whole-image computation voxel
+    for voxel (body touching the image's border, dilation reaching it)."""
     arr = np.full((12, 20, 20), -1000, np.int16)          # (k, j, i)
     arr[4:12, 4:16, 5:15] = 0                               # head block touching the last slice (k = 11)
     arr[6:8, 6:8, 7:9] = -1000                              # enclosed cavity: filled

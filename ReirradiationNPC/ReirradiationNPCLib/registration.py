@@ -275,11 +275,14 @@ def _float_image(vol: Volume) -> sitk.Image:
 
 
 def body_mask(image: sitk.Image, threshold_hu: float, dilate_mm: float = 5.0) -> sitk.Image:
-    """UInt8 mask: largest connected component above ``threshold_hu`` (HU), holes filled, dilated (mm)."""
+    """UInt8 mask: largest connected component above ``threshold_hu`` (HU), holes filled, dilated by ``dilate_mm``
+    (mm; per axis round(dilate_mm / spacing) voxels, at least 1 when ``dilate_mm`` > 0; 0: not dilated)."""
+    if not dilate_mm >= 0:
+        raise ValueError(f"body_mask: dilate_mm must be >= 0 mm, not {dilate_mm}")
     b = sitk.BinaryThreshold(image, float(threshold_hu), 1e9, 1, 0)
     cc = sitk.ConnectedComponent(b)
     largest = sitk.RelabelComponent(cc, sortByObjectSize=True) == 1
-    radius = [max(1, int(round(dilate_mm / s))) for s in image.GetSpacing()]
+    radius = [max(1, int(round(dilate_mm / s))) if dilate_mm > 0 else 0 for s in image.GetSpacing()]
     # hole filling and dilation on the component's box padded by radius + 1 voxels (the head is ~1/10 of the CT's
     # box): the same voxels as on the whole image. Outside the box everything is background, connected to the
     # image border, and the padding holds that background layer and every voxel the dilation can reach.
@@ -290,7 +293,9 @@ def body_mask(image: sitk.Image, threshold_hu: float, dilate_mm: float = 5.0) ->
     lo = [max(0, box[2 - a].start - radius[a] - 1) for a in range(3)]
     hi = [min(size[a], box[2 - a].stop + radius[a] + 1) for a in range(3)]
     crop = sitk.RegionOfInterest(largest, [h - l for l, h in zip(lo, hi)], lo)
-    crop = sitk.BinaryDilate(sitk.BinaryFillhole(crop), radius)
+    crop = sitk.BinaryFillhole(crop)
+    if dilate_mm > 0:
+        crop = sitk.BinaryDilate(crop, radius)
     arr = np.zeros(sitk.GetArrayViewFromImage(largest).shape, np.uint8)
     arr[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = sitk.GetArrayViewFromImage(crop)
     out = sitk.GetImageFromArray(arr)
