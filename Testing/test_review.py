@@ -214,14 +214,14 @@ def _changed_fraction(a: np.ndarray, b: np.ndarray) -> float:
 class Review:
     """A review server subprocess on a free local port (stopped with SIGINT, i.e. Ctrl-C, by ``stop``)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *options: str):
         self.folder = folder
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "ReirradiationNPCLib.cli", "review", str(folder),
-                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=cli_env(), start_new_session=True)
+                                      "--port", str(self.port), *options], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -489,6 +489,19 @@ def test_review_without_scene_shows_the_ct_of_the_run_inputs(demo_results, brows
     assert "review stopped" in output and review.proc.returncode == 0, output[-2000:]
     assert _checksums(folder) == before, "the review wrote into RESULTS_DIR"
     assert hashlib.sha256(ct_path.read_bytes()).hexdigest() == ct_before
+
+
+def test_idle_stop_ends_a_server_no_browser_connects_to(demo_results):
+    """--idle-stop 4: the server (it answers HTTP; no browser opens its page) stops by itself, exit 0, saying why;
+    without the option it runs until Ctrl-C (the module's server above; trame's own default was 300 s)."""
+    review = Review(demo_results, "--idle-stop", "4")
+    try:
+        review.proc.wait(timeout=90)
+    finally:
+        output = review.stop()
+    assert review.proc.returncode == 0, output[-2000:]
+    assert "(Ctrl-C stops; stops after 4 s without a browser)" in output, output[-2000:]
+    assert "review stopped (no browser connected for 4 s)" in output, output[-2000:]
 
 
 def _port_open(port: int) -> bool:

@@ -533,8 +533,11 @@ def _check_port(host: str, port: int) -> None:
                    "and 0.8 GB per viewer). Without it every browser shares one set of views.")
 @click.option("--max-viewers", type=click.IntRange(1, 32), default=4, show_default=True,
               help="With --per-viewer: how many viewers' servers may run at once.")
+@click.option("--idle-stop", type=click.IntRange(min=0), default=None, metavar="SECONDS",
+              help="Stop the server when no browser has been connected for this many seconds (0: never). "
+                   "Default: never; with --per-viewer, each viewer's server after 120 s (its slot is then free).")
 @click.pass_context
-def review(ctx, results_dir, port, host, per_viewer, max_viewers):
+def review(ctx, results_dir, port, host, per_viewer, max_viewers, idle_stop):
     """Serve a run's results (scene.mrb, else NRRD outputs and results.json) in the browser, read-only
     (needs the 'review' extra: trame-slicer). Ctrl-C stops."""
     from .review_results import load_run
@@ -549,10 +552,11 @@ def review(ctx, results_dir, port, host, per_viewer, max_viewers):
                              'pip install "reirradiation-npc[review]"', field="review") from None
         check_available()
         if per_viewer:
-            from .review_launcher import serve_per_viewer
-            serve_per_viewer(results_dir, port=port, host=host, max_viewers=max_viewers, echo=click.echo)
+            from .review_launcher import VIEWER_IDLE_STOP_S, serve_per_viewer
+            serve_per_viewer(results_dir, port=port, host=host, max_viewers=max_viewers, echo=click.echo,
+                             idle_stop_s=VIEWER_IDLE_STOP_S if idle_stop is None else idle_stop)
             return
-        serve(results_dir, port=port, host=host, echo=click.echo)
+        serve(results_dir, port=port, host=host, echo=click.echo, idle_stop_s=idle_stop or 0)
 
     _guard(go, ctx.obj["verbose"])
 

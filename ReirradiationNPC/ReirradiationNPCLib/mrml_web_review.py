@@ -627,18 +627,27 @@ class ReviewApp:
                         html.Td(f"{{{{ row.{key} }}}}", classes=f"col-{key}", style="padding: 1px 4px;")
 
 
-def serve(results_dir, port: int = 8080, host: str = "127.0.0.1", echo=print) -> None:
-    """Load the run's results and serve the review page until interrupted (Ctrl-C)."""
+def serve(results_dir, port: int = 8080, host: str = "127.0.0.1", echo=print, idle_stop_s: int = 0) -> None:
+    """Load the run's results and serve the review page until interrupted (Ctrl-C or SIGTERM), or, when
+    ``idle_stop_s`` > 0, until no browser has been connected for that many seconds (counted from the start, and
+    again each time the last browser leaves). 0: never by itself (trame's own default, used before, was 300 s)."""
+    idle_stop_s = int(idle_stop_s)
+    if idle_stop_s < 0:
+        raise InputError(f"--idle-stop must be >= 0 seconds, not {idle_stop_s}", field="--idle-stop")
     run = load_run(results_dir)
     check_available()
     sys.argv = sys.argv[:1]  # trame parses the command line too; ours is already parsed
     app = ReviewApp(run)
     where = "scene.mrb" if run.scene else "NRRD outputs (no scene.mrb)"
-    echo(f"review of {Path(results_dir)} ({where}) at http://{host}:{port}/  (Ctrl-C stops)")
-
+    idle = f"; stops after {idle_stop_s} s without a browser" if idle_stop_s else ""
+    echo(f"review of {Path(results_dir)} ({where}) at http://{host}:{port}/  (Ctrl-C stops{idle})")
+    why = ""
     try:
         with sigterm_as_ctrl_c():  # SIGTERM (e.g. a service manager) stops as cleanly as Ctrl-C
-            app.server.start(port=port, host=host, open_browser=False, show_connection_info=False)
+            app.server.start(port=port, host=host, open_browser=False, show_connection_info=False,
+                             timeout=idle_stop_s)
+        # start() returns by itself only through its idle timeout (0: never)
+        why = f" (no browser connected for {idle_stop_s} s)" if idle_stop_s else ""
     except KeyboardInterrupt:
         pass
-    echo("review stopped")
+    echo("review stopped" + why)
