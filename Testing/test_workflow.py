@@ -257,6 +257,16 @@ def test_check_course_hand_values_and_missing_inputs():
     assert "prescribed_eqd2" not in rows
     rows = {r["check"]: r for r in rx_mod.check_course(Course(rx_mod.Schedule(2, None, None)), rx)}
     assert rows["min_hours_between_fractions"]["status"] == "not_evaluated"
+    # a course of two fraction groups (e.g. 25 x 1.2 Gy + 29 x 1.2 Gy, or 50 x 1.2 + 4 x 3 Gy: the mean 65/54 Gy
+    # passes 1.1-1.3 either way): neither the dose per fraction nor the nominal EQD2 is judged from the total
+    grouped = Course(rx_mod.Schedule(2, 6.0, 65.0))
+    grouped.doses = ["g1.dcm", "g2.dcm"]
+    rows = {r["check"]: r for r in rx_mod.check_course(grouped, rx)}
+    assert rows["dose_per_fraction"]["status"] == "not_evaluated" and rows["dose_per_fraction"]["actual"] is None
+    assert "2 fraction groups" in rows["dose_per_fraction"]["message"]
+    assert "1.2037" in rows["dose_per_fraction"]["message"]
+    assert rows["prescribed_eqd2"]["status"] == "not_evaluated" and rows["prescribed_eqd2"]["actual"] is None
+    assert rows["min_hours_between_fractions"]["status"] == "pass"        # the schedule's gap still applies
     flags = rx_mod.repair_flags([Course(rx_mod.Schedule(2, None, None))], rx)
     assert len(flags) == 1 and "no stated gap" in flags[0]["statement"]
 

@@ -97,6 +97,13 @@ def check_course(course, prescription) -> list[dict]:
     """
     name = course.name
     sched = getattr(course, "schedule", None) or Schedule()
+    # a course of several fraction groups (one dose per group): its groups' doses per fraction differ and the
+    # schedule states one prescribed dose for the whole course, so neither the dose per fraction nor the nominal EQD2
+    # can be judged from it (the mean per fraction would hide a group outside the range, and EQD2 of the total at
+    # the mean dose per fraction is not the sum of the groups' EQD2)
+    n_groups = len(getattr(course, "doses", None) or ())
+    groups = (f"course {name}: {n_groups} fraction groups ({course.fractions} fractions in all) and one prescribed "
+              f"dose for the course; the prescribed dose of each group is not stated") if n_groups > 1 else None
     frac = getattr(prescription, "fractionation", None) if prescription is not None else None
     rows = []
 
@@ -139,6 +146,11 @@ def check_course(course, prescription) -> list[dict]:
             rows.append(_row("dose_per_fraction", "dose per fraction", name, crit, list(rng), None, "Gy", None,
                              "not_evaluated", frac.dose_per_fraction_source, frac.dose_per_fraction_verified,
                              f"course {name}: prescribed dose not stated (schedule.prescribed_dose_gy)"))
+        elif groups:
+            rows.append(_row("dose_per_fraction", "dose per fraction", name, crit, list(rng), None, "Gy", None,
+                             "not_evaluated", frac.dose_per_fraction_source, frac.dose_per_fraction_verified,
+                             f"{groups}: the mean over the course ({sched.prescribed_dose_gy / course.fractions:.4f} "
+                             f"Gy per fraction) would hide a group outside {crit}"))
         else:
             d = sched.prescribed_dose_gy / course.fractions
             ok = rng[0] - 1e-9 <= d <= rng[1] + 1e-9
@@ -148,7 +160,15 @@ def check_course(course, prescription) -> list[dict]:
                              f"{d:.4f} Gy per fraction, {'within' if ok else 'outside'} {crit}"))
 
     # --- nominal EQD2 of the stated prescription within the prescribed range
-    if prescription is not None and prescription.scope == "current" and sched.prescribed_dose_gy is not None:
+    if prescription is not None and prescription.scope == "current" and sched.prescribed_dose_gy is not None \
+            and groups:
+        lo, hi = prescription.eqd2_min_gy, prescription.eqd2_max_gy
+        rows.append(_row("prescribed_eqd2", "nominal EQD2 of the prescription", name,
+                         f"{lo:g}-{hi:g} Gy EQD2 at alpha/beta {prescription.alpha_beta:g} Gy", [lo, hi], None, "Gy",
+                         None, "not_evaluated", prescription.source, prescription.verified,
+                         f"{groups}: the course's EQD2 is the sum of its groups' EQD2, each at its own dose per "
+                         "fraction"))
+    elif prescription is not None and prescription.scope == "current" and sched.prescribed_dose_gy is not None:
         e = float(eqd2(sched.prescribed_dose_gy, course.fractions, prescription.alpha_beta))
         lo, hi = prescription.eqd2_min_gy, prescription.eqd2_max_gy
         ok = lo - 1e-9 <= e <= hi + 1e-9
