@@ -123,6 +123,35 @@ def test_segments_round_trip_with_their_geometry():
     assert s.grid.index_to_physical(first[None])[0] == pytest.approx([-5.0 + 6, -5.0 + 4, -5.0 + 2 * 3])
 
 
+@needs_slicer
+def test_segments_sharing_a_ct_size_layer_come_back_as_their_boxes():
+    """Two 2x2x2 cubes as labels 1 and 2 of one 20 x 20 x 10 labelmap, imported as one shared layer (Slicer gives it
+    the labels' union extent, i 3-13, j 2-16, k 1-7; the Segment Editor's layers span the whole reference image):
+    each segment comes back as its own 2x2x2 box (not an 11 x 15 x 7 mask) at its LPS place, with the shared layer
+    as its parent grid."""
+    from ReirradiationNPCLib import mrml_headless
+    from ReirradiationNPCLib.geometry import Grid, Volume
+    app = mrml_headless.start()
+    import slicer
+    from ReirradiationNPCLib import mrml
+    grid = Grid((20, 20, 10), (-10.0, -10.0, -5.0), (1.0, 1.0, 2.0))
+    lab = np.zeros(grid.shape, np.uint8)
+    lab[1:3, 2:4, 3:5] = 1                       # k, j, i
+    lab[6:8, 15:17, 12:14] = 2
+    vol = mrml.add_volume_node(Volume(lab, grid), "labels", app.scene)
+    labelmap = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labelmap")
+    slicer.modules.volumes.logic().CreateLabelVolumeFromVolume(app.scene, labelmap, vol)
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
+    structures = mrml.structures_from_segmentation(seg)
+    assert len(structures) == 2
+    for s, (k, j, i) in zip(sorted(structures, key=lambda s: s.name), [(1, 2, 3), (6, 15, 12)]):
+        assert s.mask.shape == (2, 2, 2) and int(s.mask.sum()) == 8
+        assert s.grid.index_to_physical(np.zeros((1, 3)))[0] == pytest.approx(
+            grid.index_to_physical(np.array([[i, j, k]], float))[0])
+        assert s.parent is not None and s.parent[0].size == (11, 15, 7)
+
+
 # ---------------------------------------------------------------------------------------- transforms
 
 @needs_slicer

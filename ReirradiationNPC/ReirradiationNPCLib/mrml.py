@@ -30,6 +30,7 @@ from .case import CaseSpec, CourseSpec
 from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
 from .io import Structure
+from .io import _structure as structure_from_array
 from .masks import structure_on_grid
 from .pipeline import Prepared, build_results
 from .protocol import Protocol, load_protocol, parse_metric
@@ -353,16 +354,19 @@ def structures_from_segmentation(segmentation_node) -> list[Structure]:
         dims = (ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1)
         m = vtk.vtkMatrix4x4()
         image.GetImageToWorldMatrix(m)
+        color = tuple(float(c) for c in segment.GetColor())
         if min(dims) <= 0 or image.GetPointData().GetScalars() is None:
             mask = np.zeros((1, 1, 1), dtype=bool)
             grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), (1, 1, 1))
-        else:
-            arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
-            # segments may share one labelmap layer, each with its own label value
-            mask = arr == segment.GetLabelValue()
-            grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), dims, extent_start=(ext[0], ext[2], ext[4]))
-        out.append(Structure(segment.GetName(), mask, grid, segmentation_node.GetName(),
-                             tuple(float(c) for c in segment.GetColor())))
+            out.append(Structure(segment.GetName(), mask, grid, segmentation_node.GetName(), color))
+            continue
+        arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+        grid = grid_from_ijk_to_ras(_matrix_to_numpy(m), dims, extent_start=(ext[0], ext[2], ext[4]))
+        # segments may share one labelmap layer, each with its own label value; a layer drawn in the Segment Editor
+        # spans the whole reference image, so each segment is kept as its bounding box (with its parent grid: the
+        # same numbers as the whole mask), not as a CT-size mask per segment
+        out.append(structure_from_array(segment.GetName(), arr == segment.GetLabelValue(), grid,
+                                        segmentation_node.GetName(), color, crop=True))
     return out
 
 
