@@ -559,3 +559,25 @@ def test_third_party_files_from_pydicom_test_data(tmp_path):
     assert dr.read_rtplan(get_testdata_file("rtplan.dcm")).fractions == 30
     rois, _, warns = dr.read_rtstruct_contours(get_testdata_file("rtstruct.dcm"))
     assert [r.name for r in rois] == ["patient"] and sum("POINT" in w for w in warns) == 2
+
+
+def test_rtstruct_malformed_roi_numbers_and_colour(tmp_path):
+    """A multi-valued or fractional ReferencedROINumber / ROINumber is an InputError naming the field (it was a
+    TypeError: an internal error, not one line and exit 2); a single-valued ROIDisplayColor only loses the colour."""
+    import pydicom
+    sq = [square(0, 0, 5, 0.0)]
+    path = make_rtstruct(tmp_path / "rs.dcm", {"A": sq})
+    ds = pydicom.dcmread(path)
+    ds.ROIContourSequence[0].ROIDisplayColor = 255
+    ds.save_as(tmp_path / "colour.dcm")
+    (roi,), _, _ = dr.read_rtstruct_contours(tmp_path / "colour.dcm")
+    assert roi.name == "A" and roi.color is None and len(roi.contours) == 1
+    for keyword, seq, value, text in [("ReferencedROINumber", "ROIContourSequence", [1, 2], "2 values"),
+                                      ("ROINumber", "StructureSetROISequence", "1.5", "'1.5'")]:
+        ds = pydicom.dcmread(path)
+        setattr(getattr(ds, seq)[0], keyword, value)
+        bad = tmp_path / f"{keyword}.dcm"
+        ds.save_as(bad)
+        with pytest.raises(InputError, match=f"must be one whole number, got {text}") as err:
+            dr.read_rtstruct_contours(bad)
+        assert err.value.field == keyword and err.value.source == str(bad)

@@ -183,6 +183,20 @@ def floats(ds, keyword: str, src: str, n: int | None = None) -> np.ndarray:
     return arr
 
 
+def _whole(ds, keyword: str, src: str) -> int:
+    """A required single whole number (e.g. ROINumber); anything else -> InputError naming the field."""
+    value = attr(ds, keyword, src)
+    try:
+        if _is_multi(value):
+            raise ValueError(f"{len(value)} values")
+        number = float(value)
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(repr(str(value)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"must be one whole number, got {_first_line(exc)}", source=src, field=keyword) from None
+    return int(number)
+
+
 def _is_multi(value) -> bool:
     return hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
 
@@ -991,21 +1005,21 @@ def read_rtstruct_contours(path: Path, what: str = "structures") -> tuple[list[_
     ident["FrameOfReferenceUID"] = frame
     rois: dict[int, _Roi] = {}
     for item in attr(ds, "StructureSetROISequence", src):
-        num = int(attr(item, "ROINumber", src))
+        num = _whole(item, "ROINumber", src)
         name = str(attr(item, "ROIName", src)).strip()
         rois[num] = _Roi(num, name, None, str(getattr(item, "ReferencedFrameOfReferenceUID", "") or frame))
     for item in getattr(ds, "ROIContourSequence", None) or []:
-        num = int(attr(item, "ReferencedROINumber", src))
+        num = _whole(item, "ReferencedROINumber", src)
         roi = rois.get(num)
         if roi is None:
             raise InputError(f"ROIContourSequence refers to ROI number {num}, absent from StructureSetROISequence",
                              source=src, field="ReferencedROINumber")
-        col = getattr(item, "ROIDisplayColor", None)
-        if col is not None and len(col) == 3:
-            try:
+        try:        # display only: a malformed colour (one value, not numbers) leaves the ROI without one
+            col = getattr(item, "ROIDisplayColor", None)
+            if col is not None and _is_multi(col) and len(col) == 3:
                 roi.color = tuple(min(max(float(v) / 255.0, 0.0), 1.0) for v in col)
-            except (TypeError, ValueError):
-                roi.color = None
+        except (TypeError, ValueError):
+            roi.color = None
         skipped: dict[str, int] = {}
         contours = _contour_items_fast(item)
         if contours is None:                                   # anything unusual: pydicom's own parsing

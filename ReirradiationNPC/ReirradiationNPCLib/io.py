@@ -16,7 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid, Volume, bounding_box, check_finite_geometry
+from .geometry import Grid, Volume, check_finite_geometry
+from .sampling import crop_box
 from .threads import map_in_order
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,8 @@ def _structure(name: str, arr: np.ndarray, grid: Grid, source: str, color=None, 
     ``parent`` set (an empty mask: one voxel at the grid's corner)."""
     if not crop:
         return Structure(name, arr if arr.dtype == np.bool_ else arr != 0, grid, source, color)
-    box = bounding_box(arr)
-    if box is None:
-        box = (slice(0, 1),) * 3
-    mask = arr[box] != 0 if arr.dtype != np.bool_ else np.array(arr[box], dtype=bool)
-    lo = tuple(b.start for b in box[::-1])
-    hi = tuple(b.stop for b in box[::-1])
-    return Structure(name, mask, grid.subgrid(lo, hi), source, color, parent=(grid, box))
+    mask, sub, box = crop_box(arr, grid)
+    return Structure(name, mask, sub, source, color, parent=(grid, box))
 
 
 def read_structures(path: Path, what: str = "structures", crop: bool = False) -> list[Structure]:

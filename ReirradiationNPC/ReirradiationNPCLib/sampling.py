@@ -494,11 +494,21 @@ def describe_for_dose(samples: StructureSamples, dose_grid: Grid) -> dict:
     return info
 
 
-def crop_to_structure(mask: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
-    """``mask`` cropped to its bounding box, with the grid of that box (keeps memory to the structure)."""
+def crop_box(mask: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid, tuple[slice, slice, slice]]:
+    """``mask`` (non-zero = inside) cropped to its bounding box as bool, the grid of that box and the box (k, j, i
+    slices of ``mask``); an empty mask: one empty voxel at the grid's corner."""
     box = bounding_box(mask)
     if box is None:
-        return np.zeros((1, 1, 1), dtype=bool), grid.subgrid((0, 0, 0), (1, 1, 1))
+        box = (slice(0, 1),) * 3
+        return np.zeros((1, 1, 1), dtype=bool), grid.subgrid((0, 0, 0), (1, 1, 1)), box
     lo = tuple(b.start for b in box[::-1])
     hi = tuple(b.stop for b in box[::-1])
-    return np.ascontiguousarray(mask[box], dtype=bool), grid.subgrid(lo, hi)
+    part = mask[box]
+    part = np.array(part, dtype=bool) if part.dtype == np.bool_ else part != 0
+    return part, grid.subgrid(lo, hi), box
+
+
+def crop_to_structure(mask: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
+    """``mask`` cropped to its bounding box, with the grid of that box (keeps memory to the structure)."""
+    part, sub, _ = crop_box(mask, grid)
+    return part, sub
