@@ -176,14 +176,20 @@ def test_the_launcher_stops_on_sigterm_with_every_viewer_it_started(tmp_path):
     try:
         ports = [_open_viewer(port)[1] for _ in range(2)]
         assert len(set(ports)) == 2 and all(_port_open(p) for p in ports)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        out = _stopped(proc, log, signal.SIGTERM)
     finally:
         _kill_group(proc)
-    out = _output(log)
-    assert proc.returncode == 0, out
     assert "review stopped (2 viewer server(s) started and stopped)" in out, out
     assert not any(_port_open(p) for p in ports), "a viewer is still running"
+
+
+def _stopped(proc, log, sig) -> str:
+    """Send ``sig`` to the launcher, wait for it to end with exit code 0, and return what it printed."""
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    out = _output(log)
+    assert proc.returncode == 0, out
+    return out
 
 
 def _wait_closed(port: int, timeout: float = 30.0) -> None:
@@ -210,12 +216,9 @@ def test_a_viewer_whose_browser_left_stops_and_frees_its_slot(tmp_path):
             time.sleep(0.2)
         path2, port2 = _open_viewer(port)
         assert path2 == "/viewer/2" and _port_open(port2)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        out = _stopped(proc, log, signal.SIGINT)
     finally:
         _kill_group(proc)
-    out = _output(log)
-    assert proc.returncode == 0, out
     assert (f"viewer 1 (port {port1}): its server stopped (no browser connected for 2 s); 0 of 1 viewers "
             "running") in out, out
     assert "review stopped (2 viewer server(s) started and stopped)" in out, out
