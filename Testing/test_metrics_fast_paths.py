@@ -3,7 +3,7 @@
 - ``dicom_rt.evenodd_coverage`` counts, per pixel, the n x n sub-samples inside the polygons by the even-odd rule
   without making the sub-sample array: hand-counted cases, and equality with the block sums of
   ``dicom_rt.evenodd_fill`` (the plain fill) on random, self-intersecting, nested and clipped polygons.
-- ``structure_metrics`` rasterises and evaluates structures two at a time in threads: the same masks, numbers and
+- ``structure_metrics`` can rasterise and evaluate structures two at a time in threads (``THREADS = 2``): the same masks, numbers and
   warnings, in the same order, as one at a time.
 """
 

@@ -30,7 +30,7 @@ def main(argv):
     repeat = int(_arg(argv, "--repeat", "3"))
     names = _arg(argv, "--metrics", "Dmax,Dmean,Dmin,D0.03cc,D2cc,D95%").split(",")
     if "--threads" in argv and hasattr(sm, "THREADS"):
-        sm.THREADS = int(_arg(argv, "--threads", "2"))
+        sm.THREADS = int(_arg(argv, "--threads", str(sm.THREADS)))
 
     def once():
         warnings = []

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SET = ("Dmax", "Dmin", "Dmean", "D0.03cc", "D2cc", "D95%", "D5%")
 #: In-plane lattice spacing (mm) an RTSTRUCT is rasterised on for metrics (finer than a dose grid).
 RTSTRUCT_LATTICE_MM = 1.0
-#: Structures rasterised and evaluated at a time (threads; at most the number of CPUs).
-THREADS = 2
+#: Structures rasterised and evaluated at a time (threads; at most the number of CPUs). One: after the by-axis
+#: dose and the D<x> tails, what is left is mostly short numpy calls that hold the GIL, so two threads cost ~35 %
+#: more CPU for no gain in wall time on 2 cores (docs/benchmarks.md, issue 15 metrics section).
+THREADS = 1
 
 
 def metric_names(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
