@@ -85,6 +85,92 @@ def test_a_child_over_its_time_is_killed():
         c.result(timeout=0.2)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    """Whether ``pid`` has ended within ``within`` seconds (SIGKILL is delivered asynchronously)."""
+    import time
+    end = time.monotonic() + within
+    while _alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _fork_a_drawer_then_wait(inbox, pid_file):
+    """A child that starts a child of its own (as the figure process does) and reads nothing."""
+    import time
+    from pathlib import Path
+    grandchild = Child(_sleep)
+    Path(pid_file).write_text(str(grandchild.pid))
+    time.sleep(30)
+
+
+@pytest.fixture()
+def own_temp(tmp_path, monkeypatch):
+    """The temporary folder of Child.send, empty: what is left in it after a child ended is ours."""
+    import tempfile
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _started(tmp_path):
+    """A child with a grandchild, sent an object it never reads: (child, grandchild's pid)."""
+    import time
+    pid_file = tmp_path / "grandchild.pid"
+    c = Child(_fork_a_drawer_then_wait, str(pid_file), inbox=True)
+    c.send({"never": "read"}, last=False)
+    end = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < end, "the child did not start its own child"
+        time.sleep(0.02)
+    return c, int(pid_file.read_text())
+
+
+@pytest.mark.parametrize("how", ["kill", "timeout"])
+def test_an_ended_child_leaves_no_process_and_no_file(tmp_path, own_temp, how):
+    """kill() and a timeout end the child's own children too (they were left running: only the child was killed),
+    and remove what it was sent and had not read (it stayed in the temporary folder)."""
+    c, grandchild = _started(tmp_path)
+    assert _alive(c.pid) and _alive(grandchild)
+    assert len(os.listdir(own_temp)) == 1                  # the object sent, not read yet
+    if how == "kill":
+        c.kill()
+    else:
+        with pytest.raises(ChildError, match="did not finish within 0.5 s"):
+            c.result(timeout=0.5)
+    assert _gone(grandchild), "the child's own child still runs"
+    assert not _alive(c.pid)
+    assert os.listdir(own_temp) == []
+
+
+def _end_without_reading(inbox):
+    import time
+    time.sleep(0.5)
+    return "ended"
+
+
+def test_what_a_child_did_not_read_is_removed_when_it_ends(own_temp):
+    """A child that ends without reading its inbox (the figure process without matplotlib, the scene process
+    without slicer-core): what it was sent is removed when it is reaped."""
+    c = Child(_end_without_reading, inbox=True)
+    c.send(list(range(1000)))
+    assert len(os.listdir(own_temp)) == 1
+    assert c.result() == "ended"
+    assert os.listdir(own_temp) == []
+
+
 @pytest.fixture(scope="module")
 def computed(synthetic_case):
     """The synthetic case computed in this process: (results dict, analysis, prepared, planning)."""
@@ -149,6 +235,52 @@ def test_slices_and_3d_sent_early_are_the_in_process_figures(computed, caplog):
     there = _early_then_final(early, res, analysis, prep, plan)
     assert "drawn again" in caplog.text
     assert all(there[n] == here[n] for n in report.FIGURES)
+
+
+def _descendants(pid: int) -> set[int]:
+    """The running processes started by ``pid``, by its children, and so on."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as fh:
+                    state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if state not in ("Z", "X"):
+                parent[int(entry)] = int(ppid)
+    out, new = set(), {pid}
+    while new:
+        new = {p for p, pp in parent.items() if pp in new} - out
+        out |= new
+    return out
+
+
+def _slow_draw(name, args):
+    import time
+    time.sleep(30)
+
+
+def test_closing_the_figure_process_ends_its_drawing_children(computed, own_temp, monkeypatch):
+    """The run fails while the figure process and its children draw (here: each drawing takes 30 s): close()
+    leaves no process of them (only the figure process was killed: its children drew on) and no inputs' file."""
+    import time
+    res, analysis, prep, plan = computed
+    monkeypatch.setattr(report, "draw_figure", _slow_draw)     # before the fork: the figure process has it
+    figures = report.FiguresInChildProcess()
+    pid = figures._child.pid
+    try:
+        figures.start(res, analysis, prep, plan)               # its figures are not waited for
+        end = time.monotonic() + 120
+        while len(_descendants(pid)) < 2:    # DVH and slices each drawn by a child (the 3D view by the process)
+            assert time.monotonic() < end, "the figure process did not start its children"
+            time.sleep(0.05)
+        started = _descendants(pid)
+    finally:
+        figures.close()
+    assert not _alive(pid)
+    assert all(_gone(p) for p in started), "a child of the figure process still runs"
+    assert os.listdir(own_temp) == []
 
 
 def _broken_figure_process(inbox):

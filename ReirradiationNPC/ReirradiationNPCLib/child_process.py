@@ -12,6 +12,12 @@ waits for the child (a pipe of 64 kB would block the parent until the child read
 the parent has ended or closed the inbox and nothing more is to be read. A process the child forks after reading
 some objects can read the next ones (it gets a copy of the inbox, read position included).
 
+Nothing is left behind: a child forked by the command leads a process group of its own, which the processes it
+forks join (a forked child starts no group); :meth:`Child.kill`, a timeout and an interrupt while waiting end the
+whole group with SIGKILL, and every object sent that the child did not read is removed from the temporary folder
+when the child is reaped. Because of its own group, the terminal's Ctrl-C reaches the parent only: the parent's
+way out (``kill``, ``result``) ends the children.
+
 Only where fork is safe (:func:`available`): Linux. Not Windows (no fork) and not macOS (forking a process that has
 loaded system frameworks is unsafe); never call it inside Slicer (a Qt application): the engine's callers decide
 (the command line does; the Slicer module does not).
@@ -22,10 +28,20 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+
+
+#: True in a process forked by :class:`Child`: the children it forks stay in its process group
+_IN_CHILD = False
+
+
+def _mark_in_child() -> None:
+    global _IN_CHILD
+    _IN_CHILD = True
 
 
 def available() -> bool:
@@ -56,15 +72,29 @@ class Child:
         self._done = False
         self._value = None
         self._to_child = None
-        if inbox:
-            in_r, in_w = os.pipe()
-        r, w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        self._unread: list[str] = []   # files sent; those the child has not read are removed when it is reaped
+        # the command's children lead a process group of their own (their own children join it): killed as one
+        self._group = not _IN_CHILD
+        fds: list[int] = []
+        try:
+            if inbox:
+                in_r, in_w = os.pipe()
+                fds += [in_r, in_w]
+            r, w = os.pipe()
+            fds += [r, w]
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+        except BaseException:    # e.g. OSError ENOMEM / EAGAIN: no child, nothing left open
+            for fd in fds:
+                os.close(fd)
+            raise
         if pid == 0:  # the child: never returns into the caller's code
+            _mark_in_child()
             code = 1
             try:
+                if self._group:
+                    os.setpgid(0, 0)
                 os.close(r)
                 if inbox:
                     os.close(in_w)
@@ -81,6 +111,11 @@ class Child:
                 os.close(w)
             finally:
                 os._exit(code)
+        if self._group:   # in the parent too (whichever runs first), so that a kill at once reaches the group
+            try:
+                os.setpgid(pid, pid)
+            except OSError:   # the child did it already, or has ended
+                pass
         os.close(w)
         self.pid = pid
         self._from_child = r
@@ -101,6 +136,7 @@ class Child:
             except BaseException:
                 os.unlink(path)
                 raise
+            self._unread.append(path)
         except BaseException:
             self.close_inbox()
             raise
@@ -116,41 +152,68 @@ class Child:
                 self._to_child = None
 
     def kill(self) -> None:
-        """End the child at once (nothing more is wanted of it) and reap it."""
+        """End the child and every process it started at once (nothing more is wanted of them), reap it and remove
+        what it was sent and did not read."""
         if self._done:
             return
         self.close_inbox()
+        self._end_all()
+        os.close(self._from_child)
+        self._reap()
+
+    def _end_all(self) -> None:
+        """SIGKILL to the child's process group (the child and what it forked), before the child is reaped (its
+        pid, hence the group's id, is then still ours)."""
+        if self._group:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:   # no such group (both setpgid calls failed?): the child itself below
+                pass
         try:
-            os.kill(self.pid, 9)
+            os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        os.close(self._from_child)
-        os.waitpid(self.pid, 0)
-        self._done = True
+
+    def _reap(self) -> int:
+        """Wait for the ended child, remove the files it was sent and did not read; returns its wait status."""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        finally:
+            self._done = True
+            for path in self._unread:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:   # read (and removed) by the child
+                    pass
+            self._unread = []
+        return status
 
     def result(self, timeout: float | None = None):
         """Wait for the child and return its value; ChildError if it raised, ended without a result or took longer
-        than ``timeout`` seconds (it is then killed)."""
+        than ``timeout`` seconds (it is then killed, with what it started). Interrupted while waiting (Ctrl-C):
+        the child is killed too."""
         if self._done:
             return self._value
         self.close_inbox()
         chunks = []
         end = None if timeout is None else time.monotonic() + timeout
+        ended = False
         try:
             while True:
                 wait = None if end is None else max(0.0, end - time.monotonic())
                 ready, _, _ = select.select([self._from_child], [], [], wait)
                 if not ready:
-                    os.kill(self.pid, 9)
                     raise ChildError(f"the child process did not finish within {timeout:g} s", kind="timeout")
                 data = os.read(self._from_child, 1 << 20)
                 if not data:
                     break
                 chunks.append(data)
+            ended = True
         finally:
+            if not ended:   # timeout, or interrupted while waiting: nothing more is wanted of it
+                self._end_all()
             os.close(self._from_child)
-            _, status = os.waitpid(self.pid, 0)
-            self._done = True
+            status = self._reap()
         raw = b"".join(chunks)
         if not raw:
             raise ChildError(f"the child process ended without a result (wait status {status})", kind="died")
