@@ -84,20 +84,26 @@ FIGURES = ("dvh", "slices", "view3d")
 _FAILED = {"dvh": "DVH figure failed", "slices": "slice figure failed", "view3d": "3D view failed"}
 
 
-def figure_inputs(res: dict, analysis, prepared, planning=None, names: tuple[str, ...] = FIGURES
-                  ) -> tuple[object, dict[str, tuple]]:
+#: figure_inputs' ``focus`` when the caller has not chosen it
+_CHOOSE = object()
+
+
+def figure_inputs(res: dict, analysis, prepared, planning=None, names: tuple[str, ...] = FIGURES,
+                  focus=_CHOOSE) -> tuple[object, dict[str, tuple]]:
     """What each figure of ``names`` is drawn from, computed here (numpy and SimpleITK; no matplotlib): ``(focus,
     {figure: arguments of draw_figure})``. A figure whose inputs fail is left out (logged). The slices get the CT
-    planes they show (``report_figures.ct_planes``), not the CT."""
+    planes they show (``report_figures.ct_planes``), not the CT. ``focus``: ``report_figures.choose_focus`` of
+    these results when the caller has it already (else chosen here)."""
     from . import report_figures as rf
     structures = prepared.structures
     colors = rf.structure_colors([s.name for s in structures if s.organ is not None and s.organ.role != "body"])
     jobs: dict[str, tuple] = {}
     if "dvh" in names:
         jobs["dvh"] = (res, getattr(analysis, "dvh_curves", {}) or {}, colors)
-    focus = None
+    chosen, focus = focus, None
     try:
-        focus = rf.choose_focus(res, structures, analysis.cumulative, analysis.course_eqd2)
+        focus = rf.choose_focus(res, structures, analysis.cumulative, analysis.course_eqd2) \
+            if chosen is _CHOOSE else chosen
         if focus is not None:
             viol = None
             for v in (getattr(planning, "violations", None) or []) if planning is not None else []:
@@ -255,9 +261,9 @@ class FiguresInChildProcess:
         self._broken = False
         self._early = None
 
-    def _send(self, res: dict, analysis, prepared, planning, names: tuple[str, ...], last: bool):
+    def _send(self, res: dict, analysis, prepared, planning, names: tuple[str, ...], last: bool, focus=_CHOOSE):
         """Compute and send the inputs of the figures ``names``; returns the focus of the slices."""
-        focus, jobs = figure_inputs(res, analysis, prepared, planning, names=names)
+        focus, jobs = figure_inputs(res, analysis, prepared, planning, names=names, focus=focus)
         if not self._broken:
             try:
                 self._child.send({"jobs": {n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()},
@@ -281,6 +287,7 @@ class FiguresInChildProcess:
         :func:`make_figures` does. ``progress``: a ``timing.StageClock`` gets the figure process's times."""
         res = _results_dict(results)
         rest = tuple(n for n in FIGURES if n not in self._sent)
+        focus = _CHOOSE
         if self._sent:   # sent early: sent again if what they show has changed since (it should not)
             from . import report_figures as rf
             focus = rf.choose_focus(res, prepared.structures, analysis.cumulative, analysis.course_eqd2)
@@ -288,7 +295,7 @@ class FiguresInChildProcess:
                 log.warning("the report's slices and 3D view were given to the figure process before the results "
                             "were complete, and what they show has changed since: drawn again")
                 rest = FIGURES
-        focus = self._send(res, analysis, prepared, planning, rest, last=True)
+        focus = self._send(res, analysis, prepared, planning, rest, last=True, focus=focus)
 
         def finish() -> dict:
             from .child_process import ChildError
