@@ -318,3 +318,49 @@ def test_run_report_is_the_same_with_and_without_figure_processes(synthetic_case
     assert "drawing the report figure 'dvh' (figure process, beside the outputs)" in ta
     assert not any("figure process" in k for k in tb)
     assert "writing report" in ta and "writing report" in tb
+
+
+@pytest.mark.parametrize("no_fork", [False, True], ids=["figure process", "in process"])
+def test_without_matplotlib_the_figures_are_skipped_in_one_line(synthetic_case, tmp_path, no_fork):
+    """matplotlib cannot be imported (a stub package on PYTHONPATH that raises ImportError): the run says so in one
+    line on stderr (what is missing, what was skipped; no traceback), its verdict, results and exit code are those
+    of a run with matplotlib, and nothing of ours is left in the temporary folder. Before: the figure process
+    ended without reading its inputs, so the command drew each figure itself and logged three ImportErrors with
+    their tracebacks (and the unread inputs stayed in /tmp)."""
+    import subprocess
+    import sys
+
+    from analytic import cli_env
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n", encoding="utf-8")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+
+    def run(out, env):
+        env = dict(env, TMPDIR=str(temp))
+        env.pop("REIRRADIATION_NPC_NO_FORK", None)
+        if no_fork:
+            env["REIRRADIATION_NPC_NO_FORK"] = "1"
+        return subprocess.run([sys.executable, "-m", "ReirradiationNPCLib.cli", "run", str(synthetic_case),
+                               "--output", str(out)], capture_output=True, text=True, env=env, timeout=600)
+
+    with_mpl = run(tmp_path / "out_a", cli_env())
+    env = cli_env()
+    env["PYTHONPATH"] = str(tmp_path / "stub") + os.pathsep + env["PYTHONPATH"]
+    without = run(tmp_path / "out_b", env)
+    assert with_mpl.returncode == 0, with_mpl.stderr
+    assert without.returncode == with_mpl.returncode, without.stderr
+    extra = [ln for ln in without.stderr.splitlines() if ln not in with_mpl.stderr.splitlines()]
+    assert len(extra) == 1, without.stderr
+    assert "report figures skipped (DVH, slices, 3D view" in extra[0]
+    assert "matplotlib cannot be imported (No module named 'matplotlib')" in extra[0]
+    assert "Traceback" not in without.stderr and "Error" not in without.stderr.replace("ModuleNotFoundError", "")
+    assert without.stdout.replace("out_b", "out_a") == with_mpl.stdout
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("out_a", "out_b"))
+    for key in ("constraints", "summary", "assumptions"):
+        assert a[key] == b[key], key
+    html = (tmp_path / "out_b" / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," not in html and html.count('class="placeholder"') == 3
+    assert os.listdir(temp) == []

@@ -155,6 +155,10 @@ def make_figures(res: dict, analysis=None, prepared=None, planning=None) -> dict
     figs: dict[str, bytes | None] = {"dvh": None, "slices": None, "view3d": None, "focus": None}
     if analysis is None or prepared is None:
         return figs
+    missing = _cannot_draw_here()
+    if missing:
+        log.warning(_SKIPPED, missing)
+        return figs
     focus, jobs = figure_inputs(res, analysis, prepared, planning)
     figs["focus"] = focus
     for name in FIGURES:
@@ -187,6 +191,25 @@ def _import_for_figures() -> None:
     from . import analysis, planning, report_figures  # noqa: F401
 
 
+#: the one line logged when the figures cannot be drawn (what could not be imported)
+_SKIPPED = ("report figures skipped (DVH, slices, 3D view; report.html shows a placeholder for each): %s; "
+            "the results and the report's numbers do not depend on them")
+
+
+def _import_failed(exc: ImportError) -> str:
+    """What could not be imported, in words: "matplotlib cannot be imported (No module named 'matplotlib')"."""
+    return f"{getattr(exc, 'name', None) or 'a module the figures need'} cannot be imported ({exc})"
+
+
+def _cannot_draw_here() -> str | None:
+    """Why the figures cannot be drawn in this process (what drawing them imports is missing), else None."""
+    try:
+        _import_for_figures()
+    except ImportError as exc:
+        return _import_failed(exc)
+    return None
+
+
 def _draw_timed(name: str, args: tuple) -> tuple:
     t = time.perf_counter()
     try:
@@ -202,8 +225,8 @@ def _figure_process(inbox) -> dict | None:
     t = time.perf_counter()
     try:
         _import_for_figures()
-    except ImportError as exc:  # matplotlib missing: the report says so under each figure
-        return {"unavailable": str(exc)}
+    except ImportError as exc:  # matplotlib missing: ends at once (reads nothing); the parent logs one line
+        return {"unavailable": _import_failed(exc)}
     imported = time.perf_counter() - t
     msg = inbox()
     if msg is None:          # the run ended before its report
@@ -258,21 +281,20 @@ class FiguresInChildProcess:
         from .child_process import Child
         self._child = Child(_figure_process, inbox=True)
         self._sent: dict[str, tuple] = {}      # figure -> the inputs sent (the last ones)
-        self._broken = False
+        self._broken = None                    # why the figure process could not be given (all) its inputs
         self._early = None
 
     def _send(self, res: dict, analysis, prepared, planning, names: tuple[str, ...], last: bool, focus=_CHOOSE):
         """Compute and send the inputs of the figures ``names``; returns the focus of the slices."""
         focus, jobs = figure_inputs(res, analysis, prepared, planning, names=names, focus=focus)
-        if not self._broken:
+        if self._broken is None:
             try:
                 self._child.send({"jobs": {n: (_light(a) if n in ("slices", "view3d") else a) for n, a in jobs.items()},
                                   "more": not last}, last=last)
-            except Exception as exc:  # noqa: BLE001 - e.g. no room for the inputs' file: the figures are drawn here
-                log.warning("the report's figure process could not be given its inputs (%s: %s); drawing the "
-                            "figures here", type(exc).__name__, exc)
-                self._broken = True
-                self._child.kill()
+            except Exception as exc:  # noqa: BLE001 - it ended (e.g. matplotlib missing: it reads nothing), or no
+                # room for the inputs' file: its inbox is closed now, so it ends soon; finish() collects what it
+                # returns (why it could not draw, or the figures it had been given) and draws the others here
+                self._broken = f"{type(exc).__name__}: {exc}"
         self._sent.update(jobs)
         return focus
 
@@ -299,30 +321,41 @@ class FiguresInChildProcess:
 
         def finish() -> dict:
             from .child_process import ChildError
-            msg = None
-            if not self._broken:
-                try:
-                    msg = self._child.result(timeout=FIGURE_TIMEOUT_S)
-                except ChildError as exc:
-                    log.warning("the report's figure process failed (%s); drawing the figures here", exc)
-            if msg is not None and "unavailable" in msg:
-                log.warning("report figures skipped: %s", msg["unavailable"])
-                return {"dvh": None, "slices": None, "view3d": None, "focus": focus}
+            msg = failed = None
+            try:
+                msg = self._child.result(timeout=FIGURE_TIMEOUT_S)
+            except ChildError as exc:
+                failed = str(exc)
             figs = {"dvh": None, "slices": None, "view3d": None, "focus": focus}
+            if msg is not None and "unavailable" in msg:   # it could not import matplotlib: one line, no figure
+                log.warning(_SKIPPED, msg["unavailable"])
+                return figs
+            if self._broken is not None:
+                log.warning("the report's figure process could not be given its inputs (%s); drawing the figures "
+                            "it was not given here", self._broken)
+            elif failed is not None:
+                log.warning("the report's figure process failed (%s); drawing the figures here", failed)
             add = getattr(progress, "add", None)
             if msg is not None and callable(add):
                 add("importing matplotlib (report figure process, from the start of the run)", msg["import_s"])
             got = (msg or {}).get("figures", {})
+            here = [n for n in FIGURES if n in self._sent and n not in got]   # not drawn there: drawn here
+            missing = _cannot_draw_here() if here else None
+            if missing:
+                log.warning(_SKIPPED, missing)
+                here = []
             for name in FIGURES:
                 if name not in self._sent:
                     continue
-                if name not in got:   # the figure process did not draw it: drawn here
-                    if msg is not None:
+                if name in here:
+                    if msg is not None and self._broken is None:
                         log.warning("the report's figure process returned no %s; drawn here", name)
                     try:
                         figs[name] = draw_figure(name, self._sent[name])
                     except Exception:  # noqa: BLE001 - a figure must not stop the report
                         log.exception(_FAILED[name])
+                    continue
+                if name not in got:
                     continue
                 status, value, seconds = got[name]
                 if status == "ok":
