@@ -364,3 +364,43 @@ def test_without_matplotlib_the_figures_are_skipped_in_one_line(synthetic_case, 
     html = (tmp_path / "out_b" / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," not in html and html.count('class="placeholder"') == 3
     assert os.listdir(temp) == []
+
+
+def test_a_failed_fork_falls_back_to_one_process(tmp_path, monkeypatch, caplog):
+    """os.fork fails (OSError ENOMEM): the demo draws its figures and builds its scene in its own process, says
+    so in one warning line each, and ends as usual (exit 0, every output). Before: the figure process's failed
+    fork happened outside the command's error handling, a raw traceback (exit 1)."""
+    import errno
+    import logging
+
+    from click.testing import CliRunner
+
+    from ReirradiationNPCLib.cli import main
+    from ReirradiationNPCLib.mrml_headless import unavailable_reason
+    forks = []
+
+    def no_fork():
+        forks.append(1)
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    caplog.set_level(logging.WARNING)
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "demo")])
+    assert r.exit_code == 0 and r.exception is None, (r.output, r.exception)
+    assert "Traceback" not in r.output
+    assert len(forks) >= 2                                  # the figure process and the scene were asked for
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    fig = [m for m in warned if "figure process could not be started" in m]
+    assert fig == ["the report's figure process could not be started (OSError: [Errno 12] Cannot allocate "
+                   "memory); the figures are drawn in this process"], warned
+    out = tmp_path / "demo" / "results"
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 3                    # the figures, drawn here
+    assert "verdict:" in r.stdout
+    if unavailable_reason() is None:
+        scene = [m for m in warned if "scene's process could not be started" in m]
+        assert scene == ["the Slicer scene's process could not be started (OSError: [Errno 12] Cannot allocate "
+                         "memory); the scene is built in this process"], warned
+        assert (out / "scene.mrb").stat().st_size > 100_000
+        assert "scene.mrb" in json.loads((out / "results.json").read_text())["outputs"]
+    assert len(warned) == len(fig) + (1 if unavailable_reason() is None else 0), warned

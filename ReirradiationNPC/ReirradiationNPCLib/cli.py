@@ -181,14 +181,19 @@ class _FiguresBesideTheRun:
     before the run so that matplotlib is imported beside it (after the engine's own imports, which the figure
     process then shares): on Linux only
     (``child_process.available``), and not with ``REIRRADIATION_NPC_NO_FORK`` set. A context manager: the figure
-    process is ended on the way out whatever happened."""
+    process is ended on the way out whatever happened. A failed fork (OSError, e.g. ENOMEM or EAGAIN) is one
+    logged line: the figures are then drawn in this process, as with ``REIRRADIATION_NPC_NO_FORK``."""
 
     def __enter__(self):
         from .child_process import available
         self.figures = None
         if available() and not os.environ.get("REIRRADIATION_NPC_NO_FORK"):
             from .report import FiguresInChildProcess
-            self.figures = FiguresInChildProcess()
+            try:
+                self.figures = FiguresInChildProcess()
+            except OSError as exc:
+                log.warning("the report's figure process could not be started (%s: %s); the figures are drawn in "
+                            "this process", type(exc).__name__, exc)
         return self.figures
 
     def __exit__(self, *exc):

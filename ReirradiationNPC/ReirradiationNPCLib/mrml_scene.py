@@ -339,7 +339,10 @@ class SceneInChildProcess:
         self._early = None
         if early:
             from .child_process import Child
-            self._early = Child(_early_scene_process, inbox=True)
+            try:
+                self._early = Child(_early_scene_process, inbox=True)
+            except OSError:   # e.g. ENOMEM: forked again at start() (which says so if it fails again)
+                log.debug("the Slicer scene's process could not be started early", exc_info=True)
 
     def __call__(self, stage, prep, analysis, results, planning=None, progress=None) -> dict:
         return scene_output(stage, prep, analysis, results, planning, progress)
@@ -347,15 +350,22 @@ class SceneInChildProcess:
     def start(self, stage, prep, analysis, results, planning=None, progress=None):
         from .child_process import Child, ChildError
         say = progress or (lambda m: None)
-        say("building the Slicer scene and writing scene.mrb (in a child process, beside the report)")
+        beside = "building the Slicer scene and writing scene.mrb (in a child process, beside the report)"
         if self._early is not None:
+            say(beside)
             child, self._early = self._early, None
             try:
                 child.send((stage, prep, analysis, results, planning))
             except OSError:  # it ended without reading (slicer-core could not be imported): finish() says why
                 log.debug("the early scene process ended before it was sent the run", exc_info=True)
         else:
-            child = Child(_scene_in_child, stage, prep, analysis, results, planning)
+            try:
+                child = Child(_scene_in_child, stage, prep, analysis, results, planning)
+            except OSError as exc:   # e.g. ENOMEM: the scene is built here, after the report
+                log.warning("the Slicer scene's process could not be started (%s: %s); the scene is built in this "
+                            "process", type(exc).__name__, exc)
+                return lambda: self._here(stage, prep, analysis, results, planning, progress)
+            say(beside)
 
         def finish() -> dict:
             try:
@@ -374,6 +384,16 @@ class SceneInChildProcess:
             return msg["files"]
 
         return finish
+
+    def _here(self, stage, prep, analysis, results, planning, progress) -> dict:
+        """The scene built in this process (no child process could be forked); as in the child, a slicer-core
+        that cannot be imported means no scene, and ``unavailable`` says why."""
+        from .mrml_headless import unavailable_reason
+        reason = unavailable_reason()
+        if reason:
+            self.unavailable = reason
+            return {}
+        return scene_output(stage, prep, analysis, results, planning, progress)
 
     def close(self) -> None:
         """End an early child that was never sent a run (the run failed before writing its outputs)."""
