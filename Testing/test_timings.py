@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_case_and_cli import invoke, make_case
 
 from ReirradiationNPCLib.timing import StageClock
@@ -117,6 +118,72 @@ def test_early_scene_process_without_slicer_core_says_why_and_does_not_break_the
     assert finish() == {}
     assert writer.unavailable == "slicer-core broken here"
     assert not (tmp_path / "scene.mrb").exists()
+
+
+def _slow_no_slicer_core(*a, **k):
+    import time
+    time.sleep(1.0)
+    return "slicer-core broken here"
+
+
+def test_early_scene_process_without_slicer_core_leaves_no_file(tmp_path, monkeypatch):
+    """The run sent to the early scene process before it found slicer-core unusable (it then ends without reading):
+    the pickled run (~60 MB for the demo) is removed when the process is collected (it stayed in /tmp)."""
+    import os
+    import tempfile
+
+    import pytest
+
+    from ReirradiationNPCLib import mrml_headless, mrml_scene
+    if not mrml_scene.can_write_in_child_process():
+        pytest.skip("fork: Linux only")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(mrml_headless, "unavailable_reason", _slow_no_slicer_core)
+    writer = mrml_scene.SceneInChildProcess(early=True)
+    finish = writer.start(tmp_path, "prep", None, None, None, StageClock(lambda m: None))
+    assert len(os.listdir(temp)) == 1                               # sent while it still imports
+    assert finish() == {}
+    assert writer.unavailable == "slicer-core broken here"
+    assert os.listdir(temp) == []
+
+
+def _dies_while_building(stage, prep, analysis, results, planning=None, progress=None):
+    import os
+
+    from ReirradiationNPCLib import mrml_headless
+    mrml_headless._cache_dir()           # as mrml_headless.start does
+    os._exit(1)                          # e.g. a crash in VTK
+
+
+@pytest.mark.parametrize("parent_cache", [False, True], ids=["command", "parent with a scene of its own"])
+def test_a_scene_process_that_dies_leaves_no_cache_folder(tmp_path, monkeypatch, parent_cache):
+    """The scene's child process dies while building (its cleanup does not run): the run fails with one message,
+    and the child's Slicer cache folder is removed by the parent (it stayed in /tmp). A parent's own cache folder
+    (a process that built a scene before: tests), which the forked child finds in its copy of memory, stays the
+    parent's."""
+    import os
+    import tempfile
+
+    import pytest
+
+    from ReirradiationNPCLib import mrml_headless, mrml_scene
+    if not mrml_scene.can_write_in_child_process():
+        pytest.skip("fork: Linux only")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(mrml_headless, "_CACHE_DIR", [])
+    mine = [os.path.basename(mrml_headless._cache_dir())] if parent_cache else []   # the parent's own
+    monkeypatch.setattr(mrml_headless, "unavailable_reason", lambda *a, **k: None)
+    monkeypatch.setattr(mrml_scene, "scene_output", _dies_while_building)
+    finish = mrml_scene.SceneInChildProcess().start(tmp_path, "prep", None, None, None, StageClock(lambda m: None))
+    with pytest.raises(RuntimeError, match="scene.mrb could not be written: the child process ended without a result"):
+        finish()
+    assert os.listdir(temp) == mine
+    mrml_headless.remove_cache_dir()
+    assert os.listdir(temp) == []
 
 
 def test_timings_start_with_reading_and_hashing_the_inputs(tmp_path):

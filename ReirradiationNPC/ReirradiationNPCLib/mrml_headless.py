@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 import types
@@ -40,25 +41,40 @@ def unavailable_reason(import_check: bool = True) -> str | None:
     return None
 
 
-_CACHE_DIR: list = []
+#: the name of a process's cache folder in the temporary folder: this prefix, its pid, "-", random characters
+CACHE_PREFIX = "reirradiation-npc-cache-"
+
+_CACHE_DIR: list = []   # [(pid, folder)] of this process (a forked child finds its parent's here: not its own)
 
 
 def _cache_dir() -> str:
     """An empty folder of our own for the scene's cache manager, made once per process, removed at exit.
 
     Not the system temporary folder itself: setting a cache folder makes Slicer's cache manager add up the size of
-    everything under it, which took 1.3-1.8 s on a machine with a busy /tmp (135 000 files) for every scene."""
-    if not _CACHE_DIR:
-        path = tempfile.mkdtemp(prefix="reirradiation-npc-cache-")
+    everything under it, which took 1.3-1.8 s on a machine with a busy /tmp (135 000 files) for every scene.
+    Named with the process's pid, so that the parent of a child that was killed can remove it
+    (:func:`remove_cache_dir_of`)."""
+    if not _CACHE_DIR or _CACHE_DIR[0][0] != os.getpid():
+        _CACHE_DIR.clear()   # the parent's (copied by fork): the parent removes it
+        path = tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-")
         atexit.register(shutil.rmtree, path, True)
-        _CACHE_DIR.append(path)
-    return _CACHE_DIR[0]
+        _CACHE_DIR.append((os.getpid(), path))
+    return _CACHE_DIR[0][1]
 
 
 def remove_cache_dir() -> None:
     """Remove this process's cache folder now (a process that ends with os._exit runs no atexit handler)."""
     while _CACHE_DIR:
-        shutil.rmtree(_CACHE_DIR.pop(), ignore_errors=True)
+        pid, path = _CACHE_DIR.pop()
+        if pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_cache_dir_of(pid: int) -> None:
+    """Remove the cache folder of process ``pid``, a child that ended without removing it (killed, or died)."""
+    import glob
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"{CACHE_PREFIX}{pid}-*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Module:

@@ -370,7 +370,13 @@ class SceneInChildProcess:
         def finish() -> dict:
             try:
                 msg = child.result()
-            except ChildError as exc:
+            except BaseException as exc:
+                if not isinstance(exc, ChildError) or exc.kind in ("died", "timeout"):
+                    # it died, or was killed (interrupted while waiting): its cache folder is left to remove
+                    from .mrml_headless import remove_cache_dir_of
+                    remove_cache_dir_of(child.pid)
+                if not isinstance(exc, ChildError):
+                    raise
                 if exc.input_error:
                     raise InputError(f"scene.mrb: {exc}", field="--scene") from None
                 raise RuntimeError(f"scene.mrb could not be written: {exc}") from None
@@ -398,5 +404,5 @@ class SceneInChildProcess:
     def close(self) -> None:
         """End an early child that was never sent a run (the run failed before writing its outputs)."""
         if self._early is not None:
-            self._early.kill()
+            self._early.kill()   # (it makes its cache folder only once it is sent a run: none to remove)
             self._early = None
