@@ -301,6 +301,33 @@ def test_a_failed_figure_process_leaves_the_figures_to_this_process(computed, mo
     assert all(got[n] == here[n] for n in report.FIGURES)
 
 
+def test_no_room_for_the_figures_inputs_leaves_them_to_this_process(computed, monkeypatch, caplog):
+    """The inputs' file cannot be written (ENOSPC): the figure process is told nothing more comes, ends, and the
+    figures are drawn here (the same PNGs), with one warning line."""
+    import errno
+    import logging
+
+    res, analysis, prep, plan = computed
+    here = report.make_figures(res, analysis, prep, plan)
+    figures = report.FiguresInChildProcess()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(child_process.tempfile, "mkstemp", full)
+    caplog.set_level(logging.WARNING)
+    try:
+        figures.start_early(res, analysis, prep, plan)
+        got = figures.start(res, analysis, prep, plan)()
+    finally:
+        figures.close()
+    assert all(got[n] == here[n] for n in report.FIGURES)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["the report's figure process could not be given its inputs (OSError: [Errno 28] No space "
+                      "left on device); drawing the figures it was not given here"], warned
+    assert not _alive(figures._child.pid)
+
+
 def test_run_report_is_the_same_with_and_without_figure_processes(synthetic_case, tmp_path, monkeypatch):
     """`run` draws the figures in child processes; with REIRRADIATION_NPC_NO_FORK it draws them itself: the two
     report.html differ only in the report date."""
