@@ -416,3 +416,33 @@ def test_nifti_doses_and_slicer_segmentation(tmp_path):
     assert cord["volume_cc"] == pytest.approx(48 * 0.008, abs=1e-9)
     assert cord["metrics"]["cumulative"]["Dmean"] == pytest.approx(87.45 + 56.25, abs=1e-3)
     assert res["unmatched_structures"] == ["Other"]
+
+
+def test_ctrl_c_inside_a_registration_callback_says_interrupted(tmp_path):
+    """Ctrl-C while SimpleITK registers: Python raises KeyboardInterrupt inside the iteration callback and SimpleITK
+    hands it back as its own RuntimeError ('error executing the Python Callable'), which the CLI called an internal
+    error. Here the callback sends SIGINT to its own process (a real signal, in a fresh interpreter): one line
+    'interrupted', exit 1, no 'internal error'."""
+    import subprocess
+    import sys
+
+    from analytic import cli_env
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(
+        "import os, signal\n"
+        "import numpy as np, SimpleITK as sitk\n"
+        "from ReirradiationNPCLib import cli\n"
+        "def go():\n"
+        "    img = sitk.GetImageFromArray(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32))\n"
+        "    r = sitk.ImageRegistrationMethod()\n"
+        "    r.SetMetricAsMeanSquares()\n"
+        "    r.SetOptimizerAsGradientDescent(1.0, 50)\n"
+        "    r.SetInitialTransform(sitk.TranslationTransform(3, (1.0, 0.0, 0.0)))\n"
+        "    r.SetInterpolator(sitk.sitkLinear)\n"
+        "    r.AddCommand(sitk.sitkIterationEvent, lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+        "    r.Execute(img, img)\n"
+        "cli._guard(go, False)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "interrupted", out.stderr
+    assert "internal error" not in out.stderr

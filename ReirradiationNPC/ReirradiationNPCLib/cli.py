@@ -49,7 +49,22 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+_INTERRUPTED = [False]
+
+
+def _on_ctrl_c(signum, frame):
+    """Python's own Ctrl-C (KeyboardInterrupt), remembered: raised inside a callback of a C++ library (SimpleITK's
+    registration iterations) it comes back wrapped in that library's own error."""
+    _INTERRUPTED[0] = True
+    raise KeyboardInterrupt
+
+
 def _guard(fn, verbose: bool):
+    import signal
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        _INTERRUPTED[0] = False
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return fn()
     except InputError as exc:
@@ -59,10 +74,16 @@ def _guard(fn, verbose: bool):
         click.echo("interrupted", err=True)
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if _INTERRUPTED[0]:       # Ctrl-C during a C++ callback (e.g. the registration): an interruption, not a bug
+            click.echo("interrupted", err=True)
+            sys.exit(1)
         if verbose:
             raise
         click.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for details)", err=True)
         sys.exit(1)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _scope_text(c) -> str:
