@@ -561,6 +561,7 @@ def test_third_party_files_from_pydicom_test_data(tmp_path):
     assert [r.name for r in rois] == ["patient"] and sum("POINT" in w for w in warns) == 2
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS", "ignore:Value \"1.5\" is not valid")
 def test_rtstruct_malformed_roi_numbers_and_colour(tmp_path):
     """A multi-valued or fractional ReferencedROINumber / ROINumber is an InputError naming the field (it was a
     TypeError: an internal error, not one line and exit 2); a single-valued ROIDisplayColor only loses the colour."""
