@@ -30,12 +30,11 @@ from .case import CaseSpec, CourseSpec
 from .errors import InputError
 from .geometry import Grid, Volume, grids_overlap, resample_linear
 from .io import Structure
-from .io import _structure as structure_from_array
 from .masks import structure_on_grid
 from .pipeline import Prepared, build_results
 from .protocol import Protocol, load_protocol, parse_metric
 from .results import Results
-from .sampling import crop_to_structure
+from .sampling import crop_box, crop_to_structure
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +364,9 @@ def structures_from_segmentation(segmentation_node) -> list[Structure]:
         # segments may share one labelmap layer, each with its own label value; a layer drawn in the Segment Editor
         # spans the whole reference image, so each segment is kept as its bounding box (with its parent grid: the
         # same numbers as the whole mask), not as a CT-size mask per segment
-        out.append(structure_from_array(segment.GetName(), arr == segment.GetLabelValue(), grid,
-                                        segmentation_node.GetName(), color, crop=True))
+        mask, box_grid, box = crop_box(arr == segment.GetLabelValue(), grid)
+        out.append(Structure(segment.GetName(), mask, box_grid, segmentation_node.GetName(), color,
+                             parent=(grid, box)))
     return out
 
 
